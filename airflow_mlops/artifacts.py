@@ -1,0 +1,163 @@
+"""The artifact store: run-scoped URIs and atomic writes on ``ObjectStoragePath``.
+
+Every task writes what it produces (reports, models, data sets) under
+``<artifact_root>/<dag_id>/<run_id>/<task_id>/<name>``; only the URI and a little metadata travel
+through XCom. A write is atomic: on a local file system the bytes go to a hidden temporary file in
+the same folder, which is renamed over the target when complete; object stores (S3, GCS) publish an
+object only when its upload completes. No reader ever sees a half-written file, and a failed write
+leaves the previous version in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from airflow_mlops.config import MLOpsSettings, check_settings, load_settings
+from airflow_mlops.exceptions import ArtifactStoreError
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context, ObjectStoragePath
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
+_CHUNK = 1 << 20
+
+
+def safe_segment(value: str) -> str:
+    """Turn a DAG id, run id or task id into one path segment (``manual__2013-01-01T00:00:00+00:00``
+    becomes ``manual__2013-01-01T00-00-00+00-00``)."""
+    cleaned = _UNSAFE.sub("-", value.replace(":", "-")).strip("-.")
+    if not cleaned:
+        raise ArtifactStoreError(f"{value!r} cannot be used as an artifact path segment.",
+                                 fix="use ids made of letters, digits, '.', '_' or '-'.")
+    return cleaned
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """What was written: where, its sha256 and its size in bytes. ``to_dict()`` is XCom-safe."""
+
+    uri: str
+    sha256: str
+    size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sha256_of(path: ObjectStoragePath | Path) -> str:
+    """sha256 of a file on any file system, streamed."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def as_path(uri: str | os.PathLike[str], conn_id: str | None = None) -> ObjectStoragePath:
+    """An ``ObjectStoragePath`` for a URI or a local path (plain paths become ``file://``)."""
+    from airflow.sdk import ObjectStoragePath
+
+    text = os.fspath(uri)
+    if "://" not in text:
+        text = "file://" + os.path.abspath(text)
+    return ObjectStoragePath(text, conn_id=conn_id)
+
+
+def is_local(path: ObjectStoragePath) -> bool:
+    return path.protocol in ("file", "local", "")
+
+
+class ArtifactStore:
+    """Run-scoped artifact locations under ``[mlops] artifact_root`` and atomic writes to them.
+
+    :param settings: settings to use; read from the ``[mlops]`` section when omitted.
+    """
+
+    def __init__(self, settings: MLOpsSettings | None = None) -> None:
+        self._given_settings = settings
+
+    @cached_property
+    def settings(self) -> MLOpsSettings:
+        settings = self._given_settings or load_settings()
+        check_settings(settings)
+        return settings
+
+    @cached_property
+    def root(self) -> ObjectStoragePath:
+        return as_path(self.settings.artifact_root, conn_id=self.settings.artifact_conn_id)
+
+    def path(self, *parts: str) -> ObjectStoragePath:
+        """A location under the artifact root; each part is made path-safe."""
+        return self.root.joinpath(*(safe_segment(p) for p in parts))
+
+    def run_path(self, dag_id: str, run_id: str, task_id: str, name: str) -> ObjectStoragePath:
+        """``<artifact_root>/<dag_id>/<run_id>/<task_id>/<name>``."""
+        return self.path(dag_id, run_id, task_id, name)
+
+    def for_task(self, context: Context, name: str) -> ObjectStoragePath:
+        """The run-scoped location of artifact ``name`` for the running task."""
+        ti = context["ti"]
+        return self.run_path(ti.dag_id, ti.run_id, ti.task_id, name)
+
+    def write_bytes(self, target: ObjectStoragePath, data: bytes) -> Artifact:
+        with staged(target) as local:
+            local.write_bytes(data)
+        return Artifact(uri=str(target), sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+
+    def write_json(self, target: ObjectStoragePath, obj: Any) -> Artifact:
+        return self.write_bytes(target, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def read_json(self, uri: str) -> Any:
+        return json.loads(as_path(uri, conn_id=self.settings.artifact_conn_id).read_bytes())
+
+
+@contextmanager
+def staged(target: ObjectStoragePath) -> Iterator[Path]:
+    """Write ``target`` atomically: yields a local temporary path; when the block ends without an
+    error the file is published at ``target``, otherwise it is discarded and ``target`` is untouched.
+
+    On a local file system the temporary file is hidden (``.<name>.tmp-<id>``) in the target's folder,
+    so the publish is one ``os.replace``; for object stores it is uploaded, and the object appears
+    only when the upload completes.
+    """
+    local_target = is_local(target)
+    if local_target:
+        folder = Path(target.path)
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ArtifactStoreError(f"cannot create folder {str(folder.parent)!r}: {err.strerror}.",
+                                     fix="check that the artifact root is writable by the worker.") from err
+        tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex}"
+        cleanup: Path | None = None
+    else:
+        cleanup = Path(tempfile.mkdtemp(prefix="mlops-stage-"))
+        tmp = cleanup / target.name
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise ArtifactStoreError(f"nothing was written for {str(target)!r}.",
+                                     fix="this is a bug in the writer; report it with the task log.")
+        if local_target:
+            os.replace(tmp, target.path)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tmp.open("rb") as src, target.open("wb") as dst:
+                shutil.copyfileobj(src, dst, _CHUNK)
+    finally:
+        if local_target:
+            tmp.unlink(missing_ok=True)
+        elif cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True)

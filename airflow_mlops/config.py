@@ -1,0 +1,133 @@
+"""Typed settings of airflow-mlops, read from the ``[mlops]`` section of Airflow's configuration.
+
+Every option can be given in ``airflow.cfg`` or as an environment variable
+``AIRFLOW__MLOPS__<OPTION>`` (e.g. ``AIRFLOW__MLOPS__ARTIFACT_ROOT=s3://bucket/mlops``).
+Reading the settings does no I/O; :func:`check_settings` verifies that they are usable and is
+called by the artifact store before the first write of a task.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from airflow_mlops.exceptions import MLOpsConfigError
+
+SECTION = "mlops"
+
+#: Schemes the artifact store accepts, with the Airflow connection type each one needs.
+REMOTE_SCHEMES: dict[str, str] = {"s3": "aws", "gs": "google_cloud_platform", "gcs": "google_cloud_platform"}
+SUPPORTED_SCHEMES = ("file", *REMOTE_SCHEMES)
+
+
+@dataclass(frozen=True)
+class MLOpsSettings:
+    """Resolved ``[mlops]`` settings.
+
+    :param state_dir: local folder for state that is not an artifact (demo landing zone, offline
+        store, Feast registry, Ray temp files).
+    :param artifact_root: URI under which every run writes its artifacts (``file://``, ``s3://``, ``gs://``).
+    :param artifact_conn_id: Airflow connection used for a remote ``artifact_root``.
+    :param offline_root: URI of the offline store (validated data, one folder per table).
+    :param landing_root: URI where raw batches land before validation.
+    """
+
+    state_dir: Path
+    artifact_root: str
+    artifact_conn_id: str | None
+    offline_root: str
+    landing_root: str
+
+    @property
+    def artifact_scheme(self) -> str:
+        return urlsplit(self.artifact_root).scheme or "file"
+
+
+def _option(key: str) -> str:
+    from airflow.sdk.configuration import conf
+
+    value = conf.get(SECTION, key, fallback="")
+    return (value or "").strip()
+
+
+def default_state_dir() -> Path:
+    """``$AIRFLOW_HOME/mlops``: the state folder when ``[mlops] state_dir`` is not set."""
+    home = os.environ.get("AIRFLOW_HOME") or os.path.expanduser("~/airflow")
+    return Path(home) / "mlops"
+
+
+def _file_uri(path: Path) -> str:
+    return "file://" + str(path)
+
+
+def load_settings() -> MLOpsSettings:
+    """Read the ``[mlops]`` section and check its syntax (no I/O).
+
+    :raises MLOpsConfigError: an option has a form that can never work (e.g. an unknown URI scheme).
+    """
+    state_raw = _option("state_dir")
+    state_dir = Path(state_raw).expanduser() if state_raw else default_state_dir()
+    if not state_dir.is_absolute():
+        raise MLOpsConfigError(
+            f"[mlops] state_dir must be an absolute path, got {state_raw!r}.",
+            fix="set AIRFLOW__MLOPS__STATE_DIR (or state_dir in airflow.cfg) to an absolute folder.",
+        )
+    artifact_root = (_option("artifact_root") or _file_uri(state_dir / "artifacts")).rstrip("/")
+    scheme = urlsplit(artifact_root).scheme
+    if scheme not in SUPPORTED_SCHEMES:
+        raise MLOpsConfigError(
+            f"[mlops] artifact_root {artifact_root!r} has scheme {scheme or '(none)'!r}, which the artifact "
+            f"store does not support.",
+            fix="use file:///absolute/path, s3://bucket/prefix or gs://bucket/prefix "
+            "(AIRFLOW__MLOPS__ARTIFACT_ROOT).",
+        )
+    return MLOpsSettings(
+        state_dir=state_dir,
+        artifact_root=artifact_root,
+        artifact_conn_id=_option("artifact_conn_id") or None,
+        offline_root=(_option("offline_root") or _file_uri(state_dir / "offline")).rstrip("/"),
+        landing_root=(_option("landing_root") or _file_uri(state_dir / "landing")).rstrip("/"),
+    )
+
+
+def check_settings(settings: MLOpsSettings) -> None:
+    """Verify that the settings can be used on this worker: folders writable, connections present.
+
+    :raises MLOpsConfigError: naming the setting at fault and the fix.
+    """
+    try:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        probe = settings.state_dir / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise MLOpsConfigError(
+            f"[mlops] state_dir {str(settings.state_dir)!r} is not writable by this worker ({err.strerror}).",
+            fix="point AIRFLOW__MLOPS__STATE_DIR at a folder the Airflow worker user can write, "
+            "or fix that folder's permissions.",
+        ) from err
+
+    scheme = settings.artifact_scheme
+    if scheme not in REMOTE_SCHEMES:
+        return
+    conn_type = REMOTE_SCHEMES[scheme]
+    if not settings.artifact_conn_id:
+        raise MLOpsConfigError(
+            f"[mlops] artifact_root {settings.artifact_root!r} is remote but [mlops] artifact_conn_id is not set.",
+            fix=f"create an Airflow connection of type {conn_type!r} and set AIRFLOW__MLOPS__ARTIFACT_CONN_ID "
+            "to its id.",
+        )
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        BaseHook.get_connection(settings.artifact_conn_id)
+    except AirflowNotFoundException as err:
+        raise MLOpsConfigError(
+            f"[mlops] artifact_conn_id {settings.artifact_conn_id!r} names no Airflow connection "
+            f"(needed for artifact_root {settings.artifact_root!r}).",
+            fix=f"create the connection (type {conn_type!r}) with `airflow connections add` or in the UI, "
+            "or correct AIRFLOW__MLOPS__ARTIFACT_CONN_ID.",
+        ) from err

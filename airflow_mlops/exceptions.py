@@ -1,0 +1,37 @@
+"""One error hierarchy for airflow-mlops.
+
+Every error says what was wrong and what to do about it: ``problem`` names the setting, file,
+column or object at fault, ``fix`` tells the user the next step. Both end up in the task log.
+"""
+
+from __future__ import annotations
+
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+
+class MLOpsError(AirflowException):
+    """Base class of every airflow-mlops error.
+
+    :param problem: what is wrong, naming the setting, file or object at fault.
+    :param fix: what the user should do about it.
+    """
+
+    def __init__(self, problem: str, *, fix: str | None = None) -> None:
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{problem} Fix: {fix}" if fix else problem)
+
+
+class MLOpsConfigError(MLOpsError):
+    """A setting in the ``[mlops]`` configuration section is invalid or unusable."""
+
+
+class ArtifactStoreError(MLOpsError):
+    """Reading from or writing to the artifact store failed."""
+
+
+class MLOpsInputError(MLOpsError, AirflowFailException):
+    """Input data is missing, unreadable or malformed; retrying the task cannot help.
+
+    Derives from ``AirflowFailException`` so Airflow fails the task at once instead of retrying.
+    """

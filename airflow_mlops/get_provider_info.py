@@ -1,0 +1,81 @@
+"""Provider registration: what Airflow discovers through the ``apache_airflow_provider`` entry point.
+
+Grows with every subject the package ships. Must stay importable without any ML library.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_INTEGRATION = "airflow-mlops"
+
+
+def _option(description: str, example: str | None, default: str | None) -> dict[str, Any]:
+    return {
+        "description": description,
+        "version_added": "0.1.0",
+        "type": "string",
+        "example": example,
+        "default": default,
+    }
+
+
+def get_provider_info() -> dict[str, Any]:
+    return {
+        "package-name": "airflow-mlops",
+        "name": "MLOps lifecycle",
+        "description": "Validation (Great Expectations), features (Feast), tuning (Ray Tune), "
+        "serving (BentoML) and drift monitoring (Evidently) as Airflow operators and lifecycle DAGs.",
+        "versions": ["0.1.0"],
+        "integrations": [
+            {
+                "integration-name": _INTEGRATION,
+                "external-doc-url": "https://github.com/airflow-mlops/airflow-mlops/tree/main/docs",
+                "tags": ["software"],
+            }
+        ],
+        "operators": [
+            {
+                "integration-name": _INTEGRATION,
+                "python-modules": ["airflow_mlops.operators.offline_store"],
+            }
+        ],
+        "plugins": [
+            {"name": "airflow_mlops", "plugin-class": "airflow_mlops.plugins.mlops_plugin.MLOpsPlugin"},
+        ],
+        "config": {
+            "mlops": {
+                "description": "Settings of the airflow-mlops provider (also as AIRFLOW__MLOPS__<OPTION>).",
+                "options": {
+                    "state_dir": _option(
+                        "Local folder for state that is not an artifact: landing zone, offline store, "
+                        "Feast registry. Empty means $AIRFLOW_HOME/mlops.",
+                        "/srv/mlops",
+                        "",
+                    ),
+                    "artifact_root": _option(
+                        "Where runs write artifacts: file://, s3:// or gs://. Empty means "
+                        "file://<state_dir>/artifacts.",
+                        "s3://my-bucket/mlops",
+                        "",
+                    ),
+                    "artifact_conn_id": _option(
+                        "Airflow connection used for a remote artifact_root (aws or google_cloud_platform).",
+                        "aws_default",
+                        "",
+                    ),
+                    "offline_root": _option(
+                        "Root of the offline store (validated tables, one partition per batch). Empty means "
+                        "file://<state_dir>/offline.",
+                        "file:///srv/mlops/offline",
+                        "",
+                    ),
+                    "landing_root": _option(
+                        "Where raw batches land before validation. Empty means file://<state_dir>/landing.",
+                        "file:///srv/mlops/landing",
+                        "",
+                    ),
+                },
+            }
+        },
+    }

@@ -1,0 +1,1 @@
+"""ml of airflow-mlops."""

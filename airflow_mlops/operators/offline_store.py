@@ -1,0 +1,122 @@
+"""Publish a landed batch into the offline store, one partition per batch.
+
+The offline store holds the validated tables the feature store and training read. A partition is one
+parquet file, replaced atomically: a rerun of the same data interval replaces it (never duplicates),
+and a failed run leaves the previous content in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperator
+
+from airflow_mlops.artifacts import ArtifactStore, as_path, safe_segment, sha256_of, staged
+from airflow_mlops.exceptions import MLOpsInputError
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context, ObjectStoragePath
+
+PARTITION_FILE = "part-0.parquet"
+
+
+def resolve_uri(value: str, root: str) -> str:
+    """A full URI for ``value``: URIs and absolute paths as they are, relative paths under ``root``."""
+    if "://" in value:
+        return value
+    if value.startswith("/"):
+        return "file://" + value
+    return f"{root.rstrip('/')}/{value.lstrip('/')}"
+
+
+def read_parquet_batch(source: ObjectStoragePath):
+    """Read a parquet batch (one file, or a folder of ``*.parquet`` files) as a pyarrow Table.
+
+    :raises MLOpsInputError: the batch is missing, empty or not readable parquet, naming the file.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not source.exists():
+        raise MLOpsInputError(
+            f"landed batch {str(source)!r} does not exist.",
+            fix="check that the batch for this data interval has landed (for the demo run "
+            "`python -m airflow_mlops.demo prepare`), then clear the task to rerun it.",
+        )
+    files = sorted(p for p in source.iterdir() if p.name.endswith(".parquet")) if source.is_dir() else [source]
+    if not files:
+        raise MLOpsInputError(f"landed batch folder {str(source)!r} holds no .parquet file.",
+                              fix="land the batch as parquet files in that folder.")
+    tables = []
+    for path in files:
+        try:
+            with path.open("rb") as handle:
+                tables.append(pq.read_table(handle))
+        except (pa.ArrowException, OSError) as err:
+            raise MLOpsInputError(
+                f"landed file {str(path)!r} is not readable parquet ({err}).",
+                fix="re-land the file from its source; a truncated upload is the usual cause.",
+            ) from err
+    try:
+        return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    except pa.ArrowInvalid as err:
+        raise MLOpsInputError(f"the files of batch {str(source)!r} have different schemas ({err}).",
+                              fix="land every file of a batch with the same columns and types.") from err
+
+
+class OfflinePartitionWriteOperator(BaseOperator):
+    """Publish one landed batch as a partition of an offline-store table.
+
+    The partition ``<offline_root>/<table>/<partition>/part-0.parquet`` is written atomically and
+    replaced on rerun. Each Asset in ``outlets`` receives an event whose ``extra`` carries the table,
+    partition, row count and sha256.
+
+    :param source_uri: the landed batch: a parquet file or a folder of them; a relative path is taken
+        under ``[mlops] landing_root`` (templated).
+    :param table: offline-store table name, e.g. ``flights`` (templated).
+    :param partition: partition folder, e.g. ``date={{ ds }}`` (templated).
+    :param offline_root: root URI of the offline store; default ``[mlops] offline_root`` (templated).
+    """
+
+    template_fields: Sequence[str] = ("source_uri", "table", "partition", "offline_root")
+    ui_color = "#d8f0e4"
+
+    def __init__(
+        self,
+        *,
+        source_uri: str,
+        table: str,
+        partition: str,
+        offline_root: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.source_uri = source_uri
+        self.table = table
+        self.partition = partition
+        self.offline_root = offline_root
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        import pyarrow.parquet as pq
+
+        settings = ArtifactStore().settings
+        source = as_path(resolve_uri(self.source_uri, settings.landing_root))
+        root = resolve_uri(self.offline_root or settings.offline_root, settings.offline_root)
+        target = as_path(root).joinpath(safe_segment(self.table), safe_segment(self.partition), PARTITION_FILE)
+
+        table = read_parquet_batch(source)
+        with staged(target) as tmp:
+            pq.write_table(table, tmp)
+        result = {
+            "table": self.table,
+            "partition": self.partition,
+            "uri": str(target),
+            "rows": table.num_rows,
+            "sha256": sha256_of(target),
+            "source_uri": str(source),
+        }
+        self.log.info("Published %d rows of %s to %s", table.num_rows, source, target)
+        for outlet in self.outlets:
+            context["outlet_events"][outlet].extra = {k: result[k] for k in ("table", "partition", "rows", "sha256")}
+        return result
