@@ -39,8 +39,10 @@ def safe_segment(value: str) -> str:
     becomes ``manual__2013-01-01T00-00-00+00-00``)."""
     cleaned = _UNSAFE.sub("-", value.replace(":", "-")).strip("-.")
     if not cleaned:
-        raise ArtifactStoreError(f"{value!r} cannot be used as an artifact path segment.",
-                                 fix="use ids made of letters, digits, '.', '_' or '-'.")
+        raise ArtifactStoreError(
+            f"{value!r} cannot be used as an artifact path segment.",
+            fix="use ids made of letters, digits, '.', '_' or '-'.",
+        )
     return cleaned
 
 
@@ -138,8 +140,10 @@ def staged(target: ObjectStoragePath) -> Iterator[Path]:
         try:
             folder.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise ArtifactStoreError(f"cannot create folder {str(folder.parent)!r}: {err.strerror}.",
-                                     fix="check that the artifact root is writable by the worker.") from err
+            raise ArtifactStoreError(
+                f"cannot create folder {str(folder.parent)!r}: {err.strerror}.",
+                fix="check that the artifact root is writable by the worker.",
+            ) from err
         tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex}"
         cleanup: Path | None = None
     else:
@@ -148,8 +152,10 @@ def staged(target: ObjectStoragePath) -> Iterator[Path]:
     try:
         yield tmp
         if not tmp.exists():
-            raise ArtifactStoreError(f"nothing was written for {str(target)!r}.",
-                                     fix="this is a bug in the writer; report it with the task log.")
+            raise ArtifactStoreError(
+                f"nothing was written for {str(target)!r}.",
+                fix="this is a bug in the writer; report it with the task log.",
+            )
         if local_target:
             os.replace(tmp, target.path)
         else:

@@ -30,8 +30,20 @@ class ArtifactStoreError(MLOpsError):
     """Reading from or writing to the artifact store failed."""
 
 
+class MLOpsArgumentError(MLOpsError, AirflowFailException, ValueError):
+    """An operator, sensor or trigger got an argument it cannot work with (a DAG authoring mistake,
+    e.g. a suite file that is not JSON or YAML); retrying the task cannot help."""
+
+
 class MLOpsInputError(MLOpsError, AirflowFailException):
     """Input data is missing, unreadable or malformed; retrying the task cannot help.
 
     Derives from ``AirflowFailException`` so Airflow fails the task at once instead of retrying.
+    """
+
+
+class DataValidationError(MLOpsInputError):
+    """A batch failed its expectation suite, or could not be read to be validated.
+
+    The message names the file, and each failed expectation with its column and what was observed.
     """

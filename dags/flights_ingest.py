@@ -14,7 +14,7 @@ from airflow.timetables.interval import CronDataIntervalTimetable
 
 from airflow_mlops.operators.offline_store import OfflinePartitionWriteOperator
 
-FLIGHTS_OFFLINE = Asset(name="flights_offline", uri="mlops://offline/flights")
+FLIGHTS_OFFLINE = Asset(name="flights_offline")
 
 with DAG(
     dag_id="flights_ingest",

