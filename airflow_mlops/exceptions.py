@@ -47,3 +47,27 @@ class DataValidationError(MLOpsInputError):
 
     The message names the file, and each failed expectation with its column and what was observed.
     """
+
+
+class FeatureStoreError(MLOpsError):
+    """A Feast operation failed: the registry, the offline store or the online store could not be used.
+
+    The message names the repository (and feature view or store) and what to check.
+    """
+
+
+class FeatureRepoError(FeatureStoreError, AirflowFailException):
+    """The Feast repository or a request to it is wrong: a missing or malformed ``feature_store.yaml``,
+    definitions that do not import, an unknown feature view or feature service. Retrying cannot help."""
+
+
+class TuningError(MLOpsError):
+    """A hyperparameter search could not produce a result (every trial failed, or the Ray Job failed)."""
+
+
+class RayClusterError(MLOpsError):
+    """The Ray cluster of a ``ray`` connection cannot be reached or refused the job."""
+
+
+class ServingError(MLOpsError):
+    """Building, starting, switching or stopping a served model failed."""

@@ -37,8 +37,20 @@ def get_provider_info() -> dict[str, Any]:
         "operators": [
             {
                 "integration-name": _INTEGRATION,
-                "python-modules": ["airflow_mlops.operators.offline_store"],
+                "python-modules": [
+                    "airflow_mlops.operators.offline_store",
+                    "airflow_mlops.operators.validation",
+                ],
             }
+        ],
+        "sensors": [
+            {"integration-name": _INTEGRATION, "python-modules": ["airflow_mlops.sensors.landing"]},
+        ],
+        "triggers": [
+            {"integration-name": _INTEGRATION, "python-modules": ["airflow_mlops.triggers.landing"]},
+        ],
+        "extra-links": [
+            "airflow_mlops.operators.validation.ValidationReportLink",
         ],
         "plugins": [
             {"name": "airflow_mlops", "plugin-class": "airflow_mlops.plugins.mlops_plugin.MLOpsPlugin"},

@@ -1,11 +1,12 @@
 """Shared set-up for the whole suite: one Airflow home and database, one landed demo data set.
 
 The environment is fixed here, before anything imports Airflow, so the suite never touches the demo's
-state: everything lives under ``state/tests`` in the clone and is recreated at each session start.
+state: everything lives under ``state/tests/session-<pid>`` in the clone, removed when the session ends.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -13,13 +14,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from mlops_testing import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-TEST_STATE = ROOT / "state" / "tests"
+# One folder per pytest process, removed when it ends: concurrent runs never share or wipe state.
+TEST_STATE = ROOT / "state" / "tests" / f"session-{os.getpid()}"
 AIRFLOW_HOME = TEST_STATE / "airflow"
 MLOPS_STATE = TEST_STATE / "mlops"
 
 shutil.rmtree(TEST_STATE, ignore_errors=True)
+atexit.register(shutil.rmtree, TEST_STATE, ignore_errors=True)
 AIRFLOW_HOME.mkdir(parents=True)
 MLOPS_STATE.mkdir(parents=True)
 TEST_ENV = {
@@ -32,20 +35,6 @@ TEST_ENV = {
 for key in [k for k in os.environ if k.startswith("AIRFLOW__MLOPS__")]:
     del os.environ[key]
 os.environ.update(TEST_ENV)
-
-
-def run_python(
-    code: str, *, env: dict[str, str] | None = None, timeout: int = 300
-) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh interpreter of this venv with the suite's environment (plus ``env``)."""
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
 
 
 @pytest.fixture(scope="session")

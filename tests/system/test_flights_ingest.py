@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_python
+from mlops_testing import run_python
 
 from airflow_mlops.artifacts import as_path, sha256_of
 from airflow_mlops.config import load_settings

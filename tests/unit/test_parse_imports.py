@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import ROOT, run_python
+from mlops_testing import ROOT, run_python
 
 HEAVY = ["ray", "feast", "great_expectations", "evidently", "bentoml", "sklearn", "lightgbm", "pandas"]
 
