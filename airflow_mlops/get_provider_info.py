@@ -40,8 +40,46 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": [
                     "airflow_mlops.operators.offline_store",
                     "airflow_mlops.operators.validation",
+                    "airflow_mlops.operators.features",
                 ],
             }
+        ],
+        "hooks": [
+            {"integration-name": _INTEGRATION, "python-modules": ["airflow_mlops.hooks.feast"]},
+        ],
+        "connection-types": [
+            {
+                "hook-class-name": "airflow_mlops.hooks.feast.FeastHook",
+                "connection-type": "feast",
+                "hook-name": "Feast",
+                "conn-fields": {
+                    "repo_path": {
+                        "label": "Feature repository path",
+                        "description": "Absolute path of the folder holding feature_store.yaml.",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "online_store_type": {
+                        "label": "Online store type",
+                        "description": "Override the repository's online store, e.g. redis (host, port, "
+                        "schema = db number and password are then used).",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                },
+                "ui-field-behaviour": {
+                    "hidden-fields": ["login"],
+                    "relabeling": {
+                        "host": "Online store host (Redis)",
+                        "port": "Online store port",
+                        "schema": "Redis database number",
+                        "password": "Online store password",
+                    },
+                    "placeholders": {
+                        "host": "redis.internal",
+                        "port": "6379",
+                        "extra": '{"online_store": {"key_ttl_seconds": 604800}}',
+                    },
+                },
+            },
         ],
         "sensors": [
             {"integration-name": _INTEGRATION, "python-modules": ["airflow_mlops.sensors.landing"]},

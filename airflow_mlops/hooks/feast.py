@@ -1,0 +1,502 @@
+"""Feast feature store access for Airflow tasks: the ``feast`` connection type and :class:`FeastHook`.
+
+The hook resolves a Feast repository (``feature_store.yaml`` plus Python definitions) into a
+``FeatureStore`` without depending on the working directory: ``${VAR}`` references in the YAML are
+filled from the environment and from ``[mlops]`` (``MLOPS_STATE_DIR``, ``MLOPS_FEAST_DIR``,
+``MLOPS_OFFLINE_ROOT``), and the online store can be overridden by the Airflow connection (e.g. Redis
+with its password in the connection's password field). Feast and pandas are imported only when a
+method runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import string
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseHook
+
+from airflow_mlops.exceptions import FeatureRepoError, FeatureStoreError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from feast import FeatureStore, RepoConfig
+
+    from airflow_mlops.config import MLOpsSettings
+
+FEATURE_STORE_YAML = "feature_store.yaml"
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_CWD_LOCK = threading.Lock()
+
+
+def _redact(text: str, secret: str | None) -> str:
+    return text.replace(secret, "***") if secret else text
+
+
+@contextlib.contextmanager
+def _repo_on_path(repo: Path, env: dict[str, str]) -> Iterator[None]:
+    """Feast's repository parser names modules relative to the working directory: enter the repository
+    for the parse only, with ``env`` set for the definitions, and forget its modules afterwards so
+    another repository (or the same one with other settings) can be parsed."""
+    with _CWD_LOCK:
+        previous = os.getcwd()
+        saved_env = {k: os.environ.get(k) for k in env}
+        before = set(sys.modules)
+        sys.path.insert(0, str(repo))
+        os.environ.update(env)
+        os.chdir(repo)
+        try:
+            yield
+        finally:
+            os.chdir(previous)
+            for key, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            with contextlib.suppress(ValueError):
+                sys.path.remove(str(repo))
+            for name in set(sys.modules) - before:
+                module = sys.modules.get(name)
+                origin = getattr(module, "__file__", None) or ""
+                if origin.startswith(str(repo)):
+                    del sys.modules[name]
+
+
+def _without_meta(value: Any) -> Any:
+    if (
+        hasattr(value, "CopyFrom")
+        and hasattr(value, "DESCRIPTOR")
+        and "meta" in value.DESCRIPTOR.fields_by_name
+    ):
+        copy = type(value)()
+        copy.CopyFrom(value)
+        copy.ClearField("meta")
+        return copy
+    return value
+
+
+def _is_material(object_diff: Any) -> bool:
+    """Whether a registry diff changes a definition. Feast's plan reports every feature view with a batch
+    source as updated because the source's ``meta`` (created / updated timestamps) differs between the
+    registry and the freshly parsed definition; those differences alone are not changes."""
+    if object_diff.transition_type.name != "UPDATE":
+        return True
+    return any(
+        _without_meta(p.val_existing) != _without_meta(p.val_declared)
+        for p in object_diff.feast_object_property_diffs
+    )
+
+
+class FeastHook(BaseHook):
+    """Interact with a Feast feature store defined by a repository on the worker.
+
+    The repository path is taken from ``repo_path`` or else from the connection's extra ``repo_path``.
+    The connection (optional: without it the repository's own configuration is used) may override the
+    online store: extra ``{"online_store": {"type": "redis"}}`` with host, port, schema (Redis db
+    number) and password fields builds the Redis connection string; any other keys in
+    ``online_store`` are passed to Feast as they are.
+
+    :param feast_conn_id: Airflow connection of type ``feast``; when it is the default id and does not
+        exist, the repository's own configuration is used.
+    :param repo_path: folder holding ``feature_store.yaml`` and the definitions.
+    :param online_store: online-store settings merged over the repository's and the connection's
+        (e.g. ``{"type": "redis", "connection_string": "localhost:6379"}``).
+    """
+
+    conn_name_attr = "feast_conn_id"
+    default_conn_name = "feast_default"
+    conn_type = "feast"
+    hook_name = "Feast"
+
+    def __init__(
+        self,
+        feast_conn_id: str | None = default_conn_name,
+        repo_path: str | os.PathLike[str] | None = None,
+        online_store: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.feast_conn_id = feast_conn_id
+        self.repo_path_arg = repo_path
+        self.online_store_arg = online_store
+
+    # -- configuration ------------------------------------------------------------------------------
+
+    @cached_property
+    def connection(self) -> Any | None:
+        if not self.feast_conn_id:
+            return None
+        from airflow.sdk.exceptions import AirflowNotFoundException
+
+        try:
+            return self.get_connection(self.feast_conn_id)
+        except AirflowNotFoundException:
+            if self.feast_conn_id == self.default_conn_name:
+                self.log.info(
+                    "No connection %r: using the repository's own configuration", self.feast_conn_id
+                )
+                return None
+            raise FeatureRepoError(
+                f"Feast connection {self.feast_conn_id!r} does not exist.",
+                fix="create it (type 'feast') with `airflow connections add` or in the UI, "
+                "or pass feast_conn_id=None to use the repository's own feature_store.yaml.",
+            ) from None
+
+    @cached_property
+    def _extra(self) -> dict[str, Any]:
+        conn = self.connection
+        extra = dict(conn.extra_dejson) if conn is not None else {}
+        prefix = f"extra__{self.conn_type}__"
+        # Form fields may be stored with the legacy prefix; both spellings are accepted.
+        return {k.removeprefix(prefix): v for k, v in extra.items() if v not in (None, "")}
+
+    @cached_property
+    def settings(self) -> MLOpsSettings:
+        from airflow_mlops.config import load_settings
+
+        return load_settings()
+
+    @cached_property
+    def repo_path(self) -> Path:
+        raw = self.repo_path_arg or self._extra.get("repo_path")
+        if not raw:
+            raise FeatureRepoError(
+                "no Feast repository given: neither repo_path nor the connection's extra 'repo_path' is set.",
+                fix="pass repo_path= to the operator or set extra {'repo_path': '/path/to/feature_repo'} "
+                f"on connection {self.feast_conn_id!r}.",
+            )
+        path = Path(os.fspath(raw)).expanduser()
+        if not path.is_absolute():
+            raise FeatureRepoError(
+                f"Feast repository path {str(raw)!r} is relative; it would depend on the worker's working "
+                "directory.",
+                fix="give the absolute path of the folder holding feature_store.yaml.",
+            )
+        if not (path / FEATURE_STORE_YAML).is_file():
+            raise FeatureRepoError(
+                f"Feast repository {str(path)!r} has no {FEATURE_STORE_YAML}.",
+                fix="point repo_path at the folder holding feature_store.yaml (the project's feature_repo/).",
+            )
+        return path
+
+    def _variables(self) -> dict[str, str]:
+        settings = self.settings
+        defaults = {
+            "MLOPS_STATE_DIR": str(settings.state_dir),
+            "MLOPS_FEAST_DIR": str(settings.state_dir / "feast"),
+            "MLOPS_OFFLINE_ROOT": settings.offline_root,
+        }
+        return {**defaults, **{k: v for k, v in os.environ.items() if k in defaults}}
+
+    def _online_override(self) -> dict[str, Any]:
+        override: dict[str, Any] = dict(self._extra.get("online_store") or {})
+        if self._extra.get("online_store_type"):
+            override.setdefault("type", self._extra["online_store_type"])
+        override.update(self.online_store_arg or {})
+        conn = self.connection
+        if override.get("type") == "redis" and conn is not None:
+            if "connection_string" not in override and conn.host:
+                override["connection_string"] = f"{conn.host}:{conn.port or 6379}"
+            if "connection_string" in override:
+                parts = [override["connection_string"]]
+                if conn.schema and "db=" not in parts[0]:
+                    parts.append(f"db={conn.schema}")
+                if conn.password and "password=" not in parts[0]:
+                    parts.append(f"password={conn.password}")
+                override["connection_string"] = ",".join(parts)
+        return override
+
+    @cached_property
+    def repo_config(self) -> RepoConfig:
+        """The repository's configuration with variables filled in and the overrides applied.
+
+        :raises FeatureRepoError: the YAML is malformed, uses an unknown variable or fails Feast's checks.
+        """
+        import yaml
+        from feast.repo_config import RepoConfig
+        from pydantic import ValidationError
+
+        yaml_path = self.repo_path / FEATURE_STORE_YAML
+        text = yaml_path.read_text()
+        variables = self._variables()
+        unknown = sorted({m for m in _VAR.findall(text) if m not in variables and m not in os.environ})
+        if unknown:
+            raise FeatureRepoError(
+                f"{yaml_path} uses undefined variable(s) {', '.join(unknown)}.",
+                fix="export them in the worker's environment, or use only MLOPS_STATE_DIR, MLOPS_FEAST_DIR "
+                "and MLOPS_OFFLINE_ROOT, which the hook fills from [mlops].",
+            )
+        text = string.Template(text).safe_substitute({**os.environ, **variables})
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise FeatureRepoError(
+                f"{yaml_path} is not valid YAML ({err}).", fix="fix the YAML syntax of the file."
+            ) from err
+        if not isinstance(raw, dict) or "project" not in raw:
+            raise FeatureRepoError(
+                f"{yaml_path} is not a Feast configuration (no 'project' key).",
+                fix="start from the project's feature_repo/feature_store.yaml.",
+            )
+        override = self._online_override()
+        if override:
+            base = raw.get("online_store") or {}
+            if isinstance(base, str):
+                base = {"type": base}
+            same_type = override.get("type", base.get("type")) == base.get("type")
+            raw["online_store"] = {**base, **override} if same_type else override
+        secret = self.connection.password if self.connection is not None else None
+        try:
+            config = RepoConfig(repo_path=self.repo_path, **raw)
+            config.online_store  # noqa: B018 - validates the online-store section now, not at first use
+        except (ValidationError, ValueError, TypeError) as err:
+            raise FeatureRepoError(
+                f"Feast configuration {yaml_path} (with the connection's overrides) is invalid: "
+                f"{_redact(str(err), secret)}",
+                fix="correct feature_store.yaml or the online_store extra of connection "
+                f"{self.feast_conn_id!r}.",
+            ) from None
+        self._prepare_local_paths(config)
+        return config
+
+    @staticmethod
+    def _prepare_local_paths(config: RepoConfig) -> None:
+        registry = config.registry
+        path = getattr(registry, "path", None) or (registry if isinstance(registry, str) else None)
+        candidates = [path, getattr(config.online_store, "path", None)]
+        for candidate in candidates:
+            if candidate and "://" not in str(candidate):
+                Path(candidate).parent.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def online_store_type(self) -> str:
+        return str(self.repo_config.online_store.type)
+
+    @cached_property
+    def store(self) -> FeatureStore:
+        """The ``FeatureStore``, built once per hook."""
+        from feast import FeatureStore
+
+        return FeatureStore(repo_path=str(self.repo_path), config=self.repo_config)
+
+    # -- operations ---------------------------------------------------------------------------------
+
+    def parse_repo(self) -> Any:
+        """The definitions of the repository (Feast ``RepoContents``).
+
+        :raises FeatureRepoError: a definitions file does not import, naming it.
+        """
+        from feast.repo_operations import parse_repo
+
+        with _repo_on_path(self.repo_path, self._variables()):
+            try:
+                repo = parse_repo(self.repo_path)
+            except Exception as err:
+                raise FeatureRepoError(
+                    f"the definitions of Feast repository {str(self.repo_path)!r} do not load: "
+                    f"{type(err).__name__}: {err}",
+                    fix="run `feast plan` in the repository to see the failing definition and correct it.",
+                ) from err
+        project = self.repo_config.project
+        names = [p.name for p in repo.projects]
+        if not names:
+            from feast import Project
+
+            repo.projects.append(
+                Project(name=project, description=self.repo_config.project_description or "")
+            )
+        elif names != [project]:
+            raise FeatureRepoError(
+                f"Feast repository {str(self.repo_path)!r} defines project(s) {names} but its "
+                f"{FEATURE_STORE_YAML} names project {project!r}.",
+                fix="define at most one Project, with the name given in feature_store.yaml.",
+            )
+        return repo
+
+    def apply(self) -> dict[str, Any]:
+        """Register the repository's definitions; objects no longer defined are removed. Idempotent: when
+        the registry already matches, nothing is written.
+
+        :return: ``{"changes": n, "changed": [...], "feature_views": [...], "feature_services": [...]}``.
+        """
+        from feast.diff.property_diff import TransitionType
+        from feast.repo_operations import extract_objects_for_apply_delete
+
+        store = self.store
+        repo = self.parse_repo()
+        try:
+            provider = store._get_provider()
+            for view in repo.feature_views:
+                if view.batch_source is not None:
+                    provider.validate_data_source(store.config, view.batch_source)
+            registry_diff, _, _ = store.plan(repo)
+            changed = [
+                f"{d.feast_object_type.name.lower()}:{d.name}:{d.transition_type.name.lower()}"
+                for d in registry_diff.feast_object_diffs
+                if d.transition_type != TransitionType.UNCHANGED and _is_material(d)
+            ]
+            if changed:
+                to_apply, to_delete, _, _ = extract_objects_for_apply_delete(
+                    store.project, store.registry, repo
+                )
+                store.apply(to_apply, objects_to_delete=to_delete, partial=False)
+        except FeatureStoreError:
+            raise
+        except Exception as err:
+            raise FeatureStoreError(
+                f"feast apply of repository {str(self.repo_path)!r} failed: {type(err).__name__}: {err}",
+                fix="check that every source path exists in the offline store and the registry is writable.",
+            ) from err
+        return {
+            "project": store.project,
+            "changes": len(changed),
+            "changed": changed,
+            "feature_views": sorted(fv.name for fv in repo.feature_views),
+            "feature_services": sorted(fs.name for fs in repo.feature_services),
+        }
+
+    def feature_views(self, names: Sequence[str] | None = None) -> list[Any]:
+        """Registered feature views, all or the ``names`` given.
+
+        :raises FeatureRepoError: a name is not registered, naming it and the registered ones.
+        """
+        registered = {fv.name: fv for fv in self.store.list_feature_views()}
+        if names is None:
+            return [registered[n] for n in sorted(registered)]
+        unknown = [n for n in names if n not in registered]
+        if unknown:
+            raise FeatureRepoError(
+                f"unknown feature view(s) {', '.join(repr(n) for n in unknown)} in Feast repository "
+                f"{str(self.repo_path)!r} (project {self.store.project!r}); registered: "
+                f"{', '.join(sorted(registered)) or 'none'}.",
+                fix="correct the feature view name, or run FeastApplyOperator first if it was just added.",
+            )
+        return [registered[n] for n in names]
+
+    def feature_service(self, name: str) -> Any:
+        """The registered feature service ``name``.
+
+        :raises FeatureRepoError: it is not registered.
+        """
+        from feast.errors import FeatureServiceNotFoundException
+
+        try:
+            return self.store.get_feature_service(name)
+        except FeatureServiceNotFoundException:
+            known = sorted(s.name for s in self.store.list_feature_services())
+            raise FeatureRepoError(
+                f"unknown feature service {name!r} in Feast repository {str(self.repo_path)!r}; registered: "
+                f"{', '.join(known) or 'none'}.",
+                fix="correct the name, or run FeastApplyOperator first if it was just added.",
+            ) from None
+
+    def count_rows_to_write(self, feature_view: Any, start: datetime, end: datetime) -> int:
+        """How many online rows materializing ``feature_view`` over [start, end] writes: one per entity
+        key that has a row in the interval (the latest one)."""
+        from feast.infra.offline_stores.offline_utils import get_offline_store_from_config
+
+        store = self.store
+        offline = get_offline_store_from_config(store.config.offline_store)
+        job = offline.pull_latest_from_table_or_query(
+            config=store.config,
+            data_source=feature_view.batch_source,
+            join_key_columns=[e.name for e in feature_view.entity_columns],
+            feature_name_columns=[f.name for f in feature_view.features],
+            timestamp_field=feature_view.batch_source.timestamp_field,
+            created_timestamp_column=feature_view.batch_source.created_timestamp_column or None,
+            start_date=start,
+            end_date=end,
+        )
+        return int(job.to_arrow().num_rows)
+
+    def materialize(
+        self, start: datetime, end: datetime, feature_views: Sequence[str] | None = None
+    ) -> dict[str, int]:
+        """Materialize [start, end] of each feature view into the online store.
+
+        :return: rows written per feature view.
+        :raises FeatureRepoError: an unknown feature view.
+        :raises FeatureStoreError: Feast failed, naming the feature view.
+        """
+        views = self.feature_views(feature_views)
+        written: dict[str, int] = {}
+        for view in views:
+            try:
+                rows = self.count_rows_to_write(view, start, end)
+                if rows:
+                    self.store.materialize(start_date=start, end_date=end, feature_views=[view.name])
+            except FeatureStoreError:
+                raise
+            except Exception as err:
+                raise FeatureStoreError(
+                    f"materializing feature view {view.name!r} of Feast repository {str(self.repo_path)!r} "
+                    f"for {start.isoformat()} .. {end.isoformat()} failed: {type(err).__name__}: {err}",
+                    fix="check the view's source table in the offline store and that the "
+                    f"{self.online_store_type} online store is reachable.",
+                ) from err
+            written[view.name] = rows
+            self.log.info(
+                "Materialized %d rows of %s for %s .. %s into the %s online store",
+                rows,
+                view.name,
+                start.isoformat(),
+                end.isoformat(),
+                self.online_store_type,
+            )
+        return written
+
+    def historical_features(
+        self, entity_df: pd.DataFrame, feature_service: str, *, full_feature_names: bool = True
+    ) -> pd.DataFrame:
+        """Point-in-time-correct features for ``entity_df`` (its ``event_timestamp`` column, tz-aware)."""
+        service = self.feature_service(feature_service)
+        try:
+            job = self.store.get_historical_features(
+                entity_df=entity_df, features=service, full_feature_names=full_feature_names
+            )
+            return job.to_df()
+        except Exception as err:
+            raise FeatureStoreError(
+                f"building historical features of service {feature_service!r} from Feast repository "
+                f"{str(self.repo_path)!r} failed: {type(err).__name__}: {err}",
+                fix="check that the entity dataframe has the join keys and a tz-aware event_timestamp.",
+            ) from err
+
+    def online_features(self, features: Sequence[str] | str, entity_rows: list[dict[str, Any]]) -> dict:
+        """Online feature values for ``entity_rows``; ``features`` is a list of refs or a service name."""
+        refs: Any = self.feature_service(features) if isinstance(features, str) else list(features)
+        response = self.store.get_online_features(
+            features=refs, entity_rows=entity_rows, full_feature_names=True
+        )
+        return response.to_dict()
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Load the configuration, read the registry and reach the online store."""
+        try:
+            config = self.repo_config
+            views = [fv.name for fv in self.store.list_feature_views()]
+            online = config.online_store
+            if online.type == "redis":
+                from feast.infra.online_stores.redis import RedisOnlineStore
+
+                RedisOnlineStore()._get_client(online).ping()
+            elif online.type == "sqlite":
+                import sqlite3
+
+                sqlite3.connect(online.path).execute("select 1").fetchall()
+        except Exception as err:  # report every failure in the UI rather than raising
+            secret = self.connection.password if self.connection is not None else None
+            return False, _redact(f"{type(err).__name__}: {err}", secret)
+        return True, (
+            f"Feast repository {self.repo_path} (project {config.project}): {len(views)} feature views "
+            f"registered, {online.type} online store reachable."
+        )

@@ -1,0 +1,617 @@
+"""Feature-store operators: prepare feature source tables, apply a Feast repository, materialize
+intervals into the online store and build point-in-time-correct training sets.
+
+Every operator is thin over :class:`~airflow_mlops.hooks.feast.FeastHook` (or over pyarrow / pandas
+for the source tables), returns a small JSON dict, and is idempotent for its interval: a rerun
+replaces what it wrote. Feast and pandas are imported inside ``execute()`` only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, date, datetime, timedelta
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import Asset, BaseOperator
+
+from airflow_mlops.artifacts import ArtifactStore, as_path, safe_segment, sha256_of, staged
+from airflow_mlops.exceptions import MLOpsArgumentError, MLOpsInputError
+from airflow_mlops.hooks.feast import FeastHook
+from airflow_mlops.operators.offline_store import PARTITION_FILE, read_parquet_batch, resolve_uri
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import pyarrow as pa
+    from airflow.sdk import Context, ObjectStoragePath
+
+#: Feature views get an Asset named ``<prefix><feature view>`` (see FeastMaterializeOperator).
+ASSET_PREFIX = "feast_"
+
+
+def feature_view_asset(feature_view: str, prefix: str = ASSET_PREFIX) -> Asset:
+    """The name-only Asset that receives an event each time ``feature_view`` is materialized."""
+    return Asset(name=f"{prefix}{feature_view}")
+
+
+def parse_timestamp(value: Any, what: str) -> datetime:
+    """A tz-aware UTC datetime from a datetime or an ISO-8601 string.
+
+    :raises MLOpsArgumentError: the value has no time zone or is not a timestamp, naming ``what``.
+    """
+    if isinstance(value, datetime):
+        parsed = value
+    else:
+        try:
+            parsed = datetime.fromisoformat(str(value).strip())
+        except ValueError:
+            raise MLOpsArgumentError(
+                f"{what} {value!r} is not an ISO-8601 timestamp.",
+                fix="give e.g. '2013-01-02T00:00:00+00:00' or a template such as '{{ data_interval_start }}'.",
+            ) from None
+    if parsed.tzinfo is None or parsed.utcoffset() is None:
+        raise MLOpsArgumentError(
+            f"{what} {value!r} has no time zone; feature timestamps are compared in UTC.",
+            fix="add the offset, e.g. '+00:00'.",
+        )
+    return parsed.astimezone(UTC)
+
+
+def _as_timedelta(value: timedelta | float | int | str | None, what: str) -> timedelta:
+    if value is None or value == "":
+        return timedelta(0)
+    if isinstance(value, timedelta):
+        return value
+    try:
+        return timedelta(seconds=float(value))
+    except (TypeError, ValueError):
+        raise MLOpsArgumentError(
+            f"{what} {value!r} is neither a timedelta nor a number of seconds.",
+            fix="pass timedelta(hours=...) or seconds.",
+        ) from None
+
+
+def _write_parquet(table: pa.Table, target: ObjectStoragePath) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    with staged(target) as tmp:
+        pq.write_table(table, tmp)
+    return {"uri": str(target), "rows": table.num_rows, "sha256": sha256_of(target)}
+
+
+def _utc_column(frame: pd.DataFrame, column: str, where: str) -> pd.Series:
+    """``frame[column]`` as tz-aware UTC timestamps; naive values are refused (they are ambiguous)."""
+    import pandas as pd
+
+    if column not in frame.columns:
+        raise MLOpsInputError(
+            f"{where} has no column {column!r} (columns: {', '.join(map(str, frame.columns))}).",
+            fix="name the event timestamp column with event_timestamp_column= / timestamp_column=.",
+        )
+    series = frame[column]
+    if not isinstance(series.dtype, pd.DatetimeTZDtype):
+        raise MLOpsInputError(
+            f"column {column!r} of {where} is {series.dtype}, not a tz-aware timestamp.",
+            fix="write the column as a UTC timestamp (pandas: pd.to_datetime(..., utc=True)).",
+        )
+    return series.dt.tz_convert("UTC")
+
+
+class FeatureSourceSnapshotOperator(BaseOperator):
+    """Publish a reference table (e.g. weather, planes) as a Feast source table in the offline store.
+
+    Writes ``<offline_root>/<table>/part-0.parquet`` atomically with two added columns: ``event_timestamp``
+    (tz-aware UTC: ``timestamp_column`` converted, or the fixed ``as_of`` for a snapshot without time)
+    and ``as_of`` (the same instant, exposed as a feature so training rows show the age of each value).
+
+    :param source_uri: the landed table (parquet file or folder); relative paths are under
+        ``[mlops] landing_root`` (templated).
+    :param table: offline-store table name (templated).
+    :param timestamp_column: column holding each row's tz-aware event time.
+    :param as_of: ISO timestamp stamped on every row when the table has no time column (templated).
+    :param rename: columns to rename, ``{old: new}``.
+    :param columns: columns to keep (after renaming); all when omitted.
+    :param offline_root: offline-store root; default ``[mlops] offline_root`` (templated).
+    """
+
+    template_fields: Sequence[str] = ("source_uri", "table", "as_of", "offline_root")
+    ui_color = "#e8e0f8"
+
+    def __init__(
+        self,
+        *,
+        source_uri: str,
+        table: str,
+        timestamp_column: str | None = None,
+        as_of: str | None = None,
+        rename: dict[str, str] | None = None,
+        columns: Sequence[str] | None = None,
+        offline_root: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if (timestamp_column is None) == (as_of is None):
+            raise MLOpsArgumentError(
+                f"task {kwargs.get('task_id')!r}: give exactly one of timestamp_column and as_of.",
+                fix="timestamp_column= for a table with an event time per row, as_of= for a snapshot.",
+            )
+        self.source_uri = source_uri
+        self.table = table
+        self.timestamp_column = timestamp_column
+        self.as_of = as_of
+        self.rename = rename or {}
+        self.columns = list(columns) if columns else None
+        self.offline_root = offline_root
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        import pyarrow as pa
+
+        settings = ArtifactStore().settings
+        source = as_path(resolve_uri(self.source_uri, settings.landing_root))
+        frame = read_parquet_batch(source).to_pandas().rename(columns=self.rename)
+        if self.timestamp_column:
+            stamps = _utc_column(frame, self.timestamp_column, f"table {str(source)!r}")
+        else:
+            stamps = parse_timestamp(self.as_of, "as_of")
+        if self.columns:
+            missing = [c for c in self.columns if c not in frame.columns]
+            if missing:
+                raise MLOpsInputError(
+                    f"table {str(source)!r} lacks column(s) {', '.join(missing)}.",
+                    fix="correct columns= (names after rename=) or re-land the table.",
+                )
+            frame = frame[self.columns].copy()
+        frame["event_timestamp"] = stamps
+        # Microseconds, as the landed data has: DuckDB hands nanosecond timestamps to Feast as text.
+        frame["event_timestamp"] = frame["event_timestamp"].astype("datetime64[us, UTC]")
+        frame["as_of"] = frame["event_timestamp"]
+        root = resolve_uri(self.offline_root or settings.offline_root, settings.offline_root)
+        target = as_path(root).joinpath(safe_segment(self.table), PARTITION_FILE)
+        result = _write_parquet(pa.Table.from_pandas(frame, preserve_index=False), target)
+        self.log.info("Published %d rows of %s as feature source %s", result["rows"], source, target)
+        return {"table": self.table, **result}
+
+
+class FlightDailyStatsOperator(BaseOperator):
+    """Compute the rolling daily delay statistics per carrier and per origin from the validated flights,
+    and the labelled flight rows training sets start from.
+
+    For each day ``D`` in [``start_day``, ``end_day``] it reads the offline ``flights`` partitions
+    ``D-window_days+1 .. D`` (day ``D`` must exist) and writes, each replacing the day's partition:
+
+    - ``carrier_daily/date=D`` and ``origin_daily/date=D``: ``flights_7d``, ``arr_delay_mean_7d``,
+      ``dep_delay_mean_7d``, ``delayed_rate_7d`` (arrival delay > ``delay_threshold`` minutes) and
+      ``cancel_rate_7d``, stamped ``event_timestamp`` = midnight after ``D`` in ``timezone`` plus
+      ``available_after`` (the statistics include the day's last arrivals, so they are not known before);
+    - ``flights_labelled/date=D``: one row per flight with ``event_timestamp`` = scheduled departure (UTC),
+      the join keys, ``arr_delay`` and the label ``delayed`` (null for cancelled or diverted flights).
+
+    :param start_day: first day, ``YYYY-MM-DD`` (templated).
+    :param end_day: last day, inclusive; default ``start_day`` (templated).
+    :param window_days: days in the rolling window.
+    :param delay_threshold: minutes of arrival delay above which a flight counts as delayed.
+    :param timezone: time zone of the flights' local days.
+    :param available_after: wall-clock time after the local midnight that ends a day at which its
+        statistics become usable (default 06:00 the next morning).
+    :param offline_root: offline-store root; default ``[mlops] offline_root`` (templated).
+    """
+
+    template_fields: Sequence[str] = ("start_day", "end_day", "offline_root")
+    ui_color = "#e8e0f8"
+
+    def __init__(
+        self,
+        *,
+        start_day: str,
+        end_day: str | None = None,
+        window_days: int = 7,
+        delay_threshold: float = 15.0,
+        timezone: str = "America/New_York",
+        available_after: timedelta = timedelta(hours=6),
+        flights_table: str = "flights",
+        offline_root: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.start_day = start_day
+        self.end_day = end_day
+        self.window_days = window_days
+        self.delay_threshold = delay_threshold
+        self.timezone = timezone
+        self.available_after = available_after
+        self.flights_table = flights_table
+        self.offline_root = offline_root
+
+    def _day(self, value: str, what: str) -> date:
+        try:
+            return date.fromisoformat(str(value).strip())
+        except ValueError:
+            raise MLOpsArgumentError(
+                f"{what} {value!r} is not a YYYY-MM-DD day.",
+                fix="pass e.g. '2013-01-02' or '{{ data_interval_start | ds }}'.",
+            ) from None
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        import pandas as pd
+
+        first = self._day(self.start_day, "start_day")
+        last = self._day(self.end_day or self.start_day, "end_day")
+        if last < first:
+            raise MLOpsArgumentError(
+                f"end_day {last} is before start_day {first}.", fix="swap or correct the days."
+            )
+        settings = ArtifactStore().settings
+        root = as_path(resolve_uri(self.offline_root or settings.offline_root, settings.offline_root))
+        cache: dict[date, pd.DataFrame | None] = {}
+        written: dict[str, int] = {"carrier_daily": 0, "origin_daily": 0, "flights_labelled": 0}
+        days = []
+        day = first
+        while day <= last:
+            window = [self._flights(root, day - timedelta(days=k), cache) for k in range(self.window_days)]
+            if window[0] is None:
+                raise MLOpsInputError(
+                    f"offline partition {str(self._partition(root, day))!r} does not exist.",
+                    fix="ingest the day first (DAG flights_ingest), then rerun this task.",
+                )
+            flights = pd.concat([w for w in window if w is not None], ignore_index=True)
+            available = self._available_at(day)
+            for key, table in (("carrier", "carrier_daily"), ("origin", "origin_daily")):
+                stats = self._stats(flights, key, available, day)
+                written[table] += self._publish(root, table, day, stats)
+            written["flights_labelled"] += self._publish(
+                root, "flights_labelled", day, self._labelled(window[0])
+            )
+            days.append(day.isoformat())
+            day += timedelta(days=1)
+        self.log.info("Daily statistics for %s .. %s: %s", first, last, written)
+        return {"days": days, "rows": written, "offline_root": str(root)}
+
+    def _partition(self, root: ObjectStoragePath, day: date) -> ObjectStoragePath:
+        return root.joinpath(self.flights_table, f"date={day.isoformat()}", PARTITION_FILE)
+
+    def _flights(self, root: ObjectStoragePath, day: date, cache: dict) -> pd.DataFrame | None:
+        if day not in cache:
+            path = self._partition(root, day)
+            cache[day] = read_parquet_batch(path).to_pandas() if path.exists() else None
+        return cache[day]
+
+    def _available_at(self, day: date) -> pd.Timestamp:
+        import pandas as pd
+
+        # Wall-clock arithmetic: "06:00 the next morning" stays 06:00 across a daylight-saving change.
+        local = pd.Timestamp(day + timedelta(days=1)) + self.available_after
+        return local.tz_localize(self.timezone).tz_convert("UTC")
+
+    def _stats(self, flights: pd.DataFrame, key: str, available: pd.Timestamp, day: date) -> pd.DataFrame:
+        frame = flights.assign(
+            delayed=(flights["arr_delay"] > self.delay_threshold).where(flights["arr_delay"].notna()),
+            cancelled=flights["dep_time"].isna(),
+        )
+        grouped = frame.groupby(key, sort=True)
+        stats = grouped.agg(
+            flights_7d=("flight", "size"),
+            arr_delay_mean_7d=("arr_delay", "mean"),
+            dep_delay_mean_7d=("dep_delay", "mean"),
+            delayed_rate_7d=("delayed", "mean"),
+            cancel_rate_7d=("cancelled", "mean"),
+        ).reset_index()
+        stats["flights_7d"] = stats["flights_7d"].astype("int64")
+        stats["delayed_rate_7d"] = stats["delayed_rate_7d"].astype("float64")
+        stats["cancel_rate_7d"] = stats["cancel_rate_7d"].astype("float64")
+        stats["day"] = day.isoformat()
+        stats["event_timestamp"] = available
+        stats["as_of"] = available
+        return stats
+
+    def _labelled(self, flights: pd.DataFrame) -> pd.DataFrame:
+        import pandas as pd
+
+        departure = flights["time_hour"].dt.tz_convert("UTC") + pd.to_timedelta(flights["minute"], unit="m")
+        delayed = (flights["arr_delay"] > self.delay_threshold).astype("Int64")
+        delayed[flights["arr_delay"].isna()] = pd.NA
+        return pd.DataFrame(
+            {
+                "event_timestamp": departure.astype("datetime64[us, UTC]"),
+                "origin": flights["origin"],
+                "dest": flights["dest"],
+                "carrier": flights["carrier"],
+                "tailnum": flights["tailnum"],
+                "flight": flights["flight"],
+                "distance": flights["distance"],
+                "sched_hour": flights["hour"],
+                "arr_delay": flights["arr_delay"],
+                "delayed": delayed,
+            }
+        )
+
+    def _publish(self, root: ObjectStoragePath, table: str, day: date, frame: pd.DataFrame) -> int:
+        import pyarrow as pa
+
+        target = root.joinpath(table, f"date={day.isoformat()}", PARTITION_FILE)
+        return _write_parquet(pa.Table.from_pandas(frame, preserve_index=False), target)["rows"]
+
+
+class _FeastOperator(BaseOperator):
+    """Shared arguments of the Feast operators and the hook built once per task instance.
+
+    :param repo_path: the Feast repository folder; default the connection's extra ``repo_path``
+        (templated).
+    :param feast_conn_id: Airflow connection of type ``feast`` (optional for the default id).
+    :param online_store: online-store settings merged over the repository's and the connection's.
+    """
+
+    template_fields: Sequence[str] = ("repo_path",)
+    ui_color = "#f0e0d0"
+
+    def __init__(
+        self,
+        *,
+        repo_path: str | None = None,
+        feast_conn_id: str | None = FeastHook.default_conn_name,
+        online_store: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.repo_path = repo_path
+        self.feast_conn_id = feast_conn_id
+        self.online_store = online_store
+
+    @cached_property
+    def hook(self) -> FeastHook:
+        return FeastHook(
+            feast_conn_id=self.feast_conn_id, repo_path=self.repo_path, online_store=self.online_store
+        )
+
+
+class FeastApplyOperator(_FeastOperator):
+    """Register the repository's entities, feature views and services (``feast apply``). Idempotent:
+    when the registry already matches the definitions nothing is written; objects removed from the
+    definitions are removed from the registry.
+    """
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        result = self.hook.apply()
+        self.log.info(
+            "Feast apply of %s: %d change(s) %s", self.hook.repo_path, result["changes"], result["changed"]
+        )
+        return result
+
+
+class FeastMaterializeOperator(_FeastOperator):
+    """Materialize an interval of feature views into the online store.
+
+    The interval is [``start`` - ``overlap``, ``end``]; without ``start``/``end`` it is the task's data
+    interval. The overlap re-reads rows that arrived late for earlier intervals, so they reach the
+    online store (the latest row per entity wins; rerunning an interval writes the same values again
+    and never adds rows). Each Asset in ``outlets`` named ``feast_<feature view>`` receives an event
+    whose ``extra`` holds the rows written; with an explicit ``feature_views`` list those Assets are
+    added to ``outlets`` automatically.
+
+    :param start: interval start, ISO timestamp with offset (templated).
+    :param end: interval end (templated).
+    :param overlap: how far before ``start`` to re-read for late rows (timedelta or seconds).
+    :param feature_views: names to materialize; all registered when omitted (templated).
+    """
+
+    template_fields: Sequence[str] = (*_FeastOperator.template_fields, "start", "end", "feature_views")
+
+    def __init__(
+        self,
+        *,
+        start: str | None = None,
+        end: str | None = None,
+        overlap: timedelta | float | None = None,
+        feature_views: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        outlets = list(kwargs.pop("outlets", None) or [])
+        if isinstance(feature_views, list | tuple):
+            named = {getattr(o, "name", None) for o in outlets}
+            outlets += [feature_view_asset(v) for v in feature_views if f"{ASSET_PREFIX}{v}" not in named]
+        super().__init__(outlets=outlets, **kwargs)
+        self.start = start
+        self.end = end
+        self.overlap = overlap
+        self.feature_views = feature_views
+
+    def _interval(self, context: Context) -> tuple[datetime, datetime]:
+        start = self.start or context.get("data_interval_start")
+        end = self.end or context.get("data_interval_end")
+        if not start or not end:
+            raise MLOpsArgumentError(
+                f"task {self.task_id!r} has no interval to materialize: start/end are not set and the run "
+                "has no data interval.",
+                fix="pass start= and end= (templated), e.g. from the triggering Asset events.",
+            )
+        first = parse_timestamp(start, "start") - _as_timedelta(self.overlap, "overlap")
+        last = parse_timestamp(end, "end")
+        if last <= first:
+            raise MLOpsArgumentError(
+                f"interval end {last.isoformat()} is not after start {first.isoformat()}.",
+                fix="correct start/end.",
+            )
+        return first, last
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        start, end = self._interval(context)
+        views = self.feature_views
+        if isinstance(views, str):
+            views = [v.strip() for v in views.split(",") if v.strip()]
+        written = self.hook.materialize(start, end, views or None)
+        result = {
+            "start": start.isoformat(),
+            "end": end.isoformat(),
+            "online_store": self.hook.online_store_type,
+            "rows": written,
+        }
+        for outlet in self.outlets:
+            name = getattr(outlet, "name", "") or ""
+            view = name.removeprefix(ASSET_PREFIX)
+            if name.startswith(ASSET_PREFIX) and view in written:
+                context["outlet_events"][outlet].extra = {
+                    "feature_view": view,
+                    "rows": written[view],
+                    "start": result["start"],
+                    "end": result["end"],
+                }
+        return result
+
+
+class FeastTrainingDatasetOperator(_FeastOperator):
+    """Build a point-in-time-correct training set: the rows of an entity dataframe joined with the
+    feature values known at each row's event timestamp (never later), from a feature service.
+
+    Rows without a label are dropped (counted in the manifest). Writes ``<name>.parquet`` and
+    ``<name>.manifest.json`` to the run's artifact folder; the manifest holds the feature refs, row
+    count, time range, label balance, sha256 and data URI, and is what the task returns.
+
+    :param entity_uri: parquet file or folder (hive ``date=`` partitions allowed) of entity rows with
+        join keys, ``event_timestamp_column`` (tz-aware) and ``label_column``; relative paths are under
+        ``[mlops] offline_root`` (templated).
+    :param feature_service: the Feast feature service to join (templated).
+    :param label_column: label column, 0/1 (templated).
+    :param event_timestamp_column: entity rows' event time column.
+    :param start: keep entity rows from this time on, ISO with offset (templated).
+    :param end: keep entity rows before this time (templated).
+    :param name: artifact base name.
+    """
+
+    template_fields: Sequence[str] = (
+        *_FeastOperator.template_fields,
+        "entity_uri",
+        "feature_service",
+        "label_column",
+        "start",
+        "end",
+    )
+
+    def __init__(
+        self,
+        *,
+        entity_uri: str,
+        feature_service: str,
+        label_column: str = "delayed",
+        event_timestamp_column: str = "event_timestamp",
+        start: str | None = None,
+        end: str | None = None,
+        name: str = "training_set",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.entity_uri = entity_uri
+        self.feature_service = feature_service
+        self.label_column = label_column
+        self.event_timestamp_column = event_timestamp_column
+        self.start = start
+        self.end = end
+        self.name = name
+
+    def _entities(self, uri: str) -> pd.DataFrame:
+        import pyarrow as pa
+        import pyarrow.dataset as ds
+
+        path = as_path(uri)
+        if not path.exists():
+            raise MLOpsInputError(
+                f"entity dataframe {uri!r} does not exist.",
+                fix="write it first (FlightDailyStatsOperator writes flights_labelled) or correct entity_uri.",
+            )
+        try:
+            dataset = ds.dataset(path.path, filesystem=path.fs, format="parquet", partitioning="hive")
+            return dataset.to_table().to_pandas()
+        except (pa.ArrowException, OSError) as err:
+            raise MLOpsInputError(
+                f"entity dataframe {uri!r} is not readable parquet ({err}).", fix="rewrite the file(s)."
+            ) from err
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        import io
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        store = ArtifactStore()
+        uri = resolve_uri(self.entity_uri, store.settings.offline_root)
+        entities = self._entities(uri)
+        where = f"entity dataframe {uri!r}"
+        ts = _utc_column(entities, self.event_timestamp_column, where)
+        entities[self.event_timestamp_column] = ts
+        if self.label_column not in entities.columns:
+            raise MLOpsInputError(
+                f"{where} has no label column {self.label_column!r}.",
+                fix="correct label_column= or the entity dataframe.",
+            )
+        keep = entities[self.label_column].notna()
+        if self.start:
+            keep &= ts >= parse_timestamp(self.start, "start")
+        if self.end:
+            keep &= ts < parse_timestamp(self.end, "end")
+        in_range = (ts >= parse_timestamp(self.start, "start")) if self.start else ts.notna()
+        if self.end:
+            in_range &= ts < parse_timestamp(self.end, "end")
+        dropped = int((in_range & entities[self.label_column].isna()).sum())
+        entities = entities[keep].drop(columns=[c for c in ("date",) if c in entities.columns])
+        if entities.empty:
+            raise MLOpsInputError(
+                f"{where} has no labelled rows in [{self.start}, {self.end}).",
+                fix="check the interval and that the entity rows were written for it.",
+            )
+        entities = entities.rename(columns={self.event_timestamp_column: "event_timestamp"})
+        entities = entities.sort_values("event_timestamp", kind="stable").reset_index(drop=True)
+
+        service = self.hook.feature_service(self.feature_service)
+        refs = [
+            f"{projection.name_to_use()}:{feature.name}"
+            for projection in service.feature_view_projections
+            for feature in projection.features
+        ]
+        frame = self.hook.historical_features(entities, self.feature_service)
+        frame = frame.sort_values(["event_timestamp", *[c for c in frame.columns if c == "flight"]])
+        frame = frame.reset_index(drop=True)
+
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), buffer)
+        data = store.write_bytes(store.for_task(context, f"{self.name}.parquet"), buffer.getvalue())
+        labels = frame[self.label_column].astype("int64")
+        manifest = {
+            "data_uri": data.uri,
+            "sha256": data.sha256,
+            "size": data.size,
+            "rows": len(frame),
+            "feature_service": self.feature_service,
+            "feature_refs": refs,
+            "label": self.label_column,
+            "label_balance": {
+                "positive": int(labels.sum()),
+                "negative": int((labels == 0).sum()),
+                "positive_rate": round(float(labels.mean()), 6),
+            },
+            "event_timestamp_column": "event_timestamp",
+            "time_range": {
+                "start": frame["event_timestamp"].min().isoformat(),
+                "end": frame["event_timestamp"].max().isoformat(),
+            },
+            "entity_uri": uri,
+            "dropped_unlabelled": dropped,
+            "repo_path": str(self.hook.repo_path),
+        }
+        written = store.write_json(store.for_task(context, f"{self.name}.manifest.json"), manifest)
+        self.log.info(
+            "Training set %s: %d rows, %d features, positive rate %s",
+            data.uri,
+            manifest["rows"],
+            len(refs),
+            manifest["label_balance"]["positive_rate"],
+        )
+        return {**manifest, "manifest_uri": written.uri}
+
+
+__all__ = [
+    "FeastApplyOperator",
+    "FeastMaterializeOperator",
+    "FeastTrainingDatasetOperator",
+    "FeatureSourceSnapshotOperator",
+    "FlightDailyStatsOperator",
+    "feature_view_asset",
+    "parse_timestamp",
+]

@@ -1,0 +1,270 @@
+"""Feature-store operators without Feast: templating, intervals, Asset outlets, the daily statistics on
+small hand-made data, the training-set manifest (hook patched) and the features DAG's day macro."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from airflow_mlops.demo.data import flights_schema
+from airflow_mlops.exceptions import MLOpsArgumentError, MLOpsInputError
+from airflow_mlops.hooks.feast import FeastHook
+from airflow_mlops.operators.features import (
+    FeastApplyOperator,
+    FeastMaterializeOperator,
+    FeastTrainingDatasetOperator,
+    FeatureSourceSnapshotOperator,
+    FlightDailyStatsOperator,
+    parse_timestamp,
+)
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+class _Events(dict):
+    def __missing__(self, key):
+        self[key] = event = SimpleNamespace(extra=None)
+        return event
+
+
+def _context(**extra):
+    return {"ti": SimpleNamespace(dag_id="d", run_id="r", task_id="t"), "outlet_events": _Events(), **extra}
+
+
+def test_templated_arguments_are_kept_as_given():
+    template = "{{ data_interval_start }}"
+    op = FeastMaterializeOperator(task_id="m", repo_path="{{ var.value.repo }}", start=template, end=template)
+    assert (op.repo_path, op.start, op.end) == ("{{ var.value.repo }}", template, template)
+    assert set(FeastMaterializeOperator.template_fields) == {"repo_path", "start", "end", "feature_views"}
+    assert set(FeastTrainingDatasetOperator.template_fields) >= {
+        "entity_uri",
+        "feature_service",
+        "start",
+        "end",
+    }
+    assert FlightDailyStatsOperator(task_id="s", start_day="{{ ds }}").start_day == "{{ ds }}"
+    assert FeastApplyOperator.template_fields == ("repo_path",)
+
+
+def test_listed_feature_views_get_one_asset_outlet_each():
+    op = FeastMaterializeOperator(task_id="m", feature_views=["weather_hourly", "plane"])
+    assert [o.name for o in op.outlets] == ["feast_weather_hourly", "feast_plane"]
+    assert FeastMaterializeOperator(task_id="n", feature_views="{{ params.views }}").outlets == []
+
+
+def test_the_interval_is_the_data_interval_minus_the_overlap(monkeypatch):
+    calls = []
+
+    def fake_materialize(self, start, end, views):
+        calls.append((start, end, views))
+        return {"weather_hourly": 3}
+
+    monkeypatch.setattr(FeastHook, "materialize", fake_materialize)
+    monkeypatch.setattr(FeastHook, "online_store_type", property(lambda self: "sqlite"))
+    op = FeastMaterializeOperator(task_id="m", feature_views=["weather_hourly"], overlap=timedelta(hours=6))
+    context = _context(
+        data_interval_start=datetime(2013, 1, 2, tzinfo=UTC),
+        data_interval_end=datetime(2013, 1, 3, tzinfo=UTC),
+    )
+    result = op.execute(context)
+    assert calls == [
+        (datetime(2013, 1, 1, 18, tzinfo=UTC), datetime(2013, 1, 3, tzinfo=UTC), ["weather_hourly"])
+    ]
+    assert result["rows"] == {"weather_hourly": 3}
+    assert context["outlet_events"][op.outlets[0]].extra == {
+        "feature_view": "weather_hourly",
+        "rows": 3,
+        "start": "2013-01-01T18:00:00+00:00",
+        "end": "2013-01-03T00:00:00+00:00",
+    }
+
+
+def test_bad_intervals_are_refused_with_the_fix():
+    with pytest.raises(MLOpsArgumentError, match="has no time zone"):
+        parse_timestamp("2013-01-02T00:00:00", "start")
+    with pytest.raises(MLOpsArgumentError, match="is not an ISO-8601 timestamp"):
+        parse_timestamp("yesterday", "start")
+    assert parse_timestamp("2013-01-02T01:00:00+01:00", "start") == datetime(2013, 1, 2, tzinfo=UTC)
+    op = FeastMaterializeOperator(
+        task_id="m", start="2013-01-02T00:00:00+00:00", end="2013-01-01T00:00:00+00:00"
+    )
+    with pytest.raises(MLOpsArgumentError, match="is not after start"):
+        op._interval(_context())
+    with pytest.raises(MLOpsArgumentError, match="no interval to materialize"):
+        FeastMaterializeOperator(task_id="m")._interval(_context())
+
+
+def test_a_snapshot_needs_exactly_one_time_source():
+    with pytest.raises(MLOpsArgumentError, match="exactly one of timestamp_column and as_of"):
+        FeatureSourceSnapshotOperator(task_id="s", source_uri="x", table="t")
+
+
+def test_a_snapshot_refuses_naive_timestamps_naming_the_column(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIRFLOW__MLOPS__STATE_DIR", str(tmp_path))
+    path = tmp_path / "w.parquet"
+    pd.DataFrame({"origin": ["JFK"], "time_hour": [pd.Timestamp("2013-01-01 05:00")]}).to_parquet(path)
+    op = FeatureSourceSnapshotOperator(
+        task_id="s", source_uri=str(path), table="weather", timestamp_column="time_hour"
+    )
+    with pytest.raises(MLOpsInputError, match="column 'time_hour' of table .* not a tz-aware timestamp"):
+        op.execute(_context())
+
+
+def _flights(day: str, rows: list[tuple]) -> pa.Table:
+    """Flights of one day: (carrier, origin, arr_delay, dep_delay, cancelled, hour, minute)."""
+    frame = pd.DataFrame(
+        [
+            {
+                "year": 2013,
+                "month": int(day[5:7]),
+                "day": int(day[8:]),
+                "dep_time": None if cancelled else 900.0,
+                "sched_dep_time": hour * 100 + minute,
+                "dep_delay": None if cancelled else dep,
+                "arr_time": None if cancelled else 1100.0,
+                "sched_arr_time": 1100,
+                "arr_delay": arr,
+                "carrier": carrier,
+                "flight": 1,
+                "tailnum": "N1",
+                "origin": origin,
+                "dest": "ORD",
+                "air_time": 100.0,
+                "distance": 700.0,
+                "hour": hour,
+                "minute": minute,
+                "time_hour": pd.Timestamp(f"{day} {hour:02d}:00", tz="America/New_York").tz_convert("UTC"),
+            }
+            for carrier, origin, arr, dep, cancelled, hour, minute in rows
+        ]
+    )
+    return pa.Table.from_pandas(frame, schema=flights_schema(), preserve_index=False)
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("AIRFLOW__MLOPS__STATE_DIR", str(tmp_path))
+    root = tmp_path / "offline"
+    days = {
+        "2013-03-08": [("AA", "JFK", 30.0, 20.0, False, 9, 15), ("AA", "JFK", None, None, True, 10, 0)],
+        "2013-03-09": [("AA", "JFK", -10.0, 0.0, False, 9, 5), ("UA", "EWR", 16.0, 10.0, False, 18, 30)],
+    }
+    for day, rows in days.items():
+        (root / "flights" / f"date={day}").mkdir(parents=True)
+        pq.write_table(_flights(day, rows), root / "flights" / f"date={day}" / "part-0.parquet")
+    return root
+
+
+def test_daily_statistics_roll_over_the_window_and_are_known_the_next_morning(offline):
+    result = FlightDailyStatsOperator(task_id="s", start_day="2013-03-09", window_days=2).execute(_context())
+    assert result["rows"] == {"carrier_daily": 2, "origin_daily": 2, "flights_labelled": 2}
+    stats = pd.read_parquet(offline / "carrier_daily" / "date=2013-03-09" / "part-0.parquet").set_index(
+        "carrier"
+    )
+    aa = stats.loc["AA"]
+    assert aa["flights_7d"] == 3
+    assert aa["arr_delay_mean_7d"] == pytest.approx(10.0)  # (30 - 10) / 2, the cancelled flight has none
+    assert aa["delayed_rate_7d"] == pytest.approx(0.5)
+    assert aa["cancel_rate_7d"] == pytest.approx(1 / 3)
+    # 06:00 New York time on 10 March 2013, the first day of daylight saving time: 10:00 UTC
+    assert aa["event_timestamp"] == pd.Timestamp("2013-03-10T10:00:00Z")
+    assert aa["as_of"] == aa["event_timestamp"]
+    labelled = pd.read_parquet(offline / "flights_labelled" / "date=2013-03-09" / "part-0.parquet")
+    assert labelled["event_timestamp"].tolist() == [
+        pd.Timestamp("2013-03-09T14:05:00Z"),  # 09:05 EST
+        pd.Timestamp("2013-03-09T23:30:00Z"),  # 18:30 EST
+    ]
+    assert labelled["delayed"].tolist() == [0, 1]
+
+
+def test_daily_statistics_need_the_day_itself(offline):
+    with pytest.raises(
+        MLOpsInputError, match=r"offline partition .*flights/date=2013-03-10/part-0.parquet' does not"
+    ):
+        FlightDailyStatsOperator(task_id="s", start_day="2013-03-10").execute(_context())
+    with pytest.raises(MLOpsArgumentError, match="is not a YYYY-MM-DD day"):
+        FlightDailyStatsOperator(task_id="s", start_day="10/03/2013").execute(_context())
+
+
+def test_the_training_set_manifest(offline, monkeypatch, tmp_path):
+    FlightDailyStatsOperator(task_id="s", start_day="2013-03-08", end_day="2013-03-09").execute(_context())
+    service = SimpleNamespace(
+        feature_view_projections=[
+            SimpleNamespace(
+                name_to_use=lambda: "carrier_daily", features=[SimpleNamespace(name="flights_7d")]
+            )
+        ]
+    )
+    monkeypatch.setattr(FeastHook, "feature_service", lambda self, name: service)
+
+    def joined(self, entity_df, name):
+        assert str(entity_df["event_timestamp"].dtype).endswith("UTC]")
+        return entity_df.assign(carrier_daily__flights_7d=1.0)
+
+    monkeypatch.setattr(FeastHook, "historical_features", joined)
+    op = FeastTrainingDatasetOperator(
+        task_id="t",
+        repo_path=str(ROOT / "feature_repo"),
+        entity_uri="flights_labelled",
+        feature_service="svc",
+    )
+    manifest = op.execute(_context())
+    assert manifest["rows"] == 3 and manifest["dropped_unlabelled"] == 1  # the cancelled flight
+    assert manifest["label_balance"] == {"positive": 2, "negative": 1, "positive_rate": round(2 / 3, 6)}
+    assert manifest["feature_refs"] == ["carrier_daily:flights_7d"]
+    assert manifest["time_range"] == {
+        "start": "2013-03-08T14:15:00+00:00",
+        "end": "2013-03-09T23:30:00+00:00",
+    }
+    data = Path(manifest["data_uri"].removeprefix("file://")).read_bytes()
+    assert manifest["sha256"] == hashlib.sha256(data).hexdigest()
+    assert Path(manifest["manifest_uri"].removeprefix("file://")).exists()
+
+    missing = FeastTrainingDatasetOperator(
+        task_id="t", repo_path=str(ROOT / "feature_repo"), entity_uri="nowhere", feature_service="svc"
+    )
+    with pytest.raises(MLOpsInputError, match="entity dataframe .*nowhere' does not exist"):
+        missing.execute(_context())
+
+
+def _features_dag_module():
+    spec = importlib.util.spec_from_file_location(
+        "flights_features_dag", ROOT / "dags" / "flights_features.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_features_dag_processes_the_days_named_by_the_asset_events():
+    module = _features_dag_module()
+    events = {"flights_offline": [SimpleNamespace(extra={"partition": f"date=2013-01-0{d}"}) for d in (3, 2)]}
+    window = module.feature_window(events, SimpleNamespace(conf={}))
+    assert window == {
+        "first": "2013-01-02",
+        "last": "2013-01-03",
+        "start": "2013-01-02T05:00:00+00:00",  # midnight in New York
+        "end": "2013-01-04T11:00:00+00:00",  # 06:00 New York time after the last day
+    }
+    assert (
+        module.feature_window({}, SimpleNamespace(conf={"day": "2013-07-04"}))["end"]
+        == "2013-07-05T10:00:00+00:00"
+    )
+    with pytest.raises(MLOpsArgumentError, match="names no day"):
+        module.feature_window({}, SimpleNamespace(conf={}))
+    assert {t.task_id for t in module.dag.tasks} == {
+        "publish_weather",
+        "publish_planes",
+        "daily_stats",
+        "feast_apply",
+        "materialize",
+        "materialize_planes",
+    }
