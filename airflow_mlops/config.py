@@ -32,6 +32,7 @@ class MLOpsSettings:
     :param artifact_conn_id: Airflow connection used for a remote ``artifact_root``.
     :param offline_root: URI of the offline store (validated data, one folder per table).
     :param landing_root: URI where raw batches land before validation.
+    :param ray_num_cpus: CPUs the local Ray started inside a task may use (None: all of the machine's).
     """
 
     state_dir: Path
@@ -39,6 +40,7 @@ class MLOpsSettings:
     artifact_conn_id: str | None
     offline_root: str
     landing_root: str
+    ray_num_cpus: int | None = None
 
     @property
     def artifact_scheme(self) -> str:
@@ -89,7 +91,20 @@ def load_settings() -> MLOpsSettings:
         artifact_conn_id=_option("artifact_conn_id") or None,
         offline_root=(_option("offline_root") or _file_uri(state_dir / "offline")).rstrip("/"),
         landing_root=(_option("landing_root") or _file_uri(state_dir / "landing")).rstrip("/"),
+        ray_num_cpus=_ray_num_cpus(),
     )
+
+
+def _ray_num_cpus() -> int | None:
+    raw = _option("ray_num_cpus")
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise MLOpsConfigError(
+            f"[mlops] ray_num_cpus must be a whole number of CPUs (at least 1), got {raw!r}.",
+            fix="set AIRFLOW__MLOPS__RAY_NUM_CPUS to e.g. 2, or leave it empty to use every CPU.",
+        )
+    return int(raw)
 
 
 def check_settings(settings: MLOpsSettings) -> None:

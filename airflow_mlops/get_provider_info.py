@@ -41,11 +41,17 @@ def get_provider_info() -> dict[str, Any]:
                     "airflow_mlops.operators.offline_store",
                     "airflow_mlops.operators.validation",
                     "airflow_mlops.operators.features",
+                    "airflow_mlops.operators.tuning",
+                    "airflow_mlops.operators.registry",
+                    "airflow_mlops.operators.serving",
+                    "airflow_mlops.operators.drift",
                 ],
             }
         ],
         "hooks": [
             {"integration-name": _INTEGRATION, "python-modules": ["airflow_mlops.hooks.feast"]},
+            {"integration-name": _INTEGRATION, "python-modules": ["airflow_mlops.hooks.ray"]},
+            {"integration-name": _INTEGRATION, "python-modules": ["airflow_mlops.hooks.bentoml"]},
         ],
         "connection-types": [
             {
@@ -80,15 +86,48 @@ def get_provider_info() -> dict[str, Any]:
                     },
                 },
             },
+            {
+                "hook-class-name": "airflow_mlops.hooks.ray.RayHook",
+                "connection-type": "ray",
+                "hook-name": "Ray",
+                "ui-field-behaviour": {
+                    "hidden-fields": ["login"],
+                    "relabeling": {
+                        "host": "Ray head (empty = local Ray in the task)",
+                        "password": "Bearer token",
+                    },
+                    "placeholders": {
+                        "host": "10.0.0.5 or https://ray.example.com (leave empty for local Ray)",
+                        "port": "8265",
+                        "schema": "http",
+                        "extra": '{"runtime_env": {"pip": ["lightgbm"]}, "verify": true}',
+                    },
+                },
+            },
+            {
+                "hook-class-name": "airflow_mlops.hooks.bentoml.BentoMLHook",
+                "connection-type": "bentoml",
+                "hook-name": "BentoML",
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "login", "port"],
+                    "relabeling": {"host": "Endpoint URL (optional)", "password": "API key"},
+                    "placeholders": {"extra": '{"home": "/srv/mlops/bentoml"}'},
+                },
+            },
         ],
         "sensors": [
             {"integration-name": _INTEGRATION, "python-modules": ["airflow_mlops.sensors.landing"]},
+            {"integration-name": _INTEGRATION, "python-modules": ["airflow_mlops.sensors.serving"]},
         ],
         "triggers": [
             {"integration-name": _INTEGRATION, "python-modules": ["airflow_mlops.triggers.landing"]},
+            {"integration-name": _INTEGRATION, "python-modules": ["airflow_mlops.triggers.ray"]},
+            {"integration-name": _INTEGRATION, "python-modules": ["airflow_mlops.triggers.serving"]},
+            {"integration-name": _INTEGRATION, "python-modules": ["airflow_mlops.triggers.drift"]},
         ],
         "extra-links": [
             "airflow_mlops.operators.validation.ValidationReportLink",
+            "airflow_mlops.operators.drift.DriftReportLink",
         ],
         "plugins": [
             {"name": "airflow_mlops", "plugin-class": "airflow_mlops.plugins.mlops_plugin.MLOpsPlugin"},
@@ -123,6 +162,11 @@ def get_provider_info() -> dict[str, Any]:
                     "landing_root": _option(
                         "Where raw batches land before validation. Empty means file://<state_dir>/landing.",
                         "file:///srv/mlops/landing",
+                        "",
+                    ),
+                    "ray_num_cpus": _option(
+                        "CPUs the local Ray started inside a tuning task may use. Empty means all of them.",
+                        "2",
                         "",
                     ),
                 },

@@ -156,5 +156,7 @@ def test_airflow_registers_the_feast_connection_type_with_its_form():
     manager = ProvidersManager()
     assert manager.hooks["feast"].hook_class_name == "airflow_mlops.hooks.feast.FeastHook"
     assert manager.hooks["feast"].connection_testable
-    assert {"extra__feast__repo_path", "extra__feast__online_store_type"} <= set(manager.connection_form_widgets)
+    assert {"extra__feast__repo_path", "extra__feast__online_store_type"} <= set(
+        manager.connection_form_widgets
+    )
     assert manager.field_behaviours["feast"]["relabeling"]["password"] == "Online store password"

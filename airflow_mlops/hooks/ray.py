@@ -1,0 +1,223 @@
+"""Connection to Ray: a local Ray started inside the task, or a Ray cluster through the Ray Jobs API.
+
+A ``ray`` connection with an empty host (or no connection at all) means local Ray: the task starts it
+with ``[mlops] ray_num_cpus`` CPUs and shuts it down at the end. With a host, the hook talks to the
+cluster's Jobs API (the dashboard port, 8265 by default): submit, poll, fetch logs, stop.
+
+Connection fields: host (``10.0.0.5`` or ``https://ray.example.com``), port (default 8265), schema
+(``http`` or ``https``), password (optional bearer token, sent as ``Authorization``); extra JSON:
+``{"headers": {...}, "verify": true, "runtime_env": {...}}`` (``runtime_env`` is merged into every job).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cached_property
+from typing import Any
+
+from airflow.sdk import BaseHook
+
+from airflow_mlops.exceptions import MLOpsConfigError, RayClusterError
+
+DEFAULT_DASHBOARD_PORT = 8265
+#: Ray job states after which a job never changes again
+TERMINAL_JOB_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def merge_runtime_env(base: dict[str, Any] | None, override: dict[str, Any] | None) -> dict[str, Any]:
+    """Ray runtime envs merged: lists (``py_modules``, ``pip``) are joined, mappings (``env_vars``)
+    updated, other keys replaced by ``override``'s."""
+    merged = dict(base or {})
+    for key, value in (override or {}).items():
+        if isinstance(value, list) and isinstance(merged.get(key), list):
+            merged[key] = [*merged[key], *[v for v in value if v not in merged[key]]]
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+class RayHook(BaseHook):
+    """Local Ray or a Ray cluster, from an Airflow connection of type ``ray``.
+
+    :param ray_conn_id: connection id; ``None`` (or a connection with an empty host) means local Ray.
+    """
+
+    conn_name_attr = "ray_conn_id"
+    default_conn_name = "ray_default"
+    conn_type = "ray"
+    hook_name = "Ray"
+
+    def __init__(self, ray_conn_id: str | None = default_conn_name, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.ray_conn_id = ray_conn_id
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        return {
+            "hidden_fields": ["login"],
+            "relabeling": {"host": "Ray head (empty = local Ray in the task)", "password": "Bearer token"},
+            "placeholders": {
+                "host": "10.0.0.5 or https://ray.example.com (leave empty for local Ray)",
+                "port": str(DEFAULT_DASHBOARD_PORT),
+                "schema": "http",
+                "extra": '{"runtime_env": {"pip": ["lightgbm"]}, "verify": true}',
+            },
+        }
+
+    # ----------------------------------------------------------------------------- connection
+
+    @cached_property
+    def connection(self) -> Any | None:
+        if not self.ray_conn_id:
+            return None
+        from airflow.sdk.exceptions import AirflowNotFoundException
+
+        try:
+            return self.get_connection(self.ray_conn_id)
+        except AirflowNotFoundException as err:
+            raise MLOpsConfigError(
+                f"Ray connection {self.ray_conn_id!r} does not exist.",
+                fix="create it (type 'ray'; empty host for local Ray, the head's address for a cluster), "
+                "or pass ray_conn_id=None for local Ray.",
+            ) from err
+
+    @property
+    def is_local(self) -> bool:
+        return self.connection is None or not (self.connection.host or "").strip()
+
+    @cached_property
+    def extra(self) -> dict[str, Any]:
+        return dict(self.connection.extra_dejson) if self.connection is not None else {}
+
+    @cached_property
+    def address(self) -> str:
+        """The Jobs API address, ``http://host:8265``."""
+        conn = self.connection
+        if self.is_local or conn is None:
+            raise RayClusterError(
+                "the Ray connection has no host, so there is no cluster address (local Ray)."
+            )
+        host = conn.host.strip().rstrip("/")
+        if "://" in host:
+            scheme, _, rest = host.partition("://")
+        else:
+            scheme, rest = (conn.schema or "http"), host
+        if ":" not in rest:
+            rest = f"{rest}:{conn.port or DEFAULT_DASHBOARD_PORT}"
+        return f"{scheme}://{rest}"
+
+    def _headers(self) -> dict[str, str]:
+        headers = {str(k): str(v) for k, v in (self.extra.get("headers") or {}).items()}
+        if self.connection is not None and self.connection.password:
+            headers["Authorization"] = f"Bearer {self.connection.password}"
+        return headers
+
+    @cached_property
+    def job_client(self) -> Any:
+        """``ray.job_submission.JobSubmissionClient`` for the cluster (created on first use)."""
+        from ray.job_submission import JobSubmissionClient
+
+        try:
+            return JobSubmissionClient(
+                self.address, headers=self._headers() or None, verify=self.extra.get("verify", True)
+            )
+        except Exception as err:  # requests / Ray raise ConnectionError, RuntimeError, ValueError
+            raise RayClusterError(
+                f"cannot reach the Ray cluster at {self.address} (connection {self.ray_conn_id!r}): "
+                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+                fix="check that the head node runs with its dashboard (`ray start --head "
+                "--dashboard-host=0.0.0.0`), and the connection's host and port (Jobs API, default 8265).",
+            ) from err
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Local: Ray is importable. Cluster: the Jobs API answers."""
+        try:
+            if self.is_local:
+                import ray
+
+                return True, f"Local Ray {ray.__version__} is installed; it starts inside the task."
+            version = self.job_client.get_version()
+            return True, f"Ray Jobs API {version} at {self.address}"
+        except Exception as err:
+            return False, str(err)
+
+    # ------------------------------------------------------------------------------ local Ray
+
+    @contextmanager
+    def local_ray(self, num_cpus: int | None = None) -> Iterator[None]:
+        """Ray started in this process for the block (reused when this process already runs one).
+
+        :param num_cpus: CPUs for Ray; default ``[mlops] ray_num_cpus`` (empty: all of them).
+        """
+        import ray
+
+        if ray.is_initialized():
+            yield
+            return
+        if num_cpus is None:
+            from airflow_mlops.config import load_settings
+
+            num_cpus = load_settings().ray_num_cpus
+        self.log.info("Starting local Ray with %s CPUs", num_cpus or "all")
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+            configure_logging=False,
+        )
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+    # ------------------------------------------------------------------------------- Ray Jobs
+
+    def runtime_env(self, runtime_env: dict[str, Any] | None) -> dict[str, Any]:
+        """The connection's ``runtime_env`` extra merged under the given one."""
+        return merge_runtime_env(self.extra.get("runtime_env"), runtime_env)
+
+    def submit_job(
+        self,
+        entrypoint: str,
+        *,
+        runtime_env: dict[str, Any] | None = None,
+        submission_id: str | None = None,
+        metadata: dict[str, str] | None = None,
+        entrypoint_num_cpus: float | None = None,
+    ) -> str:
+        """Submit a Ray Job; returns its submission id."""
+        try:
+            return self.job_client.submit_job(
+                entrypoint=entrypoint,
+                runtime_env=self.runtime_env(runtime_env),
+                submission_id=submission_id,
+                metadata=metadata,
+                entrypoint_num_cpus=entrypoint_num_cpus,
+            )
+        except RayClusterError:
+            raise
+        except Exception as err:
+            raise RayClusterError(
+                f"the Ray cluster at {self.address} refused job {submission_id!r}: {err}",
+                fix="read the message: a runtime_env the cluster cannot build, or a duplicate submission id.",
+            ) from err
+
+    def get_job_status(self, job_id: str) -> str:
+        status = self.job_client.get_job_status(job_id)
+        return str(getattr(status, "value", status))
+
+    def get_job_info(self, job_id: str) -> Any:
+        return self.job_client.get_job_info(job_id)
+
+    def get_job_logs(self, job_id: str) -> str:
+        return self.job_client.get_job_logs(job_id)
+
+    def stop_job(self, job_id: str) -> bool:
+        """Ask the cluster to stop the job; False when it had already ended."""
+        return bool(self.job_client.stop_job(job_id))

@@ -1,0 +1,197 @@
+"""The stable address of a local blue/green deployment: a small HTTP reverse proxy.
+
+It listens on the deployment's port and forwards each request to the backend named in a routes file
+(``{"active": "http://127.0.0.1:3101", "generation": 3, ...}``). The deployer switches traffic by replacing
+that file atomically (write + rename); the proxy notices the new file on the next request (one ``stat``
+per request), so every request goes either wholly to the old or wholly to the new backend and none is
+dropped. It counts requests in flight per backend so the deployer can drain the old one before stopping it.
+
+``GET /__router__`` answers ``{"active": ..., "generation": ..., "inflight": {backend: n}, "served": n}``.
+
+Run: ``python -m airflow_mlops.ml.router --port 3000 --routes /path/routes.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from collections import Counter
+from typing import Any
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+STATUS_PATH = "/__router__"
+#: headers that describe one connection, not the message; never forwarded
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+    }
+)
+
+
+class Routes:
+    """The routes file, re-read whenever it was replaced (checked by inode and mtime on each call)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._key: tuple[int, int] | None = None
+        self.data: dict[str, Any] = {}
+
+    def current(self) -> dict[str, Any]:
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return self.data
+        key = (stat.st_ino, stat.st_mtime_ns)
+        if key != self._key:
+            with open(self.path) as handle:
+                self.data = json.load(handle)
+            self._key = key
+        return self.data
+
+
+class RouterApp:
+    """ASGI app forwarding every request to the active backend.
+
+    :param routes_path: the routes file the deployer writes.
+    """
+
+    def __init__(self, routes_path: str) -> None:
+        self.routes = Routes(routes_path)
+        self.inflight: Counter[str] = Counter()
+        self.served = 0
+        self.clients: dict[str, httpx.AsyncClient] = {}
+
+    def client(self, backend: str) -> httpx.AsyncClient:
+        if backend not in self.clients:
+            self.clients[backend] = httpx.AsyncClient(
+                base_url=backend,
+                timeout=httpx.Timeout(60.0, connect=5.0),
+                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            )
+        return self.clients[backend]
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        if scope["path"] == STATUS_PATH:
+            await self._status(send)
+            return
+        body = b""
+        more = True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in HOP_BY_HOP]
+        target = scope["path"] + (
+            ("?" + scope["query_string"].decode("latin-1")) if scope["query_string"] else ""
+        )
+        backend = self.routes.current().get("active")
+        if not backend:
+            await self._reply(send, 503, b'{"error": "no backend is deployed behind this address yet."}')
+            return
+        for attempt in range(2):
+            self.inflight[backend] += 1
+            try:
+                response = await self.client(backend).request(
+                    scope["method"], target, content=body, headers=headers
+                )
+            except httpx.ConnectError:
+                # the backend went away; if a switch happened meanwhile, the new one answers instead
+                newer = self.routes.current().get("active")
+                if attempt == 0 and newer and newer != backend:
+                    backend = newer
+                    continue
+                await self._reply(send, 502, b'{"error": "the active backend does not accept connections."}')
+                return
+            finally:
+                self.inflight[backend] -= 1
+            break
+        self.served += 1
+        out_headers = [
+            (k.encode("latin-1"), v.encode("latin-1"))
+            for k, v in response.headers.items()
+            if k.encode("latin-1").lower() not in HOP_BY_HOP
+        ]
+        out_headers.append((b"content-length", str(len(response.content)).encode()))
+        out_headers.append((b"x-mlops-backend", backend.encode("latin-1")))
+        await send({"type": "http.response.start", "status": response.status_code, "headers": out_headers})
+        await send({"type": "http.response.body", "body": response.content})
+
+    async def _status(self, send: Any) -> None:
+        routes = self.routes.current()
+        body = json.dumps(
+            {
+                "active": routes.get("active"),
+                "generation": routes.get("generation", 0),
+                "version": routes.get("version"),
+                "inflight": {k: v for k, v in self.inflight.items() if v},
+                "served": self.served,
+                "pid": os.getpid(),
+            }
+        ).encode()
+        await self._reply(send, 200, body)
+
+    @staticmethod
+    async def _reply(send: Any, status: int, body: bytes) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                for client in self.clients.values():
+                    await client.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--routes", required=True, help="routes file written by the deployer")
+    args = parser.parse_args(argv)
+    uvicorn.run(
+        RouterApp(args.routes),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,579 @@
+"""One Ray Tune search from a JSON-able :class:`SearchSpec`: the same code runs inside the Airflow task
+(local Ray) and as a Ray Job on a cluster (``python -m airflow_mlops.ml.search <spec-uri>``).
+
+Tune keeps its experiment state and the trials' checkpoints under ``spec.storage_path`` in the artifact
+store. When that folder already holds an experiment (the task was killed and Airflow retried it), the
+search resumes with ``Tuner.restore``: completed trials keep their results and are not run again.
+
+Outputs, all under ``spec.output_uri`` and written atomically: ``model/<model file>`` with its
+``.sha256`` and ``model.json`` beside it, ``trials.csv`` (one row per trial), ``trials.png`` (metric
+over time per trial) and ``result.json`` (what the operator returns).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from airflow_mlops.exceptions import MLOpsArgumentError, MLOpsInputError, TuningError
+
+log = logging.getLogger("airflow_mlops.tuning")
+
+BUILTIN_MODULE = "airflow_mlops.ml.trainables"
+EXPERIMENT = "search"
+
+
+@dataclass
+class SearchSpec:
+    """Everything a search needs, JSON-able so it can travel to a Ray Job as a file."""
+
+    training_data_uri: str
+    trainable: str
+    search_space: dict[str, Any]
+    metric: str
+    mode: str
+    storage_path: str
+    output_uri: str
+    label: str | None = None
+    time_column: str | None = None
+    features: list[str] | None = None
+    validation_fraction: float = 0.2
+    num_samples: int = 10
+    scheduler: dict[str, Any] = field(default_factory=lambda: {"type": "asha"})
+    max_concurrent_trials: int | None = None
+    resources_per_trial: dict[str, float] = field(default_factory=lambda: {"cpu": 1})
+    time_budget_s: float | None = None
+    seed: int | None = None
+    reuse_actors: bool = True
+    progress_interval: float = 5.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> SearchSpec:
+        return cls(**json.loads(text))
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def resolve_trainable(path: str) -> tuple[str, Any]:
+    """``module.function`` (or a built-in's bare name) -> (full import path, the function).
+
+    :raises MLOpsArgumentError: the module or function cannot be imported, naming it.
+    """
+    from airflow_mlops.ml.trainables import BUILTINS
+
+    full = f"{BUILTIN_MODULE}.{path}" if path in BUILTINS else path
+    module_name, _, attr = full.rpartition(".")
+    fix = (
+        f"use a built-in ({', '.join(BUILTINS)}) or the import path 'package.module.function' of a "
+        "function (config, data) importable on the workers."
+    )
+    if not module_name:
+        raise MLOpsArgumentError(f"trainable {path!r} is not an import path.", fix=fix)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise MLOpsArgumentError(
+            f"trainable {path!r}: module {module_name!r} cannot be imported ({err}).", fix=fix
+        ) from err
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise MLOpsArgumentError(
+            f"trainable {path!r}: module {module_name!r} has no function {attr!r}.", fix=fix
+        )
+    return full, fn
+
+
+def check_metric(fn: Any, trainable: str, metric: str, mode: str) -> None:
+    """The metric must be one the trainable reports (when it declares ``reported_metrics``)."""
+    if mode not in ("min", "max"):
+        raise MLOpsArgumentError(f"mode must be 'min' or 'max', got {mode!r}.")
+    reported = getattr(fn, "reported_metrics", None)
+    if reported is None:
+        log.warning(
+            "Trainable %s declares no reported_metrics; metric %r is not checked before the search",
+            trainable,
+            metric,
+        )
+        return
+    if metric not in reported:
+        raise MLOpsArgumentError(
+            f"metric {metric!r} is not reported by trainable {trainable!r}; it reports {list(reported)}.",
+            fix="set metric to one of those (and mode to 'max' for auc/accuracy/r2, 'min' for the others).",
+        )
+
+
+def check_scheduler(scheduler: Any) -> dict[str, Any]:
+    """``"asha"`` / ``"fifo"`` / ``{"type": "asha", "grace_period": 2, ...}`` -> a dict."""
+    if scheduler is None:
+        scheduler = "fifo"
+    if isinstance(scheduler, str):
+        scheduler = {"type": scheduler}
+    if not isinstance(scheduler, dict) or str(scheduler.get("type", "")).lower() not in ("asha", "fifo"):
+        raise MLOpsArgumentError(
+            f"scheduler {scheduler!r} is not supported.",
+            fix="use 'asha' (default), 'fifo', or {'type': 'asha', 'grace_period': 2, 'max_t': 100, "
+            "'reduction_factor': 3}.",
+        )
+    unknown = set(scheduler) - {"type", "grace_period", "max_t", "reduction_factor"}
+    if unknown:
+        raise MLOpsArgumentError(
+            f"scheduler options {sorted(unknown)} are not known.",
+            fix="use grace_period, max_t and reduction_factor.",
+        )
+    return {**scheduler, "type": scheduler["type"].lower()}
+
+
+def prepare(spec: SearchSpec) -> tuple[Any, Any]:
+    """Every check that can fail before a trial starts: trainable, search space, metric, data.
+
+    :return: the trainable function and the :class:`~airflow_mlops.ml.dataset.TrainingSet`.
+    """
+    from airflow_mlops.ml.dataset import build_training_set, read_frame, resolve_source
+    from airflow_mlops.ml.search_space import SearchSpaceError, parse_search_space
+
+    full, fn = resolve_trainable(spec.trainable)
+    try:
+        parse_search_space(spec.search_space)
+    except SearchSpaceError as err:
+        raise MLOpsArgumentError(
+            f"malformed search_space: {err}", fix="see docs/tuning.md for the search-space form."
+        ) from err
+    check_metric(fn, full, spec.metric, spec.mode)
+    check_scheduler(spec.scheduler)
+    if spec.num_samples < 1:
+        raise MLOpsArgumentError(f"num_samples must be at least 1, got {spec.num_samples}.")
+    source = resolve_source(spec.training_data_uri)
+    label = spec.label or source.label
+    if not label:
+        raise MLOpsArgumentError(
+            f"no label given, and {spec.training_data_uri!r} is not a manifest naming one.",
+            fix="pass label= to the operator.",
+        )
+    data = build_training_set(
+        read_frame(source),
+        label=label,
+        task=getattr(fn, "task", "any"),
+        time_column=spec.time_column or source.time_column,
+        features=spec.features,
+        feature_refs=source.feature_refs,
+        validation_fraction=spec.validation_fraction,
+        origin=source.data_uri,
+    )
+    data.metric, data.mode = spec.metric, spec.mode
+    return fn, data
+
+
+# ------------------------------------------------------------------------------------------- progress
+
+
+def _progress_callback(interval: float, metric: str, mode: str):
+    from ray.tune import Callback
+
+    class ProgressLog(Callback):
+        """One compact log line every ``interval`` seconds, and one per finished trial."""
+
+        def __init__(self) -> None:
+            self.last = 0.0
+
+        def _best(self, trials: list) -> float | None:
+            values = [t.last_result.get(metric) for t in trials if t.last_result.get(metric) is not None]
+            if not values:
+                return None
+            return max(values) if mode == "max" else min(values)
+
+        def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+            now = time.monotonic()
+            if now - self.last < interval:
+                return
+            self.last = now
+            states: dict[str, int] = {}
+            for t in trials:
+                states[t.status] = states.get(t.status, 0) + 1
+            done = [t for t in trials if t.status == "TERMINATED"]
+            final = sum(1 for t in done if t.last_result.get("final"))
+            best = self._best(trials)
+            log.info(
+                "Tune: %d trials | running %d, pending %d, done %d, stopped early %d, errored %d | best %s %s",
+                len(trials),
+                states.get("RUNNING", 0),
+                states.get("PENDING", 0),
+                final,
+                len(done) - final,
+                states.get("ERROR", 0),
+                metric,
+                "n/a" if best is None else f"{best:.5f}",
+            )
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            result = trial.last_result
+            log.info(
+                "Trial %s %s after %s iterations: %s=%s",
+                trial.trial_id,
+                "finished" if result.get("final") else "stopped early",
+                result.get("training_iteration"),
+                metric,
+                result.get(metric),
+            )
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            log.warning("Trial %s failed: %s", trial.trial_id, trial.error_file)
+
+    return ProgressLog()
+
+
+def _scheduler(config: dict[str, Any]):
+    if config["type"] == "fifo":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=int(config.get("max_t", 100)),
+        grace_period=int(config.get("grace_period", 2)),
+        reduction_factor=float(config.get("reduction_factor", 3)),
+    )
+
+
+def _local_or_uri(uri: str) -> str:
+    return uri[len("file://") :] if uri.startswith("file://") else uri
+
+
+# ------------------------------------------------------------------------------------------- search
+
+
+def run_search(spec: SearchSpec, fn: Any, data: Any) -> dict[str, Any]:
+    """Run (or resume) the search on the Ray that is initialised, write the outputs, return the result."""
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from airflow_mlops.ml.search_space import to_tune
+
+    # the legacy reporter prints nothing at verbose=0; the new one still prints a banner
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Snapshot the experiment state every 2 s (Tune's "auto" waits >= 10 s): a killed task then loses
+    # at most the trials that ended in its last 2 s; a resumed search reruns only those.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    started_wall = time.time()
+    started = time.monotonic()
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    wrapped = tune.with_resources(tune.with_parameters(fn, data=data), spec.resources_per_trial)
+    space = to_tune(spec.search_space)
+    if spec.seed is not None and "seed" not in space:
+        space["seed"] = spec.seed
+    storage = _local_or_uri(spec.storage_path)
+    experiment = f"{storage.rstrip('/')}/{EXPERIMENT}"
+
+    resumed = tune.Tuner.can_restore(experiment)
+    if resumed:
+        log.info("Resuming the search from %s (a previous try was interrupted)", experiment)
+        tuner = tune.Tuner.restore(
+            experiment, trainable=wrapped, resume_unfinished=True, resume_errored=True, param_space=space
+        )
+    else:
+        tuner = tune.Tuner(
+            wrapped,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=spec.metric,
+                mode=spec.mode,
+                num_samples=spec.num_samples,
+                scheduler=_scheduler(check_scheduler(spec.scheduler)),
+                # the limit goes to the generator: Tune ignores max_concurrent_trials next to a given
+                # BasicVariantGenerator (it only wraps Searchers)
+                search_alg=BasicVariantGenerator(
+                    random_state=spec.seed, max_concurrent=spec.max_concurrent_trials or 0
+                ),
+                time_budget_s=spec.time_budget_s,
+                reuse_actors=spec.reuse_actors,
+            ),
+            run_config=tune.RunConfig(
+                name=EXPERIMENT,
+                storage_path=storage,
+                verbose=0,
+                callbacks=[_progress_callback(spec.progress_interval, spec.metric, spec.mode)],
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
+        )
+    log.info(
+        "Tuning %s on %d train / %d validation rows: %d samples, metric %s (%s)",
+        spec.trainable,
+        len(data.y_train),
+        len(data.y_valid),
+        spec.num_samples,
+        spec.metric,
+        spec.mode,
+    )
+    grid = tuner.fit()
+    return write_outputs(
+        spec, grid, data, resumed=resumed, started_wall=started_wall, elapsed=time.monotonic() - started
+    )
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and tuples -> plain JSON values."""
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def _trial_rows(spec: SearchSpec, grid: Any) -> list[dict[str, Any]]:
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        history = result.metrics_dataframe
+        values = (
+            history[spec.metric].dropna().tolist()
+            if history is not None and spec.metric in history.columns
+            else []
+        )
+        if result.error is not None:
+            status = "error"
+        elif metrics.get("final"):
+            status = "completed"
+        else:
+            status = "stopped_early"
+        best = (max(values) if spec.mode == "max" else min(values)) if values else None
+        rows.append(
+            {
+                "trial_id": metrics.get("trial_id") or os.path.basename(str(result.path)),
+                "status": status,
+                "metric": metrics.get(spec.metric),
+                "best_metric": best,
+                "iterations": metrics.get("iterations"),
+                "best_iteration": metrics.get("best_iteration"),
+                "reports": metrics.get("training_iteration"),
+                "time_s": metrics.get("time_total_s"),
+                "finished_at": metrics.get("timestamp"),
+                "config": {k: _plain(v) for k, v in (result.config or {}).items()},
+                "error": str(result.error).splitlines()[0][:300] if result.error is not None else None,
+                "_result": result,
+                "_history": history,
+            }
+        )
+    return rows
+
+
+def write_outputs(
+    spec: SearchSpec, grid: Any, data: Any, *, resumed: bool, started_wall: float, elapsed: float
+) -> dict[str, Any]:
+    """trials.csv, trials.png, the best model with its sha256, result.json."""
+    from airflow_mlops.artifacts import as_path
+
+    rows = _trial_rows(spec, grid)
+    if not rows:
+        raise TuningError("the search ran no trial.", fix="check num_samples and time_budget_s.")
+    errored = [r for r in rows if r["status"] == "error"]
+    scored = [r for r in rows if r["status"] != "error" and r["metric"] is not None]
+    if not scored:
+        first = errored[0]["error"] if errored else "no trial reported the metric"
+        raise TuningError(
+            f"every trial of the search failed; the first error: {first}",
+            fix=f"read the trial's error file under {spec.storage_path} and fix the trainable or search space.",
+        )
+    sign = 1 if spec.mode == "max" else -1
+    completed = [r for r in scored if r["status"] == "completed"] or scored
+    best = max(completed, key=lambda r: sign * r["metric"])
+
+    out = as_path(spec.output_uri)
+    trials = _write_trials_csv(out / "trials.csv", spec, rows, best)
+    plot = _write_plot(out / "trials.png", spec, rows, best)
+    model = _write_model(out / "model", best)
+    resumed_done = sum(
+        1 for r in rows if r["status"] != "error" and r["finished_at"] and r["finished_at"] < started_wall
+    )
+    result = {
+        "best_config": best["config"],
+        "best_metric": best["metric"],
+        "best_trial_id": best["trial_id"],
+        "metric": spec.metric,
+        "mode": spec.mode,
+        "trainable": spec.trainable,
+        **model,
+        "trials_uri": trials,
+        "plot_uri": plot,
+        "counts": {
+            "trials": len(rows),
+            "completed": sum(r["status"] == "completed" for r in rows),
+            "stopped_early": sum(r["status"] == "stopped_early" for r in rows),
+            "errored": len(errored),
+            "finished_before_resume": resumed_done,
+        },
+        "resumed": resumed,
+        "training_set": data.summary(),
+        "tune_storage": spec.storage_path,
+        "elapsed_s": round(elapsed, 2),
+    }
+    result["result_uri"] = str(out / "result.json")
+    _write_bytes(out / "result.json", json.dumps(result, indent=2, sort_keys=True, default=str).encode())
+    log.info(
+        "Best trial %s: %s=%.5f with %s; %d trials (%d completed, %d stopped early, %d errored)",
+        best["trial_id"],
+        spec.metric,
+        best["metric"],
+        best["config"],
+        len(rows),
+        result["counts"]["completed"],
+        result["counts"]["stopped_early"],
+        len(errored),
+    )
+    return result
+
+
+def _write_bytes(target: Any, data: bytes) -> None:
+    from airflow_mlops.artifacts import staged
+
+    with staged(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def _write_trials_csv(target: Any, spec: SearchSpec, rows: list[dict], best: dict) -> str:
+    import csv
+    import io
+
+    keys = sorted({k for r in rows for k in r["config"]})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(
+        [
+            "trial_id",
+            "status",
+            "best",
+            spec.metric,
+            f"best_{spec.metric}",
+            "iterations",
+            "best_iteration",
+            "reports",
+            "time_s",
+            "finished_at",
+            *(f"config.{k}" for k in keys),
+            "error",
+        ]
+    )
+    for r in rows:
+        writer.writerow(
+            [
+                r["trial_id"],
+                r["status"],
+                int(r is best),
+                r["metric"],
+                r["best_metric"],
+                r["iterations"],
+                r["best_iteration"],
+                r["reports"],
+                r["time_s"],
+                r["finished_at"],
+                *(
+                    json.dumps(r["config"].get(k))
+                    if isinstance(r["config"].get(k), list | dict)
+                    else r["config"].get(k)
+                    for k in keys
+                ),
+                r["error"],
+            ]
+        )
+    _write_bytes(target, buffer.getvalue().encode())
+    return str(target)
+
+
+def _write_plot(target: Any, spec: SearchSpec, rows: list[dict], best: dict) -> str:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for r in rows:
+        history = r["_history"]
+        if history is None or spec.metric not in history.columns or "time_total_s" not in history.columns:
+            continue
+        style = {"completed": "-", "stopped_early": ":", "error": "--"}[r["status"]]
+        ax.plot(
+            history["time_total_s"],
+            history[spec.metric],
+            style,
+            marker=".",
+            linewidth=2.5 if r is best else 1.0,
+            alpha=1.0 if r is best else 0.6,
+            label=f"{r['trial_id']} (best)" if r is best else None,
+        )
+    ax.set_xlabel("trial time (s)")
+    ax.set_ylabel(f"validation {spec.metric}")
+    ax.set_title(f"{spec.trainable.rsplit('.', 1)[-1]}: {len(rows)} trials (dotted: stopped early)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    _write_bytes(target, buffer.getvalue())
+    return str(target)
+
+
+def _write_model(folder: Any, best: dict) -> dict[str, Any]:
+    """Copy the best trial's model out of its checkpoint, with ``<file>.sha256`` and ``model.json``."""
+    import hashlib
+
+    result = best["_result"]
+    checkpoint = result.checkpoint
+    if checkpoint is None:
+        log.warning("Best trial %s saved no model (its trainable writes no checkpoint)", best["trial_id"])
+        return {"model_uri": None, "model_sha256": None, "model_format": None, "model_meta_uri": None}
+    with checkpoint.as_directory() as local:
+        meta = json.loads(open(os.path.join(local, "model.json"), "rb").read())
+        blob = open(os.path.join(local, meta["model_file"]), "rb").read()
+    digest = hashlib.sha256(blob).hexdigest()
+    model = folder / meta["model_file"]
+    _write_bytes(model, blob)
+    _write_bytes(folder / f"{meta['model_file']}.sha256", f"{digest}  {meta['model_file']}\n".encode())
+    meta = {**meta, "sha256": digest, "trial_id": best["trial_id"], "metric": best["metric"]}
+    _write_bytes(folder / "model.json", json.dumps(meta, indent=2, default=str).encode())
+    return {
+        "model_uri": str(model),
+        "model_sha256": digest,
+        "model_format": meta["format"],
+        "model_meta_uri": str(folder / "model.json"),
+    }
+
+
+# ---------------------------------------------------------------------------------------- Ray Job entry
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the Ray Job: ``python -m airflow_mlops.ml.search <spec-uri>``."""
+    import ray
+
+    from airflow_mlops.artifacts import as_path
+
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+    spec = SearchSpec.from_json(as_path(argv[0]).read_bytes())
+    try:
+        fn, data = prepare(spec)
+    except (MLOpsArgumentError, MLOpsInputError) as err:
+        log.error("%s", err)
+        return 2
+    ray.init(log_to_driver=False, logging_level=logging.WARNING)
+    result = run_search(spec, fn, data)
+    print("@@result " + result["result_uri"], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

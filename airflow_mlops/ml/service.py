@@ -1,0 +1,614 @@
+"""The Bento service that serves a registered flight-delay model over HTTP (BentoML 1.4 ``@bentoml.service``).
+
+It is loaded by ``bentoml serve`` (never by DAG parsing), so it imports BentoML, pydantic and the model
+libraries at module level. What it serves comes from the environment, which
+:class:`~airflow_mlops.operators.serving.BentoDeployOperator` sets:
+
+``MLOPS_SERVE_MODEL``
+    registry name of the model (required).
+``MLOPS_SERVE_VERSION``
+    registered version; empty means the registry's ``production`` version when the server starts.
+``MLOPS_SERVE_FEATURE_SERVICE``
+    Feast feature service; empty means the one recorded with the model version at registration.
+``MLOPS_SERVE_FEAST_REPO`` / ``MLOPS_SERVE_FEAST_CONN_ID``
+    Feast repository folder and (optional) ``feast`` connection of the online store.
+``MLOPS_SERVE_BENTOML_CONN_ID``
+    optional ``bentoml`` connection; its password is the API key clients must send
+    (``Authorization: Bearer <key>`` or ``X-API-Key: <key>``).
+``MLOPS_SERVE_LOG_FLUSH_ROWS`` / ``MLOPS_SERVE_LOG_FLUSH_SECONDS``
+    when the prediction log is flushed to the artifact store (default 2000 rows or 5 seconds).
+
+Endpoints: ``POST /predict`` (one flight), ``POST /predict_batch`` (a list of flights, adaptive batching),
+``GET /ready`` (model loaded? which version? why not?), and BentoML's ``/livez``, ``/readyz`` (false until
+the model is loaded), ``/metrics`` and ``/docs.json``. Single-row requests go through
+BentoML's adaptive batching dispatcher too, so concurrent requests share one feature lookup and one model
+call.
+
+The model is loaded in the background after start with :meth:`BentoMLHook.load`, so its recorded sha256
+is checked; a tampered model is never served (the service stays not ready and ``/ready`` says why).
+Bad input gets a 4xx with a message; an unreachable feature store a 503 naming it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Protocol
+from zoneinfo import ZoneInfo
+
+import bentoml
+from bentoml.exceptions import ServiceUnavailable
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from airflow_mlops.exceptions import FeatureStoreError, MLOpsError
+
+log = logging.getLogger(__name__)
+
+#: local time of the departure airports (the demo's airports are all in New York)
+LOCAL_TZ = ZoneInfo("America/New_York")
+#: paths answered without an API key (probes, metrics, the API description)
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/ready", "/metrics", "/docs.json", "/schema.json"})
+
+Code = Annotated[str, StringConstraints(pattern=r"^[A-Z0-9]{2,3}$")]
+Airport = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
+
+
+def _openapi_30(schema: dict[str, Any]) -> None:
+    """BentoML publishes OpenAPI 3.0: say "nullable" instead of JSON Schema's ``{"type": "null"}``."""
+    for prop in schema.get("properties", {}).values():
+        options = prop.get("anyOf")
+        if options and {"type": "null"} in options and len(options) == 2:
+            prop.pop("anyOf")
+            prop.update(next(o for o in options if o != {"type": "null"}), nullable=True)
+
+
+class Flight(BaseModel):
+    """One scheduled flight to score."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_openapi_30)
+
+    carrier: Code = Field(description="two-letter airline code, e.g. UA")
+    origin: Airport = Field(description="departure airport (IATA), e.g. EWR")
+    dest: Airport = Field(description="arrival airport (IATA), e.g. IAH")
+    scheduled_departure: AwareDatetime = Field(
+        description="scheduled departure with its time zone, e.g. 2013-06-01T08:15:00-04:00"
+    )
+    distance: float = Field(ge=1, le=20000, allow_inf_nan=False, description="great-circle miles")
+    tailnum: Annotated[str, StringConstraints(pattern=r"^[A-Z0-9]{1,10}$")] | None = Field(
+        default=None, description="aircraft tail number, e.g. N14228 (optional)"
+    )
+
+    @field_validator("scheduled_departure")
+    @classmethod
+    def _plausible_year(cls, value: datetime) -> datetime:
+        if not 1970 <= value.astimezone(UTC).year <= 2100:
+            raise ValueError("scheduled_departure must be between 1970 and 2100")
+        return value
+
+
+class Prediction(BaseModel):
+    """The answer for one flight."""
+
+    delay_probability: float = Field(description="probability that the flight arrives > 15 min late")
+    model: str
+    model_version: str = Field(description="registered version of the model that answered")
+
+
+def request_features(flight: Flight) -> dict[str, Any]:
+    """The features a request carries by itself (the rest come from the feature store)."""
+    local = flight.scheduled_departure.astimezone(LOCAL_TZ)
+    utc = flight.scheduled_departure.astimezone(UTC)
+    return {
+        "carrier": flight.carrier,
+        "origin": flight.origin,
+        "dest": flight.dest,
+        "tailnum": flight.tailnum,
+        "distance": flight.distance,
+        "year": local.year,
+        "month": local.month,
+        "day": local.day,
+        "hour": local.hour,
+        "sched_hour": local.hour,
+        "minute": local.minute,
+        "sched_dep_time": local.hour * 100 + local.minute,
+        "day_of_week": local.weekday(),
+        "time_hour": utc.replace(minute=0, second=0, microsecond=0).isoformat(),
+    }
+
+
+REQUEST_FEATURES = frozenset(
+    request_features(
+        Flight(carrier="UA", origin="EWR", dest="IAH", scheduled_departure=datetime.now(UTC), distance=1.0)
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------- feature lookups
+class FeatureStoreUnavailable(FeatureStoreError):
+    """The online feature store did not answer; requests get a 503 naming it."""
+
+
+class FeatureLookup(Protocol):
+    """Where the features a request does not carry come from."""
+
+    description: str
+
+    def provides(self) -> set[str]:
+        """Column names this lookup can fill."""
+
+    def fetch(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Feature values for each request row (same order)."""
+
+
+class RequestOnlyLookup:
+    """For models that need nothing beyond the request: no store is contacted."""
+
+    description = "request features only"
+
+    def provides(self) -> set[str]:
+        return set()
+
+    def fetch(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{} for _ in rows]
+
+
+class FeastLookup:
+    """Online features of a Feast feature service, keyed by the entities found in the request.
+
+    :param feature_service: the feature service the model was trained with.
+    :param wanted: model feature columns to fill; Feast's ``<view>__<feature>`` names and the bare
+        ``<feature>`` names (when unambiguous) are both accepted.
+    :param repo_path: Feast repository folder.
+    :param feast_conn_id: optional ``feast`` connection (e.g. a Redis online store).
+    """
+
+    def __init__(
+        self, feature_service: str, wanted: list[str], repo_path: str | None, feast_conn_id: str | None
+    ) -> None:
+        from airflow_mlops.hooks.feast import FeastHook
+
+        self.feature_service = feature_service
+        self.wanted = list(wanted)
+        self.hook = FeastHook(feast_conn_id=feast_conn_id, repo_path=repo_path)
+        self.description = f"Feast feature service {feature_service!r}"
+        self._columns: dict[str, str] = {}
+        self._join_keys: list[str] = []
+
+    def prepare(self) -> None:
+        """Resolve the feature service's columns and entity keys (reads the Feast registry)."""
+        service = self.hook.feature_service(self.feature_service)
+        full: list[str] = []
+        keys: list[str] = []
+        for projection in service.feature_view_projections:
+            view = self.hook.feature_views([projection.name])[0]
+            for key in (c.name for c in view.entity_columns):
+                if key not in keys:
+                    keys.append(key)
+            full += [f"{projection.name_to_use()}__{f.name}" for f in projection.features]
+        bare: dict[str, list[str]] = {}
+        for name in full:
+            bare.setdefault(name.split("__", 1)[1], []).append(name)
+        columns = {name: name for name in full}
+        columns.update({short: names[0] for short, names in bare.items() if len(names) == 1})
+        self._columns = {w: columns[w] for w in self.wanted if w in columns}
+        self._join_keys = keys
+
+    def provides(self) -> set[str]:
+        return set(self._columns)
+
+    def fetch(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not self._columns:
+            return [{} for _ in rows]
+        entity_rows = [{k: row.get(k) or "" for k in self._join_keys} for row in rows]
+        try:
+            answer = self.hook.online_features(self.feature_service, entity_rows)
+        except Exception as err:
+            raise FeatureStoreUnavailable(
+                f"the online store of {self.description} did not answer ({type(err).__name__}: {err}).",
+                fix="check that the online store is running and reachable from the serving host.",
+            ) from err
+        return [
+            {column: answer[source][i] for column, source in self._columns.items()} for i in range(len(rows))
+        ]
+
+
+# ---------------------------------------------------------------------------------------- prediction log
+class PredictionLog:
+    """Buffers predictions and flushes them as atomic JSON-lines part files in the artifact store:
+    ``<artifact_root>/predictions/<model>/date=YYYY-MM-DD/part-<time>-<pid>-<n>.jsonl``.
+
+    :param model: registry name of the served model.
+    :param flush_rows: flush when this many records are buffered.
+    :param flush_seconds: flush at least this often while records are buffered.
+    """
+
+    def __init__(self, model: str, flush_rows: int = 2000, flush_seconds: float = 5.0) -> None:
+        from airflow_mlops.artifacts import ArtifactStore
+
+        self.model = model
+        self.flush_rows = flush_rows
+        self.flush_seconds = flush_seconds
+        self.store = ArtifactStore()
+        self._buffer: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._seq = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+        self._thread.start()
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        with self._lock:
+            self._buffer.extend(records)
+            full = len(self._buffer) >= self.flush_rows
+        if full:
+            threading.Thread(target=self.flush, daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.flush_seconds):
+            self.flush()
+
+    def flush(self) -> list[str]:
+        """Write what is buffered; returns the part files written."""
+        from airflow_mlops.artifacts import staged
+
+        with self._write_lock:
+            with self._lock:
+                records, self._buffer = self._buffer, []
+            by_date: dict[str, list[dict[str, Any]]] = {}
+            for record in records:
+                by_date.setdefault(record["at"][:10], []).append(record)
+            written = []
+            for date, rows in sorted(by_date.items()):
+                self._seq += 1
+                stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+                target = self.store.path(
+                    "predictions",
+                    self.model,
+                    f"date={date}",
+                    f"part-{stamp}-{os.getpid()}-{self._seq:06d}.jsonl",
+                )
+                try:
+                    with staged(target) as local:
+                        local.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
+                except MLOpsError:
+                    log.exception(
+                        "Could not write %d predictions to %s; keeping them for the next flush",
+                        len(rows),
+                        target,
+                    )
+                    with self._lock:
+                        self._buffer[:0] = rows
+                    continue
+                written.append(str(target))
+            return written
+
+    def close(self) -> None:
+        self._stop.set()
+        self.flush()
+
+
+def _clean(value: Any) -> Any:
+    """JSON-able feature value: NumPy scalars to Python, NaN to None."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+# ---------------------------------------------------------------------------------------- serving state
+@dataclass
+class ServeSettings:
+    """What to serve, read from ``MLOPS_SERVE_*`` environment variables."""
+
+    model: str
+    version: str | None
+    feature_service: str | None
+    feast_repo: str | None
+    feast_conn_id: str | None
+    bentoml_conn_id: str | None
+    flush_rows: int = 2000
+    flush_seconds: float = 5.0
+
+    @classmethod
+    def from_env(cls) -> ServeSettings:
+        env = os.environ
+        return cls(
+            model=env.get("MLOPS_SERVE_MODEL", ""),
+            version=env.get("MLOPS_SERVE_VERSION") or None,
+            feature_service=env.get("MLOPS_SERVE_FEATURE_SERVICE") or None,
+            feast_repo=env.get("MLOPS_SERVE_FEAST_REPO") or None,
+            feast_conn_id=env.get("MLOPS_SERVE_FEAST_CONN_ID") or None,
+            bentoml_conn_id=env.get("MLOPS_SERVE_BENTOML_CONN_ID") or None,
+            flush_rows=int(env.get("MLOPS_SERVE_LOG_FLUSH_ROWS") or 2000),
+            flush_seconds=float(env.get("MLOPS_SERVE_LOG_FLUSH_SECONDS") or 5.0),
+        )
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    version: str
+    predictor: Any
+    lookup: Any
+
+
+@dataclass
+class ServingState:
+    """Shared by the service instance and the ASGI pieces of one worker process."""
+
+    model: str = ""
+    loaded: LoadedModel | None = None
+    error: str | None = None
+    api_key: str | None = None
+    unavailable: str | None = None
+    unavailable_at: float = 0.0
+
+    def reason(self) -> str:
+        """Why the service cannot answer right now (used as the body of every 503)."""
+        if self.error:
+            return f"model {self.model!r} is not served: {self.error}"
+        if self.loaded is None:
+            return f"model {self.model!r} is still loading; retry shortly (GET /ready says when)."
+        if self.unavailable and time.monotonic() - self.unavailable_at < 30:
+            return self.unavailable
+        return "the service is overloaded; retry shortly."
+
+
+STATE = ServingState()
+
+
+def load_model(settings: ServeSettings) -> LoadedModel:
+    """Load the configured version through the registry (sha256 checked) and prepare its feature lookup.
+
+    :raises MLOpsError: unknown model or version, a tampered file, features nobody can provide.
+    """
+    from airflow_mlops.hooks.bentoml import BentoMLHook, ModelRegistryError
+
+    if not settings.model:
+        raise ModelRegistryError(
+            "MLOPS_SERVE_MODEL is not set.", fix="deploy with BentoDeployOperator, which sets it."
+        )
+    hook = BentoMLHook(bentoml_conn_id=settings.bentoml_conn_id)
+    index = hook.read_index(settings.model)
+    version = settings.version or index.get("production")
+    if not version:
+        raise ModelRegistryError(
+            f"model {settings.model!r} has no production version and MLOPS_SERVE_VERSION is not set.",
+            fix="promote a version, or deploy an explicit version.",
+        )
+    record = hook.version_record(index, version)
+    predictor = hook.load(settings.model, version)
+    missing = [f for f in predictor.features if f not in REQUEST_FEATURES]
+    feature_service = settings.feature_service or record.get("feature_service")
+    lookup: Any = RequestOnlyLookup()
+    if missing:
+        if not feature_service:
+            raise ModelRegistryError(
+                f"{record['tag']} needs features {missing} that a request does not carry, and no feature "
+                "service is known for it.",
+                fix="register the model with feature_service=, or set MLOPS_SERVE_FEATURE_SERVICE.",
+            )
+        lookup = FeastLookup(feature_service, missing, settings.feast_repo, settings.feast_conn_id)
+        lookup.prepare()
+        unknown = [f for f in missing if f not in lookup.provides()]
+        if unknown:
+            raise ModelRegistryError(
+                f"{record['tag']} needs features {unknown}, which feature service {feature_service!r} "
+                "does not provide.",
+                fix="serve the model with the feature service it was trained with.",
+            )
+    return LoadedModel(name=settings.model, version=version, predictor=predictor, lookup=lookup)
+
+
+# ---------------------------------------------------------------------------------------- ASGI pieces
+class GuardMiddleware:
+    """Checks the API key (when one is configured) and gives every 503 a body that says why."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if STATE.api_key and not self._authorized(scope):
+            response = JSONResponse(
+                {"error": "missing or wrong API key; send 'Authorization: Bearer <key>' or 'X-API-Key'."},
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+            await response(scope, receive, send)
+            return
+        replaced = False
+
+        async def send_with_reason(message: dict) -> None:
+            nonlocal replaced
+            if message["type"] == "http.response.start" and message["status"] == 503:
+                replaced = True
+                response = JSONResponse(
+                    {"error": STATE.reason()}, status_code=503, headers={"Retry-After": "1"}
+                )
+                await response(scope, receive, send)
+                return
+            if replaced:
+                return
+            await send(message)
+
+        await self.app(scope, receive, send_with_reason)
+
+    @staticmethod
+    def _authorized(scope: dict) -> bool:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
+        return hmac.compare_digest(given.encode(), (STATE.api_key or "").encode())
+
+
+async def _ready(_: Request) -> JSONResponse:
+    loaded = STATE.loaded
+    body = {
+        "ready": loaded is not None and STATE.error is None,
+        "model": STATE.model,
+        "version": loaded.version if loaded else None,
+        "feature_lookup": loaded.lookup.description if loaded else None,
+        "error": STATE.error,
+    }
+    return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+
+status_app = Starlette(routes=[Route("/ready", _ready, methods=["GET"])])
+
+
+# ---------------------------------------------------------------------------------------- the service
+@bentoml.service(name="mlops_model", workers=1, traffic={"timeout": 30})
+@bentoml.asgi_app(status_app, path="/")
+class ModelService:
+    """Serves one registered model version; see the module docstring for its configuration."""
+
+    def __init__(self) -> None:
+        from airflow_mlops.hooks.bentoml import BentoMLHook
+
+        self.settings = ServeSettings.from_env()
+        STATE.model = self.settings.model
+        STATE.api_key = BentoMLHook(bentoml_conn_id=self.settings.bentoml_conn_id).api_key
+        self.prediction_log = PredictionLog(
+            self.settings.model or "unknown", self.settings.flush_rows, self.settings.flush_seconds
+        )
+        self._dispatch: Any = None
+        threading.Thread(target=self._load, name="model-load", daemon=True).start()
+
+    def _load(self) -> None:
+        started = time.monotonic()
+        try:
+            loaded = load_model(self.settings)
+            loaded.predictor.predict([self._warm_up_row(loaded)])
+        except MLOpsError as err:
+            STATE.error = str(err)
+            log.error("Not serving model %s: %s", self.settings.model, err)
+            return
+        except Exception as err:  # any other failure: say so on /ready instead of dying silently
+            STATE.error = f"{type(err).__name__}: {err}"
+            log.exception("Loading model %s failed", self.settings.model)
+            return
+        STATE.loaded = loaded
+        log.info(
+            "Serving %s:%s (%s) after %.1fs",
+            loaded.name,
+            loaded.version,
+            loaded.lookup.description,
+            time.monotonic() - started,
+        )
+
+    @staticmethod
+    def _warm_up_row(loaded: LoadedModel) -> dict[str, Any]:
+        row = request_features(
+            Flight(
+                carrier="UA", origin="EWR", dest="IAH", scheduled_departure=datetime.now(UTC), distance=1400
+            )
+        )
+        return {f: row.get(f) for f in loaded.predictor.features}
+
+    def __is_ready__(self) -> bool:
+        return STATE.loaded is not None and STATE.error is None
+
+    @bentoml.on_shutdown
+    def _flush_log(self) -> None:
+        self.prediction_log.close()
+
+    def _require_model(self) -> LoadedModel:
+        loaded = STATE.loaded
+        if loaded is None:
+            raise ServiceUnavailable(STATE.reason())
+        return loaded
+
+    @bentoml.api(batchable=True, max_batch_size=1024, max_latency_ms=10000)
+    def predict_batch(self, flights: list[Flight]) -> list[Prediction]:
+        """Delay probabilities for a list of flights (adaptive batching merges concurrent requests)."""
+        loaded = self._require_model()
+        if not flights:
+            return []
+        rows = [request_features(f) for f in flights]
+        try:
+            looked_up = loaded.lookup.fetch(rows)
+        except FeatureStoreUnavailable as err:
+            STATE.unavailable, STATE.unavailable_at = str(err), time.monotonic()
+            raise ServiceUnavailable(str(err)) from err
+        features = [
+            {f: ({**row, **extra}).get(f) for f in loaded.predictor.features}
+            for row, extra in zip(rows, looked_up, strict=True)
+        ]
+        probabilities = loaded.predictor.predict(features)
+        at = datetime.now(UTC).isoformat()
+        self.prediction_log.append(
+            [
+                {
+                    "at": at,
+                    "model": loaded.name,
+                    "version": loaded.version,
+                    "inputs": flight.model_dump(mode="json"),
+                    "features": {k: _clean(v) for k, v in feature_row.items()},
+                    "delay_probability": float(p),
+                }
+                for flight, feature_row, p in zip(flights, features, probabilities, strict=True)
+            ]
+        )
+        return [
+            Prediction(delay_probability=float(p), model=loaded.name, model_version=loaded.version)
+            for p in probabilities
+        ]
+
+    @bentoml.api
+    async def predict(self, flight: Flight) -> Prediction:
+        """Delay probability of one flight. Concurrent single-row requests are merged by BentoML's adaptive
+        batching dispatcher (the one behind ``batchable=True``) into one feature lookup and one model call."""
+        self._require_model()
+        if self._dispatch is None:
+            self._dispatch = _single_row_dispatcher(self._predict_rows)
+        answer = await self._dispatch(flight)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def _predict_rows(self, flights: Sequence[Flight]) -> list[Any]:
+        import anyio
+
+        try:
+            return await anyio.to_thread.run_sync(self.predict_batch.local, list(flights))
+        except Exception as err:  # each waiting request gets the error, the dispatcher keeps running
+            return [err] * len(flights)
+
+
+def _single_row_dispatcher(callback: Any) -> Any:
+    """BentoML's adaptive batching dispatcher for single-row requests.
+
+    Reaching the batch endpoint's own dispatcher from inside the service would need the in-process
+    self-client (``self.to_async``), whose aiohttp session is recycled every 100 requests while others
+    are still in flight ("Server disconnected" under load); so single rows get a dispatcher of their
+    own, with the same adaptive algorithm and limits as ``predict_batch``.
+    """
+    from bentoml._internal.marshal.dispatcher import CorkDispatcher
+
+    method = ModelService.apis["predict_batch"]
+    dispatcher = CorkDispatcher(
+        max_latency_in_ms=method.max_latency_ms,
+        max_batch_size=method.max_batch_size,
+        fallback=lambda: ServiceUnavailable("the service is overloaded; retry shortly."),
+        get_batch_size=lambda _: 1,
+    )
+    return dispatcher(callback)
+
+
+ModelService.add_asgi_middleware(GuardMiddleware)

@@ -1,0 +1,773 @@
+"""Package a registered model as a Bento and serve it with blue/green deploys.
+
+* :class:`BentoBuildOperator` builds a Bento (service code, the model from the registry, a generated
+  ``bentofile.yaml``) in a build context kept under ``<state_dir>/bentos/<bento>/<version>/``, copies the
+  Bento's generated ``Dockerfile`` into that context, and containerizes only when a Docker engine answers.
+* :class:`BentoDeployOperator` puts a version behind a deployment's stable address. Target ``local``
+  (the embedded default, :class:`LocalDeploymentTarget`): the new version starts with ``bentoml serve`` as a
+  detached process on its own port beside the old one; once its readiness probe answers
+  (:class:`~airflow_mlops.triggers.serving.BentoEndpointTrigger`, deferrable) the deployment's reverse
+  proxy (:mod:`airflow_mlops.ml.router`) is switched by an atomic rename of its routes file, the old
+  version is drained (no request in flight) and stopped. Deploying the live version again does nothing.
+* :class:`BentoRollbackOperator` deploys the previous version the same way.
+
+Deployment state lives in ``<state_dir>/deployments/<name>.json`` (written atomically, under a lock);
+server logs in ``<state_dir>/deployments/logs/``. Other targets (Kubernetes, SageMaker) implement
+:class:`DeploymentTarget`; see ``docs/serving.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.configuration import conf
+
+from airflow_mlops.exceptions import MLOpsArgumentError, ServingError
+from airflow_mlops.hooks.bentoml import BentoMLHook, ModelRegistryError, check_model_name
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+SERVICE_IMPORT = "airflow_mlops.ml.service:ModelService"
+#: distributions the Bento's image installs (pinned to the versions installed here)
+BENTO_PACKAGES = (
+    "bentoml",
+    "apache-airflow-task-sdk",
+    "scikit-learn",
+    "skops",
+    "lightgbm",
+    "pandas",
+    "numpy",
+    "pyarrow",
+    "pydantic",
+    "httpx",
+)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _bento_executable() -> str:
+    candidate = Path(sys.executable).with_name("bentoml")
+    return str(candidate) if candidate.exists() else "bentoml"
+
+
+def _installed(distribution: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{distribution}=={version(distribution)}"
+    except PackageNotFoundError:
+        return None
+
+
+def docker_available() -> bool:
+    """Whether a Docker engine answers here (``docker info``)."""
+    docker = shutil.which("docker")
+    if not docker:
+        return False
+    try:
+        return subprocess.run([docker, "info"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def serving_env(hook: BentoMLHook, **serve: str | None) -> dict[str, str]:
+    """Environment of a ``bentoml`` subprocess: BentoML home inside the state folder, no usage tracking,
+    the ``[mlops]`` locations, and ``MLOPS_SERVE_<KEY>`` for each non-empty ``serve`` entry."""
+    settings = hook.store.settings
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(hook.home),
+        "BENTOML_DO_NOT_TRACK": "True",
+        "AIRFLOW__MLOPS__STATE_DIR": str(settings.state_dir),
+        "AIRFLOW__MLOPS__ARTIFACT_ROOT": settings.artifact_root,
+    }
+    if settings.artifact_conn_id:
+        env["AIRFLOW__MLOPS__ARTIFACT_CONN_ID"] = settings.artifact_conn_id
+    for key, value in serve.items():
+        if value:
+            env[f"MLOPS_SERVE_{key.upper()}"] = str(value)
+    return env
+
+
+# ---------------------------------------------------------------------------------------------- build
+class BentoBuildOperator(BaseOperator):
+    """Build a Bento that serves one registered model version; returns its tag.
+
+    The build context (``<state_dir>/bentos/<bento_name>/<version>/``) holds the service code, the
+    generated ``bentofile.yaml`` and, after the build, the Bento's ``Dockerfile``. Building the same
+    version again returns the existing Bento. The image is built only when a Docker engine is present.
+
+    :param model_name: registry name (templated).
+    :param version: registered version; default the registry's ``production`` version (templated).
+    :param bento_name: Bento name; default ``<model_name>-service``.
+    :param containerize: build the container image: ``True``, ``False`` or ``None`` (when Docker is present).
+    :param bentoml_conn_id: optional ``bentoml`` connection (BentoML home, API key).
+    """
+
+    template_fields: Sequence[str] = ("model_name", "version")
+    ui_color = "#fde8c8"
+
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        version: str | None = None,
+        bento_name: str | None = None,
+        containerize: bool | None = None,
+        bentoml_conn_id: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.model_name = model_name
+        self.version = version
+        self.bento_name = bento_name
+        self.containerize = containerize
+        self.bentoml_conn_id = bentoml_conn_id
+
+    @cached_property
+    def hook(self) -> BentoMLHook:
+        return BentoMLHook(bentoml_conn_id=self.bentoml_conn_id)
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        index = self.hook.read_index(self.model_name)
+        version = self.version or index.get("production")
+        if not version:
+            raise ModelRegistryError(
+                f"model {self.model_name!r} has no production version to build.",
+                fix="pass version= or promote a version first.",
+            )
+        record = self.hook.version_record(index, version)
+        self.hook.model_dir(self.model_name, version, record)  # sha256 check; imports it if missing here
+        bento_name = check_model_name(self.bento_name or f"{self.model_name}-service")
+        tag = f"{bento_name}:{version}"
+        context_dir = self.hook.store.settings.state_dir / "bentos" / bento_name / version
+        bento_dir = self.hook.home / "bentos" / bento_name / version
+        env = serving_env(self.hook)
+        if (bento_dir / "bento.yaml").exists():
+            self.log.info("Bento %s already exists; not rebuilding", tag)
+        else:
+            self._write_context(context_dir, tag, record)
+            result = subprocess.run(
+                [
+                    _bento_executable(),
+                    "build",
+                    str(context_dir),
+                    "-f",
+                    str(context_dir / "bentofile.yaml"),
+                    "--name",
+                    bento_name,
+                    "--version",
+                    version,
+                    "-o",
+                    "tag",
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=900,
+                cwd=context_dir,
+            )
+            if result.returncode != 0:
+                raise ServingError(
+                    f"bentoml build of {tag} failed: {(result.stderr or result.stdout)[-3000:]}",
+                    fix=f"read the build context {context_dir} and fix the error above.",
+                )
+            self.log.info("Built Bento %s", tag)
+        dockerfile = context_dir / "Dockerfile"
+        shutil.copyfile(bento_dir / "env" / "docker" / "Dockerfile", dockerfile)
+        image = None
+        wanted = docker_available() if self.containerize is None else self.containerize
+        if wanted:
+            result = subprocess.run(
+                [_bento_executable(), "containerize", tag, "-t", tag],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=3600,
+            )
+            if result.returncode != 0:
+                raise ServingError(
+                    f"bentoml containerize {tag} failed: {(result.stderr or result.stdout)[-3000:]}",
+                    fix="check that the Docker engine is running and can pull the base image.",
+                )
+            image = tag
+        else:
+            self.log.info("No Docker engine here: image not built (Dockerfile at %s)", dockerfile)
+        return {
+            "tag": tag,
+            "model": record["tag"],
+            "version": version,
+            "build_context": str(context_dir),
+            "dockerfile": str(dockerfile),
+            "image": image,
+        }
+
+    def _write_context(self, context_dir: Path, tag: str, record: dict[str, Any]) -> None:
+        import yaml
+
+        import airflow_mlops
+
+        shutil.rmtree(context_dir, ignore_errors=True)
+        context_dir.mkdir(parents=True)
+        package = Path(airflow_mlops.__file__).parent
+        shutil.copytree(
+            package,
+            context_dir / "airflow_mlops",
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "plugins", "demo"),
+        )
+        packages = [p for p in (_installed(d) for d in BENTO_PACKAGES) if p]
+        if record.get("feature_service"):
+            packages += [p for p in (_installed("feast"),) if p]
+        bentofile = {
+            "service": SERVICE_IMPORT,
+            "description": f"airflow-mlops service of registered model {record['tag']}",
+            "labels": {
+                "model": self.model_name,
+                "model-version": record["version"],
+                "built-by": "airflow-mlops",
+            },
+            "include": ["airflow_mlops/**/*.py"],
+            "models": [record["tag"]],
+            "envs": [
+                {"name": "MLOPS_SERVE_MODEL", "value": self.model_name},
+                {"name": "MLOPS_SERVE_VERSION", "value": record["version"]},
+            ],
+            "python": {"packages": packages, "lock_packages": False},
+            "docker": {"python_version": f"{sys.version_info.major}.{sys.version_info.minor}"},
+        }
+        (context_dir / "bentofile.yaml").write_text(yaml.safe_dump(bentofile, sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------- processes
+_CHILDREN: dict[int, subprocess.Popen] = {}
+
+
+def _alive(pid: int | None) -> bool:
+    import psutil
+
+    if not pid:
+        return False
+    if pid in _CHILDREN and _CHILDREN[pid].poll() is not None:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def start_detached(command: list[str], env: dict[str, str], log_path: Path) -> int:
+    """Start ``command`` in its own session (it outlives the task), output appended to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        process = subprocess.Popen(
+            command,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=log_path.parent,
+        )
+    _CHILDREN[process.pid] = process
+    return process.pid
+
+
+def stop_tree(pid: int | None, timeout: float = 30.0) -> None:
+    """Stop a process and everything it started: SIGTERM (graceful), then SIGKILL after ``timeout``.
+
+    ``bentoml serve`` runs its workers in sessions of their own, so they are collected before the stop.
+    """
+    import psutil
+
+    if not pid:
+        return
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        tree = []
+    for process in tree[:1]:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=timeout)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(alive, timeout=5)
+    child = _CHILDREN.pop(pid, None)
+    if child is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=5)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- targets
+class DeploymentTarget:
+    """Where a deployment runs. A target starts a version beside the live one (:meth:`start`), says
+    where to probe it (:meth:`probe_url`), moves traffic (:meth:`switch`) and stops what is no longer
+    needed (:meth:`retire`). See ``docs/serving.md`` for the Kubernetes and SageMaker mappings."""
+
+    name = "abstract"
+
+    def start(self, spec: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def switch(self, deployment: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class LocalDeploymentTarget(DeploymentTarget):
+    """Blue/green on this machine: ``bentoml serve`` processes behind :mod:`airflow_mlops.ml.router`.
+
+    :param hook: the BentoML hook (registry, BentoML home, settings).
+    :param drain_timeout: seconds to wait for requests in flight on the old version before stopping it.
+    """
+
+    name = "local"
+
+    def __init__(self, hook: BentoMLHook, drain_timeout: float = 30.0) -> None:
+        self.hook = hook
+        self.drain_timeout = drain_timeout
+
+    @property
+    def folder(self) -> Path:
+        return self.hook.store.settings.state_dir / "deployments"
+
+    def state_path(self, deployment: str) -> Path:
+        return self.folder / f"{check_model_name(deployment)}.json"
+
+    def routes_path(self, deployment: str) -> Path:
+        return self.folder / f"{check_model_name(deployment)}.routes.json"
+
+    def read_state(self, deployment: str) -> dict[str, Any]:
+        path = self.state_path(deployment)
+        if path.exists():
+            return json.loads(path.read_text())
+        return {
+            "name": deployment,
+            "target": self.name,
+            "router": None,
+            "active": None,
+            "previous": None,
+            "pending": None,
+            "history": [],
+        }
+
+    @contextlib.contextmanager
+    def locked(self, deployment: str) -> Iterator[dict[str, Any]]:
+        """Read-modify-write of a deployment's state under an exclusive lock (written when the block ends,
+        also when it raises, so started processes are never forgotten)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / f".{check_model_name(deployment)}.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            state = self.read_state(deployment)
+            try:
+                yield state
+            finally:
+                _write_json_atomic(self.state_path(deployment), state)
+
+    # -- router ----------------------------------------------------------------------------------
+    def router_status(self, router: dict[str, Any] | None) -> dict[str, Any] | None:
+        import httpx
+
+        if not router or not _alive(router.get("pid")):
+            return None
+        try:
+            response = httpx.get(router["url"] + "/__router__", timeout=5)
+        except httpx.HTTPError:
+            return None
+        return response.json() if response.status_code == 200 else None
+
+    def ensure_router(self, state: dict[str, Any], port: int) -> dict[str, Any]:
+        if self.router_status(state.get("router")):
+            return state["router"]
+        stop_tree((state.get("router") or {}).get("pid"), timeout=5)
+        routes = self.routes_path(state["name"])
+        if not routes.exists():
+            _write_json_atomic(routes, {"active": None, "generation": 0})
+        pid = start_detached(
+            [sys.executable, "-m", "airflow_mlops.ml.router", "--port", str(port), "--routes", str(routes)],
+            serving_env(self.hook),
+            self.folder / "logs" / f"{state['name']}-router.log",
+        )
+        router = {"pid": pid, "port": port, "url": f"http://127.0.0.1:{port}"}
+        deadline = time.monotonic() + 30
+        while not self.router_status(router):
+            if time.monotonic() > deadline or not _alive(pid):
+                stop_tree(pid, timeout=5)
+                raise ServingError(
+                    f"the router of deployment {state['name']!r} did not start on port {port}.",
+                    fix=f"free the port or choose another one; see {self.folder / 'logs'}.",
+                )
+            time.sleep(0.2)
+        state["router"] = router
+        return router
+
+    # -- backends --------------------------------------------------------------------------------
+    def start(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Start a backend for ``spec`` (``version``, ``bento`` or None, serve settings); not yet routed."""
+        port = free_port()
+        target = spec.get("bento") or SERVICE_IMPORT
+        env = serving_env(
+            self.hook,
+            model=spec["model"],
+            version=spec["version"],
+            feature_service=spec.get("feature_service"),
+            feast_repo=spec.get("feast_repo"),
+            feast_conn_id=spec.get("feast_conn_id"),
+            bentoml_conn_id=spec.get("bentoml_conn_id"),
+        )
+        env.update({k: str(v) for k, v in (spec.get("env") or {}).items()})
+        log_path = self.folder / "logs" / f"{spec['deployment']}-{spec['version']}-{port}.log"
+        pid = start_detached(
+            [_bento_executable(), "serve", target, "--host", "127.0.0.1", "--port", str(port)], env, log_path
+        )
+        return {
+            **spec,
+            "pid": pid,
+            "port": port,
+            "url": f"http://127.0.0.1:{port}",
+            "log": str(log_path),
+            "started_at": _now(),
+        }
+
+    def switch(self, deployment: str, backend: dict[str, Any], router: dict[str, Any]) -> None:
+        """Point the stable address at ``backend``: atomic rename of the routes file, then wait until the
+        router has seen it."""
+        routes_path = self.routes_path(deployment)
+        current = json.loads(routes_path.read_text()) if routes_path.exists() else {"generation": 0}
+        generation = int(current.get("generation") or 0) + 1
+        _write_json_atomic(
+            routes_path, {"active": backend["url"], "version": backend["version"], "generation": generation}
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            status = self.router_status(router)
+            if status and status["generation"] >= generation:
+                return
+            if time.monotonic() > deadline:
+                raise ServingError(
+                    f"the router of deployment {deployment!r} did not pick up the switch to {backend['url']}.",
+                    fix=f"see the router log in {self.folder / 'logs'}.",
+                )
+            time.sleep(0.05)
+
+    def drain_and_stop(self, backend: dict[str, Any] | None, router: dict[str, Any]) -> None:
+        """Wait until no request is in flight on ``backend`` (bounded by ``drain_timeout``), then stop it."""
+        if not backend:
+            return
+        deadline = time.monotonic() + self.drain_timeout
+        quiet = 0
+        while quiet < 3 and time.monotonic() < deadline:
+            status = self.router_status(router) or {"inflight": {}}
+            quiet = quiet + 1 if not status["inflight"].get(backend["url"]) else 0
+            time.sleep(0.05)
+        stop_tree(backend.get("pid"), timeout=self.drain_timeout)
+
+    def backend_ready(self, backend: dict[str, Any] | None) -> bool:
+        from airflow_mlops.sensors.serving import probe
+
+        return bool(backend) and _alive(backend.get("pid")) and probe(backend["url"])[0]
+
+    def teardown(self, deployment: str) -> None:
+        """Stop everything of a deployment (router, live and pending versions); its history is kept."""
+        with self.locked(deployment) as state:
+            for key in ("pending", "active"):
+                stop_tree((state.get(key) or {}).get("pid"), timeout=15)
+                if state.get(key):
+                    state[key]["pid"] = None
+            stop_tree((state.get("router") or {}).get("pid"), timeout=15)
+            state["router"] = None
+            state["history"].append({"at": _now(), "action": "teardown"})
+
+
+def _log_tail(path: str | None, lines: int = 40) -> str:
+    if not path or not Path(path).exists():
+        return ""
+    return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+
+
+# ---------------------------------------------------------------------------------------------- deploy
+class BentoDeployOperator(BaseOperator):
+    """Deploy a registered model version behind a stable address, blue/green, without dropping requests.
+
+    Deploying the version that is already live (and ready) is a no-op. On failure to become ready the new
+    version is stopped and the old one keeps serving.
+
+    :param model_name: registry name (templated).
+    :param version: version to serve; default the registry's ``production`` version (templated).
+    :param bento_tag: Bento to serve (from :class:`BentoBuildOperator`); default the service module with the
+        model from the registry (templated).
+    :param deployment_name: name of the deployment; default ``model_name``.
+    :param target: ``local`` (this machine). Kubernetes / SageMaker targets: see ``docs/serving.md``.
+    :param port: port of the stable address (local target).
+    :param feast_repo_path: Feast repository for online features (templated).
+    :param feast_conn_id: optional ``feast`` connection of the online store.
+    :param bentoml_conn_id: optional ``bentoml`` connection; its password becomes the endpoint's API key.
+    :param ready_timeout: seconds the new version may take to become ready.
+    :param drain_timeout: seconds to wait for the old version's requests in flight.
+    :param serve_env: extra environment for the server (e.g. ``MLOPS_SERVE_LOG_FLUSH_SECONDS``).
+    :param deferrable: wait for readiness in the triggerer; default ``[operators] default_deferrable``.
+    """
+
+    template_fields: Sequence[str] = ("model_name", "version", "bento_tag", "feast_repo_path")
+    ui_color = "#fde8c8"
+
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        version: str | None = None,
+        bento_tag: str | None = None,
+        deployment_name: str | None = None,
+        target: str = "local",
+        port: int = 3000,
+        feast_repo_path: str | None = None,
+        feast_conn_id: str | None = None,
+        bentoml_conn_id: str | None = None,
+        ready_timeout: float = 300.0,
+        drain_timeout: float = 30.0,
+        serve_env: dict[str, str] | None = None,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if target != "local":
+            raise MLOpsArgumentError(
+                f"deployment target {target!r} is not available in this package.",
+                fix="use target='local'; Kubernetes and SageMaker targets plug in as described in docs/serving.md.",
+            )
+        self.model_name = model_name
+        self.version = version
+        self.bento_tag = bento_tag
+        self.deployment_name = deployment_name
+        self.target = target
+        self.port = port
+        self.feast_repo_path = feast_repo_path
+        self.feast_conn_id = feast_conn_id
+        self.bentoml_conn_id = bentoml_conn_id
+        self.ready_timeout = ready_timeout
+        self.drain_timeout = drain_timeout
+        self.serve_env = serve_env
+        self.deferrable = deferrable
+
+    @cached_property
+    def hook(self) -> BentoMLHook:
+        return BentoMLHook(bentoml_conn_id=self.bentoml_conn_id)
+
+    @cached_property
+    def local(self) -> LocalDeploymentTarget:
+        return LocalDeploymentTarget(self.hook, drain_timeout=self.drain_timeout)
+
+    @property
+    def deployment(self) -> str:
+        return self.deployment_name or self.model_name
+
+    def _bento_for(self, version: str) -> str | None:
+        bento = self.bento_tag
+        if bento and not bento.endswith(f":{version}"):
+            raise MLOpsArgumentError(
+                f"Bento {bento!r} does not serve version {version!r} of {self.model_name!r}.",
+                fix="pass the tag BentoBuildOperator returned for this version, or leave bento_tag empty.",
+            )
+        return bento
+
+    def resolve(self) -> dict[str, Any]:
+        index = self.hook.read_index(self.model_name)
+        version = self.version or index.get("production")
+        if not version:
+            raise ModelRegistryError(
+                f"model {self.model_name!r} has no production version to deploy.",
+                fix="pass version= or promote a version first.",
+            )
+        self.hook.model_dir(self.model_name, version)  # refuse a tampered model before starting anything
+        return {"version": version, "bento": self._bento_for(version)}
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        return self.deploy(self.resolve(), action="deploy", context=context)
+
+    def deploy(self, what: dict[str, Any], *, action: str, context: Context) -> dict[str, Any]:
+        with self.local.locked(self.deployment) as state:
+            router = self.local.ensure_router(state, int(self.port))
+            active = state.get("active")
+            if (
+                active
+                and active["version"] == what["version"]
+                and self.local.backend_ready(active)
+                and (self.local.router_status(router) or {}).get("active") == active["url"]
+            ):
+                self.log.info(
+                    "Version %s is already live at %s; nothing to do", active["version"], router["url"]
+                )
+                return self._result(state, switched=False)
+            stop_tree((state.get("pending") or {}).get("pid"), timeout=10)
+            spec = {
+                "deployment": self.deployment,
+                "model": self.model_name,
+                "version": what["version"],
+                "bento": what.get("bento"),
+                "feast_repo": self.feast_repo_path,
+                "feast_conn_id": self.feast_conn_id,
+                "bentoml_conn_id": self.bentoml_conn_id,
+                "env": self.serve_env or {},
+                "action": action,
+            }
+            state["pending"] = self.local.start(spec)
+            self.log.info(
+                "Started %s %s on %s (pid %s); waiting for readiness",
+                self.model_name,
+                what["version"],
+                state["pending"]["url"],
+                state["pending"]["pid"],
+            )
+        pending = state["pending"]
+        if self.deferrable:
+            from airflow_mlops.triggers.serving import BentoEndpointTrigger
+
+            self.defer(
+                trigger=BentoEndpointTrigger(url=pending["url"], timeout=float(self.ready_timeout)),
+                method_name="execute_complete",
+                timeout=timedelta(seconds=float(self.ready_timeout) + 120),
+            )
+        from airflow_mlops.sensors.serving import probe
+
+        deadline = time.monotonic() + float(self.ready_timeout)
+        seen = ""
+        while True:
+            ready, seen = probe(pending["url"])
+            if ready:
+                return self.complete({"status": "ready", "url": pending["url"]})
+            if time.monotonic() > deadline or not _alive(pending["pid"]):
+                return self.complete({"status": "timeout", "url": pending["url"], "message": seen})
+            time.sleep(0.5)
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        return self.complete(event)
+
+    def complete(self, event: dict[str, Any]) -> dict[str, Any]:
+        """Switch to the pending version if it became ready (state read from the state file and the event)."""
+        with self.local.locked(self.deployment) as state:
+            pending = state.get("pending")
+            if not pending or pending["url"] != event.get("url"):
+                raise ServingError(
+                    f"deployment {self.deployment!r} has no pending version at {event.get('url')} any more "
+                    "(another deploy replaced it).",
+                    fix="rerun the deploy task.",
+                )
+            if event.get("status") != "ready":
+                stop_tree(pending["pid"], timeout=10)
+                state["pending"] = None
+                state["history"].append(
+                    {"at": _now(), "action": f"{pending['action']}-failed", "version": pending["version"]}
+                )
+                raise ServingError(
+                    f"version {pending['version']} of {self.model_name!r} did not become ready "
+                    f"({event.get('message') or event.get('status')}); the live version keeps serving.\n"
+                    f"server log {pending['log']}:\n{_log_tail(pending['log'])}",
+                    fix="fix the cause in the server log (a refused model, a missing feature service, a port).",
+                )
+            router = self.local.ensure_router(state, int(self.port))
+            old = state.get("active")
+            self.local.switch(self.deployment, pending, router)
+            state["active"], state["pending"] = pending, None
+            if old and old.get("url") != pending["url"]:
+                self.local.drain_and_stop(old, router)
+                old["pid"] = None
+                state["previous"] = old
+            state["history"].append(
+                {
+                    "at": _now(),
+                    "action": pending["action"],
+                    "version": pending["version"],
+                    "bento": pending.get("bento"),
+                    "previous_version": old["version"] if old else None,
+                }
+            )
+            self.log.info(
+                "%s now serves %s %s (was %s)",
+                router["url"],
+                self.model_name,
+                pending["version"],
+                old["version"] if old else "nothing",
+            )
+            return self._result(state, switched=True)
+
+    def _result(self, state: dict[str, Any], *, switched: bool) -> dict[str, Any]:
+        active = state["active"]
+        previous = state.get("previous") or {}
+        return {
+            "deployment": state["name"],
+            "url": state["router"]["url"],
+            "version": active["version"],
+            "bento": active.get("bento"),
+            "backend": active["url"],
+            "previous_version": previous.get("version"),
+            "switched": switched,
+        }
+
+
+class BentoRollbackOperator(BentoDeployOperator):
+    """Put the previously live version of a deployment back (blue/green, like a deploy).
+
+    Rerunning the same task after it succeeded does nothing (the rollback it made is still live).
+
+    :param model_name: registry name (templated).
+    :param deployment_name: name of the deployment; default ``model_name``.
+    """
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        state = self.local.read_state(self.deployment)
+        run_key = f"{context['ti'].dag_id}/{context['run_id']}/{context['ti'].task_id}"
+        last = state["history"][-1] if state["history"] else {}
+        if last.get("action") == "rollback" and last.get("run_key") == run_key and state.get("active"):
+            self.log.info("This task already rolled back to %s", state["active"]["version"])
+            return self.deploy(
+                {"version": state["active"]["version"], "bento": state["active"].get("bento")},
+                action="rollback",
+                context=context,
+            )
+        previous = state.get("previous")
+        if not previous:
+            raise ServingError(
+                f"deployment {self.deployment!r} has no previous version to roll back to.",
+                fix="deploy a second version first.",
+            )
+        self.hook.model_dir(self.model_name, previous["version"])
+        result = self.deploy(
+            {"version": previous["version"], "bento": previous.get("bento")},
+            action="rollback",
+            context=context,
+        )
+        with self.local.locked(self.deployment) as state:
+            if state["history"] and state["history"][-1].get("action") == "rollback":
+                state["history"][-1]["run_key"] = run_key
+        return result

@@ -1,0 +1,304 @@
+"""Hyperparameter search with Ray Tune, on local Ray inside the task or on a Ray cluster as a Ray Job."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import time
+import uuid
+from collections.abc import Sequence
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.configuration import conf
+
+from airflow_mlops.exceptions import MLOpsArgumentError, TuningError
+from airflow_mlops.hooks.ray import TERMINAL_JOB_STATES, RayHook, merge_runtime_env
+from airflow_mlops.triggers.ray import RayJobTrigger
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+    from airflow_mlops.ml.search import SearchSpec
+
+OUTPUT_FOLDER = "tuning"
+
+
+def _package_dir(module_name: str) -> str | None:
+    """The folder of ``module_name``'s top-level package when it is not installed in site-packages
+    (so the cluster needs it shipped), else None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(module_name.split(".")[0])
+    if spec is None or not spec.origin:
+        return None
+    location = next(iter(spec.submodule_search_locations)) if spec.submodule_search_locations else spec.origin
+    return None if "site-packages" in location else location
+
+
+class RayTuneOperator(BaseOperator):
+    """Tune a model's hyperparameters with Ray Tune and return the best model.
+
+    Runs on local Ray started inside the task (``ray_conn_id`` empty, or a ``ray`` connection with no
+    host), or as a Ray Job on the cluster of a ``ray`` connection; with ``deferrable=True`` the task
+    then waits in the triggerer (:class:`~airflow_mlops.triggers.ray.RayJobTrigger`) and holds no
+    worker slot. Every check that can fail (trainable, search space, metric, label, data, cluster)
+    runs before any trial starts.
+
+    Tune's state lives in the artifact store under ``<dag>/<run>/<task>/tuning/tune_state``: a retry
+    of a killed task resumes the search and does not run completed trials again.
+
+    Returns (XCom, JSON): ``best_config``, ``best_metric``, ``model_uri`` + ``model_sha256`` +
+    ``model_format`` (skops or LightGBM text, never pickle), ``trials_uri`` (CSV), ``plot_uri`` (PNG),
+    ``counts`` (trials, completed, stopped_early, errored, finished_before_resume), ``result_uri``.
+
+    :param training_data_uri: parquet file or folder, or the JSON manifest of the training-set operator
+        (templated).
+    :param label: label column; default the manifest's (templated).
+    :param trainable: built-in name (e.g. ``lightgbm_classifier``) or import path of a function
+        ``(config, data)`` (templated).
+    :param search_space: plain mapping, or JSON/YAML text, e.g.
+        ``{"learning_rate": {"loguniform": [0.01, 0.3]}}`` (templated).
+    :param metric: metric to optimise, one the trainable reports (``auc``, ``logloss``, ``rmse``, ...).
+    :param mode: ``max`` or ``min``; default from the built-in metric's direction.
+    :param num_samples: trials to sample (times the grid size when ``grid_search`` is used).
+    :param scheduler: ``asha`` (default), ``fifo``, or ``{"type": "asha", "grace_period": 2, "max_t": 100,
+        "reduction_factor": 3}``.
+    :param max_concurrent_trials: at most this many trials at once (default: as many as resources allow).
+    :param resources_per_trial: Ray resources per trial, default ``{"cpu": 1}``.
+    :param time_budget_s: stop the whole search after this many seconds.
+    :param seed: seed for sampling the search space and for the models.
+    :param time_column: time column for the time-based validation split; default the manifest's
+        ``event_timestamp_column`` (templated).
+    :param features: feature columns; default the manifest's features or every other column (templated).
+    :param validation_fraction: share of the latest rows used for validation.
+    :param reuse_actors: reuse trial actors between trials (much less per-trial overhead).
+    :param ray_conn_id: ``ray`` connection; None means local Ray.
+    :param runtime_env: extra Ray runtime env for the cluster job (templated).
+    :param deferrable: on a cluster, wait for the job in the triggerer; default
+        ``[operators] default_deferrable``.
+    :param poll_interval: seconds between two job-status checks on a cluster.
+    :param progress_interval: seconds between two progress lines in the task log.
+    """
+
+    template_fields: Sequence[str] = (
+        "training_data_uri",
+        "label_column",
+        "trainable",
+        "search_space",
+        "time_column",
+        "features",
+        "runtime_env",
+    )
+    template_fields_renderers = {"search_space": "json", "runtime_env": "json"}
+    ui_color = "#fde6c8"
+
+    def __init__(
+        self,
+        *,
+        training_data_uri: str,
+        trainable: str,
+        search_space: dict[str, Any] | str,
+        metric: str,
+        label: str | None = None,
+        mode: str | None = None,
+        num_samples: int = 10,
+        scheduler: str | dict[str, Any] | None = "asha",
+        max_concurrent_trials: int | None = None,
+        resources_per_trial: dict[str, float] | None = None,
+        time_budget_s: float | None = None,
+        seed: int | None = None,
+        time_column: str | None = None,
+        features: list[str] | None = None,
+        validation_fraction: float = 0.2,
+        reuse_actors: bool = True,
+        ray_conn_id: str | None = None,
+        runtime_env: dict[str, Any] | None = None,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        poll_interval: float = 10.0,
+        progress_interval: float = 5.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.training_data_uri = training_data_uri
+        # BaseOperator.label is the task's display label, so the argument is stored as label_column
+        self.label_column = label
+        self.trainable = trainable
+        self.search_space = search_space
+        self.metric = metric
+        self.mode = mode
+        self.num_samples = num_samples
+        self.scheduler = scheduler
+        self.max_concurrent_trials = max_concurrent_trials
+        self.resources_per_trial = resources_per_trial
+        self.time_budget_s = time_budget_s
+        self.seed = seed
+        self.time_column = time_column
+        self.features = features
+        self.validation_fraction = validation_fraction
+        self.reuse_actors = reuse_actors
+        self.ray_conn_id = ray_conn_id
+        self.runtime_env = runtime_env
+        self.deferrable = deferrable
+        self.poll_interval = poll_interval
+        self.progress_interval = progress_interval
+        self._job_id: str | None = None
+
+    @cached_property
+    def hook(self) -> RayHook:
+        return RayHook(ray_conn_id=self.ray_conn_id)
+
+    # --------------------------------------------------------------------------------- spec
+
+    def build_spec(self, context: Context) -> SearchSpec:
+        """The search spec from the rendered arguments; checks the search space's form (no Ray)."""
+        from airflow_mlops.artifacts import ArtifactStore
+        from airflow_mlops.ml.search import SearchSpec, check_scheduler
+        from airflow_mlops.ml.search_space import SearchSpaceError, parse_search_space
+        from airflow_mlops.ml.trainables import METRIC_MODES
+
+        try:
+            space = parse_search_space(self.search_space)
+        except SearchSpaceError as err:
+            raise MLOpsArgumentError(
+                f"malformed search_space: {err}", fix="see docs/tuning.md for the search-space form."
+            ) from err
+        mode = self.mode or METRIC_MODES.get(self.metric)
+        if mode is None:
+            raise MLOpsArgumentError(
+                f"mode is needed for metric {self.metric!r}.", fix="pass mode='max' or 'min'."
+            )
+        features = self.features
+        if isinstance(features, str):
+            features = [f.strip() for f in features.split(",") if f.strip()]
+        output = ArtifactStore().for_task(context, OUTPUT_FOLDER)
+        return SearchSpec(
+            training_data_uri=str(self.training_data_uri),
+            trainable=str(self.trainable),
+            search_space=space,
+            metric=self.metric,
+            mode=mode,
+            storage_path=str(output / "tune_state"),
+            output_uri=str(output),
+            label=self.label_column or None,
+            time_column=self.time_column or None,
+            features=list(features) if features else None,
+            validation_fraction=float(self.validation_fraction),
+            num_samples=int(self.num_samples),
+            scheduler=check_scheduler(self.scheduler),
+            max_concurrent_trials=self.max_concurrent_trials,
+            resources_per_trial=dict(self.resources_per_trial or {"cpu": 1}),
+            time_budget_s=self.time_budget_s,
+            seed=self.seed,
+            reuse_actors=bool(self.reuse_actors),
+            progress_interval=float(self.progress_interval),
+        )
+
+    # ------------------------------------------------------------------------------ execute
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from airflow_mlops.ml.search import prepare, run_search
+
+        spec = self.build_spec(context)
+        local = self.hook.is_local
+        if not local:
+            self.log.info("Ray cluster at %s (connection %s)", self.hook.address, self.ray_conn_id)
+            self.hook.job_client  # noqa: B018 -- an unreachable cluster fails here, before any trial
+        fn, data = prepare(spec)
+        self.log.info("Training set: %s", data.summary())
+        if local:
+            if self.deferrable:
+                self.log.info("deferrable=True has no effect on local Ray: the search runs in this task")
+            with self.hook.local_ray():
+                return run_search(spec, fn, data)
+        return self._submit(context, spec, fn)
+
+    def _runtime_env(self, fn: Any) -> dict[str, Any]:
+        import airflow_mlops
+
+        modules = [os.path.dirname(airflow_mlops.__file__)]
+        extra = _package_dir(fn.__module__)
+        if extra and extra not in modules:
+            modules.append(extra)
+        env = {"py_modules": modules, "env_vars": {"PYTHONUNBUFFERED": "1"}}
+        return self.hook.runtime_env(merge_runtime_env(env, self.runtime_env))
+
+    def _submit(self, context: Context, spec: SearchSpec, fn: Any) -> dict[str, Any]:
+        from airflow_mlops.artifacts import ArtifactStore, as_path
+
+        store = ArtifactStore()
+        spec_path = as_path(spec.output_uri) / "spec.json"
+        store.write_bytes(spec_path, spec.to_json().encode())
+        ti = context["ti"]
+        run_key = hashlib.sha256(f"{ti.dag_id}/{ti.run_id}/{ti.task_id}".encode()).hexdigest()[:10]
+        job_id = f"mlops-tune-{run_key}-try{getattr(ti, 'try_number', 0)}-{uuid.uuid4().hex[:6]}"
+        result_uri = str(as_path(spec.output_uri) / "result.json")
+        self._job_id = self.hook.submit_job(
+            f"python -m airflow_mlops.ml.search {shlex.quote(str(spec_path))}",
+            runtime_env=self._runtime_env(fn),
+            submission_id=job_id,
+            metadata={"dag_id": ti.dag_id, "task_id": ti.task_id, "run_id": ti.run_id},
+        )
+        self.log.info("Submitted Ray Job %s to %s", self._job_id, self.hook.address)
+        if self.deferrable:
+            self.defer(
+                trigger=RayJobTrigger(
+                    job_id=self._job_id,
+                    ray_conn_id=str(self.ray_conn_id),
+                    result_uri=result_uri,
+                    poll_interval=float(self.poll_interval),
+                ),
+                method_name="execute_complete",
+            )
+        return self.execute_complete(context, self._wait(self._job_id, result_uri))
+
+    def _wait(self, job_id: str, result_uri: str) -> dict[str, Any]:
+        """Poll the job from the worker (non-deferrable), relaying its new log lines."""
+        shown = 0
+        while True:
+            status = self.hook.get_job_status(job_id)
+            logs = self.hook.get_job_logs(job_id)
+            for line in logs[shown:].splitlines():
+                if line.strip():
+                    self.log.info("[job] %s", line)
+            shown = len(logs)
+            if status in TERMINAL_JOB_STATES:
+                break
+            time.sleep(float(self.poll_interval))
+        event = {
+            "status": "success" if status == "SUCCEEDED" else "error",
+            "job_id": job_id,
+            "job_status": status,
+            "result_uri": result_uri,
+        }
+        if status != "SUCCEEDED":
+            event["message"] = f"Ray Job {job_id} ended {status}. Last lines of its log:\n{logs[-4000:]}"
+        return event
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        """Resume after the job ended; all state comes from ``event`` and the artifact store."""
+        from airflow_mlops.artifacts import ArtifactStore
+
+        if event.get("status") != "success":
+            raise TuningError(
+                f"the tuning job failed: {event.get('message')}",
+                fix="read the job log above; fix the trainable or data, then clear the task "
+                "(completed trials are kept).",
+            )
+        result = ArtifactStore().read_json(event["result_uri"])
+        result["ray_job_id"] = event["job_id"]
+        self.log.info(
+            "Ray Job %s: best %s=%s, model %s",
+            event["job_id"],
+            result["metric"],
+            result["best_metric"],
+            result["model_uri"],
+        )
+        return result
+
+    def on_kill(self) -> None:
+        if self._job_id and not self.hook.is_local:
+            self.log.info("Stopping Ray Job %s", self._job_id)
+            self.hook.stop_job(self._job_id)

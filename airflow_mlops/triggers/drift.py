@@ -1,0 +1,226 @@
+"""Event-driven drift monitoring: a ``BaseEventTrigger`` for ``AssetWatcher``.
+
+:class:`DriftEventTrigger` polls either a metric JSON (e.g. the ``drift_summary.json`` a monitor
+writes, or any external monitor's output) or the serving prediction log
+(``<artifact_root>/predictions/<model>/date=YYYY-MM-DD/part-*.jsonl``) and fires when drift crosses the
+threshold. For the prediction log it scores each column's population stability index (PSI) against
+the cached reference statistics of :func:`airflow_mlops.operators.drift.prepare_reference`
+(``stats.json``: quantile bins and category shares), so no reference rows and no Evidently are needed
+in the triggerer. All file reads run in a worker thread (``asyncio.to_thread``).
+
+Each event carries an ``event_id`` derived from what was scored (the metric file's content, or the log
+files and their sizes): watchers are at-least-once, and the retraining gate drops repeated ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+from airflow.triggers.base import BaseEventTrigger, TriggerEvent
+
+_EPS = 1e-4
+
+
+def psi(reference: Sequence[float], current: Sequence[float]) -> float:
+    """Population stability index of two share vectors over the same bins."""
+    total = 0.0
+    for r, c in zip(reference, current, strict=True):
+        r, c = max(r, _EPS), max(c, _EPS)
+        total += (c - r) * math.log(c / r)
+    return total
+
+
+def column_psi(stats: Mapping[str, Any], values: Sequence[Any]) -> float | None:
+    """PSI of ``values`` against one column of the reference statistics (None: no usable values)."""
+    if stats["kind"] == "numerical":
+        numbers = [
+            float(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool) and v == v
+        ]
+        edges = stats["edges"]
+        if not numbers or len(edges) < 2:
+            return None
+        counts = [0] * (len(edges) - 1)
+        for v in numbers:
+            v = min(max(v, edges[0]), edges[-1])
+            lo, hi = 0, len(edges) - 2  # bin i holds [edges[i], edges[i+1]), the last one closed
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if v >= edges[mid]:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            counts[lo] += 1
+        return psi(stats["shares"], [c / len(numbers) for c in counts])
+    cats = [str(v) for v in values if v is not None]
+    if not cats:
+        return None
+    keys = sorted(set(stats["shares"]) | set(cats))
+    current = {k: 0 for k in keys}
+    for v in cats:
+        current[v] += 1
+    return psi([stats["shares"].get(k, 0.0) for k in keys], [current[k] / len(cats) for k in keys])
+
+
+class DriftEventTrigger(BaseEventTrigger):
+    """Fire when drift crosses the threshold in a metric file or in the prediction log.
+
+    With ``reference_stats_uri`` unset, ``source_uri`` is a JSON file and the trigger fires when
+    ``metric_key`` in it reaches ``threshold`` (for ``drift_share``, or a boolean ``drift_detected``).
+    With ``reference_stats_uri`` set, ``source_uri`` is a prediction-log root; the newest
+    ``window_files`` part files are scored column by column (PSI); the trigger fires when the share of
+    columns with PSI >= ``threshold`` reaches ``drift_share`` and at least ``min_rows`` rows were read.
+
+    Event: ``{"status": "drift", "event_id", "data_time", "drift_share", "drifted_columns", "source_uri"}``;
+    ``{"status": "error", "message"}`` when the source cannot be read.
+
+    :param source_uri: metric JSON or prediction-log root (``file://``, ``s3://``, ``gs://``).
+    :param reference_stats_uri: ``stats.json`` of the cached drift reference (prediction-log mode).
+    :param columns: columns to score; default every column of the reference statistics.
+    :param threshold: metric value (metric mode) or per-column PSI (log mode) that counts as drift.
+    :param drift_share: share of drifted columns that fires (log mode).
+    :param metric_key: key of the metric in the JSON (metric mode).
+    :param window_files: newest log part files scored (log mode).
+    :param min_rows: fewest log rows to score (log mode).
+    :param poll_interval: seconds between two checks.
+    :param conn_id: Airflow connection of a remote store.
+    """
+
+    def __init__(
+        self,
+        source_uri: str,
+        reference_stats_uri: str | None = None,
+        columns: list[str] | None = None,
+        threshold: float = 0.2,
+        drift_share: float = 0.5,
+        metric_key: str = "drift_share",
+        window_files: int = 7,
+        min_rows: int = 100,
+        poll_interval: float = 60.0,
+        conn_id: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.source_uri = source_uri
+        self.reference_stats_uri = reference_stats_uri
+        self.columns = columns
+        self.threshold = threshold
+        self.drift_share = drift_share
+        self.metric_key = metric_key
+        self.window_files = window_files
+        self.min_rows = min_rows
+        self.poll_interval = poll_interval
+        self.conn_id = conn_id
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "source_uri": self.source_uri,
+                "reference_stats_uri": self.reference_stats_uri,
+                "columns": self.columns,
+                "threshold": self.threshold,
+                "drift_share": self.drift_share,
+                "metric_key": self.metric_key,
+                "window_files": self.window_files,
+                "min_rows": self.min_rows,
+                "poll_interval": self.poll_interval,
+                "conn_id": self.conn_id,
+            },
+        )
+
+    def _path(self, uri: str) -> Any:
+        from airflow_mlops.artifacts import as_path
+
+        return as_path(uri, conn_id=self.conn_id)
+
+    def check_metric(self) -> dict[str, Any] | None:
+        """Metric mode, blocking: the event payload when the metric crosses the threshold, else None."""
+        path = self._path(self.source_uri)
+        if not path.exists():
+            return None
+        raw = path.read_bytes()
+        body = json.loads(raw)
+        value = body.get(self.metric_key)
+        crossed = value is True or (
+            isinstance(value, int | float) and not isinstance(value, bool) and value >= self.threshold
+        )
+        if not crossed:
+            return None
+        return {
+            "status": "drift",
+            "event_id": body.get("event_id") or hashlib.sha256(raw).hexdigest()[:24],
+            "data_time": body.get("data_time") or (body.get("window") or {}).get("end"),
+            "drift_share": body.get("drift_share"),
+            "drifted_columns": body.get("drifted_columns") or {},
+            "metric": {self.metric_key: value},
+            "source_uri": self.source_uri,
+        }
+
+    def check_log(self) -> dict[str, Any] | None:
+        """Prediction-log mode, blocking: the event payload when drift is found, else None."""
+        from airflow_mlops.operators.drift import flatten_prediction
+
+        stats = json.loads(self._path(self.reference_stats_uri).read_bytes())["columns"]
+        root = self._path(self.source_uri)
+        if not root.exists():
+            return None
+        days = sorted((p for p in root.iterdir() if p.name.startswith("date=")), key=lambda p: p.name)
+        parts = [
+            (d.name[5:], f)
+            for d in days
+            for f in sorted(d.iterdir(), key=lambda p: p.name)
+            if f.name.endswith(".jsonl")
+        ]
+        parts = parts[-int(self.window_files) :]
+        rows: list[dict[str, Any]] = []
+        identity = hashlib.sha256()
+        for day, part in parts:
+            text = part.read_text()
+            identity.update(f"{day}/{part.name}:{len(text)};".encode())
+            rows.extend(flatten_prediction(json.loads(line)) for line in text.splitlines() if line.strip())
+        if len(rows) < self.min_rows:
+            return None
+        scores = {}
+        for column in self.columns or list(stats):
+            if column in stats:
+                score = column_psi(stats[column], [r.get(column) for r in rows])
+                if score is not None:
+                    scores[column] = score
+        drifted = {c: s for c, s in scores.items() if s >= self.threshold}
+        share = len(drifted) / len(scores) if scores else 0.0
+        if not scores or share < self.drift_share:
+            self.log.debug("Prediction log drift share %.2f below %.2f", share, self.drift_share)
+            return None
+        return {
+            "status": "drift",
+            "event_id": "log-" + identity.hexdigest()[:24],
+            "data_time": parts[-1][0],
+            "drift_share": share,
+            "drifted_columns": drifted,
+            "rows": len(rows),
+            "source_uri": self.source_uri,
+        }
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        check = self.check_log if self.reference_stats_uri else self.check_metric
+        while True:
+            try:
+                payload = await asyncio.to_thread(check)
+            except Exception as err:  # an unreadable source ends the watch with a readable event
+                yield TriggerEvent(
+                    {
+                        "status": "error",
+                        "source_uri": self.source_uri,
+                        "message": f"{type(err).__name__}: {err}",
+                    }
+                )
+                return
+            if payload is not None:
+                self.log.info("Drift found in %s: %s", self.source_uri, payload["drifted_columns"])
+                yield TriggerEvent(payload)
+                return
+            await asyncio.sleep(self.poll_interval)

@@ -1,0 +1,105 @@
+"""Async trigger that waits for a Ray Job to end, used by the deferrable :class:`RayTuneOperator`.
+
+Ray's ``JobSubmissionClient`` is synchronous (HTTP through ``requests``), so every call runs in a
+worker thread (``asyncio.to_thread``); the triggerer's event loop is never blocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+LOG_TAIL_CHARS = 4000
+
+
+class RayJobTrigger(BaseTrigger):
+    """Poll a Ray Job until it is ``SUCCEEDED``, ``FAILED`` or ``STOPPED``.
+
+    Events: ``{"status": "success", "job_id", "job_status", "result_uri"}`` when the job succeeded;
+    ``{"status": "error", "job_id", "job_status", "result_uri", "message"}`` otherwise (the message ends
+    with the tail of the job's log), also when the cluster cannot be asked.
+
+    :param job_id: the Ray Job submission id.
+    :param ray_conn_id: the ``ray`` connection of the cluster.
+    :param result_uri: where the job writes its ``result.json`` (handed back in the event).
+    :param poll_interval: seconds between two status requests.
+    """
+
+    def __init__(self, job_id: str, ray_conn_id: str, result_uri: str, poll_interval: float = 10.0) -> None:
+        super().__init__()
+        self.job_id = job_id
+        self.ray_conn_id = ray_conn_id
+        self.result_uri = result_uri
+        self.poll_interval = poll_interval
+        self._hook: Any = None
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "job_id": self.job_id,
+                "ray_conn_id": self.ray_conn_id,
+                "result_uri": self.result_uri,
+                "poll_interval": self.poll_interval,
+            },
+        )
+
+    def _client_hook(self) -> Any:
+        if self._hook is None:
+            from airflow_mlops.hooks.ray import RayHook
+
+            self._hook = RayHook(ray_conn_id=self.ray_conn_id)
+        return self._hook
+
+    def _status(self) -> str:
+        return self._client_hook().get_job_status(self.job_id)
+
+    def _log_tail(self) -> str:
+        try:
+            return self._client_hook().get_job_logs(self.job_id)[-LOG_TAIL_CHARS:]
+        except Exception as err:
+            return f"(job log not available: {err})"
+
+    def _event(self, status: str, job_status: str, message: str | None = None) -> TriggerEvent:
+        payload = {
+            "status": status,
+            "job_id": self.job_id,
+            "job_status": job_status,
+            "result_uri": self.result_uri,
+        }
+        if message is not None:
+            payload["message"] = message
+        return TriggerEvent(payload)
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        from airflow_mlops.hooks.ray import TERMINAL_JOB_STATES
+
+        previous = None
+        while True:
+            try:
+                job_status = await asyncio.to_thread(self._status)
+            except Exception as err:  # unreachable cluster, unknown job: end with a readable event
+                yield self._event(
+                    "error",
+                    "UNKNOWN",
+                    f"cannot get the status of Ray Job {self.job_id}: {type(err).__name__}: {err}",
+                )
+                return
+            if job_status != previous:
+                self.log.info("Ray Job %s is %s", self.job_id, job_status)
+                previous = job_status
+            if job_status in TERMINAL_JOB_STATES:
+                if job_status == "SUCCEEDED":
+                    yield self._event("success", job_status)
+                else:
+                    tail = await asyncio.to_thread(self._log_tail)
+                    yield self._event(
+                        "error",
+                        job_status,
+                        f"Ray Job {self.job_id} ended {job_status}. Last lines of its log:\n{tail}",
+                    )
+                return
+            await asyncio.sleep(self.poll_interval)

@@ -1,0 +1,276 @@
+"""Benchmark of RayTuneOperator: time-to-quality against GridSearchCV, and Tune's per-trial overhead.
+
+Run from the clone (takes a few minutes; the machine should be otherwise idle):
+
+    .venv/bin/python benchmarks/bench_tuning.py [--rows 20000] [--cpus 2]
+
+1. Time-to-quality on a flights training set (Jan-Mar 2013 joined with the weather at departure,
+   label arr_delay > 15, the latest 20 % by scheduled departure as validation rows):
+   scikit-learn ``GridSearchCV`` over a grid of HistGradientBoostingClassifier parameters
+   (``PredefinedSplit`` = the same time-based validation rows, ``n_jobs`` = the CPUs), against the
+   operator with ASHA sampling as many configurations from the same ranges. Quality target: within
+   0.005 AUC of the grid's best. GridSearchCV only knows its best when every candidate is done, so
+   its time-to-quality is its wall time; the operator's is the time of the first trial report that
+   reaches the target (from Tune's per-report timestamps), counted from the start of the search.
+   Target: ASHA <= 0.5x the grid's time.
+2. Per-trial overhead: 20 trials of the ``sleep`` trainable (1 s each) through the operator, one CPU
+   per trial, against the ideal 20 s / slots; with and without ``reuse_actors``. Target: <= 20 %.
+
+Ray is started once (``[mlops] ray_num_cpus`` / ``--cpus``) before the measurements; its start-up
+time is printed apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID = {
+    "learning_rate": [0.03, 0.1, 0.3],
+    "max_leaf_nodes": [15, 31, 63],
+    "min_samples_leaf": [20, 100],
+}
+MAX_ITER = 200
+TOLERANCE = 0.005
+
+
+def build_training_set(folder: Path, rows: int) -> Path:
+    import pandas as pd
+
+    from airflow_mlops.demo.data import read_table
+
+    flights = read_table("flights")
+    weather = read_table("weather")[
+        ["origin", "time_hour", "temp", "dewp", "humid", "wind_speed", "precip", "pressure", "visib"]
+    ]
+    pool = flights[(flights["month"] <= 3) & flights["arr_delay"].notna()]
+    frame = pool.sample(n=min(rows, len(pool)), random_state=13).merge(
+        weather, on=["origin", "time_hour"], how="left"
+    )
+    frame["sched_dep_utc"] = frame["time_hour"] + pd.to_timedelta(frame["minute"], unit="m")
+    frame["dow"] = frame["time_hour"].dt.dayofweek
+    frame["delayed"] = (frame["arr_delay"] > 15).astype(int)
+    columns = [
+        "sched_dep_utc",
+        "carrier",
+        "origin",
+        "dest",
+        "distance",
+        "hour",
+        "month",
+        "dow",
+        "temp",
+        "dewp",
+        "humid",
+        "wind_speed",
+        "precip",
+        "pressure",
+        "visib",
+        "delayed",
+    ]
+    path = folder / "flights_training.parquet"
+    frame[columns].to_parquet(path, index=False)
+    return path
+
+
+def grid_search(data_path: Path, cpus: int) -> dict:
+    """GridSearchCV over GRID on the same time-based split the operator uses."""
+    import numpy as np
+    import pandas as pd
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.model_selection import GridSearchCV, PredefinedSplit
+    from sklearn.pipeline import Pipeline
+
+    from airflow_mlops.ml.dataset import build_training_set as split
+    from airflow_mlops.ml.trainables import _encoder
+
+    data = split(
+        pd.read_parquet(data_path), label="delayed", task="classification", time_column="sched_dep_utc"
+    )
+    prep = _encoder(data, one_hot=False)
+    x = pd.concat([data.x_train, data.x_valid], ignore_index=True)
+    y = np.concatenate([data.y_train, data.y_valid])
+    fold = np.r_[np.full(len(data.y_train), -1), np.zeros(len(data.y_valid), dtype=int)]
+    model = HistGradientBoostingClassifier(
+        max_iter=MAX_ITER,
+        early_stopping=False,
+        random_state=0,
+        categorical_features=[i < len(data.categorical) for i in range(len(data.features))],
+    )
+    search = GridSearchCV(
+        Pipeline([("prep", prep), ("model", model)]),
+        {f"model__{k}": v for k, v in GRID.items()},
+        scoring="roc_auc",
+        cv=PredefinedSplit(fold),
+        n_jobs=cpus,
+        refit=False,
+    )
+    started = time.monotonic()
+    search.fit(x, y)
+    return {
+        "wall_s": time.monotonic() - started,
+        "best_auc": float(search.best_score_),
+        "best_params": search.best_params_,
+        "candidates": len(search.cv_results_["params"]),
+    }
+
+
+def _context(task_id: str) -> dict:
+    return {
+        "ti": SimpleNamespace(
+            dag_id="bench_tuning", run_id=f"run-{os.getpid()}-{time.time_ns()}", task_id=task_id, try_number=1
+        )
+    }
+
+
+def asha_search(data_path: Path, candidates: int, target: float, cpus: int) -> dict:
+    import pandas as pd
+
+    from airflow_mlops.artifacts import as_path
+    from airflow_mlops.operators.tuning import RayTuneOperator
+
+    op = RayTuneOperator(
+        task_id="asha",
+        training_data_uri=str(data_path),
+        label="delayed",
+        time_column="sched_dep_utc",
+        trainable="hist_gradient_boosting_classifier",
+        search_space={
+            "learning_rate": {"loguniform": [min(GRID["learning_rate"]), max(GRID["learning_rate"])]},
+            "max_leaf_nodes": {"randint": [min(GRID["max_leaf_nodes"]), max(GRID["max_leaf_nodes"]) + 1]},
+            "min_samples_leaf": {"choice": GRID["min_samples_leaf"]},
+            "max_iter": MAX_ITER,
+            "report_every": 20,
+        },
+        metric="auc",
+        num_samples=candidates,
+        scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 3},
+        max_concurrent_trials=cpus,
+        seed=0,
+        progress_interval=10,
+    )
+    started_wall = time.time()
+    started = time.monotonic()
+    result = op.execute(_context("asha"))
+    wall = time.monotonic() - started
+    # every report of every trial, with its wall-clock timestamp, from Tune's own progress files
+    reports = []
+    state = as_path(result["tune_storage"]) / "search"
+    for progress in state.rglob("progress.csv"):
+        frame = pd.read_csv(io.BytesIO(progress.read_bytes()))
+        reports.extend(zip(frame["timestamp"], frame["auc"], strict=True))
+    reached = sorted(ts for ts, auc in reports if auc >= target)
+    # what the operator returns is a completed trial's final model: when did the first such model
+    # reach the target? (Tune's timestamps are whole seconds)
+    trials = pd.read_csv(io.BytesIO(as_path(result["trials_uri"]).read_bytes()))
+    final = trials[(trials["status"] == "completed") & (trials["auc"] >= target)]["finished_at"]
+    return {
+        "wall_s": wall,
+        "best_auc": result["best_metric"],
+        "time_to_quality_s": (float(final.min()) - started_wall) if len(final) else None,
+        "time_to_any_report_s": (reached[0] - started_wall) if reached else None,
+        "counts": result["counts"],
+        "reports": len(reports),
+    }
+
+
+def overhead(trials: int, reuse: bool, cpus: int, data_path: Path) -> dict:
+    from airflow_mlops.operators.tuning import RayTuneOperator
+
+    op = RayTuneOperator(
+        task_id=f"sleep_reuse_{reuse}",
+        training_data_uri=str(data_path),
+        label="delayed",
+        time_column="sched_dep_utc",
+        trainable="sleep",
+        search_space={"seconds": 1.0, "score": {"uniform": [0, 1]}},
+        metric="score",
+        mode="max",
+        num_samples=trials,
+        scheduler="fifo",
+        reuse_actors=reuse,
+        progress_interval=30,
+    )
+    result = op.execute(_context(op.task_id))
+    ideal = trials * 1.0 / cpus
+    # elapsed_s: the operator's search (Tuner.fit and writing the outputs), Ray already running
+    return {"wall_s": result["elapsed_s"], "ideal_s": ideal, "overhead": result["elapsed_s"] / ideal - 1}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=20000)
+    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--trials", type=int, default=20)
+    args = parser.parse_args()
+    os.environ.setdefault("AIRFLOW__MLOPS__STATE_DIR", str(ROOT / "state" / "bench"))
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    from airflow_mlops.hooks.ray import RayHook
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-tuning-"))
+    data_path = build_training_set(folder, args.rows)
+    print(f"flights training set: {args.rows} rows (Jan-Mar 2013), {args.cpus} CPUs", flush=True)
+
+    grid = grid_search(data_path, args.cpus)
+    target = grid["best_auc"] - TOLERANCE
+    print(
+        f"GridSearchCV: {grid['candidates']} candidates in {grid['wall_s']:.1f} s, best AUC "
+        f"{grid['best_auc']:.4f} {grid['best_params']}",
+        flush=True,
+    )
+
+    started = time.monotonic()
+    with RayHook(ray_conn_id=None).local_ray(num_cpus=args.cpus):
+        print(f"Ray started in {time.monotonic() - started:.1f} s (not counted below)", flush=True)
+        asha = asha_search(data_path, grid["candidates"], target, args.cpus)
+        ttq = asha["time_to_quality_s"]
+        print(
+            f"RayTuneOperator + ASHA: {grid['candidates']} samples in {asha['wall_s']:.1f} s "
+            f"(task incl. data load and outputs), best AUC {asha['best_auc']:.4f}, {asha['counts']}",
+            flush=True,
+        )
+        rows = [(f"time-to-quality (AUC >= {target:.4f})", grid["wall_s"], ttq)]
+        over = {reuse: overhead(args.trials, reuse, args.cpus, data_path) for reuse in (True, False)}
+
+    print("\n== time to quality ==")
+    for name, grid_s, asha_s in rows:
+        if asha_s is None:
+            print(
+                f"{name}: grid {grid_s:.1f} s; no completed ASHA trial reached it (best {asha['best_auc']:.4f})"
+            )
+        else:
+            print(
+                f"{name}: grid {grid_s:.1f} s, ASHA {asha_s:.1f} s (a completed trial's final model) -> "
+                f"ratio {asha_s / grid_s:.2f}x (target <= 0.50x)"
+            )
+    if asha["time_to_any_report_s"] is not None:
+        print(
+            f"  first intermediate report at the target: {asha['time_to_any_report_s']:.1f} s "
+            f"-> {asha['time_to_any_report_s'] / grid['wall_s']:.2f}x"
+        )
+    print(
+        f"\n== per-trial overhead: {args.trials} x sleep(1 s), {args.cpus} slots, ideal "
+        f"{over[True]['ideal_s']:.1f} s =="
+    )
+    for reuse, figures in over.items():
+        print(
+            f"reuse_actors={reuse!s:<5}: {figures['wall_s']:.1f} s -> overhead {figures['overhead'] * 100:+.0f} % "
+            "(target <= +20 %)"
+        )
+    summary = {"grid": grid, "asha": asha, "overhead": {str(k): v for k, v in over.items()}}
+    print("\n@@" + json.dumps(summary, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,392 @@
+"""A real ``bentoml serve`` of real registered models, behind the deployment's stable address.
+
+One deployment is shared by the whole module (the server starts take most of the time): version A is
+built into a Bento and deployed; the tests talk HTTP to it, fuzz it, switch to version B under a steady
+stream of requests, roll back, and try to serve a tampered model. The models only use features a
+request carries (carrier, origin, hour, distance, month), so no feature store is contacted here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import not_a_server_error
+from serving.models import FEATURES, register, training_frame, write_model
+
+from airflow_mlops.hooks.bentoml import BentoMLHook, ModelIntegrityError
+from airflow_mlops.ml.service import Flight, request_features
+from airflow_mlops.operators.serving import (
+    BentoBuildOperator,
+    BentoDeployOperator,
+    BentoRollbackOperator,
+    LocalDeploymentTarget,
+    free_port,
+)
+from airflow_mlops.sensors.serving import probe
+
+pytestmark = pytest.mark.integration
+
+MODEL = "serving_it"
+API_KEY = "it-api-key-123"
+CONN = "bentoml_serving_it"
+HEADERS = {"X-API-Key": API_KEY}
+
+
+def _context(task_id: str = "deploy", run_id: str = "manual__1") -> dict:
+    return {"run_id": run_id, "ti": SimpleNamespace(dag_id="serving_it", run_id=run_id, task_id=task_id)}
+
+
+def _flights(n: int, seed: int = 0) -> list[dict]:
+    """Real 2013 flights (May) as request bodies, with their local scheduled departure and time zone."""
+    from airflow_mlops.demo.data import read_table
+
+    frame = read_table("flights")
+    frame = frame[frame["month"] == 5].sample(n, random_state=seed)
+    rows = []
+    for r in frame.itertuples():
+        local = f"2013-05-{r.day:02d}T{r.hour:02d}:{r.minute:02d}:00-04:00"  # New York summer time
+        rows.append(
+            {
+                "carrier": r.carrier,
+                "origin": r.origin,
+                "dest": r.dest,
+                "scheduled_departure": local,
+                "distance": float(r.distance),
+                "tailnum": r.tailnum if isinstance(r.tailnum, str) else None,
+            }
+        )
+    return rows
+
+
+def _expected(version: str, flights: list[dict]) -> np.ndarray:
+    """What the registered model answers when called in this process (same registry, same features)."""
+    predictor = BentoMLHook().load(MODEL, version)
+    rows = [request_features(Flight.model_validate(f)) for f in flights]
+    return predictor.predict([{k: row[k] for k in FEATURES} for row in rows])
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    # a state folder of the module's own: registry, BentoML home, deployments, prediction log
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AIRFLOW__MLOPS__STATE_DIR", str(tmp_path_factory.mktemp("serving-state")))
+        env.setenv(f"AIRFLOW_CONN_{CONN.upper()}", json.dumps({"conn_type": "bentoml", "password": API_KEY}))
+        yield from _live(tmp_path_factory.mktemp("serving-models"))
+
+
+def _live(tmp: Path):
+    train = training_frame().sample(4000, random_state=1)
+    versions = {
+        "a": register(MODEL, write_model(tmp / "a", train, max_iter=8)),
+        "b": register(MODEL, write_model(tmp / "b", train, max_iter=40)),
+    }
+    built = BentoBuildOperator(task_id="build", model_name=MODEL, version=versions["a"]).execute(
+        _context("build")
+    )
+    port = free_port()
+
+    def deploy(version: str, bento: str | None = None, **kwargs) -> dict:
+        return BentoDeployOperator(
+            task_id="deploy",
+            model_name=MODEL,
+            version=version,
+            bento_tag=bento,
+            port=port,
+            bentoml_conn_id=CONN,
+            serve_env={"MLOPS_SERVE_LOG_FLUSH_SECONDS": "0.5"},
+            deferrable=False,
+            ready_timeout=120,
+            **kwargs,
+        ).execute(_context())
+
+    target = LocalDeploymentTarget(BentoMLHook())
+    try:
+        first = deploy(versions["a"], built["tag"])
+        yield SimpleNamespace(
+            url=first["url"],
+            versions=versions,
+            built=built,
+            first=first,
+            deploy=deploy,
+            target=target,
+            client=httpx.Client(base_url=first["url"], headers=HEADERS, timeout=30),
+        )
+    finally:
+        state = target.read_state(MODEL)
+        pids = [(state.get(k) or {}).get("pid") for k in ("router", "active", "pending")]
+        target.teardown(MODEL)
+        leftovers = [p for p in pids if p and psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+        assert not leftovers, f"processes left running: {leftovers}"
+
+
+def test_the_bento_has_a_dockerfile_in_its_build_context_and_no_image_without_docker(live):
+    assert live.built["tag"] == f"{MODEL}-service:{live.versions['a']}"
+    dockerfile = Path(live.built["dockerfile"])
+    assert dockerfile.parent == Path(live.built["build_context"]) and "FROM" in dockerfile.read_text()
+    assert live.built["image"] is None
+    assert live.first["bento"] == live.built["tag"] and live.first["switched"]
+
+
+def test_single_and_batch_predictions_are_the_registered_models_answers(live):
+    flights = _flights(40)
+    expected = _expected(live.versions["a"], flights)
+    batch = live.client.post("/predict_batch", json={"flights": flights})
+    assert batch.status_code == 200, batch.text
+    answers = batch.json()
+    assert {a["model_version"] for a in answers} == {live.versions["a"]}
+    np.testing.assert_allclose([a["delay_probability"] for a in answers], expected, rtol=1e-9)
+    single = live.client.post("/predict", json={"flight": flights[3]})
+    assert single.status_code == 200, single.text
+    assert single.json()["model_version"] == live.versions["a"]
+    assert single.json()["delay_probability"] == pytest.approx(expected[3], rel=1e-9)
+
+
+def test_readiness_names_the_model_version(live):
+    ready = httpx.get(live.url + "/ready", timeout=10).json()
+    assert ready == {
+        "ready": True,
+        "model": MODEL,
+        "version": live.versions["a"],
+        "feature_lookup": "request features only",
+        "error": None,
+    }
+    assert probe(live.url, "/readyz")[0] and probe(live.url, "/livez")[0]
+
+
+def test_the_api_key_is_required(live):
+    body = {"flight": _flights(1)[0]}
+    for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"}):
+        answer = httpx.post(live.url + "/predict", json=body, headers=headers, timeout=10)
+        assert answer.status_code == 401 and "API key" in answer.json()["error"]
+    assert (
+        httpx.post(
+            live.url + "/predict", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10
+        ).status_code
+        == 200
+    )
+
+
+@pytest.mark.parametrize(
+    "flight, problem",
+    [
+        ({"carrier": "UA", "origin": "EWR", "dest": "IAH", "distance": 1400}, "scheduled_departure"),
+        (
+            {
+                "carrier": "UA",
+                "origin": "EWR",
+                "dest": "IAH",
+                "distance": 1400,
+                "scheduled_departure": "2013-05-01T08:00:00",
+            },
+            "timezone",
+        ),
+        (
+            {
+                "carrier": "UA",
+                "origin": "EWR",
+                "dest": "IAH",
+                "distance": -5,
+                "scheduled_departure": "2013-05-01T08:00:00-04:00",
+            },
+            "greater than or equal to 1",
+        ),
+        (
+            {
+                "carrier": "united",
+                "origin": "EWR",
+                "dest": "IAH",
+                "distance": 1400,
+                "scheduled_departure": "2013-05-01T08:00:00-04:00",
+            },
+            "pattern",
+        ),
+    ],
+)
+def test_bad_input_gets_a_400_that_names_the_problem(live, flight, problem):
+    for path, body in (("/predict", {"flight": flight}), ("/predict_batch", {"flights": [flight]})):
+        answer = live.client.post(path, json=body)
+        assert answer.status_code == 400, (path, answer.text)
+        assert problem in answer.text
+
+
+def test_every_prediction_is_logged_to_the_artifact_store(live):
+    flights = _flights(5, seed=9)
+    assert live.client.post("/predict_batch", json={"flights": flights}).status_code == 200
+    root = Path(os.environ["AIRFLOW__MLOPS__STATE_DIR"]) / "artifacts" / "predictions" / MODEL
+    wanted = {f["scheduled_departure"] + f["carrier"] for f in flights}
+    deadline = time.monotonic() + 15
+    found: list[dict] = []
+    while time.monotonic() < deadline:
+        records = [
+            json.loads(line)
+            for part in root.glob("date=*/part-*.jsonl")
+            for line in part.read_text().splitlines()
+        ]
+        found = [r for r in records if r["inputs"]["scheduled_departure"] + r["inputs"]["carrier"] in wanted]
+        if len(found) >= len(flights):
+            break
+        time.sleep(0.3)
+    assert len(found) == len(flights)
+    record = found[0]
+    assert record["version"] == live.versions["a"] and 0 <= record["delay_probability"] <= 1
+    assert set(record["features"]) == set(FEATURES)
+    assert record["at"][:10] in {
+        p.parent.name.removeprefix("date=") for p in root.glob("date=*/part-*.jsonl")
+    }
+    assert not list(root.glob("date=*/.*tmp*")), "no half-written part files are left"
+
+
+def test_fuzzing_the_openapi_finds_no_server_error(live):
+    schema = schemathesis.openapi.from_url(live.url + "/docs.json", headers=HEADERS)
+    operations = [r.ok() for r in schema.get_all_operations()]
+    operations = [op for op in operations if op.path.startswith("/predict")]
+    assert sorted(op.path for op in operations) == ["/predict", "/predict_batch"]
+    statuses: Counter[int] = Counter()
+    for operation in operations:
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def check(case):
+            response = case.call(base_url=live.url, headers=HEADERS)
+            statuses[response.status_code] += 1
+            case.validate_response(response, checks=[not_a_server_error])
+
+        check()
+    assert statuses and all(code < 500 for code in statuses), statuses
+    assert statuses[400] > 0 and statuses[200] > 0, f"the fuzzer sent valid and invalid flights: {statuses}"
+
+
+def test_the_server_still_answers_after_fuzzing(live):
+    answer = live.client.post("/predict", json={"flight": _flights(1)[0]})
+    assert answer.status_code == 200 and answer.json()["model_version"] == live.versions["a"]
+
+
+def test_deploying_the_live_version_again_does_nothing(live):
+    before = live.target.read_state(MODEL)["active"]
+    result = live.deploy(live.versions["a"], live.built["tag"])
+    assert result["switched"] is False and result["version"] == live.versions["a"]
+    assert live.target.read_state(MODEL)["active"]["pid"] == before["pid"]
+
+
+class _Stream:
+    """Clients sending single-row requests through the stable address until stopped."""
+
+    def __init__(self, url: str, flights: list[dict], clients: int = 4) -> None:
+        self.url, self.flights = url, flights
+        self.versions: list[str] = []
+        self.failures: list[str] = []
+        self.count = Counter()
+        self._stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+
+    def _run(self, offset: int) -> None:
+        with httpx.Client(base_url=self.url, headers=HEADERS, timeout=30) as client:
+            i = offset
+            while not self._stop.is_set():
+                try:
+                    answer = client.post("/predict", json={"flight": self.flights[i % len(self.flights)]})
+                    if answer.status_code != 200:
+                        self.failures.append(f"{answer.status_code}: {answer.text[:200]}")
+                    else:
+                        self.versions.append(answer.json()["model_version"])
+                except httpx.HTTPError as err:
+                    self.failures.append(f"{type(err).__name__}: {err}")
+                i += 1
+
+    def __enter__(self) -> _Stream:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
+
+
+def test_a_blue_green_switch_under_load_drops_no_request(live):
+    a, b = live.versions["a"], live.versions["b"]
+    old_pid = live.target.read_state(MODEL)["active"]["pid"]
+    with _Stream(live.url, _flights(50, seed=3)) as stream:
+        time.sleep(1.0)
+        result = live.deploy(b)
+        time.sleep(1.0)
+    assert stream.failures == []
+    assert result["switched"] and result["version"] == b and result["previous_version"] == a
+    seen = stream.versions
+    assert len(seen) > 50 and seen[0] == a and seen[-1] == b
+    assert seen.index(b) > 0 and a not in seen[seen.index(b) + len(stream.threads) * 2 :], "no flapping back"
+    assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == "zombie", (
+        "old version stopped"
+    )
+    flights = _flights(20, seed=4)
+    answers = live.client.post("/predict_batch", json={"flights": flights}).json()
+    np.testing.assert_allclose([x["delay_probability"] for x in answers], _expected(b, flights), rtol=1e-9)
+
+
+def test_rollback_restores_the_previous_versions_answers(live):
+    a = live.versions["a"]
+    flights = _flights(30, seed=5)
+    result = BentoRollbackOperator(
+        task_id="rollback",
+        model_name=MODEL,
+        port=int(live.url.rsplit(":", 1)[1]),
+        bentoml_conn_id=CONN,
+        deferrable=False,
+        ready_timeout=120,
+    ).execute(_context("rollback"))
+    assert result["version"] == a and result["previous_version"] == live.versions["b"]
+    answers = live.client.post("/predict_batch", json={"flights": flights}).json()
+    assert {x["model_version"] for x in answers} == {a}
+    np.testing.assert_allclose([x["delay_probability"] for x in answers], _expected(a, flights), rtol=1e-9)
+    again = BentoRollbackOperator(
+        task_id="rollback",
+        model_name=MODEL,
+        port=int(live.url.rsplit(":", 1)[1]),
+        bentoml_conn_id=CONN,
+        deferrable=False,
+    ).execute(_context("rollback"))
+    assert again["version"] == a and again["switched"] is False, "rerunning the rollback task is a no-op"
+
+
+def test_a_tampered_model_is_refused_and_the_live_version_keeps_serving(live, tmp_path):
+    train = training_frame().sample(3000, random_state=2)
+    version = register(MODEL, write_model(tmp_path / "c", train, max_iter=5))
+    model_file = BentoMLHook().model_dir(MODEL, version) / "model.skops"
+    model_file.write_bytes(model_file.read_bytes()[:-8] + b"tampered")
+    with pytest.raises(ModelIntegrityError, match="modified or corrupted"):
+        live.deploy(version)
+    # the service itself refuses it too, when started on it directly
+    backend = live.target.start({"deployment": MODEL, "model": MODEL, "version": version})
+    try:
+        deadline = time.monotonic() + 90
+        body = {}
+        while time.monotonic() < deadline:
+            try:
+                body = httpx.get(backend["url"] + "/ready", timeout=5).json()
+                if body.get("error"):
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        assert body["ready"] is False and "modified or corrupted" in body["error"]
+        refused = httpx.post(backend["url"] + "/predict", json={"flight": _flights(1)[0]}, timeout=10)
+        assert refused.status_code == 503 and "modified or corrupted" in refused.json()["error"]
+    finally:
+        from airflow_mlops.operators.serving import stop_tree
+
+        stop_tree(backend["pid"], timeout=15)
+    answer = live.client.post("/predict", json={"flight": _flights(1)[0]})
+    assert answer.status_code == 200 and answer.json()["model_version"] == live.versions["a"]

@@ -1,0 +1,271 @@
+"""Unit tests of the drift operators and the retraining gate: arguments, summaries, the registry
+baseline, AUC decay, and the cooldown/dedup guard rails. Evidently is not imported here (the real
+library runs in tests/integration/test_drift_flights.py)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from airflow.sdk import Asset, AssetAlias
+
+from airflow_mlops.exceptions import MLOpsArgumentError, MLOpsInputError
+from airflow_mlops.ml.retraining import RetrainingState, decide, event_info
+from airflow_mlops.operators.drift import (
+    DriftReportLink,
+    EvidentlyDriftOperator,
+    RetrainingGateOperator,
+    drift_alias,
+    normalize_columns,
+    production_reference,
+    summarize_snapshot,
+    window_dates,
+)
+
+DRIFT = Asset(name="flight_delay_drift", uri="mlops://models/flight_delay/drift")
+
+
+def test_template_fields_link_and_alias_outlet() -> None:
+    op = EvidentlyDriftOperator(
+        task_id="drift",
+        model_name="m",
+        window_end="{{ ds }}",
+        window_days="{{ params.days }}",
+        drift_asset=DRIFT,
+    )
+    assert {"model_name", "reference_uri", "columns", "window_end", "window_days", "joins"} <= set(
+        op.template_fields
+    )
+    assert op.window_days == "{{ params.days }}"  # kept as given, converted in execute()
+    assert [link.name for link in op.operator_extra_links] == ["Drift report"]
+    assert DriftReportLink().xcom_key == "_link_DriftReportLink"
+    # the drift Asset itself is not an outlet (it would get an event on every success); its alias is
+    assert op.outlets == [AssetAlias(name="flight_delay_drift.events")] == [drift_alias(DRIFT)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "needs model_name or reference_uri"),
+        ({"model_name": "m", "source": "kafka"}, "source 'kafka'"),
+        ({"model_name": "m", "drift_share": 0}, "drift_share must be in"),
+    ],
+)
+def test_bad_arguments_are_refused(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(MLOpsArgumentError, match=message):
+        EvidentlyDriftOperator(task_id="drift", **kwargs)
+
+
+def test_window_dates() -> None:
+    assert window_dates("2013-07-21", 7) == [f"2013-07-{d}" for d in range(15, 22)]
+    assert window_dates("2013-03-01T00:00:00+00:00", 2) == ["2013-02-28", "2013-03-01"]
+    assert window_dates("2013-01-03", 7, window_start="2013-01-02") == ["2013-01-02", "2013-01-03"]
+    with pytest.raises(MLOpsArgumentError, match="starts"):
+        window_dates("2013-01-01", 7, window_start="2013-01-05")
+
+
+def test_column_specs() -> None:
+    specs = normalize_columns(
+        {"temp": {"kind": "numerical", "threshold": 4}, "origin": {"kind": "categorical"}}
+    )
+    assert specs == {
+        "temp": {"kind": "numerical", "method": None, "threshold": 4.0},
+        "origin": {"kind": "categorical", "method": None, "threshold": None},
+    }
+    with pytest.raises(MLOpsArgumentError, match="unknown settings"):
+        normalize_columns({"temp": {"treshold": 1}})
+    with pytest.raises(MLOpsArgumentError, match="kind 'text'"):
+        normalize_columns({"temp": {"kind": "text"}})
+
+
+def _metric(mid: str, column: str, method: str, threshold: float, value: float) -> dict[str, Any]:
+    return {
+        "id": mid,
+        "config": {
+            "type": "evidently:metric_v2:ValueDrift",
+            "column": column,
+            "method": method,
+            "threshold": threshold,
+        },
+        "value": value,
+    }
+
+
+def test_summary_of_a_snapshot_uses_test_status_and_method_direction() -> None:
+    snapshot = {
+        "metrics": [
+            _metric("a", "temp", "Wasserstein distance (normed)", 4.0, 5.2),
+            _metric("b", "origin", "Jensen-Shannon distance", 0.1, 0.01),
+            _metric("c", "hour", "ks", 0.05, 0.001),  # a p-value below its threshold: drifted
+            _metric("d", "dist", "ks", 0.05, 0.3),
+        ],
+        "tests": [
+            {"metric_config": {"metric_id": "a"}, "status": "FAIL"},
+            {"metric_config": {"metric_id": "b"}, "status": "SUCCESS"},
+        ],
+    }
+    summary = summarize_snapshot(snapshot, drift_share=0.5)
+    assert summary["drifted_columns"] == {"hour": 0.001, "temp": 5.2}
+    assert summary["drift_share"] == 0.5 and summary["drift_detected"] is True
+    assert summarize_snapshot(snapshot, drift_share=0.75)["drift_detected"] is False
+
+
+def _registry_with_production(tmp_path: Path, *, manifest: bool = True) -> None:
+    from airflow_mlops.hooks.bentoml import BentoMLHook
+
+    data = tmp_path / "train.parquet"
+    data.write_bytes(b"PAR1")
+    manifest_uri = tmp_path / "manifest.json"
+    manifest_uri.write_text(json.dumps({"data_uri": f"file://{data}", "rows": 10}))
+    record: dict[str, Any] = {
+        "tag": "flight_delay:v2",
+        "version": "v2",
+        "stage": "production",
+        "metrics": {"auc": 0.70},
+        "decisions": [{"action": "promote", "metric": "auc", "candidate_score": 0.72}],
+    }
+    if manifest:
+        record["training_manifest"] = {
+            "uri": f"file://{manifest_uri}",
+            "time_range": {"start": "2013-01-01", "end": "2013-03-31"},
+        }
+    BentoMLHook().write_index(
+        "flight_delay",
+        {
+            "model": "flight_delay",
+            "production": "v2",
+            "versions": {"v2": record, "v1": {"stage": "archived"}},
+            "history": [],
+        },
+    )
+
+
+def test_production_reference_follows_the_training_manifest(tmp_path: Path) -> None:
+    _registry_with_production(tmp_path)
+    ref = production_reference("flight_delay")
+    assert ref["version"] == "v2"
+    assert ref["reference_uri"] == f"file://{tmp_path / 'train.parquet'}"
+    assert ref["time_range"]["end"] == "2013-03-31"
+    assert ref["holdout_metrics"] == {"auc": 0.72}  # the score at promotion, not at registration
+
+
+def test_production_reference_errors(tmp_path: Path) -> None:
+    _registry_with_production(tmp_path, manifest=False)
+    with pytest.raises(MLOpsInputError, match="records no training manifest"):
+        production_reference("flight_delay")
+    with pytest.raises(MLOpsInputError, match="has no production version"):
+        production_reference("never_promoted")
+
+
+def test_auc_decay_against_holdout(monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        {"arr_delay": [0, 30, 5, 60, -3, 20, None], "score": [0.9, 0.1, 0.8, 0.2, 0.7, 0.75, 0.5]}
+    )
+    op = EvidentlyDriftOperator(
+        task_id="drift",
+        model_name="flight_delay",
+        label_column="delayed",
+        label_rule={"column": "arr_delay", "gt": 15},
+    )
+    loaded: list[tuple[str, str]] = []
+
+    class Predictor:
+        def predict(self, rows: pd.DataFrame) -> np.ndarray:
+            return rows["score"].to_numpy()
+
+    class Hook:
+        def load(self, name: str, version: str) -> Predictor:
+            loaded.append((name, version))
+            return Predictor()
+
+    monkeypatch.setattr(EvidentlyDriftOperator, "hook", Hook())
+    quality = op._quality(frame, {"version": "v2", "holdout_metrics": {"auc": 0.72}})
+    # labels 0,1,0,1,0,1; only the pair (0.75 > 0.7) is ranked right: AUC 1/9
+    assert quality["labelled_rows"] == 6 and loaded == [("flight_delay", "v2")]
+    assert quality["auc"] == pytest.approx(1 / 9)
+    assert quality["auc_decay"] == pytest.approx(0.72 - 1 / 9)
+
+
+# ----------------------------------------------------------------------------- retraining guard rails
+def _event(day: int, *, asset: Asset = DRIFT, event_id: str | None = None) -> SimpleNamespace:
+    extra = {"data_time": f"2013-07-{day:02d}", "drift_share": 0.33}
+    if event_id is not None:
+        extra["event_id"] = event_id
+    return SimpleNamespace(
+        asset=asset,
+        extra=extra,
+        timestamp=datetime(2024, 1, 1, tzinfo=UTC),
+        source_dag_id="monitor",
+        source_run_id=f"r{day}",
+        source_task_id="drift",
+        source_map_index=-1,
+    )
+
+
+def _run_gate(
+    tmp_path: Path, run_id: str, events: list[SimpleNamespace], cooldown: float = 7
+) -> dict[str, Any] | None:
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    op = RetrainingGateOperator(
+        task_id="gate", model_name="flight_delay", cooldown_days=cooldown, state_dir=str(tmp_path)
+    )
+    context = {
+        "run_id": run_id,
+        "triggering_asset_events": {DRIFT: events} if events else {},
+        "logical_date": datetime(2013, 7, 1, tzinfo=UTC),
+    }
+    try:
+        return op.execute(context)
+    except AirflowSkipException:
+        return None
+
+
+def test_ten_drift_events_in_one_cooldown_window_start_one_retraining(tmp_path: Path) -> None:
+    outcomes = []
+    # ten daily drift events, July 10-19, each delivered twice, inside one 14-day cooldown window
+    for i, day in enumerate(range(10, 20)):
+        event = _event(day, event_id=f"drift-{day}")
+        outcomes.append(_run_gate(tmp_path, f"train-{i}", [event, event], cooldown=14))
+        outcomes.append(_run_gate(tmp_path, f"train-{i}-dup", [event], cooldown=14))
+    started = [o for o in outcomes if o is not None]
+    assert len(started) == 1
+    assert started[0]["cause"]["event_id"] == "drift-10"
+    state = RetrainingState(tmp_path, "flight_delay").read()
+    assert [r["event_id"] for r in state["retrainings"]] == ["drift-10"]
+    assert state["retrainings"][0]["run_id"] == "train-0"
+    assert len(state["suppressed"]) == 19
+
+    # a retry of the run that was let through trains again (idempotent), not skipped as a duplicate
+    assert _run_gate(tmp_path, "train-0", [_event(10, event_id="drift-10")]) is not None
+    # the next window: an event a cooldown (14 days of data time) after the last retraining starts a new one
+    assert _run_gate(tmp_path, "train-23", [_event(23, event_id="drift-23")], cooldown=14) is None
+    later = _run_gate(tmp_path, "train-later", [_event(10 + 14, event_id="drift-24")], cooldown=14)
+    assert later is not None and later["cause"]["event_id"] == "drift-24"
+    assert later["last_retraining"]["event_id"] == "drift-10"
+
+
+def test_events_without_id_are_deduplicated_by_content() -> None:
+    a, b = event_info("d", _event(10)), event_info("d", _event(10))
+    assert a.event_id == b.event_id and a.event_id.startswith("content-")
+    assert event_info("d", _event(11)).event_id != a.event_id
+    assert a.data_time == datetime(2013, 7, 10, tzinfo=UTC)
+
+
+def test_decide_without_events_is_a_manual_run() -> None:
+    decision = decide(
+        [], {"retrainings": []}, cooldown=timedelta(days=7), manual_data_time=datetime(2013, 7, 1, tzinfo=UTC)
+    )
+    assert decision.proceed and "by hand" in decision.reason
+
+
+def test_gate_refuses_bad_cooldown(tmp_path: Path) -> None:
+    with pytest.raises(MLOpsArgumentError, match="cooldown_days"):
+        _run_gate(tmp_path, "x", [], cooldown="a week")  # type: ignore[arg-type]

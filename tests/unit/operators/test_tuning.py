@@ -1,0 +1,328 @@
+"""RayTuneOperator, RayJobTrigger and RayHook without Ray: template fields, search-space checks,
+deferral to the right trigger, the trigger's serialisation and events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+from airflow.sdk.exceptions import TaskDeferred
+
+from airflow_mlops.exceptions import MLOpsArgumentError, TuningError
+from airflow_mlops.hooks.ray import RayHook
+from airflow_mlops.ml.search_space import SearchSpaceError, grid_size, parse_search_space
+from airflow_mlops.operators.tuning import RayTuneOperator
+from airflow_mlops.triggers.ray import RayJobTrigger
+
+CONTEXT = {
+    "ti": SimpleNamespace(
+        dag_id="d", run_id="manual__2013-04-01T00:00:00+00:00", task_id="tune", try_number=3
+    )
+}
+
+
+def _op(**kwargs) -> RayTuneOperator:
+    arguments = {
+        "task_id": "tune",
+        "training_data_uri": "{{ ti.xcom_pull('training_set')['manifest_uri'] }}",
+        "trainable": "lightgbm_classifier",
+        "search_space": {"learning_rate": {"loguniform": [0.01, 0.3]}},
+        "metric": "auc",
+        **kwargs,
+    }
+    return RayTuneOperator(**arguments)
+
+
+def test_templated_arguments_are_kept_as_given():
+    op = _op(label="{{ params.label }}", time_column="{{ params.t }}")
+    assert set(op.template_fields) >= {
+        "training_data_uri",
+        "label_column",
+        "search_space",
+        "trainable",
+        "time_column",
+    }
+    assert op.training_data_uri.startswith("{{") and op.label_column == "{{ params.label }}"
+
+
+def test_search_space_forms():
+    space = parse_search_space(
+        "learning_rate: {loguniform: [0.01, 0.3]}\nmodel: {choice: [a, b]}\ndepth: {grid_search: [3, 5, 7]}\nfixed: 4"
+    )
+    assert space == {
+        "learning_rate": {"loguniform": [0.01, 0.3]},
+        "model": {"choice": ["a", "b"]},
+        "depth": {"grid_search": [3, 5, 7]},
+        "fixed": 4,
+    }
+    assert parse_search_space('{"a": {"qrandint": [1, 10, 2]}}') == {"a": {"qrandint": [1, 10, 2]}}
+    assert grid_size(space) == 3
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ({}, "non-empty mapping"),
+        ([1, 2], "non-empty mapping"),
+        ({"a": {"uniform": [1]}}, "parameter 'a': uniform takes 2 numbers"),
+        ({"a": {"uniform": [2, 1]}}, "parameter 'a': uniform needs low < high"),
+        ({"a": {"randint": [1.5, 4]}}, "parameter 'a': randint takes integers"),
+        ({"a": {"choice": []}}, "parameter 'a': choice needs at least one value"),
+        ({"a": {"choice": [1], "uniform": [0, 1]}}, "exactly one key"),
+        ({"a": {"normal": [0, 1]}}, "unknown distribution 'normal'"),
+        ({"a": {"quniform": [0, 1, 0]}}, "needs q > 0"),
+    ],
+)
+def test_malformed_search_spaces_name_the_parameter(space, message):
+    with pytest.raises(SearchSpaceError, match=message):
+        parse_search_space(space)
+
+
+def test_build_spec_rejects_a_bad_space_and_an_unknown_metric_mode():
+    with pytest.raises(MLOpsArgumentError, match="malformed search_space: parameter 'lr'"):
+        _op(search_space={"lr": {"loguniform": [-1, 1]}}).build_spec(CONTEXT)
+    with pytest.raises(MLOpsArgumentError, match="mode is needed for metric 'f1'"):
+        _op(metric="f1").build_spec(CONTEXT)
+
+
+def test_build_spec_places_tune_state_under_the_task_artifacts():
+    spec = _op(scheduler={"type": "ASHA", "grace_period": 1}).build_spec(CONTEXT)
+    assert spec.mode == "max" and spec.scheduler == {"type": "asha", "grace_period": 1}
+    assert spec.output_uri.endswith("/d/manual__2013-04-01T00-00-00+00-00/tune/tuning")
+    assert spec.storage_path == spec.output_uri + "/tune_state"
+    assert spec.resources_per_trial == {"cpu": 1} and spec.reuse_actors is True
+
+
+def test_deferrable_on_a_cluster_defers_to_the_job_trigger():
+    op = _op(ray_conn_id="ray_cluster", deferrable=True, poll_interval=3)
+    hook = mock.MagicMock(is_local=False, address="http://head:8265")
+    hook.submit_job.return_value = "mlops-tune-abc"
+    with (
+        mock.patch.object(RayTuneOperator, "hook", hook),
+        mock.patch("airflow_mlops.ml.search.prepare", return_value=(json.dumps, mock.MagicMock())),
+    ):
+        with pytest.raises(TaskDeferred) as deferred:
+            op.execute(CONTEXT)
+    trigger = deferred.value.trigger
+    assert isinstance(trigger, RayJobTrigger)
+    assert (
+        trigger.job_id == "mlops-tune-abc"
+        and trigger.ray_conn_id == "ray_cluster"
+        and trigger.poll_interval == 3
+    )
+    assert trigger.result_uri.endswith("/tune/tuning/result.json")
+    assert deferred.value.method_name == "execute_complete"
+    entrypoint = hook.submit_job.call_args.args[0]
+    assert entrypoint.startswith("python -m airflow_mlops.ml.search ") and entrypoint.endswith(
+        "/tuning/spec.json"
+    )
+    assert "-try3-" in hook.submit_job.call_args.kwargs["submission_id"]
+
+
+def test_execute_complete_takes_everything_from_the_event(tmp_path):
+    (tmp_path / "result.json").write_text(json.dumps({"metric": "auc", "best_metric": 0.7, "model_uri": "m"}))
+    op = _op()
+    result = op.execute_complete(
+        CONTEXT,
+        {
+            "status": "success",
+            "job_id": "j1",
+            "job_status": "SUCCEEDED",
+            "result_uri": f"file://{tmp_path / 'result.json'}",
+        },
+    )
+    assert result == {"metric": "auc", "best_metric": 0.7, "model_uri": "m", "ray_job_id": "j1"}
+    with pytest.raises(TuningError, match="the tuning job failed: Ray Job j1 ended FAILED"):
+        op.execute_complete(
+            CONTEXT,
+            {
+                "status": "error",
+                "job_id": "j1",
+                "job_status": "FAILED",
+                "result_uri": "x",
+                "message": "Ray Job j1 ended FAILED.",
+            },
+        )
+
+
+def test_trigger_serialize_round_trips():
+    trigger = RayJobTrigger(
+        job_id="j1", ray_conn_id="ray_cluster", result_uri="file:///r.json", poll_interval=2.5
+    )
+    path, kwargs = trigger.serialize()
+    assert path == "airflow_mlops.triggers.ray.RayJobTrigger"
+    again = RayJobTrigger(**kwargs)
+    assert again.serialize() == (path, kwargs)
+
+
+def _events(trigger: RayJobTrigger) -> list:
+    async def collect():
+        return [event async for event in trigger.run()]
+
+    return asyncio.run(collect())
+
+
+def test_trigger_polls_until_the_job_ends():
+    hook = mock.MagicMock()
+    hook.get_job_status.side_effect = ["PENDING", "RUNNING", "RUNNING", "SUCCEEDED"]
+    trigger = RayJobTrigger(job_id="j1", ray_conn_id="c", result_uri="file:///r.json", poll_interval=0.01)
+    with mock.patch("airflow_mlops.hooks.ray.RayHook", return_value=hook):
+        events = _events(trigger)
+    assert [e.payload for e in events] == [
+        {"status": "success", "job_id": "j1", "job_status": "SUCCEEDED", "result_uri": "file:///r.json"}
+    ]
+    assert hook.get_job_status.call_count == 4
+
+
+def test_trigger_reports_a_failed_job_with_its_log_tail():
+    hook = mock.MagicMock()
+    hook.get_job_status.side_effect = ["RUNNING", "FAILED"]
+    hook.get_job_logs.return_value = "line\n" * 2000 + "ValueError: bad trainable"
+    trigger = RayJobTrigger(job_id="j1", ray_conn_id="c", result_uri="file:///r.json", poll_interval=0.01)
+    with mock.patch("airflow_mlops.hooks.ray.RayHook", return_value=hook):
+        (event,) = _events(trigger)
+    assert event.payload["status"] == "error" and event.payload["job_status"] == "FAILED"
+    assert (
+        event.payload["message"].endswith("ValueError: bad trainable")
+        and len(event.payload["message"]) < 4200
+    )
+
+
+def test_trigger_ends_with_an_error_event_when_the_cluster_is_gone():
+    hook = mock.MagicMock()
+    hook.get_job_status.side_effect = ConnectionError("refused")
+    trigger = RayJobTrigger(job_id="j1", ray_conn_id="c", result_uri="file:///r.json", poll_interval=0.01)
+    with mock.patch("airflow_mlops.hooks.ray.RayHook", return_value=hook):
+        (event,) = _events(trigger)
+    assert event.payload["status"] == "error" and "ConnectionError: refused" in event.payload["message"]
+
+
+@pytest.mark.parametrize(
+    ("conn", "address"),
+    [
+        ({"host": "10.0.0.5"}, "http://10.0.0.5:8265"),
+        ({"host": "10.0.0.5", "port": 9000, "schema": "https"}, "https://10.0.0.5:9000"),
+        ({"host": "https://ray.example.com/"}, "https://ray.example.com:8265"),
+    ],
+)
+def test_hook_address(monkeypatch, conn, address):
+    monkeypatch.setenv("AIRFLOW_CONN_RAY_X", json.dumps({"conn_type": "ray", **conn}))
+    hook = RayHook("ray_x")
+    assert not hook.is_local and hook.address == address
+
+
+def test_hook_empty_host_or_no_connection_is_local(monkeypatch):
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_RAY_L", json.dumps({"conn_type": "ray", "extra": {"runtime_env": {"pip": ["a"]}}})
+    )
+    assert RayHook("ray_l").is_local and RayHook(None).is_local
+    assert RayHook("ray_l").runtime_env({"pip": ["b"], "env_vars": {"X": "1"}}) == {
+        "pip": ["a", "b"],
+        "env_vars": {"X": "1"},
+    }
+
+
+def test_hook_bearer_token_from_the_password(monkeypatch):
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_RAY_T",
+        json.dumps({"conn_type": "ray", "host": "h", "password": "tok", "extra": {"headers": {"X-A": "1"}}}),
+    )
+    assert RayHook("ray_t")._headers() == {"X-A": "1", "Authorization": "Bearer tok"}
+
+
+# ------------------------------------------------------------------ best-iteration models (no Ray)
+
+
+def _overfitting_set():
+    """A small noisy training set on which boosting with a high learning rate overfits after a few rounds."""
+    import numpy as np
+    import pandas as pd
+
+    from airflow_mlops.ml.dataset import build_training_set
+
+    rng = np.random.default_rng(7)
+    n = 1200
+    frame = pd.DataFrame(
+        {
+            "t": pd.date_range("2013-01-01", periods=n, freq="h"),
+            "x1": rng.normal(size=n),
+            "x2": rng.normal(size=n),
+            "kind": rng.choice(["a", "b", "c"], size=n),
+        }
+    )
+    frame["y"] = ((frame["x1"] + rng.normal(scale=1.5, size=n)) > 0).astype(int)
+    data = build_training_set(frame, label="y", task="classification", time_column="t")
+    data.metric, data.mode = "auc", "max"
+    return data
+
+
+@pytest.mark.parametrize("trainable", ["hist_gradient_boosting_classifier", "lightgbm_classifier"])
+def test_boosting_trainables_keep_the_best_iteration_and_stop_early(trainable):
+    import numpy as np
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    from airflow_mlops.ml import trainables
+
+    data = _overfitting_set()
+    rounds = "max_iter" if trainable.startswith("hist") else "num_boost_round"
+    config = {
+        rounds: 300,
+        "learning_rate": 0.5,
+        "max_leaf_nodes": 63,
+        "num_leaves": 63,
+        "min_samples_leaf": 2,
+        "min_child_samples": 2,
+        "report_every": 5,
+        "early_stopping_rounds": 20,
+        "seed": 1,
+    }
+    with mock.patch.object(trainables, "report") as report:
+        getattr(trainables, trainable)(config, data)
+    calls = report.call_args_list
+    progress = [c.args[0] for c in calls[:-1]]
+    final, files, meta = calls[-1].args[0], calls[-1].kwargs["model_files"], calls[-1].kwargs["meta"]
+    # stopped by early stopping, long before 300 rounds, 20 rounds after its best one
+    assert final["iterations"] < 300 and final["iterations"] - final["best_iteration"] == 20
+    assert meta["iterations"] == final["best_iteration"]
+    # every report carries the best metric so far (what ASHA compares), never a worse later one
+    aucs = [r["auc"] for r in progress] + [final["auc"]]
+    assert aucs == sorted(aucs)
+    # the saved model is the best iteration's: its validation AUC is the reported one
+    if trainable.startswith("hist"):
+        import skops.io as sio
+
+        blob = files["model.skops"]
+        model = sio.loads(blob, trusted=sio.get_untrusted_types(data=blob))
+        assert model[-1].n_iter_ == final["best_iteration"]
+        prediction = model.predict_proba(data.x_valid)[:, 1]
+    else:
+        import lightgbm as lgb
+
+        booster = lgb.Booster(model_str=files["model.txt"].decode())
+        assert booster.num_trees() == final["best_iteration"]
+        prediction = booster.predict(pd.DataFrame(data.x_valid))
+    assert roc_auc_score(data.y_valid, prediction) == pytest.approx(final["auc"], abs=1e-12)
+    # and the metric at the end of training was worse: the last model would not have been the best
+    assert np.isfinite(final["auc"])
+
+
+def test_early_stopping_can_be_switched_off():
+    from airflow_mlops.ml import trainables
+
+    data = _overfitting_set()
+    config = {
+        "max_iter": 40,
+        "learning_rate": 0.5,
+        "max_leaf_nodes": 63,
+        "min_samples_leaf": 2,
+        "report_every": 5,
+        "early_stopping_rounds": 0,
+    }
+    with mock.patch.object(trainables, "report") as report:
+        trainables.hist_gradient_boosting_classifier(config, data)
+    final = report.call_args_list[-1].args[0]
+    assert final["iterations"] == 40 and len(report.call_args_list) == 8

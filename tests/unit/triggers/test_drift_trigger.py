@@ -1,0 +1,161 @@
+"""Unit tests of DriftEventTrigger: serialization, firing on a metric file and on the prediction log."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from airflow.triggers.base import BaseEventTrigger
+
+from airflow_mlops.triggers.drift import DriftEventTrigger, column_psi, psi
+
+
+def first_event(trigger: DriftEventTrigger, timeout: float = 10.0) -> Any:
+    async def _first() -> Any:
+        return await asyncio.wait_for(anext(trigger.run()), timeout)
+
+    return asyncio.run(_first())
+
+
+def no_event_within(trigger: DriftEventTrigger, seconds: float) -> bool:
+    try:
+        first_event(trigger, timeout=seconds)
+    except TimeoutError:
+        return True
+    return False
+
+
+def test_serialize_round_trip_is_exactly_the_init_arguments() -> None:
+    trigger = DriftEventTrigger(
+        source_uri="s3://b/predictions/m",
+        reference_stats_uri="s3://b/drift/reference/k/stats.json",
+        columns=["temp"],
+        threshold=0.25,
+        drift_share=0.4,
+        window_files=3,
+        min_rows=50,
+        poll_interval=5.0,
+        conn_id="aws",
+    )
+    classpath, kwargs = trigger.serialize()
+    assert isinstance(trigger, BaseEventTrigger)
+    assert set(kwargs) == set(inspect.signature(DriftEventTrigger.__init__).parameters) - {"self"}
+    module, name = classpath.rsplit(".", 1)
+    rebuilt = getattr(importlib.import_module(module), name)(**kwargs)
+    assert rebuilt.serialize() == (classpath, kwargs)
+    assert kwargs["threshold"] == 0.25 and kwargs["columns"] == ["temp"]
+
+
+def test_psi() -> None:
+    assert psi([0.5, 0.5], [0.5, 0.5]) == 0
+    assert psi([0.5, 0.5], [0.9, 0.1]) == pytest.approx(0.4 * math.log(1.8) - 0.4 * math.log(0.2))
+    stats = {"kind": "numerical", "edges": [0.0, 1.0, 2.0, 3.0], "shares": [1 / 3, 1 / 3, 1 / 3]}
+    assert column_psi(stats, [0.5, 1.5, 2.5, 3.0]) == pytest.approx(psi([1 / 3] * 3, [0.25, 0.25, 0.5]))
+    assert column_psi(stats, [None, float("nan")]) is None
+    cats = {"kind": "categorical", "shares": {"EWR": 0.5, "JFK": 0.5}}
+    assert column_psi(cats, ["EWR", "JFK"]) == 0
+    assert column_psi(cats, ["LGA", "LGA"]) > 1
+
+
+def test_metric_file_fires_when_drift_crosses_the_threshold(tmp_path: Path) -> None:
+    metric = tmp_path / "drift_summary.json"
+    trigger = DriftEventTrigger(source_uri=f"file://{metric}", threshold=0.3, poll_interval=0.05)
+    assert no_event_within(trigger, 0.3)  # no file yet
+    metric.write_text(json.dumps({"drift_share": 0.17, "window": {"end": "2013-05-07"}}))
+    assert no_event_within(trigger, 0.3)
+    metric.write_text(
+        json.dumps(
+            {
+                "drift_share": 0.33,
+                "event_id": "e1",
+                "drifted_columns": {"temp": 5.2},
+                "window": {"end": "2013-07-21"},
+            }
+        )
+    )
+    event = first_event(trigger)
+    assert event.payload == {
+        "status": "drift",
+        "event_id": "e1",
+        "data_time": "2013-07-21",
+        "drift_share": 0.33,
+        "drifted_columns": {"temp": 5.2},
+        "metric": {"drift_share": 0.33},
+        "source_uri": f"file://{metric}",
+    }
+
+
+def test_unreadable_metric_gives_an_error_event(tmp_path: Path) -> None:
+    metric = tmp_path / "m.json"
+    metric.write_text("{not json")
+    event = first_event(DriftEventTrigger(source_uri=str(metric), poll_interval=0.05))
+    assert event.payload["status"] == "error" and "JSONDecodeError" in event.payload["message"]
+
+
+ORIGINS = ["EWR"] * 4 + ["JFK"] * 3 + ["LGA"] * 3  # the reference's shares
+
+
+def _write_log(root: Path, day: str, temps: list[float]) -> None:
+    folder = root / f"date={day}"
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [
+        json.dumps(
+            {
+                "inputs": {"origin": ORIGINS[i % 10]},
+                "features": {"temp": t},
+                "output": {"probability": 0.2},
+                "version": "v1",
+                "time": f"{day}T10:00:00",
+            }
+        )
+        for i, t in enumerate(temps)
+    ]
+    (folder / "part-0.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_prediction_log_fires_on_drift_and_not_on_calm_data(tmp_path: Path) -> None:
+    stats = tmp_path / "stats.json"
+    stats.write_text(
+        json.dumps(
+            {
+                "columns": {
+                    "temp": {
+                        "kind": "numerical",
+                        "edges": [20.0, 30.0, 40.0, 50.0],
+                        "shares": [1 / 3, 1 / 3, 1 / 3],
+                    },
+                    "origin": {"kind": "categorical", "shares": {"EWR": 0.4, "JFK": 0.3, "LGA": 0.3}},
+                }
+            }
+        )
+    )
+    log = tmp_path / "predictions"
+    calm = [20.0 + (i % 30) for i in range(150)]
+    _write_log(log, "2013-03-30", calm)
+    _write_log(log, "2013-03-31", calm)
+    trigger = DriftEventTrigger(
+        source_uri=str(log),
+        reference_stats_uri=str(stats),
+        threshold=0.2,
+        drift_share=0.5,
+        window_files=2,
+        poll_interval=0.05,
+    )
+    assert no_event_within(trigger, 0.5)
+
+    hot = [80.0 + (i % 10) for i in range(150)]  # July temperatures, far above the winter bins
+    _write_log(log, "2013-07-20", hot)
+    _write_log(log, "2013-07-21", hot)
+    event = first_event(trigger)
+    assert event.payload["status"] == "drift"
+    assert set(event.payload["drifted_columns"]) == {"temp"}
+    assert event.payload["drift_share"] == 0.5 and event.payload["rows"] == 300
+    assert event.payload["data_time"] == "2013-07-21"
+    # the same log content gives the same event id (repeated firing is deduplicated downstream)
+    assert first_event(trigger).payload["event_id"] == event.payload["event_id"]
