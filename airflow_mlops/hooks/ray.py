@@ -51,6 +51,9 @@ class RayHook(BaseHook):
     conn_type = "ray"
     hook_name = "Ray"
 
+    #: seconds a job submission waits for a just-started cluster's job agent
+    agent_wait_s: float = 60.0
+
     def __init__(self, ray_conn_id: str | None = default_conn_name, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.ray_conn_id = ray_conn_id
@@ -191,22 +194,34 @@ class RayHook(BaseHook):
         metadata: dict[str, str] | None = None,
         entrypoint_num_cpus: float | None = None,
     ) -> str:
-        """Submit a Ray Job; returns its submission id."""
-        try:
-            return self.job_client.submit_job(
-                entrypoint=entrypoint,
-                runtime_env=self.runtime_env(runtime_env),
-                submission_id=submission_id,
-                metadata=metadata,
-                entrypoint_num_cpus=entrypoint_num_cpus,
-            )
-        except RayClusterError:
-            raise
-        except Exception as err:
-            raise RayClusterError(
-                f"the Ray cluster at {self.address} refused job {submission_id!r}: {err}",
-                fix="read the message: a runtime_env the cluster cannot build, or a duplicate submission id.",
-            ) from err
+        """Submit a Ray Job; returns its submission id.
+
+        A cluster that has just started answers "No available agent to submit job" until its job agent
+        is up; that answer is retried for up to ``agent_wait_s`` seconds (a fresh head node needs a few).
+        """
+        import time
+
+        deadline = time.monotonic() + self.agent_wait_s
+        while True:
+            try:
+                return self.job_client.submit_job(
+                    entrypoint=entrypoint,
+                    runtime_env=self.runtime_env(runtime_env),
+                    submission_id=submission_id,
+                    metadata=metadata,
+                    entrypoint_num_cpus=entrypoint_num_cpus,
+                )
+            except RayClusterError:
+                raise
+            except Exception as err:
+                if "No available agent" in str(err) and time.monotonic() < deadline:
+                    self.log.info("Ray cluster at %s has no job agent yet; retrying", self.address)
+                    time.sleep(2)
+                    continue
+                raise RayClusterError(
+                    f"the Ray cluster at {self.address} refused job {submission_id!r}: {err}",
+                    fix="read the message: a runtime_env the cluster cannot build, or a duplicate submission id.",
+                ) from err
 
     def get_job_status(self, job_id: str) -> str:
         status = self.job_client.get_job_status(job_id)

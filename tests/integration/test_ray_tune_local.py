@@ -75,8 +75,13 @@ def test_lightgbm_search_through_airflow_returns_the_best_model(
     rows = _trials(result["trials_uri"])
     assert len(rows) == 8 and len({r["trial_id"] for r in rows}) == 8
     for row in rows:
-        iterations = int(row["iterations"])
-        assert iterations == 80 if row["status"] == "completed" else iterations < 80
+        iterations, best_iteration = int(row["iterations"]), int(row["best_iteration"])
+        assert 10 <= best_iteration <= iterations <= 80
+        if row["status"] == "completed":
+            # trained every round, or stopped 30 rounds (the default patience) after its best one
+            assert iterations == 80 or iterations - best_iteration >= 30, row
+        else:
+            assert iterations < 80, row
     best = [r for r in rows if r["best"] == "1"]
     assert len(best) == 1 and float(best[0]["auc"]) == pytest.approx(result["best_metric"])
     assert float(best[0]["config.learning_rate"]) == pytest.approx(result["best_config"]["learning_rate"])
@@ -98,6 +103,14 @@ def test_lightgbm_search_through_airflow_returns_the_best_model(
         x[column] = pd.Categorical(x[column], categories=levels)
     predictions = booster.predict(x)
     assert predictions.shape == (3000,) and ((predictions > 0) & (predictions < 1)).all()
+    # the saved model is cut at the trial's best iteration, and has the reported validation AUC
+    from sklearn.metrics import roc_auc_score
+
+    assert booster.num_trees() == int(best[0]["best_iteration"]) == meta["iterations"]
+    valid = frame.sort_values("sched_dep_utc", kind="stable").tail(600)
+    assert roc_auc_score(valid["delayed"], booster.predict(x.loc[valid.index])) == pytest.approx(
+        result["best_metric"], abs=1e-9
+    )
 
 
 def test_hist_gradient_boosting_regression_on_parquet_writes_a_skops_model(ray_cluster, flights_training_set):

@@ -9,72 +9,14 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-import skops.io as sio
+from serving.models import FEATURES, LABEL, training_frame, write_model
 
-from airflow_mlops.demo.data import read_table
 from airflow_mlops.hooks.bentoml import BentoMLHook, ModelIntegrityError, ModelRegistryError
 from airflow_mlops.operators.registry import (
     PromoteModelOperator,
     RegisterModelOperator,
     RollbackModelOperator,
 )
-
-FEATURES = ["carrier", "origin", "hour", "distance", "month"]
-CATEGORICAL = ["carrier", "origin"]
-LABEL = "is_delayed"
-
-
-@pytest.fixture(scope="module")
-def flights() -> pd.DataFrame:
-    frame = read_table("flights").dropna(subset=["arr_delay"])
-    frame[LABEL] = (frame["arr_delay"] > 15).astype(int)
-    return frame
-
-
-def _write_model(folder: Path, train: pd.DataFrame, *, max_iter: int, shuffle_labels: bool = False) -> Path:
-    from sklearn.compose import ColumnTransformer
-    from sklearn.ensemble import HistGradientBoostingClassifier
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import OrdinalEncoder
-
-    categories = {c: sorted(train[c].dropna().unique().tolist()) for c in CATEGORICAL}
-    labels = train[LABEL].to_numpy()
-    if shuffle_labels:
-        labels = np.random.default_rng(0).permutation(labels)
-    prep = ColumnTransformer(
-        [
-            (
-                "cat",
-                OrdinalEncoder(
-                    categories=[categories[c] for c in CATEGORICAL],
-                    handle_unknown="use_encoded_value",
-                    unknown_value=np.nan,
-                ),
-                CATEGORICAL,
-            )
-        ],
-        remainder="passthrough",
-        verbose_feature_names_out=False,
-    )
-    model = Pipeline(
-        [("prep", prep), ("model", HistGradientBoostingClassifier(max_iter=max_iter, random_state=0))]
-    )
-    model.fit(train[FEATURES], labels)
-    folder.mkdir(parents=True)
-    (folder / "model.skops").write_bytes(sio.dumps(model))
-    (folder / "model.json").write_text(
-        json.dumps(
-            {
-                "format": "skops",
-                "model_file": "model.skops",
-                "task": "classification",
-                "label": LABEL,
-                "features": FEATURES,
-                "categorical": categories,
-            }
-        )
-    )
-    return folder
 
 
 def _manifest(tmp: Path, name: str, frame: pd.DataFrame) -> str:
@@ -96,13 +38,18 @@ def _manifest(tmp: Path, name: str, frame: pd.DataFrame) -> str:
 
 
 @pytest.fixture(scope="module")
+def flights() -> pd.DataFrame:
+    return training_frame(months=tuple(range(1, 13)))
+
+
+@pytest.fixture(scope="module")
 def models(tmp_path_factory, flights):
     tmp = tmp_path_factory.mktemp("models")
     train = flights[flights["month"] <= 3]
     return {
-        "good": _write_model(tmp / "good", train, max_iter=60),
-        "noise": _write_model(tmp / "noise", train, max_iter=10, shuffle_labels=True),
-        "better": _write_model(tmp / "better", train, max_iter=150),
+        "good": write_model(tmp / "good", train, max_iter=60),
+        "noise": write_model(tmp / "noise", train, max_iter=10, shuffle_labels=True),
+        "better": write_model(tmp / "better", train, max_iter=150),
         "train_manifest": _manifest(tmp, "train", train),
         "holdout": _manifest(tmp, "holdout", flights[flights["month"] == 4]),
         "early_holdout": _manifest(tmp, "early", flights[flights["month"] == 2]),

@@ -28,8 +28,10 @@ def write_model(
     max_iter: int,
     features: list[str] | None = None,
     categorical: list[str] | None = None,
+    shuffle_labels: bool = False,
 ) -> Path:
-    """Fit a HistGradientBoosting pipeline on ``train`` and write it as a skops model folder."""
+    """Fit a HistGradientBoosting pipeline on ``train`` and write it as a skops model folder;
+    ``shuffle_labels`` makes a model that learned nothing (a candidate the gate must refuse)."""
     import numpy as np
     import skops.io as sio
     from sklearn.compose import ColumnTransformer
@@ -58,7 +60,10 @@ def write_model(
     model = Pipeline(
         [("prep", prep), ("model", HistGradientBoostingClassifier(max_iter=max_iter, random_state=0))]
     )
-    model.fit(train[features], train[LABEL].to_numpy())
+    labels = train[LABEL].to_numpy()
+    if shuffle_labels:
+        labels = np.random.default_rng(0).permutation(labels)
+    model.fit(train[features], labels)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model.skops").write_bytes(sio.dumps(model))
     (folder / "model.json").write_text(

@@ -261,7 +261,6 @@ def _overfitting_set():
 
 @pytest.mark.parametrize("trainable", ["hist_gradient_boosting_classifier", "lightgbm_classifier"])
 def test_boosting_trainables_keep_the_best_iteration_and_stop_early(trainable):
-    import numpy as np
     import pandas as pd
     from sklearn.metrics import roc_auc_score
 
@@ -306,8 +305,6 @@ def test_boosting_trainables_keep_the_best_iteration_and_stop_early(trainable):
         assert booster.num_trees() == final["best_iteration"]
         prediction = booster.predict(pd.DataFrame(data.x_valid))
     assert roc_auc_score(data.y_valid, prediction) == pytest.approx(final["auc"], abs=1e-12)
-    # and the metric at the end of training was worse: the last model would not have been the best
-    assert np.isfinite(final["auc"])
 
 
 def test_early_stopping_can_be_switched_off():
