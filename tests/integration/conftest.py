@@ -249,6 +249,8 @@ def ray_cluster(tmp_path_factory) -> RayCluster:
         "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
         "RAY_AUTH_MODE": "disabled",
         "RAY_USAGE_STATS_ENABLED": "0",
+        # a loaded 2-core machine can take over a minute to start a Python worker with the ML imports
+        "RAY_worker_register_timeout_seconds": "300",
     }
     os.environ["RAY_AUTH_MODE"] = "disabled"
     temp = f"/tmp/ray-mlops-{os.getpid()}"  # short: Ray's socket paths must stay under 107 bytes
