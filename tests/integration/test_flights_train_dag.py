@@ -19,7 +19,9 @@ MODEL = "flight_delay"
 
 
 @pytest.fixture
-def trained(feast_env, airflow_db, monkeypatch, task_context):
+def trained(feast_env, airflow_db, ray_cluster, monkeypatch, task_context):
+    # Tune runs on the session's Ray (as the tuning tests do): a local Ray started and shut down inside
+    # this pytest process would leave Tune's driver state stale for the tests that come after.
     monkeypatch.setenv("AIRFLOW__MLOPS__STATE_DIR", str(feast_env.settings.state_dir))
     monkeypatch.setenv("MLOPS_SERVING_PORT", "3911")
     FeastMaterializeOperator(
