@@ -1,0 +1,415 @@
+"""System test: drift found by ``flights_monitor`` starts ``flights_train`` through a real scheduler.
+
+Real Airflow components run as subprocesses on the session's ``AIRFLOW_HOME`` and SQLite database with
+the LocalExecutor (Airflow 3.3 supports that pair; it is what ``airflow standalone`` runs): an
+``api-server`` (the Execution API the tasks talk to, and the REST API the test drives), a ``scheduler``,
+a ``dag-processor`` parsing the real ``dags/`` folder, and a ``triggerer``. Nothing is run directly: the
+test triggers monitor runs and posts Asset events over the REST API, then watches what the scheduler
+does by itself.
+
+Data: the reference is a parquet of the January-March 2013 flights joined with their origin's weather,
+given to the monitor through its ``reference_uri`` param (no model is in production here); the offline
+store holds the validated flights of a spring week (1-7 May) and a July week (15-21 July) and the
+weather table, in the layout the ingest and features DAGs write.
+
+``flights_train`` is the real DAG. Only its ``retraining_gate`` matters here: the tasks after it find
+no labelled flights in this store and fail within seconds, which keeps the test short. That the rest of
+the DAG trains, registers and deploys is covered by ``tests/integration/test_flights_train_dag.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from airflow_mlops.operators.drift import FLIGHTS_DRIFT_COLUMNS
+
+MODEL = "flight_delay"
+DRIFT_ASSET = "flight_delay_drift"
+SPRING = ("2013-05-01", "2013-05-07")
+JULY = ("2013-07-15", "2013-07-21")
+AIRFLOW = str(Path(sys.executable).with_name("airflow"))
+HELPERS = Path(__file__).resolve().parent / "drift_dags"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _write_data(state: Path) -> str:
+    """Offline partitions of the spring and July weeks, the weather table, and the Jan-Mar reference."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from airflow_mlops.demo.data import read_table
+
+    flights = read_table("flights")
+    weather = read_table("weather")[["origin", "time_hour", "temp", "dewp"]]
+    day = pd.to_datetime(flights[["year", "month", "day"]]).dt.strftime("%Y-%m-%d")
+    offline = state / "offline"
+    for start, end in (SPRING, JULY):
+        for when in pd.date_range(start, end).strftime("%Y-%m-%d"):
+            part = offline / "flights" / f"date={when}" / "part-0.parquet"
+            part.parent.mkdir(parents=True)
+            pq.write_table(pa.Table.from_pandas(flights[day == when], preserve_index=False), part)
+    (offline / "weather").mkdir(parents=True)
+    weather.to_parquet(offline / "weather" / "part-0.parquet", index=False)
+    reference = state / "reference" / "flights-2013-q1.parquet"
+    reference.parent.mkdir(parents=True)
+    flights[day < "2013-04-01"].merge(weather, on=["origin", "time_hour"], how="left").to_parquet(
+        reference, index=False
+    )
+    return f"file://{reference}"
+
+
+@dataclass
+class Airflow:
+    """The running components and a REST client for them."""
+
+    api: httpx.Client
+    state: Path
+    logs: Path
+    reference_uri: str
+    db: Path
+
+    def get(self, path: str, **params: Any) -> Any:
+        response = self.api.get(path, params=params)
+        assert response.status_code == 200, (path, response.status_code, response.text[:2000])
+        return response.json()
+
+    def post(self, path: str, body: dict) -> Any:
+        response = self.api.post(path, json=body)
+        assert response.status_code in (200, 201), (path, response.status_code, response.text[:2000])
+        return response.json()
+
+    def log_tails(self) -> str:
+        return "\n".join(
+            f"--- {log.name}\n{log.read_text(errors='replace')[-2500:]}"
+            for log in sorted(self.logs.glob("*.log"))
+        )
+
+    def wait(
+        self, what: str, probe: Callable[[], Any], timeout: float, detail: Callable[[], Any] = str
+    ) -> Any:
+        """Poll ``probe`` until it returns something truthy; fail with the components' logs."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = probe()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"timed out after {timeout:.0f} s waiting for {what}: {detail()}\n{self.log_tails()}"
+                )
+            time.sleep(1)
+
+    # ------------------------------------------------------------------ Airflow objects over REST
+    def run(self, dag_id: str, run_id: str) -> dict:
+        return self.get(f"/dags/{dag_id}/dagRuns/{run_id}")
+
+    def finished_run(self, dag_id: str, run_id: str, timeout: float = 180) -> dict:
+        def done() -> dict | None:
+            run = self.run(dag_id, run_id)
+            return run if run["state"] in ("success", "failed") else None
+
+        return self.wait(f"{dag_id} run {run_id} to finish", done, timeout)
+
+    def task_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
+        body = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")
+        return {ti["task_id"]: ti["state"] for ti in body["task_instances"]}
+
+    def xcom(self, dag_id: str, run_id: str, task_id: str) -> Any:
+        value = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value")[
+            "value"
+        ]
+        return json.loads(value) if isinstance(value, str) else value
+
+    def trigger_monitor(self, run_id: str, last_day: str) -> dict:
+        """A monitor run whose data interval is the day ``last_day`` (so its window ends there)."""
+        return self.post(
+            "/dags/flights_monitor/dagRuns",
+            {
+                "dag_run_id": run_id,
+                "logical_date": f"{last_day}T00:00:00Z",
+                "data_interval_start": f"{last_day}T00:00:00Z",
+                "data_interval_end": f"{date.fromisoformat(last_day) + timedelta(days=1)}T00:00:00Z",
+                "conf": {"reference_uri": self.reference_uri},
+            },
+        )
+
+    def drift_asset_id(self) -> int:
+        [asset] = [
+            a for a in self.get("/assets", name_pattern=DRIFT_ASSET)["assets"] if a["name"] == DRIFT_ASSET
+        ]
+        return asset["id"]
+
+    # Asset events and the runs they triggered are read from the metadata database: in Airflow 3.3.2
+    # ``GET /assets/events`` and ``.../upstreamAssetEvents`` answer 500 while a run an event created is
+    # still queued (its ``start_date`` is None and the response model requires a datetime).
+    def _query(self, sql: str, *args: Any) -> list[sqlite3.Row]:
+        with contextlib.closing(sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30)) as db:
+            db.row_factory = sqlite3.Row
+            return db.execute(sql, args).fetchall()
+
+    def drift_events(self) -> list[dict]:
+        rows = self._query(
+            "SELECT e.id, e.extra, e.source_dag_id, e.source_run_id FROM asset_event e "
+            "JOIN asset a ON a.id = e.asset_id WHERE a.name = ? ORDER BY e.id",
+            DRIFT_ASSET,
+        )
+        return [{**dict(row), "extra": json.loads(row["extra"] or "{}")} for row in rows]
+
+    def train_runs(self) -> dict[str, list[dict]]:
+        """Asset-triggered ``flights_train`` runs with the Asset events that triggered each."""
+        rows = self._query(
+            "SELECT r.run_id, e.id, e.extra FROM dag_run r "
+            "LEFT JOIN dagrun_asset_event link ON link.dag_run_id = r.id "
+            "LEFT JOIN asset_event e ON e.id = link.event_id "
+            "WHERE r.dag_id = 'flights_train' AND r.run_type = 'asset_triggered' ORDER BY r.id, e.id"
+        )
+        runs: dict[str, list[dict]] = {}
+        for row in rows:
+            events = runs.setdefault(row["run_id"], [])
+            if row["id"] is not None:
+                events.append({"id": row["id"], "extra": json.loads(row["extra"] or "{}")})
+        return runs
+
+    def gate_state(self, run_id: str) -> str | None:
+        state = self.task_states("flights_train", run_id).get("retraining_gate")
+        return state if state in ("success", "skipped", "failed", "upstream_failed") else None
+
+
+def _start(name: str, args: list[str], env: dict[str, str], logs: Path) -> subprocess.Popen:
+    log = open(logs / f"{name}.log", "wb")
+    return subprocess.Popen(
+        [AIRFLOW, *args], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def _stop(processes: list[subprocess.Popen]) -> None:
+    """SIGTERM each component's process group (its executor workers and task processes included),
+    then SIGKILL what is left; fail if anything of theirs survives."""
+    groups = [p.pid for p in processes]
+    for process in processes:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 20
+    for process in processes:
+        try:
+            process.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+
+    def members() -> list[psutil.Process]:
+        alive = []
+        for proc in psutil.process_iter():
+            try:
+                if os.getpgid(proc.pid) in groups and proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(proc)
+            except (ProcessLookupError, psutil.Error):
+                pass
+        return alive
+
+    for _ in range(10):
+        if not members():
+            break
+        time.sleep(0.5)
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for process in processes:
+        process.wait(timeout=10)
+    time.sleep(0.5)
+    leftovers = members()
+    assert not leftovers, f"Airflow processes left running: {[(p.pid, p.name()) for p in leftovers]}"
+
+
+@pytest.fixture(scope="module")
+def airflow(airflow_db, tmp_path_factory) -> Iterator[Airflow]:
+    state = Path(os.environ["AIRFLOW__MLOPS__STATE_DIR"]) / "drift-system"
+    logs = tmp_path_factory.mktemp("airflow-components")
+    reference_uri = _write_data(state)
+    port = _free_port()
+    env = {
+        **os.environ,
+        "AIRFLOW__MLOPS__STATE_DIR": str(state),
+        "AIRFLOW__MLOPS__OFFLINE_ROOT": f"file://{state}/offline",
+        "AIRFLOW__MLOPS__ARTIFACT_ROOT": f"file://{state}/artifacts",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": "4",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+        "AIRFLOW__API_AUTH__JWT_SECRET": "drift-system-test-only",
+        "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "True",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
+        "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
+        "AIRFLOW__CORE__DEFAULT_TASK_RETRIES": "0",
+        # a longer SQLite busy timeout: five processes write to one database file on a loaded machine
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "sqlite_busy_timeout.CONNECT_ARGS",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(HELPERS), os.environ.get("PYTHONPATH")])),
+        # the components' log servers, on ports of their own (the defaults may be taken on this machine)
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port()),
+        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(_free_port()),
+    }
+    processes: list[subprocess.Popen] = []
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}/api/v2", timeout=30)
+    try:
+        processes.append(
+            _start("api-server", ["api-server", "-H", "127.0.0.1", "-p", str(port), "-w", "1"], env, logs)
+        )
+        processes.append(_start("dag-processor", ["dag-processor"], env, logs))
+        processes.append(_start("scheduler", ["scheduler"], env, logs))
+        processes.append(_start("triggerer", ["triggerer"], env, logs))
+        services = Airflow(api=client, state=state, logs=logs, reference_uri=reference_uri, db=airflow_db)
+
+        def up() -> bool:
+            for process in processes:
+                if process.poll() is not None:
+                    pytest.fail(f"{process.args[1]} exited with {process.returncode}\n{services.log_tails()}")
+            try:
+                return all(
+                    client.get(f"/dags/{d}").status_code == 200 for d in ("flights_monitor", "flights_train")
+                )
+            except httpx.TransportError:
+                return False
+
+        services.wait("the API server and the DAG processor to serve both DAGs", up, timeout=150)
+        for dag_id in ("flights_monitor", "flights_train"):
+            response = client.patch(f"/dags/{dag_id}", json={"is_paused": False})
+            assert response.status_code == 200, response.text
+        yield services
+    finally:
+        client.close()
+        _stop(processes)
+
+
+def test_spring_is_calm_and_july_drift_makes_the_scheduler_start_retraining(airflow: Airflow) -> None:
+    # A calm spring week: the run succeeds, reports no drift, emits no event, starts no retraining.
+    airflow.trigger_monitor("spring", SPRING[1])
+    assert airflow.finished_run("flights_monitor", "spring")["state"] == "success", airflow.log_tails()
+    calm = airflow.xcom("flights_monitor", "spring", "drift")
+    assert calm["drift_detected"] is False
+    assert (calm["window"]["start"], calm["window"]["end"]) == SPRING
+    assert calm["reference"]["source_uri"] == airflow.reference_uri
+    assert airflow.drift_events() == []
+
+    # A July week: drift, the report, and one event on the drift Asset carrying the figures.
+    airflow.trigger_monitor("july", JULY[1])
+    assert airflow.finished_run("flights_monitor", "july")["state"] == "success", airflow.log_tails()
+    drifted = airflow.xcom("flights_monitor", "july", "drift")
+    assert drifted["drift_detected"] is True
+    assert (drifted["window"]["start"], drifted["window"]["end"]) == JULY
+    assert {"temp", "dewp"} <= set(drifted["drifted_columns"])
+    assert drifted["drifted_columns"]["temp"] >= FLIGHTS_DRIFT_COLUMNS["temp"]["threshold"]
+    assert Path(drifted["report_uri"].removeprefix("file://")).stat().st_size > 10_000
+    [event] = airflow.drift_events()
+    assert (event["source_dag_id"], event["source_run_id"]) == ("flights_monitor", "july")
+    assert event["extra"]["event_id"] == drifted["event_id"]
+
+    # The scheduler itself starts flights_train on that event; its gate lets the first retraining through
+    # and records the event that caused it.
+    runs = airflow.wait("the scheduler to start flights_train", airflow.train_runs, timeout=120)
+    [(run_id, triggering)] = runs.items()
+    [cause] = triggering
+    assert cause["id"] == event["id"]
+    assert cause["extra"]["drift_share"] == drifted["drift_share"]
+    assert cause["extra"]["drifted_columns"] == drifted["drifted_columns"]
+    assert cause["extra"]["data_time"] == JULY[1] and cause["extra"]["model"] == MODEL
+    assert airflow.wait("the retraining gate", lambda: airflow.gate_state(run_id), timeout=120) == "success"
+    decision = airflow.xcom("flights_train", run_id, "retraining_gate")
+    assert decision["proceed"] is True
+    assert decision["cause"]["event_id"] == drifted["event_id"]
+    # the calm spring run never started one: the only retraining run is the July one
+    assert list(airflow.train_runs()) == [run_id]
+
+
+def test_ten_drift_events_in_one_cooldown_window_start_exactly_one_retraining(airflow: Airflow) -> None:
+    # Ten drift events within three days of data time (far from July, so outside the July cooldown):
+    # eight distinct ones and two redeliveries (watchers are at-least-once), as a feed that keeps
+    # drifting would send them. Each is posted once the scheduler has started a run for the one
+    # before, so every event gets a run of its own and the gate has to hold nine of them back.
+    # (Posted faster, events can wait in Airflow 3.3.2 until a later event starts a run: the queue
+    # row of an Asset is deleted when a run is created, also for events committed meanwhile.)
+    asset_id = airflow.drift_asset_id()
+    before = {e["id"] for e in airflow.drift_events()}
+    known_runs = set(airflow.train_runs())
+    ids = [f"burst-{i}" for i in range(8)] + ["burst-1", "burst-5"]
+    days = ["2013-09-02", "2013-09-02", "2013-09-03", "2013-09-03", "2013-09-04"] * 2
+    posted: list[int] = []
+
+    def consumed() -> set[int]:
+        return {e["id"] for r, events in airflow.train_runs().items() if r not in known_runs for e in events}
+
+    for event_id, day in zip(ids, days, strict=True):
+        extra = {"event_id": event_id, "model": MODEL, "data_time": day, "drift_detected": True}
+        posted.append(airflow.post("/assets/events", {"asset_id": asset_id, "extra": extra})["id"])
+        airflow.wait(
+            f"a flights_train run for event {event_id}", lambda: posted[-1] in consumed(), timeout=90
+        )
+    assert len(set(posted)) == 10 and not before & set(posted)
+
+    def all_consumed() -> dict[str, list[dict]] | None:
+        runs = {r: e for r, e in airflow.train_runs().items() if r not in known_runs}
+        consumed = {e["id"] for events in runs.values() for e in events}
+        finished = ("success", "failed")
+        if not set(posted) <= consumed or not all(
+            airflow.run("flights_train", r)["state"] in finished for r in runs
+        ):
+            return None
+        return runs
+
+    runs = airflow.wait(
+        "flights_train runs for all ten events",
+        all_consumed,
+        timeout=180,
+        detail=lambda: {"posted": posted, "runs": airflow.train_runs(), "events": airflow.drift_events()},
+    )
+    gates = {run_id: airflow.gate_state(run_id) for run_id in runs}
+    assert len(runs) == 10 and sorted(e["id"] for events in runs.values() for e in events) == posted
+    assert sorted(gates.values()) == ["skipped"] * 9 + ["success"], gates
+
+    [trained] = [r for r, s in gates.items() if s == "success"]
+    decision = airflow.xcom("flights_train", trained, "retraining_gate")
+    assert decision["cause"]["event_id"] in ids
+    assert [e["id"] for e in runs[trained]] == posted[:1]  # the first event trained
+    for run_id, state in gates.items():
+        if state == "skipped":  # the rest changed nothing downstream
+            assert {
+                s for t, s in airflow.task_states("flights_train", run_id).items() if t != "retraining_gate"
+            } <= {"skipped"}
+
+    record = json.loads((airflow.state / "retraining" / f"{MODEL}.json").read_text())
+    burst_retrainings = [r for r in record["retrainings"] if str(r["event_id"]).startswith("burst-")]
+    assert len(burst_retrainings) == 1 and burst_retrainings[0]["run_id"] == trained
+    assert set(ids) <= set(record["seen"])
+    reasons = [entry["reason"] for entry in record["suppressed"] if entry["run_id"] in runs]
+    assert len(reasons) == 9
+    assert sum("duplicate delivery" in r for r in reasons) == 2  # the redeliveries of burst-1, burst-5
+    assert sum("inside the cooldown" in r for r in reasons) == 7
