@@ -119,12 +119,16 @@ def suite_parameter_names(spec: dict[str, Any]) -> set[str]:
     return {name for item in spec["expectations"] for name in walk(item.get("kwargs", {}))}
 
 
-def batch_date_parameters(batch_date: str, batch_timezone: str = "UTC") -> dict[str, Any]:
+def batch_date_parameters(
+    batch_date: str, batch_timezone: str = "UTC", batch_days: int = 1
+) -> dict[str, Any]:
     """Suite parameters describing the batch's date.
 
-    ``batch_start`` / ``batch_end`` are the UTC instants at which local day ``batch_date`` begins and
-    ends in ``batch_timezone`` (23 or 25 hours apart on daylight-saving days); ``batch_date``,
-    ``batch_year``, ``batch_month`` and ``batch_day`` are the day itself.
+    A batch covers ``batch_days`` local days from ``batch_date`` (1: a daily batch, 7: a weekly one).
+    ``batch_start`` / ``batch_end`` are the UTC instants at which those days begin and end in
+    ``batch_timezone`` (a day is 23 or 25 hours on daylight-saving days); ``batch_date``, ``batch_year``,
+    ``batch_month`` and ``batch_day`` are the first day; ``batch_{year,month,day}_{min,max}`` bound the
+    date parts over all the batch's days (equal to the day itself for a daily batch).
 
     :raises MLOpsArgumentError: the date or the time zone is not valid.
     """
@@ -144,13 +148,30 @@ def batch_date_parameters(batch_date: str, batch_timezone: str = "UTC") -> dict[
             f"batch_timezone {batch_timezone!r} is not a known IANA time zone.",
             fix="pass a name such as 'UTC' or 'America/New_York'.",
         ) from err
+    try:
+        count = int(batch_days)
+    except (TypeError, ValueError):
+        count = 0
+    if count < 1:
+        raise MLOpsArgumentError(
+            f"batch_days {batch_days!r} is not a positive number of days.",
+            fix="pass 1 for daily batches, 7 for weekly ones.",
+        )
+    days = [day + timedelta(days=n) for n in range(count)]
     start = datetime.combine(day, time(), zone).astimezone(UTC)
-    end = datetime.combine(day + timedelta(days=1), time(), zone).astimezone(UTC)
+    end = datetime.combine(days[-1] + timedelta(days=1), time(), zone).astimezone(UTC)
+    bounds = {
+        f"batch_{part}_{agg.__name__}": agg(getattr(d, part) for d in days)
+        for part in ("year", "month", "day")
+        for agg in (min, max)
+    }
     return {
         "batch_date": day.isoformat(),
         "batch_year": day.year,
         "batch_month": day.month,
         "batch_day": day.day,
+        **bounds,
+        "batch_days": count,
         "batch_start": start.isoformat(),
         "batch_end": end.isoformat(),
     }
@@ -403,6 +424,8 @@ class GXValidateOperator(BaseOperator):
         ``batch_year``, ``batch_month``, ``batch_day``, ``batch_start`` and ``batch_end`` (templated).
     :param batch_timezone: IANA time zone in which ``batch_date`` is a local day; ``batch_start`` and
         ``batch_end`` are that day's bounds in UTC.
+    :param batch_days: local days the batch covers from ``batch_date`` (7 for weekly batches); the
+        parameters then bound the whole span (``batch_{year,month,day}_{min,max}``) (templated).
     :param expectation_parameters: further suite parameters; they override the date ones (templated).
     :param fail_on_failure: fail the task when the suite fails (the default); with False the summary is
         returned with ``success: false`` (the batch is still quarantined when ``quarantine_uri`` is set).
@@ -417,7 +440,13 @@ class GXValidateOperator(BaseOperator):
     :param data_conn_id: Airflow connection for a remote ``data_uri`` / ``quarantine_uri``.
     """
 
-    template_fields: Sequence[str] = ("data_uri", "quarantine_uri", "batch_date", "expectation_parameters")
+    template_fields: Sequence[str] = (
+        "data_uri",
+        "quarantine_uri",
+        "batch_date",
+        "batch_days",
+        "expectation_parameters",
+    )
     template_fields_renderers = {"expectation_parameters": "json"}
     operator_extra_links = (ValidationReportLink(),)
     ui_color = "#fbe8c8"
@@ -429,6 +458,7 @@ class GXValidateOperator(BaseOperator):
         expectation_suite: str,
         batch_date: str | None = None,
         batch_timezone: str = "UTC",
+        batch_days: int | str = 1,
         expectation_parameters: dict[str, Any] | None = None,
         fail_on_failure: bool = True,
         quarantine_uri: str | None = None,
@@ -460,6 +490,7 @@ class GXValidateOperator(BaseOperator):
         self.expectation_suite = expectation_suite
         self.batch_date = batch_date
         self.batch_timezone = batch_timezone
+        self.batch_days = batch_days
         self.expectation_parameters = expectation_parameters
         self.fail_on_failure = fail_on_failure
         self.quarantine_uri = quarantine_uri
@@ -488,7 +519,7 @@ class GXValidateOperator(BaseOperator):
     def suite_parameters(self, spec: dict[str, Any], suite_file: Path) -> dict[str, Any]:
         params: dict[str, Any] = {}
         if self.batch_date:
-            params.update(batch_date_parameters(self.batch_date, self.batch_timezone))
+            params.update(batch_date_parameters(self.batch_date, self.batch_timezone, self.batch_days))
         if self.expectation_parameters is not None:
             if not isinstance(self.expectation_parameters, dict):
                 raise MLOpsArgumentError(

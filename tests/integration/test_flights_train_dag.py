@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 import httpx
 import psutil
 import pytest
+from mlops_testing import flights_dag
 
-from airflow_mlops.demo.run import load_dag
 from airflow_mlops.hooks.bentoml import BentoMLHook
 from airflow_mlops.operators.features import FeastMaterializeOperator
 from airflow_mlops.operators.serving import LocalDeploymentTarget
@@ -23,14 +23,13 @@ def trained(feast_env, airflow_db, ray_cluster, monkeypatch, task_context):
     # Tune runs on the session's Ray (as the tuning tests do): a local Ray started and shut down inside
     # this pytest process would leave Tune's driver state stale for the tests that come after.
     monkeypatch.setenv("AIRFLOW__MLOPS__STATE_DIR", str(feast_env.settings.state_dir))
-    monkeypatch.setenv("MLOPS_SERVING_PORT", "3911")
     FeastMaterializeOperator(
         task_id="materialize",
         repo_path=str(feast_env.repo),
         start="2013-04-01T00:00:00+00:00",
         end="2013-04-15T00:00:00+00:00",
     ).execute(task_context("materialize"))
-    dag = load_dag("flights_train")
+    dag = flights_dag("flights_train", {"serving": {"port": 3911}})
     dag_run = dag.test(
         logical_date=datetime(2013, 4, 15, tzinfo=UTC),
         run_conf={"train_start": "2013-03-01", "holdout_start": "2013-04-01", "holdout_end": "2013-04-15"},

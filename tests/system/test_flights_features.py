@@ -9,11 +9,10 @@ from datetime import UTC, datetime
 
 import pandas as pd
 import pytest
-from mlops_testing import ROOT
+from mlops_testing import ROOT, asset_events, flights_dag, run_day
 
 from airflow_mlops.config import load_settings
 from airflow_mlops.demo.data import read_table
-from airflow_mlops.demo.run import asset_events, load_dag, run_day
 from airflow_mlops.hooks.feast import FeastHook
 
 pytestmark = pytest.mark.system
@@ -32,9 +31,9 @@ def _online_snapshot() -> dict:
 
 @pytest.fixture(scope="module")
 def first_run(airflow_db, landed_week):
-    ingest = run_day(load_dag("flights_ingest"), datetime(2013, 1, 2, tzinfo=UTC))
+    ingest = run_day(flights_dag("flights_ingest"), datetime(2013, 1, 2, tzinfo=UTC))
     assert ingest.state == "success"
-    dag_run = load_dag("flights_features").test(run_conf={"day": DAY})
+    dag_run = flights_dag("flights_features").test(run_conf={"day": DAY})
     return dag_run
 
 
@@ -87,7 +86,7 @@ def test_a_rerun_changes_nothing(first_run):
     before = _online_snapshot()
     stats = load_settings().offline_root.removeprefix("file://") + f"/carrier_daily/date={DAY}/part-0.parquet"
     stats_before = pd.read_parquet(stats)
-    rerun = load_dag("flights_features").test(run_conf={"day": DAY})
+    rerun = flights_dag("flights_features").test(run_conf={"day": DAY})
     assert rerun.state == "success"
     assert _online_snapshot() == before
     pd.testing.assert_frame_equal(pd.read_parquet(stats), stats_before)

@@ -7,18 +7,17 @@ from datetime import UTC, datetime
 
 import pyarrow.parquet as pq
 import pytest
-from mlops_testing import run_python
+from mlops_testing import asset_events, flights_dag, run_day, run_python
 
 from airflow_mlops.artifacts import as_path, sha256_of
 from airflow_mlops.config import load_settings
-from airflow_mlops.demo.run import asset_events, load_dag, run_day
 
 DAY = datetime(2013, 1, 2, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")
 def dag(airflow_db, landed_week):
-    return load_dag("flights_ingest")
+    return flights_dag("flights_ingest")
 
 
 def _partition(day: str):
@@ -58,8 +57,10 @@ def test_bad_configuration_fails_the_first_task_naming_the_setting(airflow_db, l
     # A fresh process, as a worker would be: the bad setting is only seen when the task runs.
     code = """
 from datetime import datetime, timezone
-from airflow_mlops.demo.run import load_dag, run_day
-dag_run = run_day(load_dag("flights_ingest"), datetime(2013, 1, 3, tzinfo=timezone.utc))
+from airflow_mlops.lifecycle import lifecycle_dags
+daily = {"ingest": {"cadence": "daily", "landing_path": "flights/date={{ data_interval_start | ds }}/flights.parquet"}}
+dag = lifecycle_dags("dags/flights.yaml", daily)["flights_ingest"]
+dag_run = dag.test(logical_date=datetime(2013, 1, 4, tzinfo=timezone.utc))
 print("@@state", dag_run.state)
 """
     result = run_python(code, env={"AIRFLOW__MLOPS__ARTIFACT_ROOT": "ftp://files.example.com/mlops"})

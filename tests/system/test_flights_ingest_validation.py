@@ -16,10 +16,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from mlops_testing import asset_events, flights_dag, run_day
 
 from airflow_mlops.config import load_settings
 from airflow_mlops.demo.data import land
-from airflow_mlops.demo.run import asset_events, load_dag, run_day
 from airflow_mlops.operators.validation import ValidationReportLink
 from airflow_mlops.triggers.landing import LandedBatchTrigger
 
@@ -74,7 +74,7 @@ def day_of(text: str) -> datetime:
 
 @pytest.fixture(scope="module")
 def dag(airflow_db, landed_week):
-    dag = load_dag("flights_ingest")
+    dag = flights_dag("flights_ingest")
     sensor = dag.get_task("wait_for_batch")
     sensor.poke_interval = 0.5  # the DAG's 60 s would slow the late-batch test
     sensor.timeout = 120  # and its 6 hours would hide a batch that never comes

@@ -50,6 +50,7 @@ def test_template_fields_and_link() -> None:
         "data_uri",
         "quarantine_uri",
         "batch_date",
+        "batch_days",
         "expectation_parameters",
     }
     # templated values are kept as given; rendering happens later, in the worker
@@ -101,9 +102,7 @@ def test_yaml_suite_is_read(tmp_path: Path) -> None:
 def test_flights_suite_parameters_come_from_batch_date() -> None:
     spec = validation.load_suite_spec(SUITE)
     assert validation.suite_parameter_names(spec) == {
-        "batch_year",
-        "batch_month",
-        "batch_day",
+        *(f"batch_{part}_{bound}" for part in ("year", "month", "day") for bound in ("min", "max")),
         "batch_start",
         "batch_end",
     }
@@ -113,7 +112,7 @@ def test_flights_suite_parameters_come_from_batch_date() -> None:
     assert params["batch_start"] == "2013-03-10T05:00:00+00:00"
     assert params["batch_end"] == "2013-03-11T04:00:00+00:00"
     assert (params["batch_year"], params["batch_month"], params["batch_day"]) == (2013, 3, 10)
-    with pytest.raises(MLOpsArgumentError, match=r"batch_day.*batch_end"):
+    with pytest.raises(MLOpsArgumentError, match=r"batch_day_max.*batch_end"):
         make_op().suite_parameters(spec, SUITE)
     with pytest.raises(MLOpsArgumentError, match="not a YYYY-MM-DD"):
         validation.batch_date_parameters("Jan 1st")
@@ -324,3 +323,17 @@ def test_provider_registers_validation_modules() -> None:
     } <= set(modules)
     assert "airflow_mlops.operators.validation.ValidationReportLink" in info["extra-links"]
     assert all(e["integration-name"] == "airflow-mlops" for g in ("sensors", "triggers") for e in info[g])
+
+
+def test_a_weekly_batch_bounds_its_seven_local_days_across_a_month_end() -> None:
+    from airflow_mlops.operators.validation import batch_date_parameters
+
+    week = batch_date_parameters("2013-01-29", "America/New_York", 7)
+    assert week["batch_start"] == "2013-01-29T05:00:00+00:00"
+    assert week["batch_end"] == "2013-02-05T05:00:00+00:00"
+    assert (week["batch_month_min"], week["batch_month_max"]) == (1, 2)
+    assert (week["batch_day_min"], week["batch_day_max"]) == (1, 31)
+    day = batch_date_parameters("2013-01-29", "America/New_York")
+    assert day["batch_day_min"] == day["batch_day_max"] == day["batch_day"] == 29
+    with pytest.raises(MLOpsArgumentError, match="batch_days 0"):
+        batch_date_parameters("2013-01-29", "UTC", 0)

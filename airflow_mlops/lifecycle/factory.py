@@ -1,0 +1,499 @@
+"""The lifecycle factory: a validated spec in, the model's four DAGs out.
+
+``lifecycle_dags(spec_path)`` returns ``{dag_id: DAG}`` for
+
+- ``<prefix>_ingest``: wait for each landed batch (deferred), validate it with Great Expectations
+  (quarantine on failure), publish it to the offline store; the ``<table>_offline`` Asset gets an event;
+- ``<prefix>_features``: on those events, run the spec's preparation steps, ``feast apply`` and
+  materialize the days named by the events into the online store;
+- ``<prefix>_train``: on the model's drift Asset (``<model>_drift``; and on new features when the spec
+  says so) or by hand: retraining gate -> training and holdout sets from Feast -> Ray Tune -> register
+  -> gated promotion -> drift baseline -> Bento build -> blue/green deploy -> sample predictions;
+- ``<prefix>_monitor``: every day or week of data time, an Evidently drift check (and AUC decay where
+  labels have arrived) of the last ``window_days`` against the production model's training snapshot;
+  drift emits the event that starts ``<prefix>_train``.
+
+A DAG file is a few lines (``dags/flights_lifecycle.py``)::
+
+    from airflow_mlops.lifecycle import lifecycle_dags
+
+    globals().update(lifecycle_dags(__file__.replace("_lifecycle.py", ".yaml")))
+
+Parsing imports only Airflow, pydantic, PyYAML and the operator modules (none of the ML libraries).
+"""
+
+from __future__ import annotations
+
+import functools
+from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import DAG, Asset, Param
+from airflow.timetables.interval import CronDataIntervalTimetable, DeltaDataIntervalTimetable
+
+from airflow_mlops.exceptions import MLOpsArgumentError
+from airflow_mlops.lifecycle.spec import LifecycleSpec, LifecycleSpecError, Step, load_spec
+
+#: Jinja for the features DAG's window macro; ``{{ window.first }}`` in a step's args becomes this
+FEATURE_WINDOW = "feature_window(triggering_asset_events, dag_run)"
+TRAIN_WINDOW = "train_window(params, triggering_asset_events)"
+#: the last day of the data interval (the interval's only day for a daily schedule)
+LAST_DAY = "{{ (data_interval_end - macros.timedelta(days=1)) | ds }}"
+FIRST_DAY = "{{ data_interval_start | ds }}"
+
+
+def _utc(day: date) -> datetime:
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
+def _timetable(cadence: str) -> Any:
+    if cadence == "weekly":
+        # weeks counted from the start date (not calendar weeks): batch k covers days [7k, 7k+7)
+        return DeltaDataIntervalTimetable(timedelta(days=7))
+    return CronDataIntervalTimetable("@daily", timezone="UTC")
+
+
+def _default_args(spec: LifecycleSpec) -> dict[str, Any]:
+    return {"owner": ",".join(spec.owners), "retries": 0}
+
+
+# ------------------------------------------------------------------------------------------ macros
+def feature_window(
+    triggering_asset_events: Any, dag_run: Any, *, timezone: str, available_after_hours: float, dag_id: str
+) -> dict[str, str]:
+    """The days a features run processes and the interval to materialize for them.
+
+    The days are the partitions named by the triggering offline-store events (``extra.partitions`` or
+    ``extra.partition`` = ``date=YYYY-MM-DD``), else the run's conf ``{"day": ..., "last_day": ...}``.
+
+    :return: ``first`` and ``last`` day, ``start`` (local midnight of the first day) and ``end`` (local
+        midnight after the last day plus ``available_after_hours``), ISO in UTC.
+    """
+    from zoneinfo import ZoneInfo
+
+    days = sorted(
+        {
+            str(partition).removeprefix("date=")
+            for events in (triggering_asset_events or {}).values()
+            for event in events
+            for partition in ((event.extra or {}).get("partitions") or [(event.extra or {}).get("partition")])
+            if partition
+        }
+    )
+    conf = (getattr(dag_run, "conf", None) or {}) if dag_run is not None else {}
+    if not days and conf.get("day"):
+        days = [str(conf["day"]), str(conf.get("last_day") or conf["day"])]
+    if not days:
+        raise MLOpsArgumentError(
+            f"this run of {dag_id} names no day: no offline-store event with extra.partition(s) "
+            "triggered it and its conf has no 'day'.",
+            fix='trigger it with conf {"day": "YYYY-MM-DD"} or let the ingest DAG trigger it.',
+        )
+    zone = ZoneInfo(timezone)
+    first, last = date.fromisoformat(days[0]), date.fromisoformat(days[-1])
+    start = datetime.combine(first, time(), zone)
+    end = datetime.combine(last + timedelta(days=1), time(), zone) + timedelta(hours=available_after_hours)
+    return {
+        "first": first.isoformat(),
+        "last": last.isoformat(),
+        "start": start.astimezone(UTC).isoformat(),
+        "end": end.astimezone(UTC).isoformat(),
+    }
+
+
+def train_window(params: Any, triggering_asset_events: Any) -> dict[str, str]:
+    """ISO bounds (UTC midnight) of the training set and the holdout after it.
+
+    A drift event moves the holdout to the ``holdout_days`` before its ``data_time`` and the training
+    window to the ``train_days`` before that; otherwise the params' fixed days are used.
+    """
+    times = [
+        str(event.extra["data_time"])[:10]
+        for events in (triggering_asset_events or {}).values()
+        for event in events
+        if (event.extra or {}).get("data_time")
+    ]
+    if times:
+        holdout_end = date.fromisoformat(max(times)) + timedelta(days=1)
+        holdout_start = holdout_end - timedelta(days=int(params["holdout_days"]))
+        train_start = holdout_start - timedelta(days=int(params["train_days"]))
+    else:
+        train_start = date.fromisoformat(params["train_start"])
+        holdout_start = date.fromisoformat(params["holdout_start"])
+        holdout_end = date.fromisoformat(params["holdout_end"])
+    return {
+        "train_start": _utc(train_start).isoformat(),
+        "holdout_start": _utc(holdout_start).isoformat(),
+        "holdout_end": _utc(holdout_end).isoformat(),
+    }
+
+
+# ------------------------------------------------------------------------------------------ steps
+def _with_window(value: Any) -> Any:
+    """Replace ``{{ window.<key> }}`` in step arguments with the features window macro."""
+    if isinstance(value, str):
+        return value.replace("{{ window.", "{{ " + FEATURE_WINDOW + ".").replace(
+            "{{window.", "{{ " + FEATURE_WINDOW + "."
+        )
+    if isinstance(value, dict):
+        return {k: _with_window(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_with_window(v) for v in value]
+    return value
+
+
+def import_path(path: str) -> Any:
+    """The object named by ``package.module.name``."""
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except AttributeError:
+        raise ImportError(f"module {module!r} has no attribute {name!r}") from None
+
+
+def _run_callable(path: str, **kwargs: Any) -> Any:
+    return import_path(path)(**kwargs)
+
+
+def _step_task(spec: LifecycleSpec, step: Step, where: str) -> Any:
+    """The operator of a spec step; an import failure is a spec error naming the step."""
+    args = _with_window(step.args)
+    if step.callable:
+        from airflow.providers.standard.operators.python import PythonOperator
+
+        return PythonOperator(
+            task_id=step.task_id,
+            python_callable=functools.partial(_run_callable, step.callable),
+            op_kwargs=args,
+        )
+    try:
+        operator = import_path(step.operator)
+    except ImportError as err:
+        raise LifecycleSpecError(
+            f"{spec.source}: {where}.operator {step.operator!r} cannot be imported ({err}).",
+            fix="name an operator class by its import path, e.g. "
+            "'airflow_mlops.operators.features.FeatureSourceSnapshotOperator'.",
+        ) from None
+    try:
+        return operator(task_id=step.task_id, **args)
+    except TypeError as err:
+        raise LifecycleSpecError(
+            f"{spec.source}: {where}.args do not fit {step.operator} ({err}).",
+            fix=f"give the arguments {step.operator.rsplit('.', 1)[-1]} takes (see its docstring).",
+        ) from None
+
+
+# ------------------------------------------------------------------------------------------ DAGs
+def ingest_dag(spec: LifecycleSpec) -> DAG:
+    from airflow_mlops.operators.offline_store import OfflinePartitionWriteOperator
+    from airflow_mlops.operators.validation import GXValidateOperator
+    from airflow_mlops.sensors.landing import LandedBatchSensor
+
+    ingest = spec.ingest
+    with DAG(
+        dag_id=spec.dag_id("ingest"),
+        description=f"Validate each landed {ingest.cadence} batch of {ingest.table}, quarantine bad "
+        "batches, publish good ones to the offline store.",
+        schedule=_timetable(ingest.cadence),
+        start_date=_utc(spec.start_date),
+        end_date=_utc(spec.end_date) if spec.end_date else None,
+        catchup=False,
+        max_active_runs=ingest.max_active_runs,
+        default_args=_default_args(spec),
+        tags=["mlops", *spec.tags, "ingest"],
+        doc_md=f"""Ingest for model **{spec.model}** (spec `{spec.source}`).
+
+One run per {ingest.cadence} data interval: `wait_for_batch` waits (deferred, in the triggerer) for
+`{ingest.landing_path}` under `[mlops] landing_root`; `validate_batch` runs the Great Expectations suite
+`{ingest.expectation_suite}` (a failing batch is moved to quarantine and the run fails naming each failed
+expectation); `publish_to_offline_store` writes it to the offline table `{ingest.table}` atomically
+and idempotently, and the `{spec.offline_asset_name}` Asset receives an event with the partitions.
+""",
+    ) as dag:
+        wait = LandedBatchSensor(
+            task_id="wait_for_batch",
+            uri=ingest.landing_path,
+            poke_interval=60,
+            timeout=int(ingest.wait_timeout_hours * 3600),
+            deferrable=True,
+        )
+        batch = ingest.landing_path.rsplit("/", 1)[0]
+        validate = GXValidateOperator(
+            task_id="validate_batch",
+            data_uri="{{ ti.xcom_pull(task_ids='wait_for_batch') }}",
+            expectation_suite=str(spec.resolve(ingest.expectation_suite)),
+            batch_date=FIRST_DAY,
+            batch_days=ingest.batch_days,
+            batch_timezone=ingest.batch_timezone,
+            quarantine_uri=batch,
+        )
+        publish = OfflinePartitionWriteOperator(
+            task_id="publish_to_offline_store",
+            source_uri="{{ ti.xcom_pull(task_ids='validate_batch')['data_uri'] }}",
+            table=ingest.table,
+            partition="date={date}" if ingest.partition_column else f"date={FIRST_DAY}",
+            partition_column=ingest.partition_column,
+            partition_timezone=ingest.batch_timezone,
+            outlets=[Asset(name=spec.offline_asset_name)],
+        )
+        wait >> validate >> publish
+    return dag
+
+
+def features_dag(spec: LifecycleSpec) -> DAG:
+    from airflow_mlops.operators.features import FeastApplyOperator, FeastMaterializeOperator
+
+    features = spec.features
+    repo = str(spec.resolve(features.repo))
+    window = functools.partial(
+        feature_window,
+        timezone=spec.ingest.batch_timezone,
+        available_after_hours=features.available_after_hours,
+        dag_id=spec.dag_id("features"),
+    )
+    with DAG(
+        dag_id=spec.dag_id("features"),
+        description=f"Feature preparation, feast apply and materialization after each ingested {spec.ingest.table} batch.",
+        schedule=[Asset(name=spec.offline_asset_name)],
+        start_date=_utc(spec.start_date),
+        catchup=False,
+        max_active_runs=1,
+        user_defined_macros={"feature_window": window},
+        default_args=_default_args(spec),
+        tags=["mlops", *spec.tags, "features"],
+        doc_md=f"""Features for model **{spec.model}** (spec `{spec.source}`, Feast repository `{repo}`).
+
+Runs when `{spec.offline_asset_name}` receives events, for the days they name (a manual run takes
+`{{"day": "YYYY-MM-DD", "last_day": "YYYY-MM-DD"}}` as conf). The preparation steps
+({", ".join(s.task_id for s in features.steps) or "none"}) write the feature source tables, `feast_apply`
+registers the repository, and the materialize tasks load the days' feature values into the online store.
+""",
+    ) as dag:
+        steps = [_step_task(spec, step, f"features.steps[{i}]") for i, step in enumerate(features.steps)]
+        apply = FeastApplyOperator(task_id="feast_apply", repo_path=repo)
+        loads = []
+        for item in features.materialize:
+            loads.append(
+                FeastMaterializeOperator(
+                    task_id=item.task_id,
+                    repo_path=repo,
+                    start=item.start or "{{ " + FEATURE_WINDOW + "['start'] }}",
+                    end="{{ " + FEATURE_WINDOW + "['end'] }}",
+                    overlap=timedelta(days=item.overlap_days) if item.overlap_days else None,
+                    feature_views=list(item.feature_views),
+                )
+            )
+        if steps:
+            steps >> apply
+        apply >> loads
+    return dag
+
+
+def train_dag(spec: LifecycleSpec) -> DAG:
+    from airflow.providers.standard.operators.python import PythonOperator
+
+    from airflow_mlops.operators.drift import DriftBaselineOperator, RetrainingGateOperator
+    from airflow_mlops.operators.features import FeastTrainingDatasetOperator, feature_view_asset
+    from airflow_mlops.operators.registry import PromoteModelOperator, RegisterModelOperator
+    from airflow_mlops.operators.tuning import RayTuneOperator
+
+    features, train, tuning = spec.features, spec.train, spec.train.tuning
+    repo = str(spec.resolve(features.repo))
+    schedule: list[Asset] = []
+    if "drift" in train.retrain_on:
+        schedule.append(Asset(name=spec.drift_asset_name))
+    if "features" in train.retrain_on:
+        schedule += [feature_view_asset(v) for m in features.materialize for v in m.feature_views]
+
+    def window(key: str) -> str:
+        return "{{ " + TRAIN_WINDOW + "['" + key + "'] }}"
+
+    with DAG(
+        dag_id=spec.dag_id("train"),
+        description="Training set -> Ray Tune -> register -> gated promotion -> Bento build -> blue/green deploy.",
+        schedule=schedule or None,
+        start_date=_utc(spec.start_date),
+        catchup=False,
+        max_active_runs=1,
+        params={
+            "train_start": Param(train.train_start.isoformat(), type="string", format="date"),
+            "holdout_start": Param(train.holdout_start.isoformat(), type="string", format="date"),
+            "holdout_end": Param(train.holdout_end.isoformat(), type="string", format="date"),
+            "train_days": Param(train.train_days, type="integer", minimum=7),
+            "holdout_days": Param(train.holdout_days, type="integer", minimum=1),
+        },
+        user_defined_macros={"train_window": train_window},
+        default_args=_default_args(spec),
+        tags=["mlops", *spec.tags, "train"],
+        doc_md=f"""Train, gate and serve model **{spec.model}** (spec `{spec.source}`).
+
+Starts when `{spec.drift_asset_name}` receives an event (the monitor found drift) or by hand.
+`retraining_gate` lets at most one retraining through per {spec.monitoring.cooldown_days:g} days of data time
+and drops repeated events; `training_set` / `holdout_set` come from the Feast feature service
+`{features.feature_service}` (label `{features.label}`; the holdout follows the training window); `tune`
+searches `{tuning.trainable}` with Ray Tune ({tuning.num_samples} trials);
+`register` adds the best model as a candidate; `promote` makes it production only if it beats production
+on the holdout by {spec.promotion.min_improvement} {spec.promotion.metric} (floor {spec.promotion.floor});
+`drift_baseline` makes its training snapshot the monitor's reference; `build` / `deploy` serve it
+({spec.serving.target}) and `sample_predictions` sends real holdout rows to the live endpoint.
+
+A drift event moves the holdout to the `holdout_days` before the event's data time and the training
+window to the `train_days` before that; otherwise the params' days are used.
+""",
+    ) as dag:
+        gate = RetrainingGateOperator(
+            task_id="retraining_gate", model_name=spec.model, cooldown_days=spec.monitoring.cooldown_days
+        )
+        common = {
+            "repo_path": repo,
+            "entity_uri": features.entity_table,
+            "feature_service": features.feature_service,
+            "label_column": features.label,
+            "event_timestamp_column": features.event_timestamp_column,
+            "multiple_outputs": True,
+        }
+        training_set = FeastTrainingDatasetOperator(
+            task_id="training_set", start=window("train_start"), end=window("holdout_start"), **common
+        )
+        holdout_set = FeastTrainingDatasetOperator(
+            task_id="holdout_set",
+            start=window("holdout_start"),
+            end=window("holdout_end"),
+            name="holdout",
+            **common,
+        )
+        tune = RayTuneOperator(
+            task_id="tune",
+            multiple_outputs=True,
+            training_data_uri=training_set.output["manifest_uri"],
+            trainable=tuning.trainable,
+            search_space=dict(tuning.search_space),
+            metric=tuning.metric,
+            mode=tuning.mode,
+            features=list(tuning.features) if tuning.features else None,
+            num_samples=tuning.num_samples,
+            max_concurrent_trials=tuning.max_concurrent_trials,
+            time_budget_s=tuning.time_budget_s,
+            scheduler=tuning.scheduler if isinstance(tuning.scheduler, str) else dict(tuning.scheduler),
+            resources_per_trial=dict(tuning.resources_per_trial) if tuning.resources_per_trial else None,
+            seed=tuning.seed,
+            time_column=tuning.time_column,
+            validation_fraction=tuning.validation_fraction,
+            **({"ray_conn_id": tuning.ray_conn_id} if tuning.ray_conn_id else {}),
+        )
+        register = RegisterModelOperator(
+            task_id="register",
+            multiple_outputs=True,
+            model_name=spec.model,
+            model_uri=tune.output["model_uri"],
+            metrics={tuning.metric: tune.output["best_metric"]},
+            hyperparameters=tune.output["best_config"],
+            training_manifest_uri=training_set.output["manifest_uri"],
+            feature_service=features.feature_service,
+        )
+        promote = PromoteModelOperator(
+            task_id="promote",
+            model_name=spec.model,
+            candidate_version=register.output["version"],
+            holdout_uri=holdout_set.output["manifest_uri"],
+            metric=spec.promotion.metric,
+            min_improvement=spec.promotion.min_improvement,
+            floor=spec.promotion.floor,
+        )
+        baseline = DriftBaselineOperator(task_id="drift_baseline", model_name=spec.model)
+        gate >> [training_set, holdout_set]
+        tune >> register >> promote >> baseline
+        if spec.serving.target == "local":
+            from airflow_mlops.operators.serving import BentoBuildOperator, BentoDeployOperator
+
+            build = BentoBuildOperator(task_id="build", model_name=spec.model)
+            deploy = BentoDeployOperator(
+                task_id="deploy",
+                multiple_outputs=True,
+                model_name=spec.model,
+                port=spec.serving.port,
+                feast_repo_path=repo,
+            )
+            baseline >> build >> deploy
+            if spec.serving.sample_rows:
+                sample = PythonOperator(
+                    task_id="sample_predictions",
+                    python_callable=functools.partial(
+                        _run_callable, "airflow_mlops.ml.client.sample_predictions"
+                    ),
+                    op_kwargs={
+                        "url": "{{ ti.xcom_pull(task_ids='deploy')['url'] }}",
+                        "data_uri": "{{ ti.xcom_pull(task_ids='holdout_set')['data_uri'] }}",
+                        "rows": spec.serving.sample_rows,
+                    },
+                )
+                [deploy, holdout_set] >> sample
+    return dag
+
+
+def monitor_dag(spec: LifecycleSpec) -> DAG:
+    from airflow_mlops.operators.drift import EvidentlyDriftOperator
+
+    monitoring = spec.monitoring
+    start = monitoring.start_date or spec.start_date
+    with DAG(
+        dag_id=spec.dag_id("monitor"),
+        description=f"{monitoring.schedule.capitalize()} Evidently drift check of the last "
+        f"{monitoring.window_days} days; drift starts a retraining.",
+        schedule=_timetable(monitoring.schedule),
+        start_date=_utc(start),
+        end_date=_utc(spec.end_date) if spec.end_date else None,
+        catchup=False,
+        max_active_runs=2,
+        params={
+            "reference_uri": Param(
+                None,
+                type=["null", "string"],
+                description="Compare against this parquet / training manifest instead of the production "
+                "model's training snapshot (required while no model is in production).",
+            ),
+            "window_days": Param(monitoring.window_days, type="integer", minimum=1),
+        },
+        default_args=_default_args(spec),
+        tags=["mlops", *spec.tags, "monitor"],
+        doc_md=f"""Drift monitor for model **{spec.model}** (spec `{spec.source}`).
+
+One run per {monitoring.schedule} data interval: `drift` reads the last `window_days` days up to the
+interval's last day from the offline table `{monitoring.table or spec.ingest.table}`, compares them with
+Evidently against the reference (the production model's training snapshot, or the run's
+`reference_uri`), and reports AUC decay where labels have arrived. It writes the HTML report and a JSON
+summary to the artifact store and, only on drift or decay, emits an event on `{spec.drift_asset_name}`,
+which starts `{spec.dag_id("train")}`.
+""",
+    ) as dag:
+        EvidentlyDriftOperator(
+            task_id="drift",
+            model_name=spec.model,
+            reference_uri="{{ params.reference_uri or '' }}",
+            window_end=LAST_DAY,
+            window_days="{{ params.window_days }}",
+            table=monitoring.table or spec.ingest.table,
+            joins=[dict(j) for j in monitoring.joins] or None,
+            columns=monitoring.columns,
+            drift_share=monitoring.drift_share,
+            label_column=monitoring.label_column,
+            label_rule=dict(monitoring.label_rule) if monitoring.label_rule else None,
+            max_auc_decay=monitoring.max_auc_decay,
+            drift_asset=Asset(name=spec.drift_asset_name),
+        )
+    return dag
+
+
+def lifecycle_dags(spec_path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, DAG]:
+    """The ingest, features, train and monitor DAGs of the lifecycle spec at ``spec_path``.
+
+    :param overrides: nested mapping merged over the spec (tests use it to switch cadence or ports).
+    :return: ``{dag_id: DAG}``; put it in the DAG file's globals for Airflow to find the DAGs.
+    :raises LifecycleSpecError: the spec is invalid; the message names the file, each field and the fix.
+    """
+    spec = load_spec(spec_path, overrides)
+    dags = [ingest_dag(spec), features_dag(spec), train_dag(spec), monitor_dag(spec)]
+    return {dag.dag_id: dag for dag in dags}

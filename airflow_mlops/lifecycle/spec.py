@@ -1,0 +1,337 @@
+"""The lifecycle spec: one YAML file that describes a model's whole life, validated by pydantic.
+
+A team writes the spec once; :func:`airflow_mlops.lifecycle.factory.lifecycle_dags` turns it into the
+ingest, features, train and monitor DAGs. The field reference with examples is docs/lifecycle-spec.md;
+``dags/flights.yaml`` is the reference spec.
+
+Relative paths in the spec (expectation suite, feature repository) are taken relative to the spec file.
+A spec that does not validate raises :class:`LifecycleSpecError`, which names the file, every wrong
+field and what to write instead; raised while a DAG file is parsed, Airflow shows it as that file's
+import error.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from airflow_mlops.exceptions import MLOpsArgumentError
+
+DOCS = "docs/lifecycle-spec.md"
+_IDENTIFIER = r"^[A-Za-z][A-Za-z0-9_]*$"
+_IMPORT_PATH = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$"
+
+
+class LifecycleSpecError(MLOpsArgumentError):
+    """A lifecycle spec file is missing, not YAML, or has fields that are wrong; the message names the
+    file, each field at fault and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Step(_Section):
+    """A task the spec adds to a DAG: an operator class (``operator``) or a plain function run as a
+    Python task (``callable``), each given by import path, with keyword arguments (``args``)."""
+
+    task_id: str = Field(pattern=_IDENTIFIER)
+    operator: str | None = Field(default=None, pattern=_IMPORT_PATH)
+    callable: str | None = Field(default=None, pattern=_IMPORT_PATH)
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Step:
+        if (self.operator is None) == (self.callable is None):
+            raise ValueError(
+                "give exactly one of 'operator' (a BaseOperator class) or 'callable' (a function)"
+            )
+        return self
+
+
+class Ingest(_Section):
+    """Landed batches -> Great Expectations -> offline store."""
+
+    cadence: Literal["daily", "weekly"] = "daily"
+    landing_path: str = Field(
+        min_length=1,
+        description="where a batch lands, relative to [mlops] landing_root; templated with the data "
+        "interval, e.g. 'flights/date={{ data_interval_start | ds }}/flights.parquet'",
+    )
+    table: str = Field(pattern=_IDENTIFIER)
+    expectation_suite: str = Field(min_length=1)
+    batch_timezone: str = "UTC"
+    partition_column: str | None = Field(
+        default=None,
+        description="split each batch into daily 'date=YYYY-MM-DD' partitions by this timestamp column "
+        "(local days in batch_timezone); without it the batch is one partition named by its first day",
+    )
+    wait_timeout_hours: float = Field(default=6, gt=0)
+    max_active_runs: int = Field(default=4, ge=1)
+
+    @field_validator("batch_timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"{value!r} is not an IANA time zone such as 'UTC' or 'America/New_York'"
+            ) from None
+        return value
+
+    @property
+    def batch_days(self) -> int:
+        return 7 if self.cadence == "weekly" else 1
+
+
+class Materialize(_Section):
+    """One materialization task: feature views loaded into the online store."""
+
+    task_id: str = Field(pattern=_IDENTIFIER)
+    feature_views: list[str] = Field(min_length=1)
+    start: str | None = Field(
+        default=None,
+        description="fixed ISO start (e.g. a snapshot's as-of time); default: the run's first day",
+    )
+    overlap_days: float = Field(default=0, ge=0)
+
+
+class Features(_Section):
+    """Feast: source tables prepared by steps, `feast apply`, materialization, the entity dataframe."""
+
+    repo: str = Field(min_length=1, description="Feast repository folder, relative to the spec file")
+    feature_service: str = Field(min_length=1)
+    entity_table: str = Field(
+        min_length=1, description="offline-store table (or path) of entity rows with label and event time"
+    )
+    label: str = Field(min_length=1)
+    event_timestamp_column: str = "event_timestamp"
+    available_after_hours: float = Field(
+        default=0, ge=0, description="how long after a day ends its features are known (materialization end)"
+    )
+    steps: list[Step] = Field(default_factory=list)
+    materialize: list[Materialize] = Field(min_length=1)
+
+
+class Tuning(_Section):
+    trainable: str = Field(pattern=_IMPORT_PATH)
+    search_space: dict[str, Any] = Field(min_length=1)
+    metric: str = "auc"
+    mode: Literal["max", "min"] = "max"
+    features: list[str] | None = None
+    num_samples: int = Field(default=8, ge=1)
+    max_concurrent_trials: int = Field(default=2, ge=1)
+    time_budget_s: float = Field(default=600, gt=0)
+    scheduler: Literal["asha", "fifo"] | dict[str, Any] = "asha"
+    resources_per_trial: dict[str, float] | None = None
+    seed: int | None = 13
+    time_column: str | None = None
+    validation_fraction: float = Field(default=0.2, gt=0, lt=1)
+    ray_conn_id: str | None = None
+
+
+class Train(_Section):
+    """The training window and what starts a retraining."""
+
+    train_start: date
+    holdout_start: date
+    holdout_end: date
+    train_days: int = Field(default=90, ge=7)
+    holdout_days: int = Field(default=14, ge=1)
+    retrain_on: list[Literal["drift", "features"]] = Field(default_factory=lambda: ["drift"])
+    tuning: Tuning
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Train:
+        if not self.train_start < self.holdout_start < self.holdout_end:
+            raise ValueError("need train_start < holdout_start < holdout_end (the holdout follows training)")
+        return self
+
+
+class Promotion(_Section):
+    metric: str = "auc"
+    min_improvement: float = Field(default=0.002, ge=0)
+    floor: float = 0.5
+
+
+class Serving(_Section):
+    target: Literal["local", "none"] = "local"
+    port: int = Field(default=3900, ge=1024, le=65535)
+    workers: int = Field(default=1, ge=1)
+    sample_rows: int = Field(default=20, ge=0, description="real rows sent to the endpoint after a deploy")
+
+
+class Monitoring(_Section):
+    schedule: Literal["daily", "weekly"] = "daily"
+    window_days: int = Field(default=7, ge=1)
+    table: str | None = Field(default=None, description="offline-store table to watch; default ingest.table")
+    columns: list[str] | dict[str, dict[str, Any]] | None = None
+    drift_share: float = Field(default=0.5, gt=0, le=1)
+    joins: list[dict[str, Any]] = Field(default_factory=list)
+    label_column: str | None = None
+    label_rule: dict[str, Any] | None = None
+    max_auc_decay: float = Field(default=0.05, gt=0)
+    cooldown_days: float = Field(default=7, ge=0)
+    start_date: date | None = Field(default=None, description="first monitored day; default spec start_date")
+
+
+class LifecycleSpec(_Section):
+    """A model's lifecycle: what lands, how it is validated and featurized, trained, gated, served and
+    monitored."""
+
+    model: str = Field(pattern=_IDENTIFIER, description="registry name of the model")
+    dag_prefix: str = Field(pattern=_IDENTIFIER, description="DAG ids are <dag_prefix>_ingest, ...")
+    description: str = ""
+    owners: list[str] = Field(default_factory=lambda: ["airflow"])
+    tags: list[str] = Field(default_factory=list)
+    start_date: date
+    end_date: date | None = None
+    ingest: Ingest
+    features: Features
+    train: Train
+    promotion: Promotion = Field(default_factory=Promotion)
+    serving: Serving = Field(default_factory=Serving)
+    monitoring: Monitoring = Field(default_factory=Monitoring)
+    #: the spec file; relative paths resolve against its folder
+    source: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _dates(self) -> LifecycleSpec:
+        if self.end_date is not None and self.end_date < self.start_date:
+            raise ValueError("end_date is before start_date")
+        return self
+
+    def resolve(self, path: str) -> Path:
+        """``path`` as an absolute path: relative paths are taken relative to the spec file's folder."""
+        candidate = Path(path).expanduser()
+        if candidate.is_absolute() or self.source is None:
+            return candidate
+        return (self.source.parent / candidate).resolve()
+
+    def dag_id(self, stage: str) -> str:
+        return f"{self.dag_prefix}_{stage}"
+
+    @property
+    def drift_asset_name(self) -> str:
+        return f"{self.model}_drift"
+
+    @property
+    def offline_asset_name(self) -> str:
+        return f"{self.ingest.table}_offline"
+
+
+# ------------------------------------------------------------------------------------------ loading
+_FIXES = {
+    "missing": "add the field (see {docs})",
+    "extra_forbidden": "remove it or correct its spelling (the fields of this section are listed in {docs})",
+    "literal_error": "use one of the values named",
+    "string_pattern_mismatch": "use letters, digits and '_' (an import path: 'package.module.name')",
+    "date_from_datetime_parsing": "write the date as YYYY-MM-DD",
+}
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1:] = [f"{parts[-1] if parts else ''}[{item}]"]
+        else:
+            parts.append(str(item))
+    return ".".join(parts) or "(top level)"
+
+
+def describe_errors(path: Path | str, err: ValidationError) -> str:
+    """One line per wrong field: ``<file>: <field>: <problem> -> fix: <what to write>``."""
+    lines = []
+    for error in err.errors(include_url=False):
+        kind = error.get("type", "")
+        where = _location(tuple(error.get("loc", ())))
+        message = str(error.get("msg", "")).removeprefix("Value error, ")
+        fix = _FIXES.get(kind, "correct the value (see {docs})").format(docs=DOCS)
+        if kind == "extra_forbidden":
+            message = "unknown field"
+        lines.append(f"{path}: {where}: {message}; fix: {fix}.")
+    return "\n".join(lines)
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> LifecycleSpec:
+    """Read and validate a lifecycle spec YAML file.
+
+    :param overrides: nested mapping merged over the file's content (e.g. a test's
+        ``{"ingest": {"cadence": "daily"}}``).
+    :raises LifecycleSpecError: the file is missing, not YAML, or a field is wrong; every wrong field is
+        named with its fix.
+    """
+    import yaml
+
+    path = Path(path).resolve()
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise LifecycleSpecError(
+            f"lifecycle spec {path} cannot be read ({err.strerror}).",
+            fix="create the file or pass the right path to lifecycle_dags().",
+        ) from None
+    try:
+        content = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise LifecycleSpecError(
+            f"lifecycle spec {path} is not valid YAML{where}: {getattr(err, 'problem', err)}.",
+            fix="correct the YAML syntax (indentation, quotes around values with ':' or '{{').",
+        ) from None
+    if not isinstance(content, dict):
+        raise LifecycleSpecError(
+            f"lifecycle spec {path} must be a YAML mapping of sections, got {type(content).__name__}.",
+            fix=f"start from dags/flights.yaml or the example in {DOCS}.",
+        )
+    if overrides:
+        content = _merge(content, overrides)
+    try:
+        spec = LifecycleSpec.model_validate({**content, "source": path})
+    except ValidationError as err:
+        count = err.error_count()
+        raise LifecycleSpecError(
+            f"lifecycle spec has {count} wrong field{'s' if count > 1 else ''}:\n{describe_errors(path, err)}\n",
+            fix=f"correct the field{'s' if count > 1 else ''} named above; the reference is {DOCS}.",
+        ) from None
+    _check_paths(spec, path)
+    return spec
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _check_paths(spec: LifecycleSpec, path: Path) -> None:
+    problems = []
+    suite = spec.resolve(spec.ingest.expectation_suite)
+    if not suite.is_file():
+        problems.append(f"{path}: ingest.expectation_suite: no file {suite}")
+    repo = spec.resolve(spec.features.repo)
+    if not (repo / "feature_store.yaml").is_file():
+        problems.append(f"{path}: features.repo: {repo} holds no feature_store.yaml")
+    if problems:
+        raise LifecycleSpecError(
+            "lifecycle spec names files that do not exist:\n" + "\n".join(problems) + "\n",
+            fix="correct the paths (relative paths are taken from the spec file's folder).",
+        )
+    if "{{" not in spec.ingest.landing_path:
+        # a fixed landing path would make every run validate the same file
+        raise LifecycleSpecError(
+            f"{path}: ingest.landing_path {spec.ingest.landing_path!r} does not depend on the data interval.",
+            fix="template it, e.g. 'flights/date={{ data_interval_start | ds }}/flights.parquet'.",
+        )
