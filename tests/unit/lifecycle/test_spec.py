@@ -1,0 +1,181 @@
+"""The lifecycle spec and factory: the reference spec builds the four DAGs wired as documented, and a bad
+spec fails parsing with a message naming the file, the field and the fix (also as Airflow's import error)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from mlops_testing import FLIGHTS_SPEC, ROOT, run_python
+
+from airflow_mlops.lifecycle import LifecycleSpecError, lifecycle_dags, load_spec
+
+
+def write_spec(tmp_path: Path, change) -> Path:
+    """The reference spec with ``change(content)`` applied, next to copies of what it points at."""
+    content = yaml.safe_load(FLIGHTS_SPEC.read_text())
+    content["ingest"]["expectation_suite"] = str(ROOT / "dags" / "expectations" / "flights_batch.json")
+    content["features"]["repo"] = str(ROOT / "feature_repo")
+    change(content)
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump(content, sort_keys=False))
+    return path
+
+
+def test_the_reference_spec_builds_four_wired_dags():
+    dags = lifecycle_dags(FLIGHTS_SPEC)
+    assert sorted(dags) == ["flights_features", "flights_ingest", "flights_monitor", "flights_train"]
+    ingest, features, train, monitor = (
+        dags[f"flights_{s}"] for s in ("ingest", "features", "train", "monitor")
+    )
+
+    assert ingest.task_dict["validate_batch"].batch_days == 7
+    assert [a.name for a in ingest.task_dict["publish_to_offline_store"].outlets] == ["flights_offline"]
+    assert [a.name for a in features.timetable.asset_condition.objects] == ["flights_offline"]
+    assert set(features.task_dict["feast_apply"].upstream_task_ids) == {
+        "publish_weather",
+        "publish_planes",
+        "daily_stats",
+    }
+    daily_stats = features.task_dict["daily_stats"]
+    assert daily_stats.start_day == "{{ feature_window(triggering_asset_events, dag_run).first }}"
+    assert [a.name for a in train.timetable.asset_condition.objects] == ["flight_delay_drift"]
+    assert train.task_dict["retraining_gate"].cooldown_days == 60
+    assert [t.task_id for t in train.task_dict["tune"].upstream_list] == ["training_set"]
+    assert train.task_dict["promote"].floor == 0.6
+    assert set(train.task_dict["sample_predictions"].upstream_task_ids) == {"deploy", "holdout_set"}
+    drift = monitor.task_dict["drift"]
+    assert drift.columns["temp"]["threshold"] == 4.0 and drift.drift_share == 0.3
+    assert set(monitor.tags) == {"mlops", "flights", "monitor"}
+
+
+def test_serving_target_none_ends_the_train_dag_at_the_drift_baseline(tmp_path):
+    path = write_spec(tmp_path, lambda c: c["serving"].update(target="none"))
+    train = lifecycle_dags(path)["flights_train"]
+    assert "deploy" not in train.task_dict and train.task_dict["drift_baseline"].downstream_list == []
+
+
+def test_feature_window_reads_the_days_of_weekly_events_and_ends_after_the_stats_delay():
+    from types import SimpleNamespace
+
+    from airflow_mlops.lifecycle.factory import feature_window
+
+    events = {
+        "flights_offline": [
+            SimpleNamespace(extra={"partitions": [f"date=2013-01-0{d}" for d in range(1, 8)]}),
+            SimpleNamespace(extra={"partition": "date=2013-01-08"}),
+        ]
+    }
+    window = feature_window(
+        events, None, timezone="America/New_York", available_after_hours=6, dag_id="flights_features"
+    )
+    assert window == {
+        "first": "2013-01-01",
+        "last": "2013-01-08",
+        "start": "2013-01-01T05:00:00+00:00",
+        "end": "2013-01-09T11:00:00+00:00",
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (
+            lambda c: c["ingest"].update(cadance="weekly"),
+            r"ingest\.cadance: unknown field.*remove it or correct",
+        ),
+        (
+            lambda c: c["ingest"].update(cadence="hourly"),
+            r"ingest\.cadence: Input should be 'daily' or 'weekly'",
+        ),
+        (lambda c: c["train"].pop("tuning"), r"train\.tuning: Field required.*add the field"),
+        (lambda c: c["train"].update(holdout_start="2012-12-01"), r"train: need train_start < holdout_start"),
+        (
+            lambda c: c["ingest"].update(batch_timezone="New York"),
+            r"ingest\.batch_timezone: 'New York' is not",
+        ),
+        (lambda c: c["features"]["steps"][0].pop("operator"), r"features\.steps\[0\]: give exactly one"),
+        (lambda c: c["promotion"].update(min_improvement=-1), r"promotion\.min_improvement: Input should be"),
+        (lambda c: c["ingest"].update(landing_path="flights/all.parquet"), r"does not depend on the data"),
+        (
+            lambda c: c["ingest"].update(expectation_suite="nowhere.json"),
+            r"ingest\.expectation_suite: no file",
+        ),
+        (lambda c: c["features"].update(repo="/nonexistent"), r"features\.repo: /nonexistent holds no"),
+    ],
+)
+def test_a_bad_field_is_named_with_the_file_and_the_fix(tmp_path, change, named):
+    path = write_spec(tmp_path, change)
+    with pytest.raises(LifecycleSpecError, match=named) as err:
+        load_spec(path)
+    assert str(path) in str(err.value) and "Fix:" in str(err.value)
+
+
+def test_several_bad_fields_are_all_named_at_once(tmp_path):
+    def change(content):
+        content["model"] = "flight delay"
+        content["monitoring"]["drift_share"] = 2
+
+    with pytest.raises(LifecycleSpecError, match="2 wrong fields") as err:
+        load_spec(write_spec(tmp_path, change))
+    assert "model: String should match pattern" in str(err.value)
+    assert "monitoring.drift_share: Input should be less than or equal to 1" in str(err.value)
+
+
+def test_unreadable_and_non_yaml_specs_say_so(tmp_path):
+    with pytest.raises(LifecycleSpecError, match="cannot be read"):
+        load_spec(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: x\ningest: {cadence: weekly\n")
+    with pytest.raises(LifecycleSpecError, match=r"not valid YAML at line \d+, column \d+"):
+        load_spec(broken)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(LifecycleSpecError, match="must be a YAML mapping"):
+        load_spec(listing)
+
+
+def test_a_step_operator_that_does_not_import_or_fit_is_a_spec_error(tmp_path):
+    def unknown(content):
+        content["features"]["steps"][2]["operator"] = "airflow_mlops.operators.features.NoSuchOperator"
+
+    with pytest.raises(LifecycleSpecError, match=r"features\.steps\[2\]\.operator .*NoSuchOperator"):
+        lifecycle_dags(write_spec(tmp_path, unknown))
+
+    def wrong_args(content):
+        content["features"]["steps"][2]["args"]["start_dya"] = "2013-01-01"
+
+    with pytest.raises(LifecycleSpecError, match=r"(?s)features\.steps\[2\]\.args do not fit .*start_dya"):
+        lifecycle_dags(write_spec(tmp_path, wrong_args))
+
+
+def test_airflow_shows_a_bad_spec_as_the_dag_files_import_error(tmp_path):
+    spec = write_spec(tmp_path, lambda c: c["monitoring"].update(cooldown_days="a week"))
+    (tmp_path / "model_lifecycle.py").write_text(
+        textwrap.dedent(
+            f"""
+            from airflow_mlops.lifecycle import lifecycle_dags
+
+            globals().update(lifecycle_dags({str(spec)!r}))
+            """
+        )
+    )
+    code = f"""
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(dag_folder={str(tmp_path)!r})
+print("@@dags", sorted(bag.dags))
+for path, error in bag.import_errors.items():
+    print("@@error", path)
+    print(error)
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "@@dags []" in result.stdout
+    assert f"@@error {tmp_path / 'model_lifecycle.py'}" in result.stdout
+    error = result.stdout.split("@@error", 1)[1]
+    assert f"{spec}: monitoring.cooldown_days: Input should be a valid number" in error
+    assert "Fix: correct the field named above; the reference is docs/lifecycle-spec.md" in error
+    # the traceback stops at the spec loader: no frames from pydantic's internals
+    assert "pydantic" not in error.split("LifecycleSpecError")[0]
