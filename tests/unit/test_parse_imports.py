@@ -31,7 +31,7 @@ print("@@" + json.dumps({{"heavy": sorted(m for m in {HEAVY!r} if m in sys.modul
 
 
 def test_there_are_dag_files_to_check():
-    assert "flights_ingest.py" in DAG_FILES
+    assert "flights_lifecycle.py" in DAG_FILES
 
 
 def test_importing_the_package_and_what_it_registers_is_light():

@@ -4,7 +4,6 @@ small hand-made data, the training-set manifest (hook patched) and the features 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -235,32 +234,29 @@ def test_the_training_set_manifest(offline, monkeypatch, tmp_path):
         missing.execute(_context())
 
 
-def _features_dag_module():
-    spec = importlib.util.spec_from_file_location(
-        "flights_features_dag", ROOT / "dags" / "flights_features.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_features_dag_processes_the_days_named_by_the_asset_events():
-    module = _features_dag_module()
+    from functools import partial
+
+    from airflow_mlops.lifecycle import lifecycle_dags
+    from airflow_mlops.lifecycle.factory import feature_window
+
+    dag = lifecycle_dags(ROOT / "dags" / "flights.yaml")["flights_features"]
+    window_of = partial(
+        feature_window, timezone="America/New_York", available_after_hours=6, dag_id="flights_features"
+    )
+    assert dag.user_defined_macros["feature_window"].keywords == window_of.keywords
     events = {"flights_offline": [SimpleNamespace(extra={"partition": f"date=2013-01-0{d}"}) for d in (3, 2)]}
-    window = module.feature_window(events, SimpleNamespace(conf={}))
+    window = window_of(events, SimpleNamespace(conf={}))
     assert window == {
         "first": "2013-01-02",
         "last": "2013-01-03",
         "start": "2013-01-02T05:00:00+00:00",  # midnight in New York
         "end": "2013-01-04T11:00:00+00:00",  # 06:00 New York time after the last day
     }
-    assert (
-        module.feature_window({}, SimpleNamespace(conf={"day": "2013-07-04"}))["end"]
-        == "2013-07-05T10:00:00+00:00"
-    )
+    assert window_of({}, SimpleNamespace(conf={"day": "2013-07-04"}))["end"] == "2013-07-05T10:00:00+00:00"
     with pytest.raises(MLOpsArgumentError, match="names no day"):
-        module.feature_window({}, SimpleNamespace(conf={}))
-    assert {t.task_id for t in module.dag.tasks} == {
+        window_of({}, SimpleNamespace(conf={}))
+    assert {t.task_id for t in dag.tasks} == {
         "publish_weather",
         "publish_planes",
         "daily_stats",
