@@ -154,8 +154,9 @@ def import_path(path: str) -> Any:
         raise ImportError(f"module {module!r} has no attribute {name!r}") from None
 
 
-def _run_callable(path: str, **kwargs: Any) -> Any:
-    return import_path(path)(**kwargs)
+def _run_callable(path: str, step_args: dict[str, Any]) -> Any:
+    """Call the function at ``path`` with the step's (rendered) args; no Airflow context is passed."""
+    return import_path(path)(**step_args)
 
 
 def _step_task(spec: LifecycleSpec, step: Step, where: str) -> Any:
@@ -167,7 +168,7 @@ def _step_task(spec: LifecycleSpec, step: Step, where: str) -> Any:
         return PythonOperator(
             task_id=step.task_id,
             python_callable=functools.partial(_run_callable, step.callable),
-            op_kwargs=args,
+            op_kwargs={"step_args": args},
         )
     try:
         operator = import_path(step.operator)
@@ -425,9 +426,11 @@ window to the `train_days` before that; otherwise the params' days are used.
                         _run_callable, "airflow_mlops.ml.client.sample_predictions"
                     ),
                     op_kwargs={
-                        "url": "{{ ti.xcom_pull(task_ids='deploy')['url'] }}",
-                        "data_uri": "{{ ti.xcom_pull(task_ids='holdout_set')['data_uri'] }}",
-                        "rows": spec.serving.sample_rows,
+                        "step_args": {
+                            "url": "{{ ti.xcom_pull(task_ids='deploy')['url'] }}",
+                            "data_uri": "{{ ti.xcom_pull(task_ids='holdout_set')['data_uri'] }}",
+                            "rows": spec.serving.sample_rows,
+                        }
                     },
                 )
                 [deploy, holdout_set] >> sample
