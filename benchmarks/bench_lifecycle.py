@@ -52,12 +52,13 @@ def _settings_env(state: Path, offline: Path, landing: Path) -> dict[str, str]:
 
 
 def _context(task_id: str, run_id: str = "plain") -> dict:
+    from collections import defaultdict
     from types import SimpleNamespace
 
     return {
         "ti": SimpleNamespace(dag_id="flights_train", run_id=run_id, task_id=task_id),
         "run_id": run_id,
-        "outlet_events": {},
+        "outlet_events": defaultdict(SimpleNamespace),
         "triggering_asset_events": {},
     }
 

@@ -87,6 +87,10 @@ def docker_available() -> bool:
         return False
 
 
+#: the metadata-DB URL Airflow gives task processes to block database access from task code
+BLOCKED_DB_URL = "airflow-db-not-allowed:"
+
+
 def serving_env(hook: BentoMLHook, **serve: str | None) -> dict[str, str]:
     """Environment of a ``bentoml`` subprocess: BentoML home inside the state folder, no usage tracking,
     the ``[mlops]`` locations, and ``MLOPS_SERVE_<KEY>`` for each non-empty ``serve`` entry."""
@@ -100,6 +104,11 @@ def serving_env(hook: BentoMLHook, **serve: str | None) -> dict[str, str]:
     }
     if settings.artifact_conn_id:
         env["AIRFLOW__MLOPS__ARTIFACT_CONN_ID"] = settings.artifact_conn_id
+    # A task process runs with the metadata DB blocked (Airflow sets these to an unparseable URL); the
+    # bentoml processes import Airflow's configuration too, so give them the installation's own setting.
+    for key in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CORE__SQL_ALCHEMY_CONN"):
+        if env.get(key, "").startswith(BLOCKED_DB_URL):
+            del env[key]
     for key, value in serve.items():
         if value:
             env[f"MLOPS_SERVE_{key.upper()}"] = str(value)
