@@ -108,12 +108,12 @@ def train_window(params: Any, triggering_asset_events: Any) -> dict[str, str]:
     A drift event moves the holdout to the ``holdout_days`` before its ``data_time`` and the training
     window to the ``train_days`` before that; otherwise the params' fixed days are used.
     """
-    times = [
-        str(event.extra["data_time"])[:10]
-        for events in (triggering_asset_events or {}).values()
-        for event in events
-        if (event.extra or {}).get("data_time")
+    from airflow_mlops.ml.retraining import event_figures
+
+    figures = [
+        event_figures(event.extra) for events in (triggering_asset_events or {}).values() for event in events
     ]
+    times = [str(f["data_time"])[:10] for f in figures if f.get("data_time")]
     if times:
         holdout_end = date.fromisoformat(max(times)) + timedelta(days=1)
         holdout_start = holdout_end - timedelta(days=int(params["holdout_days"]))
@@ -404,7 +404,12 @@ window to the `train_days` before that; otherwise the params' days are used.
             min_improvement=spec.promotion.min_improvement,
             floor=spec.promotion.floor,
         )
-        baseline = DriftBaselineOperator(task_id="drift_baseline", model_name=spec.model)
+        baseline = DriftBaselineOperator(
+            task_id="drift_baseline",
+            model_name=spec.model,
+            columns=spec.monitoring.columns,
+            reference_columns=dict(spec.monitoring.reference_columns) or None,
+        )
         gate >> [training_set, holdout_set]
         tune >> register >> promote >> baseline
         if spec.serving.target == "local":
@@ -482,8 +487,11 @@ which starts `{spec.dag_id("train")}`.
             joins=[dict(j) for j in monitoring.joins] or None,
             columns=monitoring.columns,
             drift_share=monitoring.drift_share,
+            reference_columns=dict(monitoring.reference_columns) or None,
             label_column=monitoring.label_column,
             label_rule=dict(monitoring.label_rule) if monitoring.label_rule else None,
+            labels_table=monitoring.labels_table,
+            feature_repo=str(spec.resolve(spec.features.repo)) if monitoring.labels_table else None,
             max_auc_decay=monitoring.max_auc_decay,
             drift_asset=Asset(name=spec.drift_asset_name),
         )

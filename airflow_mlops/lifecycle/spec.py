@@ -174,7 +174,18 @@ class Monitoring(_Section):
     columns: list[str] | dict[str, dict[str, Any]] | None = None
     drift_share: float = Field(default=0.5, gt=0, le=1)
     joins: list[dict[str, Any]] = Field(default_factory=list)
-    label_column: str | None = None
+    reference_columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="{drift column: column of the training snapshot} where the names differ",
+    )
+    label_column: str | None = Field(
+        default=None, description="the model's label; set it to check AUC decay where labels have arrived"
+    )
+    labels_table: str | None = Field(
+        default=None,
+        description="offline-store table of labelled rows for the window (e.g. features.entity_table); "
+        "features it lacks are joined from the feature repo",
+    )
     label_rule: dict[str, Any] | None = None
     max_auc_decay: float = Field(default=0.05, gt=0)
     cooldown_days: float = Field(default=7, ge=0)

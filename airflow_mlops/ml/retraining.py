@@ -5,6 +5,8 @@ can start a run of the train DAG. The gate at the top of that DAG asks :func:`de
 should train, given the run's triggering Asset events and the state of past retrainings:
 
 - an event already seen (same ``event_id`` in its ``extra``, else same asset and content) is a duplicate;
+  for an event an ``AssetWatcher`` created (``extra = {"from_trigger": True, "payload": ...}``, e.g.
+  from :class:`~airflow_mlops.triggers.drift.DriftEventTrigger`) the figures are read from ``payload``;
 - a new event whose data time (``extra["data_time"]``, else the event timestamp) falls less than
   ``cooldown`` after the last retraining's data time is inside the cooldown: no training;
 - otherwise the run trains, and the event that caused it is recorded.
@@ -73,10 +75,22 @@ def _parse_time(value: Any) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+def event_figures(extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The drift figures of an Asset event's ``extra``: as the drift operator emits them, or, for an
+    event an ``AssetWatcher``'s trigger created, its trigger ``payload`` (Airflow 3 stores those as
+    ``{"from_trigger": True, "payload": {...}}``). Use it wherever a DAG reads ``data_time`` or
+    ``event_id`` of a triggering event."""
+    extra = dict(extra or {})
+    payload = extra.get("payload")
+    if extra.get("from_trigger") and isinstance(payload, Mapping):
+        return dict(payload)
+    return extra
+
+
 def event_info(asset: str, event: Any) -> TriggerEventInfo:
     """A triggering event (Airflow's ``AssetEventDagRunReference`` or a dict with the same fields)."""
     get = event.get if isinstance(event, Mapping) else lambda k, d=None: getattr(event, k, d)
-    extra = dict(get("extra") or {})
+    extra = event_figures(get("extra"))
     data_time = _parse_time(extra.get("data_time")) or _parse_time(get("timestamp")) or datetime.now(UTC)
     event_id = extra.get("event_id")
     if not event_id:

@@ -52,6 +52,15 @@ FLIGHTS_DRIFT_COLUMNS: dict[str, dict[str, Any]] = {
 }
 #: dataset drift for the flights demo: two of its six columns drifting
 FLIGHTS_DRIFT_SHARE = 0.3
+#: where the training snapshot of the Feast-trained flights model (``flights_train``: the labelled
+#: flights joined with the ``delay_model`` feature service) holds the drift columns it names differently
+FLIGHTS_REFERENCE_COLUMNS: dict[str, str] = {
+    "temp": "weather_hourly__temp",
+    "dewp": "weather_hourly__dewp",
+    "hour": "sched_hour",
+}
+#: the flights model's label: arrival delay above 15 minutes (as ``FlightDailyStatsOperator`` writes it)
+FLIGHTS_LABEL_RULE: dict[str, Any] = {"column": "arr_delay", "gt": 15}
 
 #: methods whose score is a p-value (drift when below the threshold); all others are distances
 P_VALUE_METHODS = frozenset(
@@ -117,14 +126,16 @@ def normalize_columns(
 
 
 def specs_for(
-    columns: Sequence[str] | Mapping[str, Any] | None, source_uri: str
+    columns: Sequence[str] | Mapping[str, Any] | None,
+    source_uri: str,
+    aliases: Mapping[str, str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Column specs, with the kinds not given inferred from a sample of the reference (columns None:
     every numerical column and every categorical one with few distinct values)."""
     given = isinstance(columns, Mapping) and all((v or {}).get("kind") for v in columns.values())
     if given:
         return normalize_columns(columns)
-    probe = read_frame(source_uri, None if columns is None else list(columns)).head(5000)
+    probe = read_frame(source_uri, None if columns is None else list(columns), aliases).head(5000)
     specs = normalize_columns(columns, probe)
     if columns is None:
         specs = {
@@ -144,22 +155,30 @@ def _infer_kind(series: pd.Series) -> str:
 
 
 # --------------------------------------------------------------------------- reference
-def reference_key(source_uri: str, specs: Mapping[str, Mapping[str, Any]]) -> str:
-    """Cache key of a reference: its source and the drift columns with their kinds."""
-    payload = json.dumps(
-        {
-            "v": _REFERENCE_CACHE_VERSION,
-            "uri": source_uri,
-            "columns": {c: s["kind"] for c, s in sorted(specs.items())},
-        },
-        sort_keys=True,
-    )
+def reference_key(
+    source_uri: str, specs: Mapping[str, Mapping[str, Any]], aliases: Mapping[str, str] | None = None
+) -> str:
+    """Cache key of a reference: its source, the drift columns with their kinds, and the reference
+    names of the columns read under another name."""
+    body: dict[str, Any] = {
+        "v": _REFERENCE_CACHE_VERSION,
+        "uri": source_uri,
+        "columns": {c: s["kind"] for c, s in sorted(specs.items())},
+    }
+    used = {c: a for c, a in (aliases or {}).items() if c in specs}
+    if used:
+        body["aliases"] = used
+    payload = json.dumps(body, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def read_frame(uri: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
+def read_frame(
+    uri: str, columns: Sequence[str] | None = None, aliases: Mapping[str, str] | None = None
+) -> pd.DataFrame:
     """A parquet file or folder, or a training-set manifest JSON (its ``data_uri``), as a DataFrame.
 
+    :param aliases: ``{column: name in the file}`` for columns the file holds under another name
+        (used only where ``column`` itself is absent; the frame carries ``column``).
     :raises MLOpsInputError: the data is missing or a requested column is absent.
     """
     import pyarrow.parquet as pq
@@ -176,19 +195,24 @@ def read_frame(uri: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
                 f"training manifest {uri!r} has no data_uri.",
                 fix="pass the manifest the training-set task wrote.",
             )
-        return read_frame(manifest["data_uri"], columns)
+        return read_frame(manifest["data_uri"], columns, aliases)
     files = sorted(p for p in path.iterdir() if p.name.endswith(".parquet")) if path.is_dir() else [path]
     frames = []
     for file in files:
         with file.open("rb") as handle:
             table = pq.read_table(handle)
-        missing = [c for c in columns or [] if c not in table.column_names]
+        present = set(table.column_names)
+        names = {
+            c: c if c in present else (aliases or {}).get(c) for c in columns or []
+        }  # drift column -> column of the file
+        missing = [c for c, name in names.items() if name not in present]
         if missing:
             raise MLOpsInputError(
                 f"drift reference {str(file)!r} lacks the drift columns {missing}.",
-                fix="choose drift columns the model's training data has (see its training manifest).",
+                fix="choose drift columns the model's training data has (see its training manifest), "
+                "or name the reference's column for each with reference_columns=.",
             )
-        frames.append(table.select(list(columns)) if columns else table)
+        frames.append(table.select(list(names.values())).rename_columns(list(names)) if columns else table)
     import pyarrow as pa
 
     return pa.concat_tables(frames).to_pandas() if len(frames) > 1 else frames[0].to_pandas()
@@ -241,6 +265,7 @@ def prepare_reference(
     store: ArtifactStore | None = None,
     *,
     refresh: bool = False,
+    aliases: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Project the reference onto the drift columns once and cache it with its statistics.
 
@@ -253,13 +278,13 @@ def prepare_reference(
     import pyarrow.parquet as pq
 
     store = store or ArtifactStore()
-    key = reference_key(source_uri, specs)
+    key = reference_key(source_uri, specs, aliases)
     folder = store.path("drift", "reference", key)
     data_path, stats_path = folder / "reference.parquet", folder / "stats.json"
     if not refresh and data_path.exists() and stats_path.exists():
         stats = store.read_json(str(stats_path))
         return {**stats["meta"], "data_uri": str(data_path), "stats_uri": str(stats_path)}
-    frame = read_frame(source_uri, list(specs))
+    frame = read_frame(source_uri, list(specs), aliases)
     if frame.empty:
         raise MLOpsInputError(
             f"drift reference {source_uri!r} has no rows.", fix="use the model's training snapshot."
@@ -291,11 +316,10 @@ def _typed(frame: pd.DataFrame, specs: Mapping[str, Mapping[str, Any]]) -> pd.Da
     return pd.DataFrame(out)
 
 
-def production_reference(model_name: str, hook: BentoMLHook | None = None) -> dict[str, Any]:
-    """The drift reference of the model in production: its training snapshot, found through the registry.
+def production_model(model_name: str, hook: BentoMLHook | None = None) -> dict[str, Any] | None:
+    """The version of ``model_name`` in production with what the quality check needs, or None.
 
-    :return: ``{"model", "version", "reference_uri", "manifest_uri", "time_range", "holdout_metrics"}``.
-    :raises MLOpsInputError: no production version, or it records no training manifest.
+    :return: ``{"model", "version", "holdout_metrics", "feature_service", "record"}``.
     """
     from airflow_mlops.hooks.bentoml import BentoMLHook
 
@@ -303,11 +327,31 @@ def production_reference(model_name: str, hook: BentoMLHook | None = None) -> di
     index = hook.read_index(model_name)
     version = index.get("production")
     if not version:
+        return None
+    record = hook.version_record(index, version)
+    return {
+        "model": model_name,
+        "version": version,
+        "holdout_metrics": _holdout_metrics(record),
+        "feature_service": record.get("feature_service"),
+        "record": record,
+    }
+
+
+def production_reference(model_name: str, hook: BentoMLHook | None = None) -> dict[str, Any]:
+    """The drift reference of the model in production: its training snapshot, found through the registry.
+
+    :return: ``{"model", "version", "reference_uri", "manifest_uri", "time_range", "holdout_metrics",
+        "feature_service"}``.
+    :raises MLOpsInputError: no production version, or it records no training manifest.
+    """
+    production = production_model(model_name, hook)
+    if production is None:
         raise MLOpsInputError(
             f"model {model_name!r} has no production version, so there is no drift reference.",
             fix="promote a model first, or pass reference_uri= to the drift operator.",
         )
-    record = hook.version_record(index, version)
+    version, record = production["version"], production["record"]
     manifest = record.get("training_manifest") or {}
     if not manifest.get("uri"):
         raise MLOpsInputError(
@@ -321,7 +365,8 @@ def production_reference(model_name: str, hook: BentoMLHook | None = None) -> di
         "reference_uri": manifest_body.get("data_uri") or manifest["uri"],
         "manifest_uri": manifest["uri"],
         "time_range": manifest.get("time_range"),
-        "holdout_metrics": _holdout_metrics(record),
+        "holdout_metrics": production["holdout_metrics"],
+        "feature_service": production["feature_service"],
     }
 
 
@@ -538,9 +583,31 @@ class EvidentlyDriftOperator(BaseOperator):
     :param joins: tables joined onto the window, ``[{"uri", "on", "columns"}]`` (templated).
     :param offline_root: offline store root; default ``[mlops] offline_root`` (templated).
     :param prediction_log_uri: prediction-log root; default ``<artifact_root>/predictions/<model_name>`` (templated).
-    :param label_column: label of the model; where present (or derived by ``label_rule``) the AUC is computed.
-    :param label_rule: derive the label, e.g. ``{"column": "arr_delay", "gt": 15}``.
-    :param max_auc_decay: AUC drop below holdout from which decay is reported.
+    :param reference_columns: ``{drift column: column of the reference}`` for drift columns the
+        reference holds under another name, read only where the reference lacks the drift column itself.
+        A Feast training snapshot names joined features ``<view>__<feature>``; for the flights model
+        :data:`FLIGHTS_REFERENCE_COLUMNS` (templated).
+    :param label_column: the model's label, 0/1. When set and ``model_name`` has a production version
+        (also with ``reference_uri`` given), the model's AUC on the labelled rows of the window is
+        computed and compared with its holdout AUC (recorded at promotion): ``quality`` =
+        ``{"labelled_rows", "unlabelled_rows", "auc", "holdout_auc", "auc_decay", "labels"}``. Without a
+        production version, or before any label of the window has arrived, ``quality`` only counts rows
+        (templated).
+    :param label_rule: derive ``label_column`` from another column of the labelled rows, e.g.
+        ``{"column": "arr_delay", "gt": 15}`` (delayed = arrival delay > 15 min); rows where that column
+        is missing are unlabelled.
+    :param labels_table: offline-store table of labelled rows read for the window's days
+        (``<offline_root>/<labels_table>/date=YYYY-MM-DD/part-0.parquet``), e.g. ``flights_labelled``
+        written by :class:`~airflow_mlops.operators.features.FlightDailyStatsOperator` (one row per
+        flight with ``event_timestamp``, the join keys, ``arr_delay`` and ``delayed``); default: the
+        window's own rows (templated).
+    :param feature_repo: Feast repository (absolute path) used when the labelled rows lack some of the
+        model's features: they are joined point in time from the feature service the production version
+        was registered with (its ``feature_service``), exactly as the training set was built; default
+        the ``feast_conn_id`` connection's ``repo_path`` (templated).
+    :param feast_conn_id: Airflow connection of type ``feast`` for that join.
+    :param max_auc_decay: holdout AUC minus window AUC above which decay is reported; decay alone
+        emits the drift event (with ``decay_detected`` and the AUC figures in ``extra``).
     :param drift_asset: the model's drift Asset (or its name); events go through ``drift_alias(asset)``.
     """
 
@@ -555,8 +622,12 @@ class EvidentlyDriftOperator(BaseOperator):
         "joins",
         "offline_root",
         "prediction_log_uri",
+        "reference_columns",
+        "label_column",
+        "labels_table",
+        "feature_repo",
     )
-    template_fields_renderers = {"columns": "json", "joins": "json"}
+    template_fields_renderers = {"columns": "json", "joins": "json", "reference_columns": "json"}
     operator_extra_links = (DriftReportLink(),)
     ui_color = "#e8d8f0"
 
@@ -575,8 +646,12 @@ class EvidentlyDriftOperator(BaseOperator):
         joins: Sequence[Mapping[str, Any]] | None = None,
         offline_root: str | None = None,
         prediction_log_uri: str | None = None,
+        reference_columns: Mapping[str, str] | None = None,
         label_column: str | None = None,
         label_rule: Mapping[str, Any] | None = None,
+        labels_table: str | None = None,
+        feature_repo: str | None = None,
+        feast_conn_id: str | None = "feast_default",
         max_auc_decay: float = 0.05,
         drift_asset: Asset | str | None = None,
         bentoml_conn_id: str | None = None,
@@ -595,6 +670,17 @@ class EvidentlyDriftOperator(BaseOperator):
             raise MLOpsArgumentError(
                 "the drift operator needs model_name or reference_uri.", fix="pass one of them."
             )
+        if label_rule is not None and (
+            not isinstance(label_rule, Mapping) or set(label_rule) != {"column", "gt"}
+        ):
+            raise MLOpsArgumentError(
+                f"label_rule {label_rule!r} is not understood.",
+                fix='use {"column": <numeric column>, "gt": <threshold>}, e.g. {"column": "arr_delay", "gt": 15}.',
+            )
+        if label_rule is not None and not label_column:
+            raise MLOpsArgumentError(
+                "label_rule derives a label, but label_column names none.", fix="e.g. label_column='delayed'."
+            )
         self.model_name = model_name
         self.reference_uri = reference_uri
         self.columns = columns
@@ -607,8 +693,12 @@ class EvidentlyDriftOperator(BaseOperator):
         self.joins = joins
         self.offline_root = offline_root
         self.prediction_log_uri = prediction_log_uri
+        self.reference_columns = reference_columns
         self.label_column = label_column
         self.label_rule = label_rule
+        self.labels_table = labels_table
+        self.feature_repo = feature_repo
+        self.feast_conn_id = feast_conn_id
         self.max_auc_decay = max_auc_decay
         self.drift_asset = Asset(name=drift_asset) if isinstance(drift_asset, str) else drift_asset
         self.bentoml_conn_id = bentoml_conn_id
@@ -630,18 +720,21 @@ class EvidentlyDriftOperator(BaseOperator):
         production: dict[str, Any] = {}
         if self.reference_uri:
             source_uri = resolve_uri(self.reference_uri, settings.artifact_root)
+            if self.label_column and self.model_name:  # the quality check still needs the served model
+                production = production_model(self.model_name, self.hook) or {}
         else:
             production = production_reference(self.model_name, self.hook)
             source_uri = production["reference_uri"]
+        aliases = dict(self.reference_columns or {})
         dates = window_dates(self.window_end, int(self.window_days), self.window_start)
+        offline_root = resolve_uri(self.offline_root or settings.offline_root, settings.offline_root)
         if self.source == "offline_store":
-            offline_root = resolve_uri(self.offline_root or settings.offline_root, settings.offline_root)
             current = read_offline_window(offline_root, self.table, dates, self.joins or ())
         else:
             log_root = self.prediction_log_uri or f"{settings.artifact_root}/predictions/{self.model_name}"
             current = read_prediction_log(resolve_uri(log_root, settings.artifact_root), dates)
 
-        specs = specs_for(self.columns, source_uri)
+        specs = specs_for(self.columns, source_uri, aliases)
         if self.columns is None:
             specs = {c: s for c, s in specs.items() if c in current.columns}
         missing = [c for c in specs if c not in current.columns]
@@ -650,7 +743,7 @@ class EvidentlyDriftOperator(BaseOperator):
                 f"the current window lacks the drift columns {missing} (it has {sorted(current.columns)[:30]}).",
                 fix="join the tables that hold them (joins=) or drop them from columns=.",
             )
-        reference = prepare_reference(source_uri, specs, self.store)
+        reference = prepare_reference(source_uri, specs, self.store, aliases=aliases)
         with as_path(reference["data_uri"]).open("rb") as handle:
             reference_frame = pd.read_parquet(handle)
         self.log.info(
@@ -662,7 +755,7 @@ class EvidentlyDriftOperator(BaseOperator):
             len(specs),
         )
         snapshot, summary = run_drift_report(reference_frame, current, specs, self.drift_share)
-        quality = self._quality(current, production)
+        quality = self._quality(self._labelled_rows(current, offline_root, dates), production)
         decay = bool(quality.get("auc_decay") is not None and quality["auc_decay"] > self.max_auc_decay)
 
         report = self.store.for_task(context, "drift_report.html")
@@ -701,33 +794,106 @@ class EvidentlyDriftOperator(BaseOperator):
             )
         return result
 
-    def _quality(self, current: pd.DataFrame, production: Mapping[str, Any]) -> dict[str, Any]:
+    def _labelled_rows(
+        self, current: pd.DataFrame, offline_root: str, dates: Sequence[str]
+    ) -> pd.DataFrame | None:
+        """The rows the quality check scores: the window's own rows, or the labels table's rows of the
+        window's days (None: no label configured, or no labelled row of the window has been written yet)."""
+        if not self.label_column:
+            return None
+        if not self.labels_table:
+            return current
+        try:
+            return read_offline_window(offline_root, self.labels_table, dates)
+        except MLOpsInputError as err:  # labels arrive later than the data: no AUC yet, drift still checked
+            self.log.warning("No AUC for this window: %s", err)
+            return None
+
+    def _quality(self, frame: pd.DataFrame | None, production: Mapping[str, Any]) -> dict[str, Any]:
+        """AUC of the production model on the labelled rows of the window against its holdout AUC."""
         label = self.label_column
-        if not label or not production:
+        if not label or frame is None:
             return {}
-        frame = current
-        if self.label_rule:
-            rule = self.label_rule
+        if not production:
+            self.log.warning("Model %s has no production version: no AUC computed", self.model_name)
+            return {"labelled_rows": 0, "reason": f"model {self.model_name!r} has no production version"}
+        rule = self.label_rule
+        if rule:
+            if rule["column"] not in frame.columns:
+                raise MLOpsInputError(
+                    f"label_rule reads column {rule['column']!r}, which the labelled rows lack "
+                    f"(they have {sorted(frame.columns)[:30]}).",
+                    fix="correct label_rule, or read labels from labels_table=.",
+                )
             source = frame[rule["column"]]
-            frame = frame[source.notna()].assign(
-                **{label: (source[source.notna()] > float(rule["gt"])).astype(int)}
+            frame = frame.assign(
+                **{label: (source > float(rule["gt"])).astype("Int64").where(source.notna())}
             )
         if label not in frame.columns:
-            return {"labelled_rows": 0}
-        frame = frame[frame[label].notna()]
-        if frame.empty or frame[label].nunique() < 2:
-            return {"labelled_rows": int(len(frame))}
+            raise MLOpsInputError(
+                f"the labelled rows have no label column {label!r} (they have {sorted(frame.columns)[:30]}).",
+                fix="correct label_column, derive it with label_rule=, or read labels from labels_table=.",
+            )
+        labelled = frame[frame[label].notna()]
+        counts = {"labelled_rows": int(len(labelled)), "unlabelled_rows": int(len(frame) - len(labelled))}
+        if labelled.empty or labelled[label].nunique() < 2:
+            return {**counts, "reason": "fewer than two label classes in the window"}
         from sklearn.metrics import roc_auc_score
 
         predictor = self.hook.load(self.model_name, production["version"])
-        auc = float(roc_auc_score(frame[label].astype(int), predictor.predict(frame)))
-        holdout = production.get("holdout_metrics", {}).get("auc")
+        features = getattr(predictor, "features", None) or []
+        missing = [f for f in features if f not in labelled.columns]
+        if missing:
+            labelled = self._with_features(labelled, production, missing)
+        labels = labelled[label].astype(int)
+        auc = float(roc_auc_score(labels, predictor.predict(labelled)))
+        holdout = (production.get("holdout_metrics") or {}).get("auc")
         return {
-            "labelled_rows": int(len(frame)),
+            **counts,
             "auc": auc,
             "holdout_auc": holdout,
             "auc_decay": None if holdout is None else float(holdout) - auc,
+            "labels": {"positive": int(labels.sum()), "positive_rate": round(float(labels.mean()), 6)},
+            "model_version": production["version"],
         }
+
+    def _with_features(
+        self, rows: pd.DataFrame, production: Mapping[str, Any], missing: Sequence[str]
+    ) -> pd.DataFrame:
+        """``rows`` with the model's features joined point in time from its Feast feature service."""
+        service = production.get("feature_service")
+        if not service:
+            raise MLOpsInputError(
+                f"the labelled rows lack the model's features {list(missing)}, and production version "
+                f"{production['version']!r} of {self.model_name!r} records no feature service to join them from.",
+                fix="read labels from a table holding the features (labels_table=), or register the model "
+                "with feature_service=.",
+            )
+        if "event_timestamp" not in rows.columns:
+            raise MLOpsInputError(
+                f"the labelled rows have no event_timestamp, so the features of service {service!r} cannot "
+                "be joined point in time.",
+                fix="read labels from the labelled-rows table the features DAG writes (labels_table='flights_labelled').",
+            )
+        import pandas as pd
+
+        from airflow_mlops.hooks.feast import FeastHook
+
+        entities = rows.drop(columns=[c for c in ("date",) if c in rows.columns]).assign(
+            event_timestamp=pd.to_datetime(rows["event_timestamp"], utc=True)
+        )
+        hook = FeastHook(feast_conn_id=self.feast_conn_id, repo_path=self.feature_repo or None)
+        joined = hook.historical_features(entities.reset_index(drop=True), service)
+        still = [f for f in missing if f not in joined.columns]
+        if still:
+            raise MLOpsInputError(
+                f"feature service {service!r} does not provide the model's features {still}.",
+                fix="monitor with the feature service the model was trained on.",
+            )
+        self.log.info(
+            "Joined %d features of service %s onto %d labelled rows", len(missing), service, len(joined)
+        )
+        return joined
 
 
 def event_extra(result: Mapping[str, Any]) -> dict[str, Any]:
@@ -741,6 +907,7 @@ def event_extra(result: Mapping[str, Any]) -> dict[str, Any]:
         "drift_share": result["drift_share"],
         "drifted_columns": result["drifted_columns"],
         "auc": result["quality"].get("auc"),
+        "holdout_auc": result["quality"].get("holdout_auc"),
         "auc_decay": result["quality"].get("auc_decay"),
         "window_start": result["window"]["start"],
         "window_end": result["window"]["end"],
@@ -752,11 +919,16 @@ def event_extra(result: Mapping[str, Any]) -> dict[str, Any]:
 class DriftBaselineOperator(BaseOperator):
     """(Re)compute the cached drift reference of the model in production; run it after promotion.
 
+    Pass the monitor's ``columns`` and ``reference_columns``: the cache is keyed by them, so the
+    monitor's next check finds the reference prepared.
+
     :param model_name: registry name (templated).
     :param columns: drift columns, as for :class:`EvidentlyDriftOperator` (templated).
+    :param reference_columns: reference names of drift columns, as for :class:`EvidentlyDriftOperator`
+        (templated).
     """
 
-    template_fields: Sequence[str] = ("model_name", "columns")
+    template_fields: Sequence[str] = ("model_name", "columns", "reference_columns")
     ui_color = "#e8d8f0"
 
     def __init__(
@@ -764,20 +936,23 @@ class DriftBaselineOperator(BaseOperator):
         *,
         model_name: str,
         columns: Sequence[str] | Mapping[str, Any] | None = None,
+        reference_columns: Mapping[str, str] | None = None,
         bentoml_conn_id: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.model_name = model_name
         self.columns = columns
+        self.reference_columns = reference_columns
         self.bentoml_conn_id = bentoml_conn_id
 
     def execute(self, context: Context) -> dict[str, Any]:
         from airflow_mlops.hooks.bentoml import BentoMLHook
 
         production = production_reference(self.model_name, BentoMLHook(bentoml_conn_id=self.bentoml_conn_id))
-        specs = specs_for(self.columns, production["reference_uri"])
-        reference = prepare_reference(production["reference_uri"], specs, refresh=True)
+        aliases = dict(self.reference_columns or {})
+        specs = specs_for(self.columns, production["reference_uri"], aliases)
+        reference = prepare_reference(production["reference_uri"], specs, refresh=True, aliases=aliases)
         self.log.info(
             "Drift reference of %s %s: %d rows, %s",
             self.model_name,

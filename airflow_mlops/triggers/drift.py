@@ -9,7 +9,16 @@ the cached reference statistics of :func:`airflow_mlops.operators.drift.prepare_
 in the triggerer. All file reads run in a worker thread (``asyncio.to_thread``).
 
 Each event carries an ``event_id`` derived from what was scored (the metric file's content, or the log
-files and their sizes): watchers are at-least-once, and the retraining gate drops repeated ids.
+files and their sizes). The trigger keeps watching after it fired and fires again only for a new
+``event_id``; in the triggerer of Airflow 3.3 it also keeps the last fired id in the watched Asset's
+state store, so a restarted triggerer does not fire the same finding again. Watchers are still
+at-least-once (a crash between the event and the state write repeats it), and the retraining gate
+(:mod:`airflow_mlops.ml.retraining`) drops repeated ids.
+
+Airflow stores a watcher's event as an Asset event with ``extra`` =
+``{"from_trigger": True, "payload": <the event payload>}``; every event schedules the DAGs on that Asset.
+A source that cannot be read is therefore logged and polled again, never reported as an event (an
+"error" event would start a retraining).
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ from typing import Any
 from airflow.triggers.base import BaseEventTrigger, TriggerEvent
 
 _EPS = 1e-4
+#: key of the last fired ``event_id`` in the watched Asset's state store
+STATE_KEY = "drift_trigger_last_event_id"
 
 
 def psi(reference: Sequence[float], current: Sequence[float]) -> float:
@@ -75,8 +86,10 @@ class DriftEventTrigger(BaseEventTrigger):
     ``window_files`` part files are scored column by column (PSI); the trigger fires when the share of
     columns with PSI >= ``threshold`` reaches ``drift_share`` and at least ``min_rows`` rows were read.
 
-    Event: ``{"status": "drift", "event_id", "data_time", "drift_share", "drifted_columns", "source_uri"}``;
-    ``{"status": "error", "message"}`` when the source cannot be read.
+    Event: ``{"status": "drift", "event_id", "data_time", "drift_share", "drifted_columns", "source_uri"}``
+    (plus ``metric`` in metric mode, ``rows`` in log mode). After firing the trigger keeps polling and
+    fires again only when the ``event_id`` changes (new metric content, new log files). An unreadable
+    source is logged and polled again; it never fires.
 
     :param source_uri: metric JSON or prediction-log root (``file://``, ``s3://``, ``gs://``).
     :param reference_stats_uri: ``stats.json`` of the cached drift reference (prediction-log mode).
@@ -205,22 +218,52 @@ class DriftEventTrigger(BaseEventTrigger):
             "source_uri": self.source_uri,
         }
 
+    async def _last_fired(self) -> str | None:
+        """The last fired ``event_id`` from the watched Asset's state store (None outside a triggerer)."""
+        store = getattr(self, "asset_state_store", None)
+        if store is None:
+            return None
+        try:
+            value = await store.aget(STATE_KEY)
+        except Exception as err:  # e.g. one trigger watching several Assets: keep the id in memory only
+            self.log.warning("Asset state store unavailable (%s); duplicates are only dropped in memory", err)
+            return None
+        return value if isinstance(value, str) else None
+
+    async def _remember(self, event_id: str) -> None:
+        store = getattr(self, "asset_state_store", None)
+        if store is None:
+            return
+        try:
+            await store.aset(STATE_KEY, event_id)
+        except Exception as err:
+            self.log.warning("Could not record event %s in the Asset state store: %s", event_id, err)
+
     async def run(self) -> AsyncIterator[TriggerEvent]:
         check = self.check_log if self.reference_stats_uri else self.check_metric
+        last = await self._last_fired()
         while True:
             try:
                 payload = await asyncio.to_thread(check)
-            except Exception as err:  # an unreadable source ends the watch with a readable event
-                yield TriggerEvent(
-                    {
-                        "status": "error",
-                        "source_uri": self.source_uri,
-                        "message": f"{type(err).__name__}: {err}",
-                    }
+            except Exception as err:  # a transient read error must not become an Asset event
+                self.log.error(
+                    "Cannot read drift source %s (polling again in %.0f s): %s: %s",
+                    self.source_uri,
+                    self.poll_interval,
+                    type(err).__name__,
+                    err,
                 )
-                return
-            if payload is not None:
-                self.log.info("Drift found in %s: %s", self.source_uri, payload["drifted_columns"])
+                payload = None
+            if payload is not None and payload["event_id"] != last:
+                self.log.info(
+                    "Drift found in %s (event %s): %s",
+                    self.source_uri,
+                    payload["event_id"],
+                    payload["drifted_columns"],
+                )
                 yield TriggerEvent(payload)
-                return
+                last = payload["event_id"]
+                await self._remember(last)
+            elif payload is not None:
+                self.log.debug("Drift event %s was already fired", last)
             await asyncio.sleep(self.poll_interval)

@@ -19,6 +19,7 @@ from airflow_mlops.exceptions import MLOpsInputError
 from airflow_mlops.operators.drift import (
     FLIGHTS_DRIFT_COLUMNS,
     FLIGHTS_DRIFT_SHARE,
+    FLIGHTS_LABEL_RULE,
     EvidentlyDriftOperator,
     drift_alias,
 )
@@ -149,3 +150,248 @@ def test_reference_statistics_are_cached_once(flights_store: dict[str, str]) -> 
 def test_empty_window_fails_clearly(flights_store: dict[str, str]) -> None:
     with pytest.raises(MLOpsInputError, match=r"drift window 2013-09-01\.\.2013-09-07 is empty"):
         run_check(flights_store, "2013-09-07", "empty")
+
+
+# ----------------------------------------------------------------------------- AUC decay
+SCHEDULE_COLUMNS = {c: FLIGHTS_DRIFT_COLUMNS[c] for c in ("hour", "distance", "carrier", "origin")}
+
+
+@pytest.fixture(scope="module")
+def served_models(tmp_path_factory) -> dict[str, Any]:
+    """One real model (the serving tests' pipeline on carrier, origin, hour, distance, month) trained on
+    January-March, registered and promoted twice in a registry of its own: ``delay_april`` on an honest
+    holdout (April), ``delay_february`` on a holdout it was trained on (February), so its recorded
+    holdout AUC overstates it, as a leaky or stale holdout would. The registry lives in a state folder
+    of this module's own (the artifact store stays the session's)."""
+    from serving.models import FEATURES, LABEL, training_frame, write_model
+
+    from airflow_mlops.operators.registry import PromoteModelOperator, RegisterModelOperator
+
+    tmp = tmp_path_factory.mktemp("decay")
+    flights = training_frame(months=(1, 2, 3, 4))
+    train = flights[flights["month"] <= 3]
+
+    def manifest(name: str, frame: Any) -> str:
+        data = tmp / f"{name}.parquet"
+        frame.assign(event_timestamp=frame["time_hour"])[[*FEATURES, LABEL, "event_timestamp"]].to_parquet(
+            data
+        )
+        path = tmp / f"{name}.json"
+        path.write_text(json.dumps({"data_uri": f"file://{data}", "label": LABEL, "rows": len(frame)}))
+        return f"file://{path}"
+
+    model = write_model(tmp / "model", train, max_iter=60)
+    train_manifest = manifest("train", train)
+    holdouts = {
+        "delay_april": manifest("april", flights[flights["month"] == 4]),
+        "delay_february": manifest("february", flights[flights["month"] == 2]),
+    }
+    context = {"run_id": "decay", "ti": type("TI", (), {"dag_id": "flights_train"})()}
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AIRFLOW__MLOPS__STATE_DIR", str(tmp / "state"))
+        promoted = {}
+        for name, holdout in holdouts.items():
+            version = RegisterModelOperator(
+                task_id="register",
+                model_name=name,
+                model_uri=str(model),
+                metrics={},
+                training_manifest_uri=train_manifest,
+            ).execute(context)["version"]
+            promoted[name] = PromoteModelOperator(
+                task_id="promote",
+                model_name=name,
+                candidate_version=version,
+                holdout_uri=holdout,
+                floor=0.55,
+            ).execute(context)
+        yield {"state": tmp / "state", "model_dir": model, "promoted": promoted}
+
+
+def _window_auc(model_dir: Path, offline_root: str, start: str, end: str) -> tuple[float, int]:
+    """AUC of the model on the window's flights whose arrival delay is known, computed here directly."""
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    from airflow_mlops.ml.model_io import load_model_dir
+
+    root = Path(as_path(offline_root).path) / "flights"
+    frame = pd.concat(
+        pd.read_parquet(root / f"date={d}" / "part-0.parquet")
+        for d in pd.date_range(start, end).strftime("%Y-%m-%d")
+    )
+    frame = frame[frame["arr_delay"].notna()]
+    return float(roc_auc_score(frame["arr_delay"] > 15, load_model_dir(model_dir).predict(frame))), len(frame)
+
+
+@pytest.mark.parametrize("model", ["delay_april", "delay_february"])
+def test_auc_decay_of_the_production_model_on_a_calm_week(
+    flights_store: dict[str, str], served_models: dict[str, Any], monkeypatch, model: str
+) -> None:
+    from airflow.sdk import Asset
+    from airflow.sdk.execution_time.context import OutletEventAccessors
+
+    monkeypatch.setenv("AIRFLOW__MLOPS__STATE_DIR", str(served_models["state"]))
+    asset = Asset(name=f"{model}_drift")
+    op = EvidentlyDriftOperator(
+        task_id="drift",
+        model_name=model,  # no reference_uri: the production version's training snapshot
+        offline_root=flights_store["offline_root"],
+        columns=SCHEDULE_COLUMNS,
+        drift_share=FLIGHTS_DRIFT_SHARE,
+        window_end=SPRING[1],
+        window_days=7,
+        label_column="delayed",
+        label_rule=FLIGHTS_LABEL_RULE,
+        max_auc_decay=0.03,
+        drift_asset=asset,
+    )
+    events = OutletEventAccessors()
+    result = op.execute({"ti": FakeTI(f"decay-{model}"), "outlet_events": events, "run_id": f"decay-{model}"})
+
+    promotion = served_models["promoted"][model]
+    expected_auc, labelled = _window_auc(served_models["model_dir"], flights_store["offline_root"], *SPRING)
+    quality = result["quality"]
+    assert result["drift_detected"] is False  # the schedule of a spring week looks like the winter's
+    assert promotion["promoted"] is True
+    assert result["model_version"] == promotion["version"] == quality["model_version"]
+    assert quality["labelled_rows"] == labelled and quality["unlabelled_rows"] > 0  # cancelled flights
+    assert quality["auc"] == pytest.approx(expected_auc, abs=1e-9)
+    assert quality["holdout_auc"] == pytest.approx(promotion["candidate_score"])
+    assert quality["auc_decay"] == pytest.approx(promotion["candidate_score"] - expected_auc)
+    alias_events = events[drift_alias(asset)].asset_alias_events
+    if model == "delay_april":  # an honest holdout: the model is as good on May as on April
+        assert quality["auc_decay"] < 0.03 and result["decay_detected"] is False
+        assert alias_events == []
+    else:  # the February figure overstates it: decay past the threshold, and the event goes out
+        assert quality["auc_decay"] > 0.03 and result["decay_detected"] is True
+        [event] = alias_events
+        assert event.extra["decay_detected"] is True and event.extra["drift_detected"] is False
+        assert event.extra["auc"] == quality["auc"] and event.extra["holdout_auc"] == quality["holdout_auc"]
+        assert event.extra["auc_decay"] == quality["auc_decay"]
+
+
+#: features of a model trained like ``flights_train``'s: request fields plus each view of ``delay_model``
+FEAST_FEATURES = [
+    "carrier",
+    "origin",
+    "distance",
+    "sched_hour",
+    "weather_hourly__temp",
+    "weather_hourly__dewp",
+    "weather_hourly__precip",
+    "weather_hourly__visib",
+    "plane__seats",
+    "carrier_daily__delayed_rate_7d",
+    "carrier_daily__arr_delay_mean_7d",
+    "origin_daily__delayed_rate_7d",
+]
+
+
+def test_monitor_of_a_feast_trained_model_joins_its_features_for_the_auc(
+    feast_env, tmp_path, monkeypatch
+) -> None:
+    """The flights monitor's set-up against a model trained on the ``delay_model`` feature service: the
+    reference is its Feast training snapshot (weather under ``weather_hourly__*``, hour as ``sched_hour``);
+    the labels are the ``flights_labelled`` rows the features DAG writes; the model's features are joined
+    point in time from Feast for the AUC."""
+    from airflow.sdk import Asset
+    from airflow.sdk.execution_time.context import OutletEventAccessors
+    from serving.models import LABEL, write_model
+    from sklearn.metrics import roc_auc_score
+
+    from airflow_mlops.ml.model_io import load_model_dir
+    from airflow_mlops.operators.drift import FLIGHTS_REFERENCE_COLUMNS, DriftBaselineOperator
+    from airflow_mlops.operators.features import FeastTrainingDatasetOperator
+    from airflow_mlops.operators.registry import PromoteModelOperator, RegisterModelOperator
+
+    offline = feast_env.settings.offline_root
+    context = {"run_id": "feast-decay", "ti": FakeTI("feast-decay"), "outlet_events": OutletEventAccessors()}
+
+    def training_set(name: str, start: str, end: str) -> dict:
+        return FeastTrainingDatasetOperator(
+            task_id=name,
+            repo_path=str(feast_env.repo),
+            entity_uri=f"{offline}/flights_labelled",
+            feature_service="delay_model",
+            start=start if "T" in start else f"{start}T00:00:00+00:00",
+            end=end if "T" in end else f"{end}T00:00:00+00:00",
+            name=name,
+        ).execute(context)
+
+    train = training_set("training_set", "2013-02-01", "2013-04-01")
+    holdout = training_set("holdout", "2013-04-01", "2013-04-15")
+    frame = pd_read(train["data_uri"])
+    model_dir = write_model(
+        tmp_path / "model",
+        frame.assign(**{LABEL: frame["delayed"].astype(int)}),
+        max_iter=60,
+        features=FEAST_FEATURES,
+    )
+    monkeypatch.setenv("AIRFLOW__MLOPS__STATE_DIR", str(tmp_path / "state"))  # a registry of its own
+    version = RegisterModelOperator(
+        task_id="register",
+        model_name="flight_delay",
+        model_uri=str(model_dir),
+        metrics={},
+        training_manifest_uri=train["manifest_uri"],
+        feature_service="delay_model",
+    ).execute(context)["version"]
+    promotion = PromoteModelOperator(
+        task_id="promote",
+        model_name="flight_delay",
+        candidate_version=version,
+        holdout_uri=holdout["manifest_uri"],
+        floor=0.55,
+    ).execute(context)
+    assert promotion["promoted"] is True
+    # what flights_train does after promotion: the monitor's reference of the new production model
+    baseline = DriftBaselineOperator(
+        task_id="drift_baseline",
+        model_name="flight_delay",
+        columns=FLIGHTS_DRIFT_COLUMNS,
+        reference_columns=FLIGHTS_REFERENCE_COLUMNS,
+    ).execute(context)
+
+    asset = Asset(name="flight_delay_drift")
+    result = EvidentlyDriftOperator(
+        task_id="drift",
+        model_name="flight_delay",
+        offline_root=offline,
+        joins=[{"uri": "weather", "on": ["origin", "time_hour"], "columns": ["temp", "dewp"]}],
+        columns=FLIGHTS_DRIFT_COLUMNS,
+        reference_columns=FLIGHTS_REFERENCE_COLUMNS,
+        drift_share=FLIGHTS_DRIFT_SHARE,
+        window_end="2013-06-14",
+        window_days=7,
+        label_column="delayed",
+        labels_table="flights_labelled",
+        feature_repo=str(feast_env.repo),
+        feast_conn_id=None,
+        drift_asset=asset,
+    ).execute(context)
+
+    # drift against the Feast snapshot, its columns read under their snapshot names
+    assert set(result["columns"]) == set(FLIGHTS_DRIFT_COLUMNS)
+    assert result["reference"]["source_uri"] == train["data_uri"]
+    assert result["reference"]["rows"] == train["rows"]
+    assert result["reference"]["key"] == baseline["key"]  # the baseline prepared what the monitor reads
+    # the AUC of the served model on the week's labelled flights, with the features Feast joins for them
+    # the same flights: the window's days are New York days (the partitions), 04:00 UTC to 04:00 UTC in June
+    window = training_set("window", "2013-06-08T04:00:00+00:00", "2013-06-15T04:00:00+00:00")
+    rows = pd_read(window["data_uri"])
+    expected = roc_auc_score(rows["delayed"].astype(int), load_model_dir(model_dir).predict(rows))
+    quality = result["quality"]
+    assert quality["labelled_rows"] == window["rows"] > 5000
+    assert quality["unlabelled_rows"] == window["dropped_unlabelled"]
+    assert quality["auc"] == pytest.approx(expected, abs=1e-9)
+    assert quality["holdout_auc"] == pytest.approx(promotion["candidate_score"])
+    assert quality["auc_decay"] == pytest.approx(promotion["candidate_score"] - expected)
+    assert result["decay_detected"] is (quality["auc_decay"] > 0.05)
+
+
+def pd_read(uri: str) -> Any:
+    import pandas as pd
+
+    with as_path(uri).open("rb") as handle:
+        return pd.read_parquet(handle)

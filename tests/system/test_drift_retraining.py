@@ -5,7 +5,7 @@ the LocalExecutor (Airflow 3.3 supports that pair; it is what ``airflow standalo
 ``api-server`` (the Execution API the tasks talk to, and the REST API the test drives), a ``scheduler``,
 a ``dag-processor`` parsing the real ``dags/`` folder, and a ``triggerer``. Nothing is run directly: the
 test triggers monitor runs and posts Asset events over the REST API, then watches what the scheduler
-does by itself.
+does by itself. The components are started and stopped by :mod:`airflow_procs`.
 
 Data: the reference is a parquet of the January-March 2013 flights joined with their origin's weather,
 given to the monitor through its ``reference_uri`` param (no model is in production here); the offline
@@ -19,39 +19,26 @@ the DAG trains, registers and deploys is covered by ``tests/integration/test_fli
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import socket
-import sqlite3
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Any
 
-import httpx
-import psutil
 import pytest
+from airflow_procs import AirflowComponents, airflow_components
+from mlops_testing import ROOT
 
+from airflow_mlops.lifecycle.spec import load_spec
 from airflow_mlops.operators.drift import FLIGHTS_DRIFT_COLUMNS
 
 MODEL = "flight_delay"
 DRIFT_ASSET = "flight_delay_drift"
 SPRING = ("2013-05-01", "2013-05-07")
 JULY = ("2013-07-15", "2013-07-21")
-AIRFLOW = str(Path(sys.executable).with_name("airflow"))
-HELPERS = Path(__file__).resolve().parent / "drift_dags"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+#: the retraining gate's cooldown in the reference lifecycle (the train DAG is built from this spec)
+COOLDOWN_DAYS = load_spec(ROOT / "dags" / "flights.yaml").monitoring.cooldown_days
 
 
 def _write_data(state: Path) -> str:
@@ -82,66 +69,11 @@ def _write_data(state: Path) -> str:
 
 
 @dataclass
-class Airflow:
-    """The running components and a REST client for them."""
+class Airflow(AirflowComponents):
+    """The running components, with the monitor's and the train DAG's objects."""
 
-    api: httpx.Client
     state: Path
-    logs: Path
     reference_uri: str
-    db: Path
-
-    def get(self, path: str, **params: Any) -> Any:
-        response = self.api.get(path, params=params)
-        assert response.status_code == 200, (path, response.status_code, response.text[:2000])
-        return response.json()
-
-    def post(self, path: str, body: dict) -> Any:
-        response = self.api.post(path, json=body)
-        assert response.status_code in (200, 201), (path, response.status_code, response.text[:2000])
-        return response.json()
-
-    def log_tails(self) -> str:
-        return "\n".join(
-            f"--- {log.name}\n{log.read_text(errors='replace')[-2500:]}"
-            for log in sorted(self.logs.glob("*.log"))
-        )
-
-    def wait(
-        self, what: str, probe: Callable[[], Any], timeout: float, detail: Callable[[], Any] = str
-    ) -> Any:
-        """Poll ``probe`` until it returns something truthy; fail with the components' logs."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = probe()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"timed out after {timeout:.0f} s waiting for {what}: {detail()}\n{self.log_tails()}"
-                )
-            time.sleep(1)
-
-    # ------------------------------------------------------------------ Airflow objects over REST
-    def run(self, dag_id: str, run_id: str) -> dict:
-        return self.get(f"/dags/{dag_id}/dagRuns/{run_id}")
-
-    def finished_run(self, dag_id: str, run_id: str, timeout: float = 180) -> dict:
-        def done() -> dict | None:
-            run = self.run(dag_id, run_id)
-            return run if run["state"] in ("success", "failed") else None
-
-        return self.wait(f"{dag_id} run {run_id} to finish", done, timeout)
-
-    def task_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
-        body = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")
-        return {ti["task_id"]: ti["state"] for ti in body["task_instances"]}
-
-    def xcom(self, dag_id: str, run_id: str, task_id: str) -> Any:
-        value = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value")[
-            "value"
-        ]
-        return json.loads(value) if isinstance(value, str) else value
 
     def trigger_monitor(self, run_id: str, last_day: str) -> dict:
         """A monitor run whose data interval is the day ``last_day`` (so its window ends there)."""
@@ -162,89 +94,19 @@ class Airflow:
         ]
         return asset["id"]
 
-    # Asset events and the runs they triggered are read from the metadata database: in Airflow 3.3.2
-    # ``GET /assets/events`` and ``.../upstreamAssetEvents`` answer 500 while a run an event created is
-    # still queued (its ``start_date`` is None and the response model requires a datetime).
-    def _query(self, sql: str, *args: Any) -> list[sqlite3.Row]:
-        with contextlib.closing(sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30)) as db:
-            db.row_factory = sqlite3.Row
-            return db.execute(sql, args).fetchall()
-
     def drift_events(self) -> list[dict]:
-        rows = self._query(
-            "SELECT e.id, e.extra, e.source_dag_id, e.source_run_id FROM asset_event e "
-            "JOIN asset a ON a.id = e.asset_id WHERE a.name = ? ORDER BY e.id",
-            DRIFT_ASSET,
-        )
-        return [{**dict(row), "extra": json.loads(row["extra"] or "{}")} for row in rows]
+        return [
+            {k: e[k] for k in ("id", "extra", "source_dag_id", "source_run_id")}
+            for e in self.asset_events(DRIFT_ASSET)
+        ]
 
     def train_runs(self) -> dict[str, list[dict]]:
         """Asset-triggered ``flights_train`` runs with the Asset events that triggered each."""
-        rows = self._query(
-            "SELECT r.run_id, e.id, e.extra FROM dag_run r "
-            "LEFT JOIN dagrun_asset_event link ON link.dag_run_id = r.id "
-            "LEFT JOIN asset_event e ON e.id = link.event_id "
-            "WHERE r.dag_id = 'flights_train' AND r.run_type = 'asset_triggered' ORDER BY r.id, e.id"
-        )
-        runs: dict[str, list[dict]] = {}
-        for row in rows:
-            events = runs.setdefault(row["run_id"], [])
-            if row["id"] is not None:
-                events.append({"id": row["id"], "extra": json.loads(row["extra"] or "{}")})
-        return runs
+        return self.asset_triggered_runs("flights_train")
 
     def gate_state(self, run_id: str) -> str | None:
         state = self.task_states("flights_train", run_id).get("retraining_gate")
         return state if state in ("success", "skipped", "failed", "upstream_failed") else None
-
-
-def _start(name: str, args: list[str], env: dict[str, str], logs: Path) -> subprocess.Popen:
-    log = open(logs / f"{name}.log", "wb")
-    return subprocess.Popen(
-        [AIRFLOW, *args], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-
-def _stop(processes: list[subprocess.Popen]) -> None:
-    """SIGTERM each component's process group (its executor workers and task processes included),
-    then SIGKILL what is left; fail if anything of theirs survives."""
-    groups = [p.pid for p in processes]
-    for process in processes:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 20
-    for process in processes:
-        try:
-            process.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-
-    def members() -> list[psutil.Process]:
-        alive = []
-        for proc in psutil.process_iter():
-            try:
-                if os.getpgid(proc.pid) in groups and proc.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(proc)
-            except (ProcessLookupError, psutil.Error):
-                pass
-        return alive
-
-    for _ in range(10):
-        if not members():
-            break
-        time.sleep(0.5)
-    for group in groups:
-        try:
-            os.killpg(group, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    for process in processes:
-        process.wait(timeout=10)
-    time.sleep(0.5)
-    leftovers = members()
-    assert not leftovers, f"Airflow processes left running: {[(p.pid, p.name()) for p in leftovers]}"
 
 
 @pytest.fixture(scope="module")
@@ -252,62 +114,21 @@ def airflow(airflow_db, tmp_path_factory) -> Iterator[Airflow]:
     state = Path(os.environ["AIRFLOW__MLOPS__STATE_DIR"]) / "drift-system"
     logs = tmp_path_factory.mktemp("airflow-components")
     reference_uri = _write_data(state)
-    port = _free_port()
-    env = {
-        **os.environ,
-        "AIRFLOW__MLOPS__STATE_DIR": str(state),
-        "AIRFLOW__MLOPS__OFFLINE_ROOT": f"file://{state}/offline",
-        "AIRFLOW__MLOPS__ARTIFACT_ROOT": f"file://{state}/artifacts",
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__CORE__PARALLELISM": "4",
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
-        "AIRFLOW__API_AUTH__JWT_SECRET": "drift-system-test-only",
-        "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "True",
-        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
-        "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
-        "AIRFLOW__CORE__DEFAULT_TASK_RETRIES": "0",
-        # a longer SQLite busy timeout: five processes write to one database file on a loaded machine
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "sqlite_busy_timeout.CONNECT_ARGS",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(HELPERS), os.environ.get("PYTHONPATH")])),
-        # the components' log servers, on ports of their own (the defaults may be taken on this machine)
-        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port()),
-        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(_free_port()),
-    }
-    processes: list[subprocess.Popen] = []
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}/api/v2", timeout=30)
-    try:
-        processes.append(
-            _start("api-server", ["api-server", "-H", "127.0.0.1", "-p", str(port), "-w", "1"], env, logs)
+    with airflow_components(
+        airflow_db,
+        logs,
+        ("flights_monitor", "flights_train"),
+        AIRFLOW__MLOPS__STATE_DIR=str(state),
+        AIRFLOW__MLOPS__OFFLINE_ROOT=f"file://{state}/offline",
+        AIRFLOW__MLOPS__ARTIFACT_ROOT=f"file://{state}/artifacts",
+    ) as components:
+        yield Airflow(
+            api=components.api,
+            logs=components.logs,
+            db=components.db,
+            state=state,
+            reference_uri=reference_uri,
         )
-        processes.append(_start("dag-processor", ["dag-processor"], env, logs))
-        processes.append(_start("scheduler", ["scheduler"], env, logs))
-        processes.append(_start("triggerer", ["triggerer"], env, logs))
-        services = Airflow(api=client, state=state, logs=logs, reference_uri=reference_uri, db=airflow_db)
-
-        def up() -> bool:
-            for process in processes:
-                if process.poll() is not None:
-                    pytest.fail(f"{process.args[1]} exited with {process.returncode}\n{services.log_tails()}")
-            try:
-                return all(
-                    client.get(f"/dags/{d}").status_code == 200 for d in ("flights_monitor", "flights_train")
-                )
-            except httpx.TransportError:
-                return False
-
-        services.wait("the API server and the DAG processor to serve both DAGs", up, timeout=150)
-        for dag_id in ("flights_monitor", "flights_train"):
-            response = client.patch(f"/dags/{dag_id}", json={"is_paused": False})
-            assert response.status_code == 200, response.text
-        yield services
-    finally:
-        client.close()
-        _stop(processes)
 
 
 def test_spring_is_calm_and_july_drift_makes_the_scheduler_start_retraining(airflow: Airflow) -> None:
@@ -351,7 +172,7 @@ def test_spring_is_calm_and_july_drift_makes_the_scheduler_start_retraining(airf
 
 
 def test_ten_drift_events_in_one_cooldown_window_start_exactly_one_retraining(airflow: Airflow) -> None:
-    # Ten drift events within three days of data time (far from July, so outside the July cooldown):
+    # Ten drift events within three days of data time, a week after the July retraining's cooldown ends:
     # eight distinct ones and two redeliveries (watchers are at-least-once), as a feed that keeps
     # drifting would send them. Each is posted once the scheduler has started a run for the one
     # before, so every event gets a run of its own and the gate has to hold nine of them back.
@@ -361,7 +182,8 @@ def test_ten_drift_events_in_one_cooldown_window_start_exactly_one_retraining(ai
     before = {e["id"] for e in airflow.drift_events()}
     known_runs = set(airflow.train_runs())
     ids = [f"burst-{i}" for i in range(8)] + ["burst-1", "burst-5"]
-    days = ["2013-09-02", "2013-09-02", "2013-09-03", "2013-09-03", "2013-09-04"] * 2
+    first = date.fromisoformat(JULY[1]) + timedelta(days=COOLDOWN_DAYS + 7)
+    days = [str(first + timedelta(days=d)) for d in (0, 0, 1, 1, 2)] * 2
     posted: list[int] = []
 
     def consumed() -> set[int]:
@@ -393,7 +215,8 @@ def test_ten_drift_events_in_one_cooldown_window_start_exactly_one_retraining(ai
     )
     gates = {run_id: airflow.gate_state(run_id) for run_id in runs}
     assert len(runs) == 10 and sorted(e["id"] for events in runs.values() for e in events) == posted
-    assert sorted(gates.values()) == ["skipped"] * 9 + ["success"], gates
+    record = json.loads((airflow.state / "retraining" / f"{MODEL}.json").read_text())
+    assert sorted(gates.values()) == ["skipped"] * 9 + ["success"], (gates, record)
 
     [trained] = [r for r, s in gates.items() if s == "success"]
     decision = airflow.xcom("flights_train", trained, "retraining_gate")
@@ -405,7 +228,6 @@ def test_ten_drift_events_in_one_cooldown_window_start_exactly_one_retraining(ai
                 s for t, s in airflow.task_states("flights_train", run_id).items() if t != "retraining_gate"
             } <= {"skipped"}
 
-    record = json.loads((airflow.state / "retraining" / f"{MODEL}.json").read_text())
     burst_retrainings = [r for r in record["retrainings"] if str(r["event_id"]).startswith("burst-")]
     assert len(burst_retrainings) == 1 and burst_retrainings[0]["run_id"] == trained
     assert set(ids) <= set(record["seen"])

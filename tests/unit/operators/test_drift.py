@@ -14,7 +14,7 @@ import pytest
 from airflow.sdk import Asset, AssetAlias
 
 from airflow_mlops.exceptions import MLOpsArgumentError, MLOpsInputError
-from airflow_mlops.ml.retraining import RetrainingState, decide, event_info
+from airflow_mlops.ml.retraining import RetrainingState, decide, event_figures, event_info
 from airflow_mlops.operators.drift import (
     DriftReportLink,
     EvidentlyDriftOperator,
@@ -53,6 +53,11 @@ def test_template_fields_link_and_alias_outlet() -> None:
         ({}, "needs model_name or reference_uri"),
         ({"model_name": "m", "source": "kafka"}, "source 'kafka'"),
         ({"model_name": "m", "drift_share": 0}, "drift_share must be in"),
+        (
+            {"model_name": "m", "label_column": "y", "label_rule": {"column": "d", "gt": 1, "lt": 3}},
+            "label_rule",
+        ),
+        ({"model_name": "m", "label_rule": {"column": "d", "gt": 1}}, "names none"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs: dict[str, Any], message: str) -> None:
@@ -80,6 +85,28 @@ def test_column_specs() -> None:
         normalize_columns({"temp": {"treshold": 1}})
     with pytest.raises(MLOpsArgumentError, match="kind 'text'"):
         normalize_columns({"temp": {"kind": "text"}})
+
+
+def test_reference_columns_read_under_their_snapshot_names(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from airflow_mlops.operators.drift import read_frame, reference_key
+
+    snapshot = tmp_path / "training_set.parquet"
+    pd.DataFrame(
+        {"weather_hourly__temp": [30.5, 80.1], "sched_hour": [5, 23], "carrier": ["UA", "B6"]}
+    ).to_parquet(snapshot)
+    manifest = tmp_path / "training_set.manifest.json"
+    manifest.write_text(json.dumps({"data_uri": f"file://{snapshot}"}))
+    aliases = {"temp": "weather_hourly__temp", "hour": "sched_hour", "carrier": "never_used"}
+    frame = read_frame(f"file://{manifest}", ["temp", "hour", "carrier"], aliases)
+    assert list(frame.columns) == ["temp", "hour", "carrier"]  # a column present under its own name wins
+    assert frame["temp"].tolist() == [30.5, 80.1] and frame["carrier"].tolist() == ["UA", "B6"]
+    with pytest.raises(MLOpsInputError, match=r"lacks the drift columns \['dewp'\].*reference_columns"):
+        read_frame(str(snapshot), ["temp", "dewp"], aliases)
+    specs = {"temp": {"kind": "numerical"}}
+    assert reference_key("u", specs) == reference_key("u", specs, {"hour": "sched_hour"})  # unused alias
+    assert reference_key("u", specs) != reference_key("u", specs, aliases)
 
 
 def _metric(mid: str, column: str, method: str, threshold: float, value: float) -> dict[str, Any]:
@@ -193,6 +220,53 @@ def test_auc_decay_against_holdout(monkeypatch: pytest.MonkeyPatch) -> None:
     assert quality["auc_decay"] == pytest.approx(0.72 - 1 / 9)
 
 
+def test_auc_needs_the_production_version_and_the_models_features(monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+    import pandas as pd
+
+    op = EvidentlyDriftOperator(task_id="drift", model_name="flight_delay", label_column="delayed")
+    rows = pd.DataFrame({"carrier": ["UA", "B6", "UA"], "delayed": [1, 0, None]})
+    quality = op._quality(rows, {})
+    assert quality["labelled_rows"] == 0 and "no production version" in quality["reason"]
+
+    class Predictor:
+        features = ["carrier", "weather_hourly__temp"]
+
+        def predict(self, frame: pd.DataFrame) -> np.ndarray:
+            return frame["weather_hourly__temp"].to_numpy()
+
+    monkeypatch.setattr(
+        EvidentlyDriftOperator, "hook", SimpleNamespace(load=lambda name, version: Predictor())
+    )
+    production = {"version": "v2", "holdout_metrics": {"auc": 0.7}, "feature_service": None}
+    with pytest.raises(
+        MLOpsInputError, match=r"lack the model's features \['weather_hourly__temp'\].*no feature service"
+    ):
+        op._quality(rows, production)
+
+    joined: list[tuple[list[str], str]] = []
+
+    def with_features(self, frame: pd.DataFrame, prod: dict, missing: list[str]) -> pd.DataFrame:
+        joined.append((missing, prod["feature_service"]))
+        return frame.assign(weather_hourly__temp=[0.9, 0.1])
+
+    monkeypatch.setattr(EvidentlyDriftOperator, "_with_features", with_features)
+    quality = op._quality(rows, {**production, "feature_service": "delay_model"})
+    assert joined == [(["weather_hourly__temp"], "delay_model")]
+    assert quality["labelled_rows"] == 2 and quality["unlabelled_rows"] == 1
+    assert quality["auc"] == 1.0 and quality["auc_decay"] == pytest.approx(-0.3)
+
+
+def test_labels_not_yet_written_give_no_auc_but_do_not_fail(tmp_path: Path) -> None:
+    import pandas as pd
+
+    op = EvidentlyDriftOperator(
+        task_id="drift", model_name="m", label_column="delayed", labels_table="flights_labelled"
+    )
+    assert op._labelled_rows(pd.DataFrame({"a": [1]}), f"file://{tmp_path}", ["2013-07-01"]) is None
+    assert EvidentlyDriftOperator(task_id="d", model_name="m")._labelled_rows(pd.DataFrame(), "x", []) is None
+
+
 # ----------------------------------------------------------------------------- retraining guard rails
 def _event(day: int, *, asset: Asset = DRIFT, event_id: str | None = None) -> SimpleNamespace:
     extra = {"data_time": f"2013-07-{day:02d}", "drift_share": 0.33}
@@ -259,6 +333,21 @@ def test_events_without_id_are_deduplicated_by_content() -> None:
     assert a.data_time == datetime(2013, 7, 10, tzinfo=UTC)
 
 
+def test_events_of_an_asset_watcher_are_read_from_the_trigger_payload() -> None:
+    # Airflow stores a watcher's event as {"from_trigger": True, "payload": <the trigger event>}
+    payload = {"status": "drift", "event_id": "log-abc", "data_time": "2013-07-21", "drift_share": 0.5}
+    event = SimpleNamespace(
+        extra={"from_trigger": True, "payload": payload}, timestamp=datetime(2026, 1, 1, tzinfo=UTC)
+    )
+    info = event_info("drift_log_watched", event)
+    assert info.event_id == "log-abc" and info.extra == payload
+    assert info.data_time == datetime(2013, 7, 21, tzinfo=UTC)  # data time, not the wall clock of the event
+    assert event_figures({"event_id": "x", "payload": "not a trigger's"}) == {
+        "event_id": "x",
+        "payload": "not a trigger's",
+    }
+
+
 def test_decide_without_events_is_a_manual_run() -> None:
     decision = decide(
         [], {"retrainings": []}, cooldown=timedelta(days=7), manual_data_time=datetime(2013, 7, 1, tzinfo=UTC)
@@ -269,3 +358,30 @@ def test_decide_without_events_is_a_manual_run() -> None:
 def test_gate_refuses_bad_cooldown(tmp_path: Path) -> None:
     with pytest.raises(MLOpsArgumentError, match="cooldown_days"):
         _run_gate(tmp_path, "x", [], cooldown="a week")  # type: ignore[arg-type]
+
+
+def test_drift_to_retrained_timeline_from_airflow_records() -> None:
+    from airflow_mlops.ml.timeline import timeline
+
+    event = {
+        "id": 7,
+        "timestamp": "2026-11-25T10:00:30Z",
+        "extra": {"from_trigger": True, "payload": {"event_id": "july", "data_time": "2013-07-21"}},
+    }
+    landed = datetime(2026, 11, 25, 9, 58, 0, tzinfo=UTC)
+    run = {"dag_run_id": "asset_triggered__1", "start_date": "2026-11-25T10:00:40Z"}
+    served = {"task_id": "deploy", "state": "success", "end_date": "2026-11-25T10:09:30Z"}
+    result = timeline(event, landed_at=landed, train_run=run, served=served)
+    assert (result["event_id"], result["data_time"], result["retraining_run_id"]) == (
+        "july",
+        "2013-07-21",
+        "asset_triggered__1",
+    )
+    assert result["seconds"] == {
+        "landing_to_drift_event": 150.0,
+        "drift_event_to_served": 540.0,
+        "landing_to_served": 690.0,
+    }
+    assert result["served"] is True
+    pending = timeline(event, landed_at=None, train_run=run, served=None)
+    assert pending["served"] is False and set(pending["seconds"].values()) == {None}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import inspect
 import json
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 from airflow.triggers.base import BaseEventTrigger
 
-from airflow_mlops.triggers.drift import DriftEventTrigger, column_psi, psi
+from airflow_mlops.triggers.drift import STATE_KEY, DriftEventTrigger, column_psi, psi
 
 
 def first_event(trigger: DriftEventTrigger, timeout: float = 10.0) -> Any:
@@ -91,11 +92,64 @@ def test_metric_file_fires_when_drift_crosses_the_threshold(tmp_path: Path) -> N
     }
 
 
-def test_unreadable_metric_gives_an_error_event(tmp_path: Path) -> None:
+def test_unreadable_metric_is_polled_again_and_never_fires(tmp_path: Path) -> None:
+    # Every watcher event becomes an Asset event that schedules DAGs: an "error" event would start a
+    # retraining, so a broken source only logs and the trigger fires once the source is readable.
     metric = tmp_path / "m.json"
     metric.write_text("{not json")
-    event = first_event(DriftEventTrigger(source_uri=str(metric), poll_interval=0.05))
-    assert event.payload["status"] == "error" and "JSONDecodeError" in event.payload["message"]
+    trigger = DriftEventTrigger(source_uri=str(metric), poll_interval=0.05)
+    assert no_event_within(trigger, 0.3)
+
+    async def fix_then_wait() -> Any:
+        events = trigger.run()
+        pending = asyncio.ensure_future(anext(events))
+        await asyncio.sleep(0.2)
+        assert not pending.done()
+        metric.write_text(json.dumps({"drift_share": 0.9, "event_id": "fixed"}))
+        return await asyncio.wait_for(pending, 5)
+
+    assert asyncio.run(fix_then_wait()).payload["event_id"] == "fixed"
+
+
+class FakeStateStore:
+    """The watched Asset's state store as the triggerer injects it (``aget``/``aset``)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+
+    async def aget(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, default)
+
+    async def aset(self, key: str, value: Any) -> None:
+        self.values[key] = value
+
+
+def test_keeps_watching_and_fires_only_new_findings_across_restarts(tmp_path: Path) -> None:
+    metric = tmp_path / "drift_summary.json"
+    metric.write_text(json.dumps({"drift_detected": True, "event_id": "july", "drift_share": 0.5}))
+    store = FakeStateStore()
+
+    async def watch(seconds: float) -> list[str]:
+        """Event ids one trigger instance fires within ``seconds`` (a fresh instance: a restart)."""
+        trigger = DriftEventTrigger(source_uri=str(metric), metric_key="drift_detected", poll_interval=0.05)
+        trigger.asset_state_store = store
+        fired: list[str] = []
+
+        async def consume() -> None:
+            async for event in trigger.run():
+                fired.append(event.payload["event_id"])
+                if len(fired) == 1:  # a new finding while the trigger keeps running
+                    metric.write_text(
+                        json.dumps({"drift_detected": True, "event_id": "august", "drift_share": 0.7})
+                    )
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(consume(), seconds)
+        return fired
+
+    assert asyncio.run(watch(0.6)) == ["july", "august"]  # each finding once, not once per poll
+    assert store.values == {STATE_KEY: "august"}
+    assert asyncio.run(watch(0.4)) == []  # a restarted trigger does not fire the same finding again
 
 
 ORIGINS = ["EWR"] * 4 + ["JFK"] * 3 + ["LGA"] * 3  # the reference's shares
