@@ -12,6 +12,7 @@ Connection fields: host (``10.0.0.5`` or ``https://ray.example.com``), port (def
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cached_property
@@ -24,6 +25,45 @@ from airflow_mlops.exceptions import MLOpsConfigError, RayClusterError
 DEFAULT_DASHBOARD_PORT = 8265
 #: Ray job states after which a job never changes again
 TERMINAL_JOB_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
+#: sub-folder of ``[mlops] state_dir`` where local Ray's processes keep their Python bytecode
+BYTECODE_CACHE_FOLDER = "pycache"
+
+
+@contextmanager
+def bytecode_cache_env(folder: str | os.PathLike[str] | None) -> Iterator[str | None]:
+    """Let the processes started inside the block cache their compiled bytecode under ``folder``.
+
+    With ``PYTHONDONTWRITEBYTECODE`` set and no ``.pyc`` files installed (uv does not compile them by
+    default), every new Python process compiles each module it imports from source. A Ray Tune trial
+    worker imports ray.tune, pandas and scikit-learn: measured here, 33 s of compiling and importing
+    on a loaded 2-CPU machine, 13 s with the bytecode cached. Inside the block the environment that
+    child processes inherit says: write bytecode, but under ``PYTHONPYCACHEPREFIX=folder``, never
+    beside the sources. The process's own environment is restored when the block ends.
+
+    Does nothing when ``folder`` is None, when bytecode writing is not disabled, or when a
+    ``PYTHONPYCACHEPREFIX`` is already set.
+
+    :return: (as the block's value) the folder used, or None.
+    """
+    if (
+        folder is None
+        or not os.environ.get("PYTHONDONTWRITEBYTECODE")
+        or os.environ.get("PYTHONPYCACHEPREFIX")
+    ):
+        yield None
+        return
+    folder = os.fspath(folder)
+    saved = {k: os.environ.get(k) for k in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")}
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = folder
+    try:
+        yield folder
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def merge_runtime_env(base: dict[str, Any] | None, override: dict[str, Any] | None) -> dict[str, Any]:
@@ -151,29 +191,41 @@ class RayHook(BaseHook):
     # ------------------------------------------------------------------------------ local Ray
 
     @contextmanager
-    def local_ray(self, num_cpus: int | None = None) -> Iterator[None]:
+    def local_ray(self, num_cpus: int | None = None, *, bytecode_cache: bool = True) -> Iterator[None]:
         """Ray started in this process for the block (reused when this process already runs one).
 
         :param num_cpus: CPUs for Ray; default ``[mlops] ray_num_cpus`` (empty: all of them).
+        :param bytecode_cache: when this process may not write bytecode (``PYTHONDONTWRITEBYTECODE``),
+            let Ray's processes (its agents and every trial worker) cache theirs under
+            ``<[mlops] state_dir>/pycache`` (see :func:`bytecode_cache_env`): a trial worker then
+            starts in seconds instead of compiling ray.tune, pandas and scikit-learn again.
         """
         import ray
 
         if ray.is_initialized():
             yield
             return
-        if num_cpus is None:
-            from airflow_mlops.config import load_settings
+        from airflow_mlops.config import load_settings
 
-            num_cpus = load_settings().ray_num_cpus
+        settings = load_settings()
+        if num_cpus is None:
+            num_cpus = settings.ray_num_cpus
         self.log.info("Starting local Ray with %s CPUs", num_cpus or "all")
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-            configure_logging=False,
-        )
+        # Ray's processes inherit the environment of the moment they start: the raylet passes it on
+        # to every worker it spawns later
+        with bytecode_cache_env(
+            settings.state_dir / BYTECODE_CACHE_FOLDER if bytecode_cache else None
+        ) as cache:
+            if cache:
+                self.log.info("Ray's workers cache their Python bytecode under %s", cache)
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+                configure_logging=False,
+            )
         try:
             yield
         finally:

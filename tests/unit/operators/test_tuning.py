@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 from unittest import mock
 
@@ -12,7 +15,7 @@ import pytest
 from airflow.sdk.exceptions import TaskDeferred
 
 from airflow_mlops.exceptions import MLOpsArgumentError, TuningError
-from airflow_mlops.hooks.ray import RayHook
+from airflow_mlops.hooks.ray import RayHook, bytecode_cache_env
 from airflow_mlops.ml.search_space import SearchSpaceError, grid_size, parse_search_space
 from airflow_mlops.operators.tuning import RayTuneOperator
 from airflow_mlops.triggers.ray import RayJobTrigger
@@ -223,6 +226,43 @@ def test_hook_empty_host_or_no_connection_is_local(monkeypatch):
         "pip": ["a", "b"],
         "env_vars": {"X": "1"},
     }
+
+
+def _import_in_child(module_dir) -> None:
+    subprocess.run(
+        [sys.executable, "-c", "import probe_module"], cwd=module_dir, check=True, env=dict(os.environ)
+    )
+
+
+def test_processes_started_for_local_ray_cache_their_bytecode_outside_the_sources(monkeypatch, tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "probe_module.py").write_text("VALUE = 1\n")
+    cache = tmp_path / "pycache"
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
+
+    with bytecode_cache_env(cache) as used:
+        assert used == str(cache)
+        _import_in_child(source)  # a Ray worker started here inherits this environment
+    cached = list(cache.rglob("probe_module*.pyc"))
+    assert len(cached) == 1, list(cache.rglob("*"))
+    assert not (source / "__pycache__").exists(), "bytecode was written beside the sources"
+    # this process's environment is as it was: later children write no bytecode at all
+    assert os.environ["PYTHONDONTWRITEBYTECODE"] == "1" and "PYTHONPYCACHEPREFIX" not in os.environ
+    cached[0].unlink()
+    _import_in_child(source)
+    assert not list(cache.rglob("probe_module*.pyc")) and not (source / "__pycache__").exists()
+
+
+def test_bytecode_cache_leaves_an_environment_that_writes_bytecode_alone(monkeypatch, tmp_path):
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
+    with bytecode_cache_env(tmp_path) as used:
+        assert used is None and "PYTHONPYCACHEPREFIX" not in os.environ
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    monkeypatch.setenv("PYTHONPYCACHEPREFIX", str(tmp_path / "theirs"))
+    with bytecode_cache_env(tmp_path / "ours") as used:
+        assert used is None and os.environ["PYTHONPYCACHEPREFIX"] == str(tmp_path / "theirs")
 
 
 def test_hook_bearer_token_from_the_password(monkeypatch):
