@@ -3,10 +3,17 @@
 Trains a HistGradientBoosting model on real 2013 flights, registers it in a throw-away state folder under
 /tmp, starts ``bentoml serve`` of :mod:`airflow_mlops.ml.service` and a baseline FastAPI app (one model call
 per request, same registry load, same request features and feature lookup), then drives each from a load
-generator in a separate process (asyncio + httpx, N concurrent clients, loopback) and prints req/s, p50, p99
-for single-row requests and rows/s through the batch endpoint.
+generator in separate processes on loopback (aiohttp on uvloop, N concurrent closed-loop clients, one
+connection each) and prints req/s, p50, p99 for single-row requests and rows/s through the batch endpoint,
+with the CPU the server and the load generator used (a saturated generator would cap the figures).
 
-Run: ``.venv/bin/python benchmarks/bench_serving.py [--clients 32] [--seconds 15]``
+Both servers cap a model call at ``MLOPS_SERVE_MODEL_THREADS`` (default 1) OpenMP threads, with the same
+function (:func:`airflow_mlops.ml.service.limit_model_threads`).
+
+With ``--features feast`` the model also needs the weather at the departure airport, read per request
+(baseline) or per batch (service) from Feast's SQLite online store of the real feature repository.
+
+Run: ``.venv/bin/python benchmarks/bench_serving.py [--clients 32] [--seconds 15] [--features request|feast]``
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
@@ -33,36 +41,101 @@ def _port() -> int:
 
 
 # ------------------------------------------------------------------------------------------ load generator
-async def _load(url: str, path: str, bodies: list[dict], clients: int, seconds: float, warmup: float) -> dict:
-    import httpx
+async def _load(
+    url: str, path: str, bodies: list[dict], clients: int, start_at: float, warmup: float, seconds: float
+) -> dict:
+    """``clients`` closed-loop clients (each sends its next request when the last one was answered) over
+    one aiohttp session with a connection per client; latencies of the requests sent inside the window."""
+    import aiohttp
 
+    payloads = [json.dumps(b).encode() for b in bodies]
     latencies: list[float] = []
     errors = 0
-    start = time.perf_counter()
-    measure_from = start + warmup
+    measure_from = start_at + warmup
     stop_at = measure_from + seconds
+    connector = aiohttp.TCPConnector(limit=clients, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=30)
+    headers = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout, headers=headers) as http:
 
-    async def client(i: int) -> None:
-        nonlocal errors
-        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        async def client(i: int) -> None:
+            nonlocal errors
             n = i
-            while (now := time.perf_counter()) < stop_at:
-                began = now
+            while (began := time.time()) < stop_at:
                 try:
-                    answer = await http.post(path, json=bodies[n % len(bodies)])
-                    ok = answer.status_code == 200
-                except httpx.HTTPError:
+                    async with http.post(path, data=payloads[n % len(payloads)]) as answer:
+                        await answer.read()
+                        ok = answer.status == 200
+                except (TimeoutError, aiohttp.ClientError):
                     ok = False
-                done = time.perf_counter()
                 if began >= measure_from:
                     if ok:
-                        latencies.append(done - began)
+                        latencies.append(time.time() - began)
                     else:
                         errors += 1
                 n += clients
 
-    await asyncio.gather(*(client(i) for i in range(clients)))
-    latencies.sort()
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        cpu = time.process_time()
+        await asyncio.gather(*(client(i) for i in range(clients)))
+        cpu = time.process_time() - cpu
+    return {"latencies": latencies, "errors": errors, "cpu_s": cpu}
+
+
+def load_main(args: argparse.Namespace) -> None:
+    import uvloop
+
+    bodies = json.loads(Path(args.bodies).read_text())
+    result = uvloop.run(
+        _load(args.url, args.path, bodies, args.clients, args.start_at, args.warmup, args.seconds)
+    )
+    print(json.dumps(result))
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time used so far by a process and its children (the server's worker processes)."""
+    import psutil
+
+    total = 0.0
+    try:
+        proc = psutil.Process(pid)
+        for p in [proc, *proc.children(recursive=True)]:
+            times = p.cpu_times()
+            total += times.user + times.system
+    except psutil.Error:
+        pass
+    return total
+
+
+def run_load(
+    url: str, path: str, bodies: list[dict], clients: int, seconds: float, procs: int, server_pid: int
+) -> dict:
+    """Drive ``url`` from ``procs`` load-generator processes (``clients`` connections in all) on loopback."""
+    warmup = 3.0
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump(bodies, handle)
+    start_at = time.time() + 3  # the generators start together once they have imported
+    per_proc = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
+    try:
+        generators = [
+            subprocess.Popen(
+                [sys.executable, str(HERE), "load", "--url", url, "--path", path, "--bodies", handle.name]
+                + ["--clients", str(n), "--seconds", str(seconds), "--warmup", str(warmup)]
+                + ["--start-at", repr(start_at)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for n in per_proc
+        ]
+        time.sleep(max(0.0, start_at + warmup - time.time()))
+        server_cpu = _cpu_seconds(server_pid)
+        time.sleep(seconds)
+        server_cpu = _cpu_seconds(server_pid) - server_cpu
+        outputs = [g.communicate(timeout=seconds + 120)[0] for g in generators]
+    finally:
+        os.unlink(handle.name)
+    parts = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+    latencies = sorted(x for part in parts for x in part["latencies"])
 
     def pct(p: float) -> float:
         return (
@@ -71,49 +144,13 @@ async def _load(url: str, path: str, bodies: list[dict], clients: int, seconds: 
 
     return {
         "requests": len(latencies),
-        "errors": errors,
+        "errors": sum(part["errors"] for part in parts),
         "req_per_s": len(latencies) / seconds,
         "p50_ms": pct(0.50),
         "p99_ms": pct(0.99),
+        "server_cpu": server_cpu / seconds,
+        "loadgen_cpu": sum(part["cpu_s"] for part in parts) / (seconds + warmup),
     }
-
-
-def load_main(args: argparse.Namespace) -> None:
-    bodies = json.loads(Path(args.bodies).read_text())
-    result = asyncio.run(_load(args.url, args.path, bodies, args.clients, args.seconds, args.warmup))
-    print(json.dumps(result))
-
-
-def run_load(url: str, path: str, bodies: list[dict], clients: int, seconds: float) -> dict:
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-        json.dump(bodies, handle)
-    try:
-        out = subprocess.run(
-            [
-                sys.executable,
-                str(HERE),
-                "load",
-                "--url",
-                url,
-                "--path",
-                path,
-                "--bodies",
-                handle.name,
-                "--clients",
-                str(clients),
-                "--seconds",
-                str(seconds),
-                "--warmup",
-                "3",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=seconds + 120,
-            check=True,
-        )
-    finally:
-        os.unlink(handle.name)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------------------------------ baseline app
@@ -123,15 +160,24 @@ def baseline_main(args: argparse.Namespace) -> None:
     import uvicorn
     from fastapi import FastAPI
 
-    from airflow_mlops.ml.service import Flight, Prediction, ServeSettings, load_model, request_features
+    from airflow_mlops.ml.service import (
+        Flight,
+        Prediction,
+        ServeSettings,
+        limit_model_threads,
+        load_model,
+        request_features,
+    )
 
-    loaded = load_model(ServeSettings.from_env())
+    settings = ServeSettings.from_env()
+    loaded = load_model(settings)
     app = FastAPI()
 
     class Body(__import__("pydantic").BaseModel):
         flight: Flight
 
     def predict(body: Body) -> Prediction:
+        limit_model_threads(settings.model_threads)  # the service's thread cap, in each worker thread
         row = request_features(body.flight)
         extra = loaded.lookup.fetch([row])[0]
         features = {f: {**row, **extra}.get(f) for f in loaded.predictor.features}
@@ -158,6 +204,20 @@ def _wait(url: str, timeout: float = 180) -> None:
     raise RuntimeError(f"{url} not ready after {timeout} s")
 
 
+def _batch_sizes(url: str) -> float:
+    """Mean number of single-row requests per model call so far, from the service's ``/metrics``."""
+    import httpx
+
+    text = httpx.get(url + "/metrics", timeout=10).text
+    values = {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("mlops_single_row_batch_size_")
+    }
+    count = values.get("mlops_single_row_batch_size_count", 0.0)
+    return values.get("mlops_single_row_batch_size_sum", 0.0) / count if count else float("nan")
+
+
 def _flights(n: int) -> list[dict]:
     from airflow_mlops.demo.data import read_table
 
@@ -175,19 +235,66 @@ def _flights(n: int) -> list[dict]:
     ]
 
 
+def _feast_store(state: Path) -> dict[str, str]:
+    """The real feature repository over an offline store of this run's own (the 2013 weather), with the
+    weather of 2013-05-01 materialized into its SQLite online store; returns the serving environment."""
+    from datetime import UTC, datetime
+
+    from airflow_mlops.config import load_settings
+    from airflow_mlops.demo.data import land
+    from airflow_mlops.hooks.feast import FeastHook
+    from airflow_mlops.operators.features import FeastApplyOperator, FeatureSourceSnapshotOperator
+
+    settings = load_settings()
+    env = {"MLOPS_FEAST_DIR": str(state / "feast"), "MLOPS_OFFLINE_ROOT": settings.offline_root}
+    os.environ.update(env)
+    land(settings, start="2013-05-01", end="2013-05-01")
+    context = {"ti": SimpleNamespace(dag_id="bench", run_id="bench", task_id="feast"), "outlet_events": {}}
+    FeatureSourceSnapshotOperator(
+        task_id="weather",
+        source_uri=f"{settings.landing_root}/weather/weather.parquet",
+        table="weather",
+        timestamp_column="time_hour",
+        columns=["origin", "temp", "dewp", "humid", "wind_speed", "wind_gust", "precip", "pressure", "visib"]
+        + ["time_hour"],
+        offline_root=settings.offline_root,
+    ).execute(context)
+    repo = ROOT / "feature_repo"
+    FeastApplyOperator(task_id="apply", repo_path=str(repo)).execute(context)
+    FeastHook(repo_path=str(repo)).materialize(
+        datetime(2013, 5, 1, tzinfo=UTC), datetime(2013, 5, 1, 12, tzinfo=UTC), ["weather_hourly"]
+    )
+    return {**env, "feast_repo": str(repo)}
+
+
 def bench_main(args: argparse.Namespace) -> None:
     state = Path(tempfile.mkdtemp(prefix="mlops-bench-serving-"))
     os.environ["AIRFLOW__MLOPS__STATE_DIR"] = str(state)
     sys.path.insert(0, str(ROOT / "tests" / "integration"))
-    from serving.models import register, training_frame, write_model
+    from serving.models import (
+        FEATURES,
+        WEATHER,
+        register,
+        training_frame,
+        weather_training_frame,
+        write_model,
+    )
 
     from airflow_mlops.hooks.bentoml import BentoMLHook
     from airflow_mlops.operators.serving import serving_env, stop_tree
 
-    version = register(
-        "bench", write_model(state / "model", training_frame().sample(20000, random_state=0), max_iter=100)
-    )
-    env = serving_env(BentoMLHook(), model="bench", version=version)
+    if args.features == "feast":  # the weather at the departure airport comes from Feast's online store
+        feast = _feast_store(state)
+        train = weather_training_frame().sample(20000, random_state=0)
+        model = write_model(state / "model", train, max_iter=100, features=[*FEATURES, *WEATHER])
+        version = register("bench", model, feature_service="delay_model")
+        env = serving_env(BentoMLHook(), model="bench", version=version, feast_repo=feast["feast_repo"])
+    else:  # the model needs only what a request carries: no feature store
+        version = register(
+            "bench",
+            write_model(state / "model", training_frame().sample(20000, random_state=0), max_iter=100),
+        )
+        env = serving_env(BentoMLHook(), model="bench", version=version)
     service_port, baseline_port = _port(), _port()
     logs = state / "logs"
     logs.mkdir()
@@ -224,19 +331,38 @@ def bench_main(args: argparse.Namespace) -> None:
         batches = [
             {"flights": flights[i : i + args.batch_rows]} for i in range(0, len(flights), args.batch_rows)
         ]
+        service_pid, baseline_pid = procs[0].pid, procs[1].pid
         results = {
-            "baseline_single": run_load(baseline, "/predict", singles, args.clients, args.seconds),
-            "service_single": run_load(service, "/predict", singles, args.clients, args.seconds),
-            "service_batch": run_load(service, "/predict_batch", batches, args.batch_clients, args.seconds),
+            "baseline_single": run_load(
+                baseline, "/predict", singles, args.clients, args.seconds, args.load_procs, baseline_pid
+            ),
+            "service_single": run_load(
+                service, "/predict", singles, args.clients, args.seconds, args.load_procs, service_pid
+            ),
+            "service_batch_sizes": _batch_sizes(service),
+            "service_batch": run_load(
+                service, "/predict_batch", batches, args.batch_clients, args.seconds, 1, service_pid
+            ),
         }
     finally:
         for proc in procs:
             stop_tree(proc.pid, timeout=20)
+    sizes = results.pop("service_batch_sizes")
+    results["service_single"]["mean_batch"] = sizes
     results["service_batch"]["rows_per_s"] = results["service_batch"]["req_per_s"] * args.batch_rows
     single = results["service_single"]["req_per_s"]
-    print(f"{'run':<18}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
+    print(
+        f"{'run':<18}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}"
+        f"{'server CPU':>12}{'loadgen CPU':>13}"
+    )
     for name, r in results.items():
-        print(f"{name:<18}{r['req_per_s']:>10.1f}{r['p50_ms']:>10.1f}{r['p99_ms']:>10.1f}{r['errors']:>8}")
+        print(
+            f"{name:<18}{r['req_per_s']:>10.1f}{r['p50_ms']:>10.1f}{r['p99_ms']:>10.1f}{r['errors']:>8}"
+            f"{r['server_cpu']:>11.0%}{r['loadgen_cpu']:>12.0%}"
+        )
+    print("(CPU: share of one core, measured over the window; the machine has", os.cpu_count(), "cores)")
+    print(f"single-row requests per feature lookup + model call in the service: {sizes:.1f} on average")
+    print(f"features: {args.features}; load average after the run: {os.getloadavg()[0]:.1f}")
     print(
         f"single-row req/s, service / baseline: {single / results['baseline_single']['req_per_s']:.2f}x "
         f"(target >= 1.5x), service p99 {results['service_single']['p99_ms']:.0f} ms (target <= 100 ms)"
@@ -259,12 +385,20 @@ def main() -> None:
     load.add_argument("--clients", type=int, default=32)
     load.add_argument("--seconds", type=float, default=15)
     load.add_argument("--warmup", type=float, default=3)
+    load.add_argument("--start-at", type=float, required=True)
     base = sub.add_parser("baseline")
     base.add_argument("--port", type=int, required=True)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--batch-rows", type=int, default=100)
     parser.add_argument("--batch-clients", type=int, default=8)
+    parser.add_argument("--load-procs", type=int, default=1, help="load-generator processes (single rows)")
+    parser.add_argument(
+        "--features",
+        choices=["request", "feast"],
+        default="request",
+        help="request: the model uses request features only; feast: also the weather from Feast's online store",
+    )
     args = parser.parse_args()
     {"load": load_main, "baseline": baseline_main}.get(args.command, bench_main)(args)
 

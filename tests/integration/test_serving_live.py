@@ -3,16 +3,20 @@
 One deployment is shared by the whole module (the server starts take most of the time): version A is
 built into a Bento and deployed; the tests talk HTTP to it, fuzz it, switch to version B under a steady
 stream of requests, roll back, and try to serve a tampered model. The models only use features a
-request carries (carrier, origin, hour, distance, month), so no feature store is contacted here.
+request carries (carrier, origin, hour, distance, month), so no feature store is contacted by them.
+The last test serves a model that also needs the weather at the departure airport, which the service reads
+from Feast's online store (the real feature repository, materialized from the real 2013 weather).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +27,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
-from serving.models import FEATURES, register, training_frame, write_model
+from serving.models import FEATURES, WEATHER, register, training_frame, weather_training_frame, write_model
 
 from airflow_mlops.hooks.bentoml import BentoMLHook, ModelIntegrityError
 from airflow_mlops.ml.service import Flight, request_features
@@ -390,3 +394,150 @@ def test_a_tampered_model_is_refused_and_the_live_version_keeps_serving(live, tm
         stop_tree(backend["pid"], timeout=15)
     answer = live.client.post("/predict", json={"flight": _flights(1)[0]})
     assert answer.status_code == 200 and answer.json()["model_version"] == live.versions["a"]
+
+
+# ---------------------------------------------------------------------------------------- with Feast
+FEAST_MODEL = "serving_feast_it"
+
+
+def _online_weather(repo: Path, origins: list[str]) -> dict[str, dict[str, float]]:
+    """What Feast's online store holds now for each departure airport, read with Feast itself."""
+    from feast import FeatureStore
+
+    from airflow_mlops.hooks.feast import FeastHook
+
+    store: FeatureStore = FeastHook(repo_path=str(repo)).store
+    answer = store.get_online_features(
+        features=[f"weather_hourly:{f}" for f in WEATHER], entity_rows=[{"origin": o} for o in origins]
+    ).to_dict()
+    return {o: {f: answer[f][i] for f in WEATHER} for i, o in enumerate(answer["origin"])}
+
+
+def _materialize_weather(repo: Path, start: str, end: str) -> None:
+    """Write the real weather of [start, end] into the online store (the latest hour per airport wins)."""
+    from airflow_mlops.hooks.feast import FeastHook
+
+    FeastHook(repo_path=str(repo)).materialize(
+        datetime.fromisoformat(start), datetime.fromisoformat(end), ["weather_hourly"]
+    )
+
+
+@pytest.fixture(scope="module")
+def feast_live(feast_data, tmp_path_factory):
+    """A ``bentoml serve`` of a model that needs online weather features from Feast's online store.
+
+    The Feast registry and online store are a copy of the session's (this module rewrites the online
+    rows; other modules keep theirs), materialized from the real 2013 weather of 2013-05-01.
+    """
+    import shutil
+
+    from airflow_mlops.operators.serving import serving_env, start_detached, stop_tree
+
+    state = tmp_path_factory.mktemp("serving-feast-state")
+    shutil.copytree(feast_data.settings.state_dir / "feast", state / "feast")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AIRFLOW__MLOPS__STATE_DIR", str(state))
+        env.setenv("MLOPS_FEAST_DIR", str(state / "feast"))
+        env.setenv("MLOPS_OFFLINE_ROOT", feast_data.env["MLOPS_OFFLINE_ROOT"])
+        _materialize_weather(feast_data.repo, "2013-05-01T00:00:00+00:00", "2013-05-01T12:00:00+00:00")
+        train = weather_training_frame().sample(20000, random_state=3)
+        version = register(
+            FEAST_MODEL,
+            write_model(state / "model", train, max_iter=60, features=[*FEATURES, *WEATHER]),
+            feature_service="delay_model",
+        )
+        hook = BentoMLHook()
+        port = free_port()
+        pid = start_detached(
+            [
+                str(Path(sys.executable).with_name("bentoml")),
+                "serve",
+                "airflow_mlops.ml.service:ModelService",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            serving_env(
+                hook,
+                model=FEAST_MODEL,
+                version=version,
+                feast_repo=str(feast_data.repo),
+                log_flush_seconds="0.5",
+            ),
+            state / "logs" / "serve.log",
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 180
+            while not probe(url, "/readyz")[0]:
+                log = (state / "logs" / "serve.log").read_text()
+                assert time.monotonic() < deadline and "Not serving model" not in log, log[-3000:]
+                time.sleep(1)
+            yield SimpleNamespace(
+                url=url,
+                version=version,
+                repo=feast_data.repo,
+                state=state,
+                predictor=hook.load(FEAST_MODEL, version),
+            )
+        finally:
+            stop_tree(pid, timeout=20)
+
+
+def _expected_with(predictor, flights: list[dict], online: dict[str, dict[str, float]]) -> np.ndarray:
+    """What the registered model answers for ``flights`` given the online weather ``online``."""
+    rows = []
+    for flight in flights:
+        row = request_features(Flight.model_validate(flight))
+        rows.append({**{k: row[k] for k in FEATURES}, **online[flight["origin"]]})
+    return predictor.predict(rows)
+
+
+def test_features_come_from_the_feast_online_store_and_follow_it(feast_live):
+    ready = httpx.get(feast_live.url + "/ready", timeout=10).json()
+    assert ready["ready"] and ready["version"] == feast_live.version
+    assert ready["feature_lookup"] == "Feast feature service 'delay_model'"
+    flights = [f for f in _flights(60, seed=11) if f["origin"] in ("EWR", "JFK", "LGA")][:30]
+    origins = sorted({f["origin"] for f in flights})
+
+    before = _online_weather(feast_live.repo, origins)
+    assert all(v is not None for values in before.values() for v in values.values()), before
+    with httpx.Client(base_url=feast_live.url, timeout=30) as client:
+        batch = client.post("/predict_batch", json={"flights": flights})
+        assert batch.status_code == 200, batch.text
+        assert {a["model_version"] for a in batch.json()} == {feast_live.version}
+        got = [a["delay_probability"] for a in batch.json()]
+        np.testing.assert_allclose(got, _expected_with(feast_live.predictor, flights, before), rtol=1e-9)
+        single = client.post("/predict", json={"flight": flights[0]}).json()
+        assert single["model_version"] == feast_live.version
+        assert single["delay_probability"] == pytest.approx(got[0], rel=1e-9)
+
+        # new weather reaches the online store (the next materialization): the same flights get the
+        # answers of the new features, without a restart
+        _materialize_weather(feast_live.repo, "2013-05-01T12:00:00+00:00", "2013-05-02T06:00:00+00:00")
+        after = _online_weather(feast_live.repo, origins)
+        assert after != before
+        again = client.post("/predict_batch", json={"flights": flights}).json()
+        now = [a["delay_probability"] for a in again]
+        np.testing.assert_allclose(now, _expected_with(feast_live.predictor, flights, after), rtol=1e-9)
+        assert now != got, "the answers follow the online features"
+        singles = [client.post("/predict", json={"flight": f}).json() for f in flights[:5]]
+        assert [a["delay_probability"] for a in singles] == pytest.approx(now[:5], rel=1e-9)
+
+    # the prediction log says which online features each answer used
+    root = feast_live.state / "artifacts" / "predictions" / FEAST_MODEL
+    deadline = time.monotonic() + 15
+    logged: list[dict] = []
+    while time.monotonic() < deadline and len(logged) < 2 * len(flights):
+        logged = [
+            json.loads(line)
+            for part in sorted(root.glob("date=*/part-*.jsonl"))
+            for line in part.read_text().splitlines()
+        ]
+        time.sleep(0.3)
+    first = next(
+        r for r in logged if r["inputs"] == Flight.model_validate(flights[0]).model_dump(mode="json")
+    )
+    assert first["version"] == feast_live.version
+    assert {k: first["features"][k] for k in WEATHER} == pytest.approx(before[flights[0]["origin"]])

@@ -89,3 +89,16 @@ def register(name: str, folder: Path, feature_service: str | None = None) -> str
         name, folder, {"metrics": {}, "feature_service": feature_service, "dag_run_id": "test"}
     )
     return record["version"]
+
+
+#: weather at the departure airport and hour: the Feast feature view ``weather_hourly`` serves them online
+WEATHER = ["temp", "wind_speed", "visib", "precip", "humid"]
+
+
+def weather_training_frame(months: tuple[int, ...] = (1, 2, 3)) -> Any:
+    """``training_frame`` joined with the real hourly weather at the departure airport (what Feast's
+    point-in-time join of ``weather_hourly`` gives for the same flights)."""
+    from airflow_mlops.demo.data import read_table
+
+    weather = read_table("weather")[["origin", "time_hour", *WEATHER]]
+    return training_frame(months).merge(weather, on=["origin", "time_hour"], how="left")

@@ -1,0 +1,131 @@
+"""The single-row batcher and the model thread cap of the Bento service, without a server."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from bentoml.exceptions import ServiceUnavailable
+
+from airflow_mlops.ml.service import MicroBatcher, limit_model_threads
+
+
+@pytest.fixture
+def executor():
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield pool
+
+
+def test_concurrent_requests_share_one_call_and_each_gets_its_own_answer(executor):
+    calls: list[list[int]] = []
+
+    def handler(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        time.sleep(0.05)  # a model call: the requests arriving meanwhile wait for the next one
+        return [i * 10 for i in items]
+
+    batcher = MicroBatcher(handler, executor, max_batch_size=64)
+
+    async def main() -> list[int]:
+        return await asyncio.gather(*(batcher.submit(i) for i in range(40)))
+
+    assert asyncio.run(main()) == [i * 10 for i in range(40)]
+    assert sorted(i for call in calls for i in call) == list(range(40))
+    assert len(calls) <= 2, f"40 concurrent requests took {len(calls)} calls"
+    assert batcher.batches == len(calls) and batcher.items == 40
+
+
+def test_a_lone_request_is_answered_without_waiting_for_company(executor):
+    batcher = MicroBatcher(lambda items: [x + 1 for x in items], executor)
+
+    async def main() -> tuple[int, float]:
+        started = time.perf_counter()
+        answer = await batcher.submit(1)
+        return answer, time.perf_counter() - started
+
+    answer, took = asyncio.run(main())
+    assert answer == 2 and took < 0.5
+
+
+def test_batches_never_exceed_the_maximum_size(executor):
+    sizes: list[int] = []
+
+    def handler(items: list[int]) -> list[int]:
+        sizes.append(len(items))
+        time.sleep(0.01)
+        return items
+
+    batcher = MicroBatcher(handler, executor, max_batch_size=8, observe=lambda n: None)
+
+    async def main() -> list[int]:
+        return await asyncio.gather(*(batcher.submit(i) for i in range(50)))
+
+    assert asyncio.run(main()) == list(range(50))
+    assert max(sizes) <= 8 and sum(sizes) == 50
+
+
+def test_a_failing_call_fails_its_requests_and_the_batcher_keeps_serving(executor):
+    def handler(items: list[int]) -> list[int]:
+        if 13 in items:
+            raise ServiceUnavailable("feature store down")
+        return items
+
+    observed: list[int] = []
+    batcher = MicroBatcher(handler, executor, observe=observed.append)
+
+    async def main() -> int:
+        with pytest.raises(ServiceUnavailable, match="feature store down"):
+            await batcher.submit(13)
+        return await batcher.submit(7)
+
+    assert asyncio.run(main()) == 7
+    assert observed == [1], "only the successful batch is counted"
+
+
+def test_a_handler_answering_the_wrong_number_of_rows_is_an_error_not_a_hang(executor):
+    batcher = MicroBatcher(lambda items: [], executor)
+
+    async def main() -> None:
+        await asyncio.wait_for(batcher.submit(1), timeout=5)
+
+    with pytest.raises(RuntimeError, match="0 answers for 1 requests"):
+        asyncio.run(main())
+
+
+def test_too_many_waiting_requests_are_refused_at_once(executor):
+    release = threading.Event()
+
+    def handler(items: list[int]) -> list[int]:
+        release.wait(5)
+        return items
+
+    batcher = MicroBatcher(
+        handler, executor, max_waiting=2, overloaded=lambda: ServiceUnavailable("overloaded; retry")
+    )
+
+    async def main() -> list[object]:
+        first = asyncio.ensure_future(batcher.submit(0))
+        await asyncio.sleep(0.05)  # the first call is running; the next two wait
+        waiting = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2)]
+        await asyncio.sleep(0)
+        with pytest.raises(ServiceUnavailable, match="overloaded"):
+            await batcher.submit(3)
+        release.set()
+        return await asyncio.gather(first, *waiting)
+
+    assert asyncio.run(main()) == [0, 1, 2]
+
+
+def test_model_calls_are_capped_to_the_configured_threads_in_the_calling_thread(executor):
+    import sklearn.ensemble  # noqa: F401  loads the OpenMP runtime
+    from threadpoolctl import threadpool_info
+
+    def openmp_threads() -> set[int]:
+        limit_model_threads(1)
+        limit_model_threads(1)  # set once per thread; calling again changes nothing
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "openmp"}
+
+    assert executor.submit(openmp_threads).result() == {1}
