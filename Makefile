@@ -36,7 +36,7 @@ $(AIRFLOW_HOME)/airflow.db: $(BIN)/.installed
 	$(BIN)/airflow db migrate > $(STATE)/db-migrate.log 2>&1 || (tail -n 30 $(STATE)/db-migrate.log; exit 1)
 
 prepare: $(AIRFLOW_HOME)/airflow.db
-	$(BIN)/python -m airflow_mlops.demo prepare
+	$(BIN)/python -m airflow_mlops.demo prepare --cadence weekly
 
 demo: $(AIRFLOW_HOME)/airflow.db
 	$(BIN)/python -m airflow_mlops.demo run

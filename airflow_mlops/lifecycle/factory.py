@@ -289,7 +289,11 @@ registers the repository, and the materialize tasks load the days' feature value
             )
         if steps:
             steps >> apply
-        apply >> loads
+        # one after the other: materializations write the Feast file registry (a race leaves views
+        # "MATERIALIZING" or entities missing for the training sets)
+        apply >> loads[0]
+        for before, after in zip(loads, loads[1:], strict=False):
+            before >> after
     return dag
 
 
@@ -346,7 +350,11 @@ window to the `train_days` before that; otherwise the params' days are used.
 """,
     ) as dag:
         gate = RetrainingGateOperator(
-            task_id="retraining_gate", model_name=spec.model, cooldown_days=spec.monitoring.cooldown_days
+            task_id="retraining_gate",
+            model_name=spec.model,
+            cooldown_days=spec.monitoring.cooldown_days,
+            # a run by hand trains up to its holdout's end: later drift events' cooldown counts from there
+            data_time=window("holdout_end"),
         )
         common = {
             "repo_path": repo,

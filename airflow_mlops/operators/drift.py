@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -976,18 +976,29 @@ class RetrainingGateOperator(BaseOperator):
     :param model_name: model whose retrainings are gated (templated).
     :param cooldown_days: at most one retraining per this many days of data time (templated).
     :param state_dir: folder of the retraining state; default ``<[mlops] state_dir>/retraining`` (templated).
+    :param data_time: the data time a run without a triggering event trains up to (ISO date or
+        timestamp, e.g. the end of its holdout window); the cooldown of later drift events counts from
+        it. Default: the run's logical date, which for a run triggered by hand is the wall-clock time
+        (templated).
     """
 
-    template_fields: Sequence[str] = ("model_name", "cooldown_days", "state_dir")
+    template_fields: Sequence[str] = ("model_name", "cooldown_days", "state_dir", "data_time")
     ui_color = "#f0d8d8"
 
     def __init__(
-        self, *, model_name: str, cooldown_days: float | str = 7, state_dir: str | None = None, **kwargs: Any
+        self,
+        *,
+        model_name: str,
+        cooldown_days: float | str = 7,
+        state_dir: str | None = None,
+        data_time: str | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.model_name = model_name
         self.cooldown_days = cooldown_days
         self.state_dir = state_dir
+        self.data_time = data_time
 
     def execute(self, context: Context) -> dict[str, Any]:
         from pathlib import Path
@@ -1006,6 +1017,16 @@ class RetrainingGateOperator(BaseOperator):
         folder = Path(self.state_dir) if self.state_dir else ArtifactStore().settings.state_dir / "retraining"
         events = events_from_context(context.get("triggering_asset_events"))
         logical = context.get("logical_date") or context.get("data_interval_end")
+        if self.data_time:
+            try:
+                logical = datetime.fromisoformat(str(self.data_time).strip())
+            except ValueError:
+                raise MLOpsArgumentError(
+                    f"data_time {self.data_time!r} is not an ISO date or timestamp.",
+                    fix="pass e.g. '2013-04-01' or '2013-04-01T00:00:00+00:00'.",
+                ) from None
+            if logical.tzinfo is None:
+                logical = logical.replace(tzinfo=UTC)
         decision = gate(
             RetrainingState(folder, self.model_name),
             events,

@@ -39,6 +39,9 @@ def test_the_reference_spec_builds_four_wired_dags():
         "publish_planes",
         "daily_stats",
     }
+    # materializations run one after the other (they write the Feast file registry)
+    assert features.task_dict["materialize_planes"].upstream_task_ids == {"materialize"}
+    assert train.task_dict["retraining_gate"].data_time.endswith("['holdout_end'] }}")
     daily_stats = features.task_dict["daily_stats"]
     assert daily_stats.start_day == "{{ feature_window(triggering_asset_events, dag_run).first }}"
     assert [a.name for a in train.timetable.asset_condition.objects] == ["flight_delay_drift"]

@@ -385,3 +385,31 @@ def test_drift_to_retrained_timeline_from_airflow_records() -> None:
     assert result["served"] is True
     pending = timeline(event, landed_at=None, train_run=run, served=None)
     assert pending["served"] is False and set(pending["seconds"].values()) == {None}
+
+
+def test_a_run_by_hand_starts_its_cooldown_at_its_data_time_not_the_wall_clock(tmp_path: Path) -> None:
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    manual = RetrainingGateOperator(
+        task_id="gate",
+        model_name="flight_delay",
+        cooldown_days=60,
+        state_dir=str(tmp_path),
+        data_time="2013-04-01",
+    )
+    # triggered by hand today: the logical date is the wall clock, the data trained on ends 2013-04-01
+    assert manual.execute(
+        {"run_id": "manual", "triggering_asset_events": {}, "logical_date": datetime.now(UTC)}
+    )
+    # a drift event in July 2013 is past the 60-day cooldown counted from April, so it retrains
+    assert _run_gate(tmp_path, "drift-july", [_event(10, event_id="drift-july")], cooldown=60) is not None
+    with pytest.raises(AirflowSkipException, match="cooldown"):
+        RetrainingGateOperator(
+            task_id="gate", model_name="flight_delay", cooldown_days=60, state_dir=str(tmp_path)
+        ).execute(
+            {
+                "run_id": "drift-again",
+                "triggering_asset_events": {DRIFT: [_event(20, event_id="drift-later")]},
+                "logical_date": datetime(2013, 7, 21, tzinfo=UTC),
+            }
+        )

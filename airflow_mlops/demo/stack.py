@@ -1,0 +1,553 @@
+"""The demo's Airflow: the real components as subprocesses, and a small client for their REST API.
+
+:class:`AirflowStack` starts ``airflow api-server``, ``scheduler``, ``dag-processor`` and ``triggerer``
+on one ``AIRFLOW_HOME`` (SQLite, LocalExecutor: what ``airflow standalone`` runs), each in a process
+group of its own with its output in ``<logs>/<component>.log``; it waits until ``/api/v2/monitor/health``
+reports every component healthy and stops the whole process trees again (executor workers and task
+processes included) when the ``with`` block ends, also on Ctrl-C or SIGTERM.
+
+The demo's own components run with ``SIMPLE_AUTH_MANAGER_ALL_ADMINS`` (set in their environment only),
+so the REST client needs no token; ``make ui`` afterwards keeps the usual login with the generated
+admin password.
+
+:class:`AirflowClient` is the part of ``/api/v2`` the demo drives: pause state, triggered runs and
+backfills, waiting for runs (a failure raises :class:`AirflowRunFailed` with the failed tasks' log
+tails), task instances, XCom values and Asset events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from airflow_mlops.exceptions import MLOpsError
+
+if TYPE_CHECKING:
+    import httpx
+
+#: SQLite connect arguments of the demo's components: four components and their task processes write one
+#: database file on a loaded machine, and the default busy timeout (5 s) makes a writer give up with
+#: "database is locked". ``[database] sql_alchemy_connect_args`` names an importable object, so the stack
+#: writes this module into ``<home>/demo-python`` and puts that folder on ``PYTHONPATH`` (a module of its
+#: own: processes the tasks start, e.g. ``bentoml build`` in a build context holding a partial copy of
+#: ``airflow_mlops``, import it too).
+SQLITE_CONNECT_MODULE = "mlops_demo_sqlite"
+SQLITE_CONNECT_ARGS = {"timeout": 60}
+
+COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+FINISHED = ("success", "failed")
+
+
+class AirflowStackError(MLOpsError):
+    """The demo's Airflow components did not start, or a REST call was refused."""
+
+
+class AirflowRunFailed(AirflowStackError):
+    """A DAG run ended ``failed``; the message carries the failed tasks and their log tails."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tail(path: Path, chars: int = 2500) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+@dataclass
+class AirflowStack:
+    """The four Airflow components on ``home`` with the LocalExecutor, as a context manager.
+
+    :param home: ``AIRFLOW_HOME`` (its ``airflow.db`` must be migrated: ``airflow db migrate``).
+    :param logs: folder for ``<component>.log``.
+    :param dags_folder: the DAG files to parse; default ``[core] dags_folder`` from the environment.
+    :param env: extra environment for the components (e.g. ``AIRFLOW__MLOPS__STATE_DIR``).
+    :param parallelism: task slots of the LocalExecutor (the machine has two cores).
+    :param port: the API server's port; default a free one.
+    """
+
+    home: Path
+    logs: Path
+    dags_folder: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    parallelism: int = 4
+    port: int = 0
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
+    client: AirflowClient | None = field(default=None, init=False)
+
+    @property
+    def python_dir(self) -> Path:
+        return self.home / "demo-python"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def environment(self) -> dict[str, str]:
+        """What the components run with: the caller's environment, the demo's settings, ``env``."""
+        dags = self.dags_folder or os.environ.get("AIRFLOW__CORE__DAGS_FOLDER")
+        env = {
+            **os.environ,
+            "AIRFLOW_HOME": str(self.home),
+            **({"AIRFLOW__CORE__DAGS_FOLDER": str(dags)} if dags else {}),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": str(self.parallelism),
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+            "AIRFLOW__CORE__DEFAULT_TASK_RETRIES": "0",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__API__BASE_URL": self.url,
+            # one secret for every component of this start (tasks' tokens are checked by the API server)
+            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+            "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "True",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
+            "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
+            # the DAG files do not change while the demo runs: parse them every 2 minutes, not every 30 s
+            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "120",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": f"{SQLITE_CONNECT_MODULE}.CONNECT_ARGS",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(self.python_dir), os.environ.get("PYTHONPATH")])),
+            # the log servers on ports of their own (the defaults may be taken, e.g. by `make ui`)
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+            **self.env,
+        }
+        return env
+
+    # ------------------------------------------------------------------------------ start / stop
+    def start(self, timeout: float = 240) -> AirflowClient:
+        """Start the components and wait until the API server reports them all healthy."""
+        if not (self.home / "airflow.db").exists():
+            raise AirflowStackError(
+                f"no Airflow metadata database in {self.home}.",
+                fix=f"run `AIRFLOW_HOME={self.home} airflow db migrate` first (`make demo` does).",
+            )
+        self.port = self.port or free_port()
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.python_dir.mkdir(parents=True, exist_ok=True)
+        (self.python_dir / f"{SQLITE_CONNECT_MODULE}.py").write_text(
+            f'"""Written by airflow_mlops.demo.stack: SQLite connect arguments."""\n\nCONNECT_ARGS = {SQLITE_CONNECT_ARGS!r}\n'
+        )
+        env = self.environment()
+        airflow = str(Path(sys.executable).with_name("airflow"))
+        commands = {
+            "api-server": ["api-server", "-H", "127.0.0.1", "-p", str(self.port), "-w", "1"],
+            "scheduler": ["scheduler"],
+            "dag-processor": ["dag-processor"],
+            "triggerer": ["triggerer"],
+        }
+        for name in COMPONENTS:
+            with open(self.logs / f"{name}.log", "ab") as log:
+                self.processes[name] = subprocess.Popen(
+                    [airflow, *commands[name]],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.home,
+                    start_new_session=True,  # a group of its own: Ctrl-C reaches us, we stop the tree
+                )
+        self.client = AirflowClient(f"{self.url}/api/v2", on_timeout=self.log_tails)
+        self.client.wait("the Airflow components to report healthy", self._healthy, timeout)
+        return self.client
+
+    def _healthy(self) -> bool:
+        for name, process in self.processes.items():
+            if process.poll() is not None:
+                raise AirflowStackError(
+                    f"airflow {name} exited with code {process.returncode} while starting.\n"
+                    f"{self.logs / f'{name}.log'}:\n{_tail(self.logs / f'{name}.log')}",
+                    fix="read the log above; a port in use or an unmigrated database are the usual causes.",
+                )
+        assert self.client is not None
+        try:
+            health = self.client.get("/monitor/health")
+        except (AirflowStackError, OSError):
+            return False
+        except Exception as err:  # httpx transport errors while the server starts
+            if type(err).__module__.startswith("httpx"):
+                return False
+            raise
+        return all((health.get(part) or {}).get("status") == "healthy" for part in health)
+
+    def log_tails(self) -> str:
+        return "\n".join(
+            f"--- {self.logs / f'{n}.log'}\n{_tail(self.logs / f'{n}.log')}" for n in self.processes
+        )
+
+    def alive(self) -> list[int]:
+        """Pids of live processes in the components' process groups (zombies aside)."""
+        import psutil
+
+        groups = {p.pid for p in self.processes.values()}
+        alive = []
+        for proc in psutil.process_iter():
+            try:
+                if os.getpgid(proc.pid) in groups and proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(proc.pid)
+            except (ProcessLookupError, psutil.Error):
+                pass
+        return alive
+
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM every component's process group, SIGKILL what is left after ``timeout``."""
+        if self.client is not None:
+            self.client.close()
+        groups = [p.pid for p in self.processes.values()]
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while self.alive() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signal.SIGKILL)
+        for process in self.processes.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while self.alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def __enter__(self) -> AirflowClient:
+        self._previous_sigterm = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm(signum: int, frame: FrameType | None) -> None:
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        if _main_thread():
+            signal.signal(signal.SIGTERM, on_sigterm)
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            self._restore_sigterm()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        # a second Ctrl-C while stopping must not leave the components running
+        previous_sigint = signal.getsignal(signal.SIGINT)
+        if _main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            self.stop()
+        finally:
+            if _main_thread():
+                signal.signal(signal.SIGINT, previous_sigint)
+            self._restore_sigterm()
+
+    def _restore_sigterm(self) -> None:
+        if _main_thread():
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _iso(value: datetime | str) -> str:
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.isoformat()
+
+
+class AirflowClient:
+    """The calls of Airflow's REST API (``/api/v2``) the demo makes.
+
+    :param base_url: ``http://host:port/api/v2``.
+    :param token: a bearer token (not needed when the API server runs with all-admins simple auth).
+    :param on_timeout: returns text appended to a timeout error (e.g. the components' log tails).
+    """
+
+    def __init__(
+        self, base_url: str, token: str | None = None, on_timeout: Callable[[], str] | None = None
+    ) -> None:
+        self.base_url = base_url
+        self.token = token
+        self.on_timeout = on_timeout
+
+    @property
+    def http(self) -> httpx.Client:
+        client = self.__dict__.get("_http")
+        if client is None:
+            import httpx
+
+            headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+            client = self.__dict__["_http"] = httpx.Client(
+                base_url=self.base_url, timeout=60, headers=headers
+            )
+        return client
+
+    def close(self) -> None:
+        client = self.__dict__.pop("_http", None)
+        if client is not None:
+            client.close()
+
+    # ------------------------------------------------------------------------------ plumbing
+    def request(self, method: str, path: str, *, ok: tuple[int, ...] = (200, 201), **kwargs: Any) -> Any:
+        response = self.http.request(method, path, **kwargs)
+        if response.status_code not in ok:
+            raise AirflowStackError(
+                f"{method} /api/v2{path} answered {response.status_code}: {response.text[:1500]}",
+                fix="see the API server's log in the demo's logs folder.",
+            )
+        return response.json() if response.content else None
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params={k: v for k, v in params.items() if v is not None})
+
+    def wait(self, what: str, probe: Callable[[], Any], timeout: float, interval: float = 1.0) -> Any:
+        """Poll ``probe`` until it returns something truthy; raise after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = probe()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                extra = self.on_timeout() if self.on_timeout else ""
+                raise AirflowStackError(
+                    f"timed out after {timeout:.0f} s waiting for {what}.\n{extra}",
+                    fix="the machine may be overloaded; see the components' logs.",
+                )
+            time.sleep(interval)
+
+    def _all(self, path: str, key: str, **params: Any) -> list[dict]:
+        items: list[dict] = []
+        while True:
+            body = self.get(path, limit=100, offset=len(items), **params)
+            page = list(body[key])
+            items.extend(page)
+            if not page or len(items) >= body.get("total_entries", 0):
+                return items
+
+    # ------------------------------------------------------------------------------ DAGs and runs
+    def dag(self, dag_id: str) -> dict | None:
+        response = self.http.get(f"/dags/{dag_id}")
+        return response.json() if response.status_code == 200 else None
+
+    def import_errors(self) -> list[dict]:
+        return self._all("/importErrors", "import_errors")
+
+    def unpause(self, dag_id: str) -> dict:
+        return self.request("PATCH", f"/dags/{dag_id}", json={"is_paused": False})
+
+    def trigger(
+        self,
+        dag_id: str,
+        *,
+        run_id: str | None = None,
+        logical_date: datetime | str | None = None,
+        data_interval: tuple[datetime | str, datetime | str] | None = None,
+        conf: dict | None = None,
+    ) -> dict:
+        """Trigger a run; without ``data_interval`` the DAG's timetable infers it from ``logical_date``."""
+        body: dict[str, Any] = {
+            "logical_date": _iso(logical_date) if logical_date else None,
+            "conf": conf or {},
+        }
+        if run_id:
+            body["dag_run_id"] = run_id
+        if data_interval:
+            body["data_interval_start"], body["data_interval_end"] = map(_iso, data_interval)
+        return self.request("POST", f"/dags/{dag_id}/dagRuns", json=body)
+
+    def backfill(
+        self,
+        dag_id: str,
+        from_date: datetime | str,
+        to_date: datetime | str,
+        *,
+        max_active_runs: int = 4,
+        reprocess_behavior: str = "failed",
+        conf: dict | None = None,
+    ) -> dict:
+        """Have the scheduler run ``dag_id`` for every data interval whose start lies in [from, to].
+
+        On SQLite the API server refuses to create a backfill while another writer holds the database
+        (503 "Database is locked"): the call is tried again for up to two minutes.
+        """
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                return self._post_backfill(
+                    dag_id, from_date, to_date, max_active_runs, reprocess_behavior, conf
+                )
+            except AirflowStackError as err:
+                if "answered 503" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(3)
+
+    def _post_backfill(
+        self,
+        dag_id: str,
+        from_date: datetime | str,
+        to_date: datetime | str,
+        max_active_runs: int,
+        reprocess_behavior: str,
+        conf: dict | None,
+    ) -> dict:
+        return self.request(
+            "POST",
+            "/backfills",
+            json={
+                "dag_id": dag_id,
+                "from_date": _iso(from_date),
+                "to_date": _iso(to_date),
+                "max_active_runs": max_active_runs,
+                "reprocess_behavior": reprocess_behavior,
+                "dag_run_conf": conf or {},
+            },
+        )
+
+    def active_backfills(self, dag_id: str) -> list[dict]:
+        """Backfills of ``dag_id`` that have not completed (an interrupted demo leaves one behind)."""
+        return [b for b in self._all("/backfills", "backfills", dag_id=dag_id) if not b["completed_at"]]
+
+    def backfill_state(self, backfill_id: int) -> dict:
+        return self.get(f"/backfills/{backfill_id}")
+
+    def runs(self, dag_id: str, **filters: Any) -> list[dict]:
+        """Runs of ``dag_id``, oldest logical date first (filters: ``state``, ``run_type``, ...)."""
+        return self._all(f"/dags/{dag_id}/dagRuns", "dag_runs", order_by="id", **filters)
+
+    def run(self, dag_id: str, run_id: str) -> dict:
+        return self.get(f"/dags/{dag_id}/dagRuns/{run_id}")
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
+        return self._all(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", "task_instances")
+
+    def task_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
+        return {ti["task_id"]: ti["state"] for ti in self.task_instances(dag_id, run_id)}
+
+    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int, lines: int = 30) -> str:
+        """The last ``lines`` lines of a task try's log."""
+        body = self.request(
+            "GET",
+            f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{max(1, try_number)}",
+            params={"full_content": "true"},
+            headers={"Accept": "application/json"},
+        )
+        out: list[str] = []
+        for item in body.get("content") or []:
+            if isinstance(item, dict):
+                text = " ".join(str(item[k]) for k in ("timestamp", "level", "event") if item.get(k))
+                for detail in item.get("error_detail") or []:
+                    if isinstance(detail, dict):
+                        text += f"\n  {detail.get('exc_type')}: {detail.get('exc_value')}"
+                out.append(text)
+            else:
+                out.extend(str(item).splitlines())
+        return "\n".join(out[-lines:])
+
+    def failure_report(self, dag_id: str, run_id: str) -> str:
+        """Each failed task of a run with the tail of its log."""
+        parts = []
+        for ti in self.task_instances(dag_id, run_id):
+            if ti["state"] == "failed":
+                try:
+                    log = self.task_log(dag_id, run_id, ti["task_id"], ti.get("try_number") or 1)
+                except AirflowStackError as err:
+                    log = f"(log not readable: {err})"
+                parts.append(f"--- task {ti['task_id']} failed; log tail:\n{log}")
+        return "\n".join(parts) or "(no task failed; the run itself was marked failed)"
+
+    def wait_run(self, dag_id: str, run_id: str, timeout: float = 900, *, check: bool = True) -> dict:
+        """Wait until a run has finished; with ``check`` a failed run raises :class:`AirflowRunFailed`."""
+
+        def done() -> dict | None:
+            run = self.run(dag_id, run_id)
+            return run if run["state"] in FINISHED else None
+
+        run = self.wait(f"{dag_id} run {run_id} to finish", done, timeout)
+        if check and run["state"] != "success":
+            raise AirflowRunFailed(
+                f"{dag_id} run {run_id} failed.\n{self.failure_report(dag_id, run_id)}",
+                fix="open the run in the Airflow UI (`make ui`), fix the cause, then clear the run.",
+            )
+        return run
+
+    def clear_failed(self, dag_id: str, run_id: str) -> list[str]:
+        """Clear the failed tasks of a run (and what follows them) so the scheduler runs them again."""
+        return self.clear(dag_id, run_id)
+
+    def clear(self, dag_id: str, run_id: str, task_ids: list[str] | None = None) -> list[str]:
+        """Clear tasks of a run: ``task_ids`` (and what follows them), or else its failed tasks."""
+        body = {
+            "dry_run": False,
+            "only_failed": task_ids is None,
+            "dag_run_id": run_id,
+            "include_downstream": True,
+        }
+        if task_ids is not None:
+            body["task_ids"] = task_ids
+        cleared = self.request("POST", f"/dags/{dag_id}/clearTaskInstances", json=body)
+        return sorted({ti["task_id"] for ti in cleared.get("task_instances", [])})
+
+    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
+        """A task's XCom value (None when the task pushed nothing)."""
+        response = self.http.get(
+            f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}",
+            params={"deserialize": "true", "stringify": "false"},
+        )
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise AirflowStackError(
+                f"XCom {key} of {dag_id}/{run_id}/{task_id} answered {response.status_code}: "
+                f"{response.text[:500]}",
+                fix="see the API server's log.",
+            )
+        value = response.json()["value"]
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return json.loads(value)
+        return value
+
+    # ------------------------------------------------------------------------------ Assets
+    def asset_id(self, name: str) -> int | None:
+        assets = self.get("/assets", name_pattern=name)["assets"]
+        return next((a["id"] for a in assets if a["name"] == name), None)
+
+    def asset_events(self, name: str) -> list[dict]:
+        """Events of the Asset named ``name``, oldest first (``extra``, ``source_*``, ``created_dagruns``)."""
+        asset_id = self.asset_id(name)
+        if asset_id is None:
+            return []
+        return self._all("/assets/events", "asset_events", asset_id=asset_id, order_by="timestamp")
+
+    def queued_asset_events(self, dag_id: str) -> list[dict]:
+        """Asset events waiting to start a run of ``dag_id``."""
+        response = self.http.get(f"/dags/{dag_id}/assets/queuedEvents")
+        if response.status_code == 404:
+            return []
+        if response.status_code != 200:
+            raise AirflowStackError(
+                f"queued events of {dag_id} answered {response.status_code}: {response.text[:500]}",
+                fix="see the API server's log.",
+            )
+        return list(response.json()["queued_events"])
