@@ -743,6 +743,14 @@ class EvidentlyDriftOperator(BaseOperator):
                 f"the current window lacks the drift columns {missing} (it has {sorted(current.columns)[:30]}).",
                 fix="join the tables that hold them (joins=) or drop them from columns=.",
             )
+        empty = [c for c in specs if current[c].isna().all()]
+        if empty:
+            raise MLOpsInputError(
+                f"the drift columns {empty} have no values in the window {dates[0]}..{dates[-1]} "
+                f"({len(current)} rows of table {self.table!r}).",
+                fix="check that the tables joined for them (joins=) cover these days, or monitor a window "
+                "that has data.",
+            )
         reference = prepare_reference(source_uri, specs, self.store, aliases=aliases)
         with as_path(reference["data_uri"]).open("rb") as handle:
             reference_frame = pd.read_parquet(handle)

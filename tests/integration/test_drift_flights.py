@@ -152,6 +152,21 @@ def test_empty_window_fails_clearly(flights_store: dict[str, str]) -> None:
         run_check(flights_store, "2013-09-07", "empty")
 
 
+def test_a_window_whose_joined_weather_is_missing_names_the_empty_columns(flights_store) -> None:
+    import pandas as pd
+
+    offline = Path(flights_store["offline_root"].removeprefix("file://"))
+    july = pd.read_parquet(offline / "flights" / f"date={JULY[1]}" / "part-0.parquet")
+    july["time_hour"] = july["time_hour"] + pd.Timedelta(days=365)  # a day the weather table does not cover
+    part = offline / "flights" / "date=2014-07-21" / "part-0.parquet"
+    part.parent.mkdir(parents=True, exist_ok=True)
+    july.to_parquet(part, index=False)
+    with pytest.raises(
+        MLOpsInputError, match=r"drift columns \['temp', 'dewp'\] have no values in the window"
+    ):
+        run_check(flights_store, "2014-07-21", "no-weather")
+
+
 # ----------------------------------------------------------------------------- AUC decay
 SCHEDULE_COLUMNS = {c: FLIGHTS_DRIFT_COLUMNS[c] for c in ("hour", "distance", "carrier", "origin")}
 
