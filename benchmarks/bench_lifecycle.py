@@ -113,7 +113,7 @@ def plain() -> dict:
         return result
 
     started = time.perf_counter()
-    run("retraining_gate")
+    run("retraining_gate", data_time=bounds["holdout_end"])
     training = run("training_set", start=bounds["train_start"], end=bounds["holdout_start"])
     holdout = run("holdout_set", start=bounds["holdout_start"], end=bounds["holdout_end"])
     tuned = run("tune", training_data_uri=training["manifest_uri"])
