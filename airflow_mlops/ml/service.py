@@ -25,6 +25,8 @@ Endpoints: ``POST /predict`` (one flight), ``POST /predict_batch`` (a list of fl
 batching), ``GET /ready`` (model loaded? which version? why not?), and BentoML's ``/livez``, ``/readyz``
 (false until the model is loaded), ``/metrics`` and ``/docs.json``. Concurrent single-row requests are
 merged by a :class:`MicroBatcher`: they share one feature lookup (one Feast online read) and one model call.
+Requests time out after 30 s (504) through :class:`RequestTimeoutMiddleware`, which lets go of a request once
+it is answered.
 
 The model is loaded in the background after start with :meth:`BentoMLHook.load`, so its recorded sha256
 is checked; a tampered model is never served (the service stays not ready and ``/ready`` says why).
@@ -481,6 +483,85 @@ async def _ready(_: Request) -> JSONResponse:
 
 
 status_app = Starlette(routes=[Route("/ready", _ready, methods=["GET"])])
+
+
+class RequestTimeoutMiddleware:
+    """The service's request timeout (``traffic={"timeout": ...}``): a request not answered in time gets a 504.
+
+    It takes the place of BentoML's own timeout middleware (see :func:`use_request_timeout_that_lets_go`),
+    which does the same but leaves each request's timer scheduled for the whole timeout after the answer has
+    gone. Every answered request then stays in memory for ``timeout`` seconds with what its timer holds
+    (a future and the request's context, tracing span included): at 800 requests/s and a 30 s timeout that is
+    about 24,000 requests, some 400,000 objects that every full garbage collection walks. Measured on the
+    benchmark service: a 100-180 ms collection about once a second, which set the p99 latency (190 ms, against
+    55 ms once the timer is cancelled with the answer).
+
+    Here the timer is cancelled as soon as the response starts (or the request ends), and on expiry the
+    request's own task is cancelled rather than a second task being started for every request.
+    """
+
+    def __init__(self, app: Any, timeout: float) -> None:
+        self.app = app
+        self.timeout = timeout
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        task = asyncio.current_task()
+        answered = expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            if not answered and task is not None:
+                expired = True
+                task.cancel()
+
+        timer = asyncio.get_running_loop().call_later(self.timeout, expire)
+
+        async def send_answer(message: dict) -> None:
+            nonlocal answered
+            if not answered:
+                answered = True
+                timer.cancel()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_answer)
+        except asyncio.CancelledError:
+            if not expired or task is None:
+                raise
+            task.uncancel()
+            response = JSONResponse(
+                {"error": f"the request was not answered within the service's {self.timeout:g} s timeout."},
+                status_code=504,
+            )
+            await response(scope, receive, send)
+        finally:
+            timer.cancel()
+
+
+def use_request_timeout_that_lets_go() -> bool:
+    """Have the BentoML server of this process time requests out with :class:`RequestTimeoutMiddleware`.
+
+    BentoML adds its timeout middleware from ``bentoml._internal.server.http.traffic`` when it builds the
+    ASGI app, after importing the service module; this puts ours in its place there. Returns False (and the
+    server keeps BentoML's own, which works, only with the latency cost above) when that module no longer
+    has it, e.g. after a BentoML upgrade that moved it.
+    """
+    try:
+        from bentoml._internal.server.http import traffic
+    except ImportError:
+        log.warning("BentoML's timeout middleware was not found; keeping it as it is")
+        return False
+    if not isinstance(getattr(traffic, "TimeoutMiddleware", None), type):
+        log.warning("BentoML's timeout middleware was not found; keeping it as it is")
+        return False
+    traffic.TimeoutMiddleware = RequestTimeoutMiddleware
+    return True
+
+
+use_request_timeout_that_lets_go()
 
 
 # ---------------------------------------------------------------------------------------- batching

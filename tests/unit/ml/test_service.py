@@ -129,3 +129,79 @@ def test_model_calls_are_capped_to_the_configured_threads_in_the_calling_thread(
         return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "openmp"}
 
     assert executor.submit(openmp_threads).result() == {1}
+
+
+# ------------------------------------------------------------------------------------------ request timeout
+def _asgi_call(app, path: str = "/predict") -> tuple[int, bytes]:
+    """One HTTP request through an ASGI app, in the running loop; returns status and body."""
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def call() -> tuple[int, bytes]:
+        scope = {"type": "http", "path": path, "method": "POST", "headers": []}
+        await app(scope, receive, send)
+        status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+        return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+    return call()
+
+
+def _answering(delay: float = 0.0):
+    from starlette.responses import JSONResponse
+
+    async def app(scope, receive, send):
+        await asyncio.sleep(delay)
+        await JSONResponse({"ok": True})(scope, receive, send)
+
+    return app
+
+
+def _live_timers() -> int:
+    """Scheduled (not cancelled, not fired) timer callbacks left in this process."""
+    import gc
+
+    gc.collect()
+    return sum(
+        1
+        for o in gc.get_objects()
+        if isinstance(o, asyncio.TimerHandle) and not o.cancelled() and o._callback
+    )
+
+
+def test_the_service_times_requests_out_with_a_timer_that_lets_go_of_answered_requests():
+    from bentoml._internal.server.http import traffic
+
+    from airflow_mlops.ml.service import RequestTimeoutMiddleware
+
+    assert traffic.TimeoutMiddleware is RequestTimeoutMiddleware  # what `bentoml serve` builds the app with
+
+    async def many() -> list[int]:
+        app = RequestTimeoutMiddleware(_answering(), timeout=30)
+        answers = [await _asgi_call(app) for _ in range(200)]
+        pending = _live_timers()
+        return [status for status, _ in answers], pending
+
+    statuses, pending = asyncio.run(many())
+    assert statuses == [200] * 200
+    assert pending == 0, f"{pending} answered requests still hold a timer (and what it references) for 30 s"
+
+
+def test_a_request_not_answered_in_time_gets_a_504_naming_the_timeout_and_later_ones_are_served():
+    from airflow_mlops.ml.service import RequestTimeoutMiddleware
+
+    async def both():
+        slow = await _asgi_call(RequestTimeoutMiddleware(_answering(delay=5), timeout=0.2))
+        fast = await _asgi_call(RequestTimeoutMiddleware(_answering(delay=0.3), timeout=2))
+        return slow, fast
+
+    started = time.monotonic()
+    (slow_status, slow_body), (fast_status, _) = asyncio.run(both())
+    assert slow_status == 504
+    assert b"0.2 s timeout" in slow_body
+    assert fast_status == 200
+    assert time.monotonic() - started < 4  # the slow request was cut at its timeout, not after its 5 s
