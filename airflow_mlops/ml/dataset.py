@@ -268,7 +268,7 @@ def build_training_set(
         )
 
     if time_column:
-        times = pd.to_datetime(labelled[time_column], utc=True)
+        times = pd.to_datetime(labelled[time_column], utc=True, cache=False)
         order = np.argsort(times.to_numpy(), kind="stable")
     else:
         times = None
