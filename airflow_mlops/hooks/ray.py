@@ -330,6 +330,10 @@ class RayHook(BaseHook):
                     fix="read the message: a runtime_env the cluster cannot build, or a duplicate submission id.",
                 ) from err
 
+    def jobs_api(self, timeout: float = 30.0) -> RayJobsApi:
+        """An async client of the cluster's Jobs REST API, for triggers (reads the connection now)."""
+        return RayJobsApi(self.address, self._headers(), self.extra.get("verify", True), timeout=timeout)
+
     def get_job_status(self, job_id: str) -> str:
         status = self.job_client.get_job_status(job_id)
         return str(getattr(status, "value", status))
@@ -343,3 +347,52 @@ class RayHook(BaseHook):
     def stop_job(self, job_id: str) -> bool:
         """Ask the cluster to stop the job; False when it had already ended."""
         return bool(self.job_client.stop_job(job_id))
+
+
+class RayJobsApi:
+    """What a trigger asks Ray's Jobs REST API (``GET /api/jobs/<id>`` and ``.../logs``), over async HTTP.
+
+    Ray's own ``JobSubmissionClient`` is synchronous and needs ``import ray``, several seconds of CPU in a
+    triggerer process shared with other triggers (even from a worker thread it holds the interpreter while
+    it imports). This client imports nothing of Ray and never blocks the event loop. Use it as an async
+    context manager.
+
+    :param address: the Jobs API address (``http://head:8265``).
+    :param headers: sent with every request (e.g. ``Authorization``).
+    :param verify: TLS verification, as in the connection's ``verify`` extra.
+    :param timeout: seconds for one request.
+    """
+
+    def __init__(
+        self, address: str, headers: dict[str, str], verify: Any = True, timeout: float = 30.0
+    ) -> None:
+        import httpx
+
+        self.address = address
+        self._client = httpx.AsyncClient(base_url=address, headers=headers, verify=verify, timeout=timeout)
+
+    async def __aenter__(self) -> RayJobsApi:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._client.aclose()
+
+    async def _get(self, job_id: str, suffix: str = "") -> Any:
+        from urllib.parse import quote
+
+        answer = await self._client.get(f"/api/jobs/{quote(job_id, safe='')}{suffix}")
+        if answer.status_code == 404:
+            raise RayClusterError(
+                f"the Ray cluster at {self.address} does not know job {job_id!r}.",
+                fix="the cluster may have been restarted (its job table is in memory); run the task again.",
+            )
+        answer.raise_for_status()
+        return answer.json()
+
+    async def status(self, job_id: str) -> str:
+        """The job's status: ``PENDING``, ``RUNNING``, ``SUCCEEDED``, ``FAILED`` or ``STOPPED``."""
+        return str((await self._get(job_id))["status"])
+
+    async def logs(self, job_id: str) -> str:
+        """The job's driver log so far."""
+        return str((await self._get(job_id, "/logs")).get("logs") or "")

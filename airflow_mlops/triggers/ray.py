@@ -1,7 +1,8 @@
 """Async trigger that waits for a Ray Job to end, used by the deferrable :class:`RayTuneOperator`.
 
-Ray's ``JobSubmissionClient`` is synchronous (HTTP through ``requests``), so every call runs in a
-worker thread (``asyncio.to_thread``); the triggerer's event loop is never blocked.
+It asks the cluster's Jobs REST API over async HTTP (:class:`~airflow_mlops.hooks.ray.RayJobsApi`):
+the triggerer never imports Ray and its event loop is never blocked. Only reading the Airflow
+connection, once, runs in a worker thread.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ class RayJobTrigger(BaseTrigger):
         self.ray_conn_id = ray_conn_id
         self.result_uri = result_uri
         self.poll_interval = poll_interval
-        self._hook: Any = None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -47,19 +47,14 @@ class RayJobTrigger(BaseTrigger):
             },
         )
 
-    def _client_hook(self) -> Any:
-        if self._hook is None:
-            from airflow_mlops.hooks.ray import RayHook
+    def _jobs_api(self) -> Any:
+        from airflow_mlops.hooks.ray import RayHook
 
-            self._hook = RayHook(ray_conn_id=self.ray_conn_id)
-        return self._hook
+        return RayHook(ray_conn_id=self.ray_conn_id).jobs_api()
 
-    def _status(self) -> str:
-        return self._client_hook().get_job_status(self.job_id)
-
-    def _log_tail(self) -> str:
+    async def _log_tail(self, api: Any) -> str:
         try:
-            return self._client_hook().get_job_logs(self.job_id)[-LOG_TAIL_CHARS:]
+            return (await api.logs(self.job_id))[-LOG_TAIL_CHARS:]
         except Exception as err:
             return f"(job log not available: {err})"
 
@@ -77,29 +72,39 @@ class RayJobTrigger(BaseTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from airflow_mlops.hooks.ray import TERMINAL_JOB_STATES
 
+        try:  # the connection is read by the synchronous hook: off the event loop
+            api = await asyncio.to_thread(self._jobs_api)
+        except Exception as err:
+            yield self._event(
+                "error",
+                "UNKNOWN",
+                f"cannot ask the Ray cluster about job {self.job_id}: {type(err).__name__}: {err}",
+            )
+            return
         previous = None
-        while True:
-            try:
-                job_status = await asyncio.to_thread(self._status)
-            except Exception as err:  # unreachable cluster, unknown job: end with a readable event
-                yield self._event(
-                    "error",
-                    "UNKNOWN",
-                    f"cannot get the status of Ray Job {self.job_id}: {type(err).__name__}: {err}",
-                )
-                return
-            if job_status != previous:
-                self.log.info("Ray Job %s is %s", self.job_id, job_status)
-                previous = job_status
-            if job_status in TERMINAL_JOB_STATES:
-                if job_status == "SUCCEEDED":
-                    yield self._event("success", job_status)
-                else:
-                    tail = await asyncio.to_thread(self._log_tail)
+        async with api:
+            while True:
+                try:
+                    job_status = await api.status(self.job_id)
+                except Exception as err:  # unreachable cluster, unknown job: end with a readable event
                     yield self._event(
                         "error",
-                        job_status,
-                        f"Ray Job {self.job_id} ended {job_status}. Last lines of its log:\n{tail}",
+                        "UNKNOWN",
+                        f"cannot get the status of Ray Job {self.job_id}: {type(err).__name__}: {err}",
                     )
-                return
-            await asyncio.sleep(self.poll_interval)
+                    return
+                if job_status != previous:
+                    self.log.info("Ray Job %s is %s", self.job_id, job_status)
+                    previous = job_status
+                if job_status in TERMINAL_JOB_STATES:
+                    if job_status == "SUCCEEDED":
+                        yield self._event("success", job_status)
+                    else:
+                        tail = await self._log_tail(api)
+                        yield self._event(
+                            "error",
+                            job_status,
+                            f"Ray Job {self.job_id} ended {job_status}. Last lines of its log:\n{tail}",
+                        )
+                    return
+                await asyncio.sleep(self.poll_interval)

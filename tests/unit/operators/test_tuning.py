@@ -168,25 +168,79 @@ def _events(trigger: RayJobTrigger) -> list:
     return asyncio.run(collect())
 
 
-def test_trigger_polls_until_the_job_ends():
-    hook = mock.MagicMock()
-    hook.get_job_status.side_effect = ["PENDING", "RUNNING", "RUNNING", "SUCCEEDED"]
-    trigger = RayJobTrigger(job_id="j1", ray_conn_id="c", result_uri="file:///r.json", poll_interval=0.01)
-    with mock.patch("airflow_mlops.hooks.ray.RayHook", return_value=hook):
-        events = _events(trigger)
+class FakeJobsApi:
+    """Ray's Jobs REST API as far as the trigger reads it, on a local port: each job answers the next of
+    its scripted statuses (then keeps the last), and its log; unknown jobs get a 404 as from Ray."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.statuses: dict[str, list[str]] = {}
+        self.logs: dict[str, str] = {}
+        self.requests: list[tuple[str, str | None]] = []
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                api.requests.append((self.path, self.headers.get("Authorization")))
+                parts = self.path.strip("/").split("/")  # api, jobs, <id>[, logs]
+                job = parts[2] if len(parts) >= 3 else ""
+                if job not in api.statuses:
+                    self._answer(404, {"detail": f"Job {job} does not exist"})
+                elif parts[3:] == ["logs"]:
+                    self._answer(200, {"logs": api.logs.get(job, "")})
+                else:
+                    queue = api.statuses[job]
+                    self._answer(200, {"status": queue.pop(0) if len(queue) > 1 else queue[0], "job_id": job})
+
+            def _answer(self, code: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def jobs_api(monkeypatch):
+    api = FakeJobsApi()
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_RAY_JOBS",
+        json.dumps({"conn_type": "ray", "host": "127.0.0.1", "port": api.port, "password": "s3cret"}),
+    )
+    yield api
+    api.server.shutdown()
+
+
+def _trigger(job_id: str = "j1") -> RayJobTrigger:
+    return RayJobTrigger(
+        job_id=job_id, ray_conn_id="ray_jobs", result_uri="file:///r.json", poll_interval=0.01
+    )
+
+
+def test_trigger_polls_the_jobs_api_until_the_job_ends(jobs_api):
+    jobs_api.statuses["j1"] = ["PENDING", "RUNNING", "RUNNING", "SUCCEEDED"]
+    events = _events(_trigger())
     assert [e.payload for e in events] == [
         {"status": "success", "job_id": "j1", "job_status": "SUCCEEDED", "result_uri": "file:///r.json"}
     ]
-    assert hook.get_job_status.call_count == 4
+    assert [path for path, _ in jobs_api.requests] == ["/api/jobs/j1"] * 4
+    assert {auth for _, auth in jobs_api.requests} == {"Bearer s3cret"}  # the connection's token
 
 
-def test_trigger_reports_a_failed_job_with_its_log_tail():
-    hook = mock.MagicMock()
-    hook.get_job_status.side_effect = ["RUNNING", "FAILED"]
-    hook.get_job_logs.return_value = "line\n" * 2000 + "ValueError: bad trainable"
-    trigger = RayJobTrigger(job_id="j1", ray_conn_id="c", result_uri="file:///r.json", poll_interval=0.01)
-    with mock.patch("airflow_mlops.hooks.ray.RayHook", return_value=hook):
-        (event,) = _events(trigger)
+def test_trigger_reports_a_failed_job_with_its_log_tail(jobs_api):
+    jobs_api.statuses["j1"] = ["RUNNING", "FAILED"]
+    jobs_api.logs["j1"] = "line\n" * 2000 + "ValueError: bad trainable"
+    (event,) = _events(_trigger())
     assert event.payload["status"] == "error" and event.payload["job_status"] == "FAILED"
     assert (
         event.payload["message"].endswith("ValueError: bad trainable")
@@ -194,13 +248,37 @@ def test_trigger_reports_a_failed_job_with_its_log_tail():
     )
 
 
-def test_trigger_ends_with_an_error_event_when_the_cluster_is_gone():
-    hook = mock.MagicMock()
-    hook.get_job_status.side_effect = ConnectionError("refused")
-    trigger = RayJobTrigger(job_id="j1", ray_conn_id="c", result_uri="file:///r.json", poll_interval=0.01)
-    with mock.patch("airflow_mlops.hooks.ray.RayHook", return_value=hook):
-        (event,) = _events(trigger)
-    assert event.payload["status"] == "error" and "ConnectionError: refused" in event.payload["message"]
+def test_trigger_names_a_job_the_cluster_does_not_know(jobs_api):
+    (event,) = _events(_trigger("gone"))
+    assert event.payload["status"] == "error"
+    assert "does not know job 'gone'" in event.payload["message"]
+
+
+def test_trigger_ends_with_an_error_event_when_the_cluster_is_gone(jobs_api):
+    jobs_api.server.shutdown()
+    jobs_api.server.server_close()
+    (event,) = _events(_trigger())
+    assert event.payload["status"] == "error"
+    assert "cannot get the status of Ray Job j1: ConnectError" in event.payload["message"]
+
+
+def test_the_trigger_polls_without_importing_ray(jobs_api):
+    """A triggerer runs many triggers in one process: importing Ray there (seconds of CPU) would stall
+    every other trigger."""
+    jobs_api.statuses["j1"] = ["RUNNING", "SUCCEEDED"]
+    code = (
+        "import asyncio, sys\n"
+        "from airflow_mlops.triggers.ray import RayJobTrigger\n"
+        "async def main():\n"
+        "    t = RayJobTrigger(job_id='j1', ray_conn_id='ray_jobs', result_uri='r', poll_interval=0.01)\n"
+        "    return [e.payload['status'] async for e in t.run()]\n"
+        "print(asyncio.run(main()), 'ray' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "['success'] False"
 
 
 @pytest.mark.parametrize(
