@@ -63,9 +63,7 @@ def build_training_set(folder: Path, rows: int | None) -> Path:
     pool = flights[(flights["month"] <= 3) & flights["arr_delay"].notna()]
     if rows:
         pool = pool.sample(n=min(rows, len(pool)), random_state=13)
-    frame = pool.merge(
-        weather, on=["origin", "time_hour"], how="left"
-    )
+    frame = pool.merge(weather, on=["origin", "time_hour"], how="left")
     frame["sched_dep_utc"] = frame["time_hour"] + pd.to_timedelta(frame["minute"], unit="m")
     frame["dow"] = frame["time_hour"].dt.dayofweek
     frame["delayed"] = (frame["arr_delay"] > 15).astype(int)
