@@ -8,7 +8,9 @@ called by the artifact store before the first write of a task.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -146,3 +148,22 @@ def check_settings(settings: MLOpsSettings) -> None:
             fix=f"create the connection (type {conn_type!r}) with `airflow connections add` or in the UI, "
             "or correct AIRFLOW__MLOPS__ARTIFACT_CONN_ID.",
         ) from err
+
+
+@contextlib.contextmanager
+def environ_set(values: Mapping[str, str], unset: Iterable[str] = ()) -> Iterator[None]:
+    """``values`` set in this process's environment (and ``unset`` removed) for the block; what was
+    there before is put back when the block ends, also on errors."""
+    unset = list(unset)
+    saved = {key: os.environ.get(key) for key in [*values, *unset]}
+    for key in unset:
+        os.environ.pop(key, None)
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -321,17 +321,29 @@ class AirflowClient:
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params={k: v for k, v in params.items() if v is not None})
 
-    def wait(self, what: str, probe: Callable[[], Any], timeout: float, interval: float = 1.0) -> Any:
-        """Poll ``probe`` until it returns something truthy; raise after ``timeout`` seconds."""
+    def wait(
+        self,
+        what: str,
+        probe: Callable[[], Any],
+        timeout: float,
+        interval: float = 1.0,
+        *,
+        detail: Callable[[], Any] | None = None,
+    ) -> Any:
+        """Poll ``probe`` until it returns something truthy; raise after ``timeout`` seconds.
+
+        :param detail: returns what the timeout error shows of the state waited on (e.g. what was seen).
+        """
         deadline = time.monotonic() + timeout
         while True:
             value = probe()
             if value:
                 return value
             if time.monotonic() > deadline:
+                seen = f"\n{detail()}" if detail else ""
                 extra = self.on_timeout() if self.on_timeout else ""
                 raise AirflowStackError(
-                    f"timed out after {timeout:.0f} s waiting for {what}.\n{extra}",
+                    f"timed out after {timeout:.0f} s waiting for {what}.{seen}\n{extra}",
                     fix="the machine may be overloaded; see the components' logs.",
                 )
             time.sleep(interval)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseHook
 
+from airflow_mlops.config import environ_set
 from airflow_mlops.exceptions import FeatureRepoError, FeatureStoreError
 
 if TYPE_CHECKING:
@@ -46,22 +47,15 @@ def _repo_on_path(repo: Path, env: dict[str, str]) -> Iterator[None]:
     """Feast's repository parser names modules relative to the working directory: enter the repository
     for the parse only, with ``env`` set for the definitions, and forget its modules afterwards so
     another repository (or the same one with other settings) can be parsed."""
-    with _CWD_LOCK:
+    with _CWD_LOCK, environ_set(env):
         previous = os.getcwd()
-        saved_env = {k: os.environ.get(k) for k in env}
         before = set(sys.modules)
         sys.path.insert(0, str(repo))
-        os.environ.update(env)
         os.chdir(repo)
         try:
             yield
         finally:
             os.chdir(previous)
-            for key, value in saved_env.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
             with contextlib.suppress(ValueError):
                 sys.path.remove(str(repo))
             for name in set(sys.modules) - before:

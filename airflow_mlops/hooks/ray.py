@@ -20,6 +20,7 @@ from typing import Any
 
 from airflow.sdk import BaseHook
 
+from airflow_mlops.config import environ_set
 from airflow_mlops.exceptions import MLOpsConfigError, RayClusterError
 
 DEFAULT_DASHBOARD_PORT = 8265
@@ -56,17 +57,8 @@ def bytecode_cache_env(folder: str | os.PathLike[str] | None) -> Iterator[str | 
         yield None
         return
     folder = os.fspath(folder)
-    saved = {k: os.environ.get(k) for k in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")}
-    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-    os.environ["PYTHONPYCACHEPREFIX"] = folder
-    try:
+    with environ_set({"PYTHONPYCACHEPREFIX": folder}, unset=["PYTHONDONTWRITEBYTECODE"]):
         yield folder
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @contextmanager
@@ -95,18 +87,12 @@ def trial_env_inherited() -> Iterator[dict[str, str]]:
         yield {}
         return
     saved_defaults = dict(defaults)
-    saved_env = {k: os.environ.get(k) for k in saved_defaults}
-    os.environ.update(saved_defaults)
-    defaults.clear()
-    try:
-        yield saved_defaults
-    finally:
-        defaults.update(saved_defaults)
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with environ_set(saved_defaults):
+        defaults.clear()
+        try:
+            yield saved_defaults
+        finally:
+            defaults.update(saved_defaults)
 
 
 def merge_runtime_env(base: dict[str, Any] | None, override: dict[str, Any] | None) -> dict[str, Any]:

@@ -77,22 +77,18 @@ class Airflow(AirflowComponents):
 
     def trigger_monitor(self, run_id: str, last_day: str) -> dict:
         """A monitor run whose data interval is the day ``last_day`` (so its window ends there)."""
-        return self.post(
-            "/dags/flights_monitor/dagRuns",
-            {
-                "dag_run_id": run_id,
-                "logical_date": f"{last_day}T00:00:00Z",
-                "data_interval_start": f"{last_day}T00:00:00Z",
-                "data_interval_end": f"{date.fromisoformat(last_day) + timedelta(days=1)}T00:00:00Z",
-                "conf": {"reference_uri": self.reference_uri},
-            },
+        return self.client.trigger(
+            "flights_monitor",
+            run_id=run_id,
+            logical_date=last_day,
+            data_interval=(last_day, str(date.fromisoformat(last_day) + timedelta(days=1))),
+            conf={"reference_uri": self.reference_uri},
         )
 
     def drift_asset_id(self) -> int:
-        [asset] = [
-            a for a in self.get("/assets", name_pattern=DRIFT_ASSET)["assets"] if a["name"] == DRIFT_ASSET
-        ]
-        return asset["id"]
+        asset_id = self.client.asset_id(DRIFT_ASSET)
+        assert asset_id is not None, f"no Asset {DRIFT_ASSET!r}"
+        return asset_id
 
     def drift_events(self) -> list[dict]:
         return [
@@ -122,13 +118,7 @@ def airflow(airflow_db, tmp_path_factory) -> Iterator[Airflow]:
         AIRFLOW__MLOPS__OFFLINE_ROOT=f"file://{state}/offline",
         AIRFLOW__MLOPS__ARTIFACT_ROOT=f"file://{state}/artifacts",
     ) as components:
-        yield Airflow(
-            api=components.api,
-            logs=components.logs,
-            db=components.db,
-            state=state,
-            reference_uri=reference_uri,
-        )
+        yield Airflow(stack=components.stack, db=components.db, state=state, reference_uri=reference_uri)
 
 
 def test_spring_is_calm_and_july_drift_makes_the_scheduler_start_retraining(airflow: Airflow) -> None:

@@ -29,11 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from airflow_procs import DRIFT_DAGS, AirflowComponents, airflow_components
+from airflow_procs import AirflowComponents, airflow_components
 
 from airflow_mlops.ml.timeline import drift_to_retrained
 from airflow_mlops.operators.drift import FLIGHTS_DRIFT_COLUMNS
 
+#: the DAGs folder of this test (``drift_watched.py``)
+DRIFT_DAGS = Path(__file__).resolve().parent / "drift_dags"
 DAGS = ("drift_watch_metric", "drift_watch_log")
 ASSETS = {"drift_watch_metric": "drift_metric_watched", "drift_watch_log": "drift_log_watched"}
 POLL = 2.0
@@ -142,14 +144,14 @@ def watched(airflow_db, tmp_path_factory) -> Iterator[Watched]:
         airflow_db,
         logs,
         DAGS,
-        AIRFLOW__CORE__DAGS_FOLDER=str(DRIFT_DAGS),
+        dags_folder=DRIFT_DAGS,
         # the watchers are registered at the first parse after the DAGs were unpaused
         AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL="5",
         AIRFLOW__MLOPS__STATE_DIR=str(root / "mlops"),
         MLOPS_DRIFT_WATCH_ROOT=str(root),
         MLOPS_DRIFT_WATCH_POLL=str(POLL),
     ) as components:
-        yield Watched(api=components.api, logs=components.logs, db=components.db, root=root, july=july)
+        yield Watched(stack=components.stack, db=components.db, root=root, july=july)
 
 
 def test_drift_in_a_watched_source_makes_the_triggerer_start_the_dag(watched: Watched) -> None:
@@ -209,7 +211,7 @@ def test_drift_in_a_watched_source_makes_the_triggerer_start_the_dag(watched: Wa
 
     # The drift-to-retrained timeline, read back over the REST API (no ingest DAG here: no landing time).
     first = drift_to_retrained(
-        watched.api,
+        watched.client.http,
         "july-2013-07-21",
         drift_asset="drift_metric_watched",
         train_dag="drift_watch_metric",
