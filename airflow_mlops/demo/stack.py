@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import secrets
 import signal
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
 #: writes this module into ``<home>/demo-python`` and puts that folder on ``PYTHONPATH`` (a module of its
 #: own: processes the tasks start, e.g. ``bentoml build`` in a build context holding a partial copy of
 #: ``airflow_mlops``, import it too).
+log = logging.getLogger(__name__)
+
 SQLITE_CONNECT_MODULE = "mlops_demo_sqlite"
 SQLITE_CONNECT_ARGS = {"timeout": 60}
 
@@ -72,6 +75,16 @@ def _tail(path: Path, chars: int = 2500) -> str:
         return ""
 
 
+def _last_error(path: Path) -> str:
+    """The last line of a component's log that names an exception, or its last line."""
+    lines = [line.strip() for line in _tail(path, 20000).splitlines() if line.strip()]
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if head.endswith(("Error", "Exception")) and " " not in head:
+            return line[:200]
+    return lines[-1][:200] if lines else "no log"
+
+
 @dataclass
 class AirflowStack:
     """The four Airflow components on ``home`` with the LocalExecutor, as a context manager.
@@ -82,6 +95,9 @@ class AirflowStack:
     :param env: extra environment for the components (e.g. ``AIRFLOW__MLOPS__STATE_DIR``).
     :param parallelism: task slots of the LocalExecutor (the machine has two cores).
     :param port: the API server's port; default a free one.
+    :param max_restarts: how often a component that exits after the start is started again, as a
+        service manager (systemd, Kubernetes) would, before the stack gives up with its log.
+    :param announce: told (one line) whenever a component is restarted; default: the module's logger.
     """
 
     home: Path
@@ -90,8 +106,13 @@ class AirflowStack:
     env: dict[str, str] = field(default_factory=dict)
     parallelism: int = 4
     port: int = 0
+    max_restarts: int = 3
+    announce: Callable[[str], None] | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
     client: AirflowClient | None = field(default=None, init=False)
+    restarts: dict[str, int] = field(default_factory=dict, init=False)
+    _env: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+    _running: bool = field(default=False, init=False, repr=False)
 
     @property
     def python_dir(self) -> Path:
@@ -148,28 +169,67 @@ class AirflowStack:
         (self.python_dir / f"{SQLITE_CONNECT_MODULE}.py").write_text(
             f'"""Written by airflow_mlops.demo.stack: SQLite connect arguments."""\n\nCONNECT_ARGS = {SQLITE_CONNECT_ARGS!r}\n'
         )
-        env = self.environment()
-        airflow = str(Path(sys.executable).with_name("airflow"))
+        self._env = self.environment()
+        for name in COMPONENTS:
+            self._launch(name)
+        self.client = AirflowClient(
+            f"{self.url}/api/v2", on_timeout=self.log_tails, on_request=self.supervise
+        )
+        self.client.wait("the Airflow components to report healthy", self._healthy, timeout)
+        self._running = True
+        return self.client
+
+    def _launch(self, name: str) -> None:
         commands = {
             "api-server": ["api-server", "-H", "127.0.0.1", "-p", str(self.port), "-w", "1"],
             "scheduler": ["scheduler"],
             "dag-processor": ["dag-processor"],
             "triggerer": ["triggerer"],
         }
-        for name in COMPONENTS:
-            with open(self.logs / f"{name}.log", "ab") as log:
-                self.processes[name] = subprocess.Popen(
-                    [airflow, *commands[name]],
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=self.home,
-                    start_new_session=True,  # a group of its own: Ctrl-C reaches us, we stop the tree
+        with open(self.logs / f"{name}.log", "ab") as log:
+            self.processes[name] = subprocess.Popen(
+                [str(Path(sys.executable).with_name("airflow")), *commands[name]],
+                env=self._env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.home,
+                start_new_session=True,  # a group of its own: Ctrl-C reaches us, we stop the tree
+            )
+
+    def supervise(self) -> None:
+        """Start again a component that has exited since the start (Airflow 3.3.2's scheduler can die on
+        a race in its SQLite database, e.g. ``StaleDataError`` on ``dag_run`` while a backfill starts),
+        as a service manager would; the new process adopts the orphaned task instances.
+
+        :raises AirflowStackError: a component exited more than ``max_restarts`` times.
+        """
+        if not self._running:
+            return
+        for name, process in list(self.processes.items()):
+            if process.poll() is None:
+                continue
+            log_file = self.logs / f"{name}.log"
+            done = self.restarts.get(name, 0)
+            if done >= self.max_restarts:
+                self._running = False
+                raise AirflowStackError(
+                    f"airflow {name} exited with code {process.returncode}, after {done} restarts.\n"
+                    f"{log_file}:\n{_tail(log_file)}",
+                    fix="read the log above; run `make demo` again to continue from the state reached.",
                 )
-        self.client = AirflowClient(f"{self.url}/api/v2", on_timeout=self.log_tails)
-        self.client.wait("the Airflow components to report healthy", self._healthy, timeout)
-        return self.client
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)  # what is left of it (executor workers)
+            self.restarts[name] = done + 1
+            self._launch(name)
+            message = (
+                f"airflow {name} exited with code {process.returncode} ({_last_error(log_file)}); "
+                f"started it again ({done + 1} of at most {self.max_restarts})"
+            )
+            if self.announce is not None:
+                self.announce(message)
+            else:
+                log.warning(message)
 
     def _healthy(self) -> bool:
         for name, process in self.processes.items():
@@ -211,6 +271,7 @@ class AirflowStack:
 
     def stop(self, timeout: float = 30) -> None:
         """SIGTERM every component's process group, SIGKILL what is left after ``timeout``."""
+        self._running = False
         if self.client is not None:
             self.client.close()
         groups = [p.pid for p in self.processes.values()]
@@ -282,14 +343,20 @@ class AirflowClient:
     :param base_url: ``http://host:port/api/v2``.
     :param token: a bearer token (not needed when the API server runs with all-admins simple auth).
     :param on_timeout: returns text appended to a timeout error (e.g. the components' log tails).
+    :param on_request: called before every request (e.g. :meth:`AirflowStack.supervise`).
     """
 
     def __init__(
-        self, base_url: str, token: str | None = None, on_timeout: Callable[[], str] | None = None
+        self,
+        base_url: str,
+        token: str | None = None,
+        on_timeout: Callable[[], str] | None = None,
+        on_request: Callable[[], None] | None = None,
     ) -> None:
         self.base_url = base_url
         self.token = token
         self.on_timeout = on_timeout
+        self.on_request = on_request
 
     @property
     def http(self) -> httpx.Client:
@@ -309,8 +376,13 @@ class AirflowClient:
             client.close()
 
     # ------------------------------------------------------------------------------ plumbing
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        if self.on_request is not None:
+            self.on_request()
+        return self.http.request(method, path, **kwargs)
+
     def request(self, method: str, path: str, *, ok: tuple[int, ...] = (200, 201), **kwargs: Any) -> Any:
-        response = self.http.request(method, path, **kwargs)
+        response = self._send(method, path, **kwargs)
         if response.status_code not in ok:
             raise AirflowStackError(
                 f"{method} /api/v2{path} answered {response.status_code}: {response.text[:1500]}",
@@ -359,7 +431,7 @@ class AirflowClient:
 
     # ------------------------------------------------------------------------------ DAGs and runs
     def dag(self, dag_id: str) -> dict | None:
-        response = self.http.get(f"/dags/{dag_id}")
+        response = self._send("GET", f"/dags/{dag_id}")
         return response.json() if response.status_code == 200 else None
 
     def import_errors(self) -> list[dict]:
@@ -522,7 +594,8 @@ class AirflowClient:
 
     def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
         """A task's XCom value (None when the task pushed nothing)."""
-        response = self.http.get(
+        response = self._send(
+            "GET",
             f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}",
             params={"deserialize": "true", "stringify": "false"},
         )
@@ -554,7 +627,7 @@ class AirflowClient:
 
     def queued_asset_events(self, dag_id: str) -> list[dict]:
         """Asset events waiting to start a run of ``dag_id``."""
-        response = self.http.get(f"/dags/{dag_id}/assets/queuedEvents")
+        response = self._send("GET", f"/dags/{dag_id}/assets/queuedEvents")
         if response.status_code == 404:
             return []
         if response.status_code != 200:

@@ -119,6 +119,7 @@ class Story:
             home=Path(os.environ.get("AIRFLOW_HOME") or self.state / "airflow"),
             logs=self.state / "logs",
             env={"AIRFLOW__MLOPS__STATE_DIR": str(self.state)},
+            announce=lambda message: self.say(f"      ! {message}"),
         )
         self.say(
             f"[2/8] starting Airflow: api-server, scheduler, dag-processor, triggerer (logs in {stack.logs})"

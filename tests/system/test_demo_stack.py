@@ -124,3 +124,42 @@ def test_the_stack_runs_dags_over_rest_and_ctrl_c_stops_every_process(airflow_db
     assert {p.name for p in logs.iterdir()} == {
         f"{c}.log" for c in ("api-server", "scheduler", "dag-processor", "triggerer")
     }
+
+
+def test_a_component_that_dies_is_started_again_and_the_stack_gives_up_after_max_restarts(
+    airflow_db, tmp_path
+):
+    import pytest
+
+    from airflow_mlops.demo.stack import AirflowStack, AirflowStackError
+
+    dags = tmp_path / "dags"
+    dags.mkdir()
+    (dags / "demo_stack_dags.py").write_text(textwrap.dedent(DAGS))
+    told: list[str] = []
+    stack = AirflowStack(
+        home=airflow_db.parent, logs=tmp_path / "logs", dags_folder=dags, max_restarts=1, announce=told.append
+    )
+    with stack as api:
+        api.wait("the DAG", lambda: api.dag("demo_stack_ok"), 180)
+        api.unpause("demo_stack_ok")
+        first = stack.processes["scheduler"]
+        os.killpg(first.pid, signal.SIGKILL)  # the scheduler dies, as on Airflow's StaleDataError
+        first.wait(timeout=30)
+
+        api.trigger("demo_stack_ok", run_id="after-restart")  # any call notices, and starts it again
+        assert stack.processes["scheduler"].pid != first.pid
+        assert stack.restarts == {"scheduler": 1}
+        assert len(told) == 1 and told[0].startswith("airflow scheduler exited with code -9")
+        # the new scheduler schedules: the run triggered after the restart finishes
+        assert api.wait_run("demo_stack_ok", "after-restart", timeout=300)["state"] == "success"
+        assert api.xcom("demo_stack_ok", "after-restart", "answer") == {"answer": 42}
+
+        second = stack.processes["scheduler"]
+        os.killpg(second.pid, signal.SIGKILL)
+        second.wait(timeout=30)
+        with pytest.raises(
+            AirflowStackError, match=r"airflow scheduler exited with code -9, after 1 restarts"
+        ):
+            api.dag("demo_stack_ok")
+    assert not stack.alive()
