@@ -39,14 +39,14 @@ from airflow_mlops.exceptions import MLOpsError
 if TYPE_CHECKING:
     import httpx
 
+log = logging.getLogger(__name__)
+
 #: SQLite connect arguments of the demo's components: four components and their task processes write one
 #: database file on a loaded machine, and the default busy timeout (5 s) makes a writer give up with
 #: "database is locked". ``[database] sql_alchemy_connect_args`` names an importable object, so the stack
 #: writes this module into ``<home>/demo-python`` and puts that folder on ``PYTHONPATH`` (a module of its
 #: own: processes the tasks start, e.g. ``bentoml build`` in a build context holding a partial copy of
 #: ``airflow_mlops``, import it too).
-log = logging.getLogger(__name__)
-
 SQLITE_CONNECT_MODULE = "mlops_demo_sqlite"
 SQLITE_CONNECT_ARGS = {"timeout": 60}
 

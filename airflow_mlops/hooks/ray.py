@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from functools import cached_property
 from typing import Any
 
@@ -248,16 +248,15 @@ class RayHook(BaseHook):
         self.log.info("Starting local Ray with %s CPUs", num_cpus or "all")
         # Ray's processes inherit the environment of the moment they start: the raylet passes it on
         # to every worker it spawns later
-        with ExitStack() as stack:
+        # Tune's trial actors get their default variables from Ray's environment instead of a runtime
+        # env (for as long as this Ray runs): they start on the workers Ray has already started, which
+        # have imported Tune meanwhile (while this task reads its training set)
+        with trial_env_inherited():
             with bytecode_cache_env(
                 settings.state_dir / BYTECODE_CACHE_FOLDER if bytecode_cache else None
             ) as cache:
                 if cache:
                     self.log.info("Ray's workers cache their Python bytecode under %s", cache)
-                # Tune's trial actors get their default variables from Ray's environment instead of a
-                # runtime env: they start on the workers Ray has already started, which have imported
-                # Tune meanwhile (while this task reads its training set)
-                stack.enter_context(trial_env_inherited())
                 ray.init(
                     address="local",
                     num_cpus=num_cpus,
