@@ -365,8 +365,10 @@ class AirflowClient:
             import httpx
 
             headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+            # a request may legitimately wait SQLITE_CONNECT_ARGS["timeout"] (60 s) for the database lock
+            # in the API server: wait longer than that for its answer, so a slow write is not cut off
             client = self.__dict__["_http"] = httpx.Client(
-                base_url=self.base_url, timeout=60, headers=headers
+                base_url=self.base_url, timeout=httpx.Timeout(150, connect=10), headers=headers
             )
         return client
 
