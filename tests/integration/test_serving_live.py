@@ -31,12 +31,12 @@ from serving.models import FEATURES, WEATHER, register, training_frame, weather_
 
 from airflow_mlops.hooks.bentoml import BentoMLHook, ModelIntegrityError
 from airflow_mlops.ml.service import Flight, request_features
+from airflow_mlops.net import free_port
 from airflow_mlops.operators.serving import (
     BentoBuildOperator,
     BentoDeployOperator,
     BentoRollbackOperator,
     LocalDeploymentTarget,
-    free_port,
 )
 from airflow_mlops.sensors.serving import probe
 
