@@ -357,11 +357,12 @@ DATABASE_RETRY_INTERVAL = 2.0
 def database_refused(response: httpx.Response) -> bool:
     """Whether the API server answered that its database refused the request, which it then rolled back.
 
-    On SQLite, writers from four components and their tasks share one file, and a write can fail with
-    "database is locked" at once, without waiting for the busy timeout (SQLite does so when waiting could
-    deadlock). The API server answers 500 "Database error" (503 "Database is locked" for a backfill). Its
-    session commits only when the endpoint has succeeded, so such a request wrote nothing and may be sent
-    again. Any other answer is final.
+    On SQLite, writers from four components and their tasks share one file (WAL mode), and a transaction
+    that read before another connection committed fails with "database is locked" as soon as it writes:
+    its snapshot is stale, so SQLite does not wait out the busy timeout. The API server answers 500
+    "Database error" (503 "Database is locked" for a backfill). Its session commits only when the
+    endpoint has succeeded, so such a request wrote nothing and may be sent again. Any other answer is
+    final.
     """
     if response.status_code not in (500, 503):
         return False
