@@ -465,9 +465,16 @@ class FeastHook(BaseHook):
                 fix="check that the entity dataframe has the join keys and a tz-aware event_timestamp.",
             ) from err
 
-    def online_features(self, features: Sequence[str] | str, entity_rows: list[dict[str, Any]]) -> dict:
-        """Online feature values for ``entity_rows``; ``features`` is a list of refs or a service name."""
-        refs: Any = self.feature_service(features) if isinstance(features, str) else list(features)
+    def online_features(self, features: Sequence[str] | str | Any, entity_rows: list[dict[str, Any]]) -> dict:
+        """Online feature values for ``entity_rows``; ``features`` is a list of refs, a service name, or a
+        ``FeatureService`` (a name is looked up in the registry on every call: a server keeps the object)."""
+        from feast import FeatureService
+
+        refs: Any = features
+        if isinstance(features, str):
+            refs = self.feature_service(features)
+        elif not isinstance(features, FeatureService):
+            refs = list(features)
         response = self.store.get_online_features(
             features=refs, entity_rows=entity_rows, full_feature_names=True
         )

