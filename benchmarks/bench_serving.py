@@ -33,12 +33,6 @@ HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
 
 
-def _port() -> int:
-    from airflow_mlops.net import free_port
-
-    return free_port()
-
-
 # ------------------------------------------------------------------------------------------ load generator
 async def _load(
     url: str, path: str, bodies: list[dict], clients: int, start_at: float, warmup: float, seconds: float
@@ -294,7 +288,9 @@ def bench_main(args: argparse.Namespace) -> None:
             write_model(state / "model", training_frame().sample(20000, random_state=0), max_iter=100),
         )
         env = serving_env(BentoMLHook(), model="bench", version=version)
-    service_port, baseline_port = _port(), _port()
+    from airflow_mlops.net import free_port
+
+    service_port, baseline_port = free_port(), free_port()
     logs = state / "logs"
     logs.mkdir()
     procs = [

@@ -29,7 +29,7 @@ from airflow_mlops.exceptions import FeatureRepoError, FeatureStoreError
 
 if TYPE_CHECKING:
     import pandas as pd
-    from feast import FeatureStore, RepoConfig
+    from feast import FeatureService, FeatureStore, RepoConfig
 
     from airflow_mlops.config import MLOpsSettings
 
@@ -465,7 +465,9 @@ class FeastHook(BaseHook):
                 fix="check that the entity dataframe has the join keys and a tz-aware event_timestamp.",
             ) from err
 
-    def online_features(self, features: Sequence[str] | str | Any, entity_rows: list[dict[str, Any]]) -> dict:
+    def online_features(
+        self, features: Sequence[str] | str | FeatureService, entity_rows: list[dict[str, Any]]
+    ) -> dict:
         """Online feature values for ``entity_rows``; ``features`` is a list of refs, a service name, or a
         ``FeatureService`` (a name is looked up in the registry on every call: a server keeps the object)."""
         from feast import FeatureService

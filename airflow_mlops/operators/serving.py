@@ -268,7 +268,8 @@ class BentoBuildOperator(BaseOperator):
 _CHILDREN: dict[int, subprocess.Popen] = {}
 
 
-def _alive(pid: int | None) -> bool:
+def process_alive(pid: int | None) -> bool:
+    """Whether ``pid`` runs (a child of ours that exited, not yet reaped, does not)."""
     import psutil
 
     if not pid:
@@ -402,7 +403,7 @@ class LocalDeploymentTarget(DeploymentTarget):
     def router_status(self, router: dict[str, Any] | None) -> dict[str, Any] | None:
         import httpx
 
-        if not router or not _alive(router.get("pid")):
+        if not router or not process_alive(router.get("pid")):
             return None
         try:
             response = httpx.get(router["url"] + "/__router__", timeout=5)
@@ -425,7 +426,7 @@ class LocalDeploymentTarget(DeploymentTarget):
         router = {"pid": pid, "port": port, "url": f"http://127.0.0.1:{port}"}
         deadline = time.monotonic() + 30
         while not self.router_status(router):
-            if time.monotonic() > deadline or not _alive(pid):
+            if time.monotonic() > deadline or not process_alive(pid):
                 stop_tree(pid, timeout=5)
                 raise ServingError(
                     f"the router of deployment {state['name']!r} did not start on port {port}.",
@@ -499,7 +500,7 @@ class LocalDeploymentTarget(DeploymentTarget):
     def backend_ready(self, backend: dict[str, Any] | None) -> bool:
         from airflow_mlops.sensors.serving import probe
 
-        return bool(backend) and _alive(backend.get("pid")) and probe(backend["url"])[0]
+        return bool(backend) and process_alive(backend.get("pid")) and probe(backend["url"])[0]
 
     def teardown(self, deployment: str) -> None:
         """Stop everything of a deployment (router, live and pending versions); its history is kept."""
@@ -669,7 +670,7 @@ class BentoDeployOperator(BaseOperator):
             ready, seen = probe(pending["url"])
             if ready:
                 return self.complete({"status": "ready", "url": pending["url"]})
-            if time.monotonic() > deadline or not _alive(pending["pid"]):
+            if time.monotonic() > deadline or not process_alive(pending["pid"]):
                 return self.complete({"status": "timeout", "url": pending["url"], "message": seen})
             time.sleep(0.5)
 

@@ -37,6 +37,7 @@ from airflow_mlops.operators.serving import (
     BentoDeployOperator,
     BentoRollbackOperator,
     LocalDeploymentTarget,
+    process_alive,
 )
 from airflow_mlops.sensors.serving import probe
 
@@ -377,7 +378,7 @@ def test_a_tampered_model_is_refused_and_the_live_version_keeps_serving(live, tm
     try:
         deadline = time.monotonic() + 90
         body = {}
-        while time.monotonic() < deadline and psutil.pid_exists(backend["pid"]):
+        while time.monotonic() < deadline and process_alive(backend["pid"]):
             try:
                 body = httpx.get(backend["url"] + "/ready", timeout=5).json()
                 if body.get("error"):
