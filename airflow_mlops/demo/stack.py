@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 #: ``airflow_mlops``, import it too).
 SQLITE_CONNECT_MODULE = "mlops_demo_sqlite"
 SQLITE_CONNECT_ARGS = {"timeout": 60}
+#: seconds a task waits for the API server's answer (``[workers] execution_api_timeout``): longer than a
+#: request there may wait for the SQLite lock
+EXECUTION_API_TIMEOUT = 150.0
 
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 FINISHED = ("success", "failed")
@@ -142,6 +145,10 @@ class AirflowStack:
             # the DAG files do not change while the demo runs: parse them every 2 minutes, not every 30 s
             "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "120",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": f"{SQLITE_CONNECT_MODULE}.CONNECT_ARGS",
+            # a task's call to the Execution API may wait that long for the database lock in the API
+            # server: the task waits longer. With the default (5 s) it gave up and sent PATCH /run again,
+            # got 400 once the first call went through after the lock wait, and the task failed.
+            "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": str(EXECUTION_API_TIMEOUT),
             "PYTHONPATH": os.pathsep.join(filter(None, [str(self.python_dir), os.environ.get("PYTHONPATH")])),
             # the log servers on ports of their own (the defaults may be taken, e.g. by `make ui`)
             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),

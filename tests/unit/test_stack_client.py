@@ -98,3 +98,8 @@ def test_an_error_answer_comes_with_what_the_api_server_logged_about_it(tmp_path
     with pytest.raises(AirflowStackError, match="(?s)answered 409.*i402q4d5.*database is locked"):
         client.request("POST", "/assets/events", json={"asset_id": 3})
     assert airflow.api_server_error('{"detail": "no id here"}') == ""
+
+
+def test_tasks_wait_longer_for_the_api_server_than_it_may_wait_for_the_database_lock(tmp_path):
+    env = AirflowStack(home=tmp_path, logs=tmp_path, port=8080).environment()
+    assert float(env["AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT"]) > stack.SQLITE_CONNECT_ARGS["timeout"]
