@@ -197,7 +197,8 @@ def _annotation(spec: FieldSpec) -> Any:
         kwargs: dict[str, Any] = {"allow_inf_nan": False}
         if bounds:
             kwargs.update(ge=bounds[0], le=bounds[1])
-        base = Annotated[int if spec.type == "integer" else float, Field(**kwargs)]
+        number: type = int if spec.type == "integer" else float
+        base = Annotated[number, Field(**kwargs)]
     return base | None if spec.nullable else base
 
 
