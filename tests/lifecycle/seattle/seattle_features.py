@@ -1,6 +1,8 @@
-"""Feature steps of the Seattle rain lifecycle (tests/lifecycle/seattle/seattle.yaml), run by the
-``seattle_features`` DAG as ``callable:`` steps: plain functions whose keyword arguments come from the
-spec's ``args``.
+"""Feature steps of the Seattle lifecycles (tests/lifecycle/seattle/), run by the ``seattle_features`` DAG
+of ``seattle.yaml`` as ``callable:`` steps: plain functions whose keyword arguments come from the spec's
+``args``. The three Seattle models train on the tables they write: ``seattle_rain`` (binary, label
+``rain``), ``seattle_sky`` (multiclass, label ``weather``) and ``seattle_temp`` (regression, label
+``temp_max``).
 
 Both read the validated daily partitions ``seattle_weather/date=YYYY-MM-DD`` of the offline store and
 write one parquet partition per day, atomically (staged, then renamed), so a rerun of a day replaces
@@ -8,9 +10,11 @@ its rows and never adds any:
 
 - :func:`daily_features` -> ``seattle_daily/date=D``: the weather of day D and rolling statistics of the
   ``window_days`` days up to D for the station ``SEA``, known at midnight (UTC) after D;
-- :func:`labelled_days` -> ``seattle_labelled/date=D``: the entity row "will it rain on day D", stamped
-  at midnight starting D (when the features of D-1 become known), with the label ``rain`` and the
-  weather observed on D (for drift monitoring; never a feature).
+- :func:`labelled_days` -> ``seattle_labelled/date=D``: the entity row of day D, stamped at midnight
+  starting D (when the features of D-1 become known), with the weather observed on D: ``rain``
+  (precipitation > 0, 0/1), ``weather`` (drizzle, fog, rain, snow or sun), ``temp_max`` (degrees C) and
+  the other observations. They are the labels of the three models and the columns the monitor compares;
+  never features (a model's spec lists its features, all of them known before D).
 """
 
 from __future__ import annotations
@@ -139,7 +143,8 @@ def labelled_days(
     offline_root: str | None = None,
 ) -> dict[str, Any]:
     """Write ``<labelled_table>/date=D`` for each day D: one entity row (station ``SEA``) stamped at
-    midnight UTC starting D, with the label ``rain`` (precipitation on D > 0) and D's observed weather.
+    midnight UTC starting D, with D's observed weather (``precipitation``, ``temp_max``, ``temp_min``,
+    ``wind``, ``weather``) and ``rain`` (precipitation on D > 0): the labels of the Seattle models.
 
     :return: ``{"days", "rows", "table", "positive"}``.
     """

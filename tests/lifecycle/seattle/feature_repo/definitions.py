@@ -1,5 +1,8 @@
-"""Feast definitions of the Seattle rain lifecycle test: the weather station entity, the daily weather
-features written by ``seattle_features.daily_features`` and the feature service the rain model uses.
+"""Feast definitions of the Seattle lifecycles (tests/lifecycle/seattle/): the weather station entity, the
+daily weather features written by ``seattle_features.daily_features`` and one feature service per model:
+``rain_model`` (binary: rain on the day), ``sky_model`` (multiclass: the day's weather) and ``temp_model``
+(regression: the day's highest temperature). The three models share this repository, its offline tables
+and its online store; each registers its own service, so its signature names it.
 
 The offline store location comes from ``MLOPS_OFFLINE_ROOT`` (set by ``FeastHook``) or Airflow's
 ``[mlops] offline_root``; never from the working directory.
@@ -66,4 +69,16 @@ rain_model = FeatureService(
     name="rain_model",
     features=[seattle_daily],
     description="features of the Seattle rain model (label: precipitation on the next day > 0)",
+)
+
+sky_model = FeatureService(
+    name="sky_model",
+    features=[seattle_daily],
+    description="features of the Seattle sky model (label: the weather of the next day, one of five classes)",
+)
+
+temp_model = FeatureService(
+    name="temp_model",
+    features=[seattle_daily],
+    description="features of the Seattle temperature model (label: the highest temperature of the next day)",
 )
