@@ -140,6 +140,35 @@ def wait_for_log(model: str, rows: int, timeout: float = 60) -> None:
         time.sleep(1)
 
 
+def served_traffic(model: str) -> dict[str, Any]:
+    """The monitor's drift operator over the traffic the endpoint served today (``source="prediction_log"``).
+
+    The service stamps each prediction with the wall clock, while the monitor DAG above replays 2012: its
+    window holds no served prediction. Live, data time and wall clock are the same days.
+    """
+    from types import SimpleNamespace
+
+    from airflow_mlops.operators.drift import EvidentlyDriftOperator
+
+    today = datetime.now(UTC).date()
+    context = {
+        "ti": SimpleNamespace(
+            dag_id="seattle_traffic", run_id=f"traffic-{model}", task_id="drift", xcom_push=lambda **_: None
+        ),
+        "run_id": f"traffic-{model}",
+        "outlet_events": {},
+    }
+    return EvidentlyDriftOperator(
+        task_id="drift",
+        model_name=model,
+        source="prediction_log",
+        window_end=today.isoformat(),
+        window_days=2,  # a run across midnight UTC
+        columns={"day_of_year": {"kind": "numerical"}},
+        prediction_drift=True,
+    ).execute(context)
+
+
 @dataclass
 class Model:
     task: str
@@ -147,6 +176,7 @@ class Model:
     monitor: Any
     url: str
     deployment: dict[str, Any]
+    traffic: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -243,6 +273,8 @@ def lifecycle(airflow_db, ray_cluster, dags_folder) -> Lifecycle:
                 result.models[task] = Model(
                     task=task, train=train, monitor=monitor, url=router.get("url", ""), deployment=deployment
                 )
+                if train.state == "success":
+                    result.models[task].traffic = served_traffic(MODELS[task])
             yield result
         finally:
             for task in TASKS:
@@ -509,7 +541,7 @@ def _window_score(lifecycle: Lifecycle, task: str) -> float:
     predictor = BentoMLHook().load(model.name, index_of(task)["production"])
     prediction = predictor.predict(rows)
     y = rows[LABELS[task]]
-    if task == "multiclass":
+    if task != "regression":
         y = encode_labels(y, predictor.classes)
     return scores(task, y, prediction)[METRICS[task]]
 
@@ -518,29 +550,38 @@ def _window_score(lifecycle: Lifecycle, task: str) -> float:
 def test_the_monitor_measures_quality_decay_with_the_tasks_metric(lifecycle, task):
     from airflow_mlops.ml.metrics import decay
 
-    dag_run = lifecycle.models[task].monitor
-    assert dag_run.state == "success", states(dag_run)
-    quality = xcom(dag_run, "drift")["quality"]
+    model = lifecycle.models[task]
+    assert model.monitor.state == "success", states(model.monitor)
+    result = xcom(model.monitor, "drift")
+    quality = result["quality"]
     metric = METRICS[task]
-    assert quality["metric"] == metric
+    assert (quality["metric"], quality["task"]) == (metric, task)
     assert quality["labelled_rows"] == 28  # every day of the window has its label
-    record = index_of(task)
-    holdout = record["versions"][record["production"]]["holdout_metrics"][metric]
-    assert quality["holdout"] == pytest.approx(holdout)
+    # the holdout score is the one the promotion gate measured
+    holdout = xcom(model.train, "promote")["candidate_score"]
+    assert quality["holdout_score"] == pytest.approx(holdout)
     # the window's score is what the production model scores on those days
-    assert quality["window"] == pytest.approx(_window_score(lifecycle, task), rel=1e-6)
-    assert quality["decay"] == pytest.approx(decay(metric, holdout, quality["window"]))
-    assert quality["decay_detected"] == (quality["decay"] > quality["max_decay"])
+    assert quality["score"] == pytest.approx(_window_score(lifecycle, task), rel=1e-6)
+    assert quality["decay"] == pytest.approx(decay(metric, holdout, quality["score"]))
+    assert quality["max_decay"] == {"binary": 0.1, "multiclass": 0.1, "regression": 0.25}[task]
+    assert result["decay_detected"] == (quality["decay"] > quality["max_decay"])
 
 
 @pytest.mark.parametrize("task", TASKS)
 def test_prediction_drift_reads_the_served_predictions(lifecycle, task):
-    result = xcom(lifecycle.models[task].monitor, "drift")
-    drift = result["prediction_drift"]
+    model = lifecycle.models[task]
     version = index_of(task)["production"]
-    assert drift["rows"] == SAMPLE_ROWS  # the holdout rows sent by the train DAG
-    assert drift["versions"] == [version]
-    assert 0 <= drift["score"]
+    # the monitor DAG replays 2012: nothing was served in its window, and it says so
+    replayed = xcom(model.monitor, "drift")["prediction_drift"]
+    assert replayed["rows"] == 0 and "2012-04-22..2012-05-19" in replayed["reason"]
+    # today's traffic: the holdout rows the train DAG sent, against the model's predictions on its holdout
+    traffic = model.traffic
+    assert traffic["model_version"] == version
+    drift = traffic["prediction_drift"]
+    assert (drift["rows"], drift["reference_rows"]) == (SAMPLE_ROWS, 35)
+    assert drift["kind"] == ("categorical" if task == "multiclass" else "numerical")
+    assert math.isfinite(drift["score"]) and isinstance(drift["drift_detected"], bool)
+    assert Path(drift["report_uri"].removeprefix("file://")).is_file()
 
 
 # ------------------------------------------------------------------------------------------ DAG folder
