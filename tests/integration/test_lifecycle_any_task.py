@@ -100,17 +100,6 @@ def states(dag_run) -> dict[str, str]:
     return {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
 
 
-def explain(dag_run) -> str:
-    """The task states of a run and the end of each failed task's log, for an assertion message."""
-    lines = [json.dumps(states(dag_run))]
-    logs = Path(os.environ["AIRFLOW_HOME"]) / "logs" / f"dag_id={dag_run.dag_id}" / f"run_id={dag_run.run_id}"
-    for ti in dag_run.get_task_instances():
-        if str(ti.state) == "failed":
-            for log in sorted(logs.glob(f"task_id={ti.task_id}/**/*.log")):
-                lines += [f"--- {log.name}", *log.read_text(errors="replace").splitlines()[-25:]]
-    return "\n".join(lines)
-
-
 def xcom(dag_run, task_id: str) -> Any:
     ti = next(ti for ti in dag_run.get_task_instances() if ti.task_id == task_id)
     return ti.xcom_pull(task_ids=task_id)
@@ -354,7 +343,7 @@ def test_the_features_run_writes_the_days_and_materializes_them(lifecycle):
     from airflow_mlops.hooks.feast import FeastHook
 
     dag_run = lifecycle.features
-    assert dag_run.state == "success", explain(dag_run)
+    assert dag_run.state == "success", states(dag_run)
     days = (LAST_DAY - FIRST_WEEK).days + 1
     assert xcom(dag_run, "daily_features")["rows"] == days
     labelled = xcom(dag_run, "labelled_days")
@@ -390,7 +379,7 @@ def test_the_features_run_writes_the_days_and_materializes_them(lifecycle):
 def test_the_train_dag_registers_the_model_with_its_task_metric_and_signature(lifecycle, task):
     model = lifecycle.models[task]
     dag_run = model.train
-    assert dag_run.state == "success", explain(dag_run)
+    assert dag_run.state == "success", states(dag_run)
 
     training, holdout = xcom(dag_run, "training_set"), xcom(dag_run, "holdout_set")
     assert (training["rows"], holdout["rows"]) == (98, 35)
@@ -524,7 +513,7 @@ def test_the_answers_are_logged_for_the_monitor(lifecycle):
 # ------------------------------------------------------------------------------------------ monitor
 def test_the_monitor_finds_the_spring_drift_against_the_training_snapshot(lifecycle):
     dag_run = lifecycle.models["binary"].monitor
-    assert dag_run.state == "success", explain(dag_run)
+    assert dag_run.state == "success", states(dag_run)
     result = xcom(dag_run, "drift")
     assert result["window"] == {
         "start": "2012-04-22",
@@ -569,7 +558,7 @@ def test_the_monitor_measures_quality_decay_with_the_tasks_metric(lifecycle, tas
     from airflow_mlops.ml.metrics import decay
 
     model = lifecycle.models[task]
-    assert model.monitor.state == "success", explain(model.monitor)
+    assert model.monitor.state == "success", states(model.monitor)
     result = xcom(model.monitor, "drift")
     quality = result["quality"]
     metric = METRICS[task]
