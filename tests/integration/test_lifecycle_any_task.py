@@ -277,8 +277,15 @@ def lifecycle(airflow_db, ray_cluster, dags_folder) -> Lifecycle:
                     result.models[task].traffic = served_traffic(MODELS[task])
             yield result
         finally:
+            import psutil
+
+            pids = []
             for task in TASKS:
+                state = target.read_state(MODELS[task])
+                pids += [(state.get(k) or {}).get("pid") for k in ("router", "active", "pending")]
                 target.teardown(MODELS[task])
+            alive = [p for p in pids if p and psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+            assert not alive, f"model servers left running: {alive}"
 
 
 def index_of(task: str) -> dict[str, Any]:
