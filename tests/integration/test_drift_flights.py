@@ -349,6 +349,7 @@ def test_monitor_of_a_feast_trained_model_joins_its_features_for_the_auc(
             repo_path=str(feast_env.repo),
             entity_uri=f"{offline}/flights_labelled",
             feature_service="delay_model",
+            label_column="delayed",
             start=start if "T" in start else f"{start}T00:00:00+00:00",
             end=end if "T" in end else f"{end}T00:00:00+00:00",
             name=name,
