@@ -20,11 +20,13 @@ unless the spec names others), the monitor measures decay by ``monitoring.max_de
 Feature steps named by import path (``operator:`` / ``callable:``) may live next to the spec file: its
 folder is appended to ``sys.path`` (as Airflow does with the DAG folder) before they are imported.
 
-A DAG file is a few lines (``dags/flights_lifecycle.py``)::
+A DAG file is a few lines (the project's example is ``dags/flights_lifecycle.py``)::
+
+    from pathlib import Path
 
     from airflow_mlops.lifecycle import lifecycle_dags
 
-    globals().update(lifecycle_dags(__file__.replace("_lifecycle.py", ".yaml")))
+    globals().update(lifecycle_dags(Path(__file__).with_name("model.yaml")))
 
 Parsing imports only Airflow, pydantic, PyYAML and the operator modules (none of the ML libraries).
 """

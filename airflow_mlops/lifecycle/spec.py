@@ -1,8 +1,10 @@
 """The lifecycle spec: one YAML file that describes a model's whole life, validated by pydantic.
 
 A team writes the spec once; :func:`airflow_mlops.lifecycle.factory.lifecycle_dags` turns it into the
-ingest, features, train and monitor DAGs. The field reference with examples is docs/lifecycle-spec.md;
-``dags/flights.yaml`` is the reference spec.
+ingest, features, train and monitor DAGs. The spec names the model's ``task`` (binary, multiclass or
+regression); its metrics (tuning, promotion, decay thresholds) default to the task's and must fit it
+(:mod:`airflow_mlops.ml.metrics`). The field reference with examples is docs/lifecycle-spec.md; the
+project's example specs are ``dags/flights.yaml`` (binary) and ``tests/lifecycle/seattle/seattle.yaml``.
 
 Relative paths in the spec (expectation suite, feature repository) are taken relative to the spec file.
 A spec that does not validate raises :class:`LifecycleSpecError`, which names the file, every wrong
@@ -62,7 +64,7 @@ class Ingest(_Section):
     landing_path: str = Field(
         min_length=1,
         description="where a batch lands, relative to [mlops] landing_root; templated with the data "
-        "interval, e.g. 'flights/date={{ data_interval_start | ds }}/flights.parquet'",
+        "interval, e.g. 'orders/date={{ data_interval_start | ds }}/orders.parquet'",
     )
     table: str = Field(pattern=_IDENTIFIER)
     expectation_suite: str = Field(min_length=1)
@@ -410,7 +412,7 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Life
     if not isinstance(content, dict):
         raise LifecycleSpecError(
             f"lifecycle spec {path} must be a YAML mapping of sections, got {type(content).__name__}.",
-            fix=f"start from dags/flights.yaml or the example in {DOCS}.",
+            fix=f"start from the example in {DOCS}.",
         )
     if overrides:
         content = _merge(content, overrides)
@@ -454,5 +456,5 @@ def _check_paths(spec: LifecycleSpec, path: Path) -> None:
         # a fixed landing path would make every run validate the same file
         raise LifecycleSpecError(
             f"{path}: ingest.landing_path {spec.ingest.landing_path!r} does not depend on the data interval.",
-            fix="template it, e.g. 'flights/date={{ data_interval_start | ds }}/flights.parquet'.",
+            fix="template it, e.g. 'orders/date={{ data_interval_start | ds }}/orders.parquet'.",
         )

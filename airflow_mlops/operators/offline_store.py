@@ -80,7 +80,7 @@ class OfflinePartitionWriteOperator(BaseOperator):
 
     :param source_uri: the landed batch: a parquet file or a folder of them; a relative path is taken
         under ``[mlops] landing_root`` (templated).
-    :param table: offline-store table name, e.g. ``flights`` (templated).
+    :param table: offline-store table name, e.g. ``orders`` (templated).
     :param partition: partition folder, e.g. ``date={{ ds }}`` (templated).
     :param offline_root: root URI of the offline store; default ``[mlops] offline_root`` (templated).
     :param partition_column: split the batch by the local day of this timestamp column (a weekly batch
