@@ -58,10 +58,10 @@ def _quiet() -> None:
 
 
 def prepare() -> None:
-    from airflow_mlops.config import load_settings
-    from airflow_mlops.demo.data import land
     from flights_features import FlightDailyStatsOperator  # dags/, put on sys.path above
 
+    from airflow_mlops.config import load_settings
+    from airflow_mlops.demo.data import land
     from airflow_mlops.operators.features import FeastApplyOperator, FeatureSourceSnapshotOperator
 
     settings = load_settings()

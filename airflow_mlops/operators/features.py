@@ -9,7 +9,7 @@ replaces what it wrote. Feast and pandas are imported inside ``execute()`` only.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +18,7 @@ from airflow.sdk import Asset, BaseOperator
 from airflow_mlops.artifacts import ArtifactStore, as_path, safe_segment, sha256_of, staged
 from airflow_mlops.exceptions import MLOpsArgumentError, MLOpsInputError
 from airflow_mlops.hooks.feast import FeastHook
+from airflow_mlops.ml.metrics import normalize_task
 from airflow_mlops.operators.offline_store import PARTITION_FILE, read_parquet_batch, resolve_uri
 
 if TYPE_CHECKING:
@@ -367,7 +368,8 @@ class FeastTrainingDatasetOperator(_FeastOperator):
         self.entity_uri = entity_uri
         self.feature_service = feature_service
         self.label_column = label_column
-        self.task = task
+        # not templated: a task that is not known fails when the DAG is parsed
+        self.task = normalize_task(task)
         self.event_timestamp_column = event_timestamp_column
         self.start = start
         self.end = end
@@ -397,7 +399,7 @@ class FeastTrainingDatasetOperator(_FeastOperator):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from airflow_mlops.ml.metrics import check_labels, normalize_task
+        from airflow_mlops.ml.metrics import check_labels
 
         task = normalize_task(self.task)
         store = ArtifactStore()

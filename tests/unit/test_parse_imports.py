@@ -15,7 +15,9 @@ HEAVY = ["ray", "feast", "great_expectations", "evidently", "bentoml", "sklearn"
 
 #: the DAG folder's Python files, less the modules .airflowignore keeps from being parsed as DAG files
 #: (importable helpers next to the specs, e.g. flights_features.py)
-IGNORED = [line for line in (ROOT / "dags" / ".airflowignore").read_text().splitlines() if line[:1] not in "#"]
+IGNORED = [
+    line for line in (ROOT / "dags" / ".airflowignore").read_text().splitlines() if line[:1] not in "#"
+]
 DAG_FILES = sorted(p.name for p in (ROOT / "dags").glob("*.py") if p.name not in IGNORED)
 
 

@@ -238,7 +238,10 @@ def test_a_regression_lifecycle_is_wired_with_its_metric(tmp_path):
     ("change", "named"),
     [
         (lambda c: c.pop("task"), r"task: Field required; fix: write 'task: binary'"),
-        (lambda c: c.update(task="classification"), r"task: Input should be 'binary', 'multiclass' or 'regression'"),
+        (
+            lambda c: c.update(task="classification"),
+            r"task: Input should be 'binary', 'multiclass' or 'regression'",
+        ),
         (
             lambda c: c.update(task="regression"),
             r"train\.tuning\.metric: 'auc' does not fit a regression model; fix: use one of rmse, mae, r2",
@@ -301,6 +304,8 @@ def test_max_auc_decay_is_read_as_the_deprecated_form_of_max_decay(tmp_path):
 
     with (
         pytest.warns(DeprecationWarning),
-        pytest.raises(LifecycleSpecError, match=r"monitoring\.max_decay\.auc: 'auc' does not fit a regression"),
+        pytest.raises(
+            LifecycleSpecError, match=r"monitoring\.max_decay\.auc: 'auc' does not fit a regression"
+        ),
     ):
         load_spec(write_spec(tmp_path, old_for_regression))

@@ -12,7 +12,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from flights_features import FlightDailyStatsOperator  # dags/flights_features.py (dags/ is on sys.path)
 
 from airflow_mlops.demo.data import flights_schema
@@ -248,7 +247,9 @@ def _labelled_rows(tmp_path, monkeypatch, labels: list) -> FeastTrainingDatasetO
     monkeypatch.setenv("AIRFLOW__MLOPS__STATE_DIR", str(tmp_path))
     rows = tmp_path / "offline" / "rows"
     rows.mkdir(parents=True)
-    stamps = pd.date_range("2013-03-01", periods=len(labels), freq="h", tz="UTC").astype("datetime64[us, UTC]")
+    stamps = pd.date_range("2013-03-01", periods=len(labels), freq="h", tz="UTC").astype(
+        "datetime64[us, UTC]"
+    )
     pd.DataFrame({"event_timestamp": stamps, "key": range(len(labels)), "target": labels}).to_parquet(
         rows / "part-0.parquet"
     )
@@ -277,19 +278,44 @@ def _written(tmp_path) -> list[str]:
 @pytest.mark.parametrize(
     ("task", "labels", "message"),
     [
-        ("binary", [1, 1, 1, None], r"label column 'target' .* has 1 distinct values \(1\.0\); a binary model"),
+        (
+            "binary",
+            [1, 1, 1, None],
+            r"label column 'target' .* has 1 distinct values \(1\.0\); a binary model",
+        ),
         ("multiclass", ["rain", "sun", "rain"], r"has 2 distinct values \('rain', 'sun'\); a multiclass"),
-        ("regression", ["rain", "sun", "fog"], r"holds object values .*'fog'.* regression model needs numbers"),
+        (
+            "regression",
+            ["rain", "sun", "fog"],
+            r"holds object values .*'fog'.* regression model needs numbers",
+        ),
         ("binary", [0.5, 1.5, 0.5], r"holds fractional numbers \(0.5, 1.5\); a binary model"),
     ],
 )
-def test_a_label_that_does_not_fit_the_task_leaves_no_training_set(tmp_path, monkeypatch, task, labels, message):
+def test_a_label_that_does_not_fit_the_task_leaves_no_training_set(
+    tmp_path, monkeypatch, task, labels, message
+):
     op = _labelled_rows(tmp_path, monkeypatch, labels)
     op.task = task
     with pytest.raises(MLOpsInputError, match=message) as refused:
         op.execute(_context())
     assert refused.value.fix  # names what to do (e.g. set task: multiclass)
     assert _written(tmp_path) == []  # neither the data nor the manifest
+
+
+def test_an_unknown_task_is_refused_when_the_dag_is_parsed():
+    with pytest.raises(MLOpsArgumentError, match="task 'clasification' is not known") as refused:
+        FeastTrainingDatasetOperator(
+            task_id="t", entity_uri="rows", feature_service="svc", label_column="y", task="clasification"
+        )
+    assert "binary, multiclass, regression" in refused.value.fix
+    # the older name of a binary model is still understood
+    assert (
+        FeastTrainingDatasetOperator(
+            task_id="t", entity_uri="rows", feature_service="svc", label_column="y", task="classification"
+        ).task
+        == "binary"
+    )
 
 
 def test_the_manifest_describes_multiclass_and_regression_labels(tmp_path, monkeypatch):
