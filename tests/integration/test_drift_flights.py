@@ -16,13 +16,18 @@ import pytest
 
 from airflow_mlops.artifacts import ArtifactStore, as_path
 from airflow_mlops.exceptions import MLOpsInputError
-from airflow_mlops.operators.drift import (
-    FLIGHTS_DRIFT_COLUMNS,
-    FLIGHTS_DRIFT_SHARE,
-    FLIGHTS_LABEL_RULE,
-    EvidentlyDriftOperator,
-    drift_alias,
-)
+from airflow_mlops.lifecycle.spec import load_spec
+from airflow_mlops.operators.drift import EvidentlyDriftOperator, drift_alias
+from mlops_testing import ROOT
+
+#: the flights spec's monitoring settings (dags/flights.yaml): drift columns with their methods and
+#: thresholds, the drifted share, and the training snapshot's names of the weather and hour columns
+_MONITORING = load_spec(ROOT / "dags" / "flights.yaml").monitoring
+FLIGHTS_DRIFT_COLUMNS: dict[str, dict[str, Any]] = dict(_MONITORING.columns)  # type: ignore[arg-type]
+FLIGHTS_DRIFT_SHARE = _MONITORING.drift_share
+FLIGHTS_REFERENCE_COLUMNS = dict(_MONITORING.reference_columns)
+#: the flights label: arrival delay above 15 minutes
+FLIGHTS_LABEL_RULE: dict[str, Any] = {"column": "arr_delay", "gt": 15}
 
 WEATHER = ["temp", "dewp", "humid", "wind_speed", "precip", "pressure", "visib"]
 SPRING = ("2013-05-01", "2013-05-07")
@@ -75,6 +80,7 @@ def run_check(store: dict[str, str], window_end: str, run_id: str, **kwargs: Any
         model_name="flight_delay",
         reference_uri=store["reference_uri"],
         offline_root=store["offline_root"],
+        table="flights",
         joins=[{"uri": "weather/weather.parquet", "on": ["origin", "time_hour"], "columns": WEATHER}],
         columns=FLIGHTS_DRIFT_COLUMNS,
         drift_share=FLIGHTS_DRIFT_SHARE,
@@ -272,13 +278,14 @@ def test_auc_decay_of_the_production_model_on_a_calm_week(
         task_id="drift",
         model_name=model,  # no reference_uri: the production version's training snapshot
         offline_root=flights_store["offline_root"],
+        table="flights",
         columns=SCHEDULE_COLUMNS,
         drift_share=FLIGHTS_DRIFT_SHARE,
         window_end=SPRING[1],
         window_days=7,
         label_column="delayed",
         label_rule=FLIGHTS_LABEL_RULE,
-        max_auc_decay=0.03,
+        max_decay={"auc": 0.03},
         drift_asset=asset,
     )
     events = OutletEventAccessors()
@@ -294,6 +301,10 @@ def test_auc_decay_of_the_production_model_on_a_calm_week(
     assert quality["auc"] == pytest.approx(expected_auc, abs=1e-9)
     assert quality["holdout_auc"] == pytest.approx(promotion["candidate_score"])
     assert quality["auc_decay"] == pytest.approx(promotion["candidate_score"] - expected_auc)
+    # the generic figures: the metric the model was promoted on, its score and drop
+    assert (quality["metric"], quality["max_decay"]) == ("auc", 0.03)
+    assert quality["score"] == quality["auc"] and quality["holdout_score"] == quality["holdout_auc"]
+    assert quality["decay"] == pytest.approx(quality["auc_decay"])
     alias_events = events[drift_alias(asset)].asset_alias_events
     if model == "delay_april":  # an honest holdout: the model is as good on May as on April
         assert quality["auc_decay"] < 0.03 and result["decay_detected"] is False
@@ -304,6 +315,7 @@ def test_auc_decay_of_the_production_model_on_a_calm_week(
         assert event.extra["decay_detected"] is True and event.extra["drift_detected"] is False
         assert event.extra["auc"] == quality["auc"] and event.extra["holdout_auc"] == quality["holdout_auc"]
         assert event.extra["auc_decay"] == quality["auc_decay"]
+        assert (event.extra["metric"], event.extra["decay"]) == ("auc", quality["decay"])
 
 
 #: features of a model trained like ``flights_train``'s: request fields plus each view of ``delay_model``
@@ -336,7 +348,7 @@ def test_monitor_of_a_feast_trained_model_joins_its_features_for_the_auc(
     from sklearn.metrics import roc_auc_score
 
     from airflow_mlops.ml.model_io import load_model_dir
-    from airflow_mlops.operators.drift import FLIGHTS_REFERENCE_COLUMNS, DriftBaselineOperator
+    from airflow_mlops.operators.drift import DriftBaselineOperator
     from airflow_mlops.operators.features import FeastTrainingDatasetOperator
     from airflow_mlops.operators.registry import PromoteModelOperator, RegisterModelOperator
 
@@ -393,6 +405,7 @@ def test_monitor_of_a_feast_trained_model_joins_its_features_for_the_auc(
         task_id="drift",
         model_name="flight_delay",
         offline_root=offline,
+        table="flights",
         joins=[{"uri": "weather", "on": ["origin", "time_hour"], "columns": ["temp", "dewp"]}],
         columns=FLIGHTS_DRIFT_COLUMNS,
         reference_columns=FLIGHTS_REFERENCE_COLUMNS,
@@ -422,7 +435,8 @@ def test_monitor_of_a_feast_trained_model_joins_its_features_for_the_auc(
     assert quality["auc"] == pytest.approx(expected, abs=1e-9)
     assert quality["holdout_auc"] == pytest.approx(promotion["candidate_score"])
     assert quality["auc_decay"] == pytest.approx(promotion["candidate_score"] - expected)
-    assert result["decay_detected"] is (quality["auc_decay"] > 0.05)
+    assert result["decay_detected"] is (quality["decay"] > 0.05)
+    assert quality["decay"] == pytest.approx(quality["auc_decay"])
 
 
 def pd_read(uri: str) -> Any:
