@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mlops_testing import ROOT
 
 from airflow_mlops.artifacts import ArtifactStore, as_path
 from airflow_mlops.exceptions import MLOpsInputError
 from airflow_mlops.lifecycle.spec import load_spec
 from airflow_mlops.operators.drift import EvidentlyDriftOperator, drift_alias
-from mlops_testing import ROOT
 
 #: the flights spec's monitoring settings (dags/flights.yaml): drift columns with their methods and
 #: thresholds, the drifted share, and the training snapshot's names of the weather and hour columns
