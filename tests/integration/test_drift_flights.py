@@ -318,6 +318,71 @@ def test_auc_decay_of_the_production_model_on_a_calm_week(
         assert (event.extra["metric"], event.extra["decay"]) == ("auc", quality["decay"])
 
 
+def test_prediction_drift_of_the_served_flights_model(
+    flights_store: dict[str, str], served_models: dict[str, Any], monkeypatch
+) -> None:
+    """The spring week answered by the production version of ``delay_april`` (a real model loaded from the
+    registry), logged by the service's writer; the monitor compares those delay probabilities with the
+    model's probabilities on the April holdout it was promoted on."""
+    import numpy as np
+    import pandas as pd
+    from scipy.stats import wasserstein_distance
+
+    from airflow_mlops.ml.model_io import load_model_dir
+    from airflow_mlops.ml.prediction_log import PredictionLogWriter, make_record
+
+    monkeypatch.setenv("AIRFLOW__MLOPS__STATE_DIR", str(served_models["state"]))
+    version = served_models["promoted"]["delay_april"]["version"]
+    model = load_model_dir(served_models["model_dir"])
+    offline = Path(as_path(flights_store["offline_root"]).path) / "flights"
+    days = pd.date_range(*SPRING).strftime("%Y-%m-%d")
+    week = pd.concat(pd.read_parquet(offline / f"date={d}" / "part-0.parquet") for d in days)
+    served = model.predict(week)
+    writer = PredictionLogWriter("delay_april", flush_seconds=3600)
+    writer.append(
+        [
+            make_record(
+                model="delay_april",
+                version=version,
+                task="binary",
+                request={f: row[f] for f in model.features},
+                features={f: row[f] for f in model.features},
+                prediction=float(p),
+                answer={"probability": float(p), "label": int(p >= 0.5)},
+                time=row["time_hour"].isoformat(),
+            )
+            for row, p in zip(week.to_dict("records"), served, strict=True)
+        ]
+    )
+    writer.close()
+
+    result = EvidentlyDriftOperator(
+        task_id="drift",
+        model_name="delay_april",
+        offline_root=flights_store["offline_root"],
+        table="flights",
+        columns=SCHEDULE_COLUMNS,
+        window_end=SPRING[1],
+        window_days=7,
+        prediction_drift=True,
+    ).execute({"ti": FakeTI("predictions"), "run_id": "predictions"})
+
+    from airflow_mlops.operators.drift import production_model
+
+    holdout_uri = production_model("delay_april")["promotion"]["holdout_uri"]  # recorded by the promotion
+    holdout = pd.read_parquet(as_path(json.loads(as_path(holdout_uri).read_text())["data_uri"]).path)
+    reference = model.predict(holdout)
+    predictions = result["prediction_drift"]
+    # the log's days are UTC days (time_hour): the evening flights of the week's last New York day fall after it
+    logged = week["time_hour"].dt.strftime("%Y-%m-%d").between(*SPRING)
+    assert predictions["rows"] == int(logged.sum()) > 5000
+    assert predictions["reference_rows"] == len(holdout)
+    assert predictions["method"] == "Wasserstein distance (normed)" and predictions["threshold"] == 0.1
+    expected = wasserstein_distance(reference, served[logged.to_numpy()]) / np.std(reference)
+    assert predictions["score"] == pytest.approx(expected, rel=1e-6)
+    assert predictions["drift_detected"] is (expected >= 0.1)
+
+
 #: features of a model trained like ``flights_train``'s: request fields plus each view of ``delay_model``
 FEAST_FEATURES = [
     "carrier",
