@@ -380,7 +380,8 @@ def test_prediction_drift_of_the_served_flights_model(
     assert predictions["method"] == "Wasserstein distance (normed)" and predictions["threshold"] == 0.1
     expected = wasserstein_distance(reference, served[logged.to_numpy()]) / np.std(reference)
     assert predictions["score"] == pytest.approx(expected, rel=1e-6)
-    assert predictions["drift_detected"] is (expected >= 0.1)
+    # the spring week is answered as the April holdout was: no prediction drift
+    assert expected < 0.1 and predictions["drift_detected"] is False
 
 
 #: features of a model trained like ``flights_train``'s: request fields plus each view of ``delay_model``
