@@ -569,3 +569,23 @@ def test_a_run_by_hand_starts_its_cooldown_at_its_data_time_not_the_wall_clock(t
                 "logical_date": datetime(2013, 7, 21, tzinfo=UTC),
             }
         )
+
+
+def test_prediction_drift_flag_rendered_from_a_template() -> None:
+    def flag(value: Any) -> bool:
+        op = EvidentlyDriftOperator(task_id="d", model_name="m", table="t", prediction_drift=value)
+        return op._wants_prediction_drift()
+
+    assert flag("True") is True and flag(" false ") is False and flag(True) is True and flag("") is False
+    with pytest.raises(MLOpsArgumentError, match="prediction_drift 'sometimes' is not a boolean"):
+        flag("sometimes")
+
+
+def test_a_prediction_drift_finding_is_a_different_event() -> None:
+    from airflow_mlops.operators.drift import drift_event_id
+
+    summary = {"drifted_columns": {"temp": 5.0}}
+    window = ["2013-07-15", "2013-07-21"]
+    plain = drift_event_id("m", window, summary)
+    assert drift_event_id("m", window, summary, also=()) == plain  # ids of data drift alone are unchanged
+    assert drift_event_id("m", window, summary, also=["prediction"]) != plain
