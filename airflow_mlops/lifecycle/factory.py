@@ -442,6 +442,7 @@ window to the `train_days` before that; otherwise the params' days are used.
                         "step_args": {
                             "url": "{{ ti.xcom_pull(task_ids='deploy')['url'] }}",
                             "data_uri": "{{ ti.xcom_pull(task_ids='holdout_set')['data_uri'] }}",
+                            "model": spec.model,
                             "rows": spec.serving.sample_rows,
                         }
                     },
