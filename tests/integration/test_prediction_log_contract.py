@@ -59,16 +59,18 @@ def _served(tmp):
         task: register(_model(task), folder, train, entity_keys=["carrier"])
         for task, folder in folders.items()
     }
+    unsigned = register("contract_unsigned", write_model(tmp / "unsigned", train, max_iter=3))
     hook = BentoMLHook()
     backends = start_backends(
         [
             {"model": _model(t), "version": versions[t], "env": {"MLOPS_SERVE_LOG_FLUSH_SECONDS": "0.3"}}
             for t in TASKS
         ]
+        + [{"model": "contract_unsigned", "version": unsigned, "refused": True}]
     )
     try:
         models = {}
-        for task, backend in zip(TASKS, backends, strict=True):
+        for task, backend in zip(TASKS, backends[:3], strict=True):
             index = hook.read_index(_model(task))
             models[task] = SimpleNamespace(
                 name=_model(task),
@@ -77,7 +79,7 @@ def _served(tmp):
                 signature=signature_of(index["versions"][versions[task]]),
                 predictor=hook.load(_model(task), versions[task]),
             )
-        yield models
+        yield {**models, "unsigned": SimpleNamespace(version=unsigned, url=backends[3]["url"])}
     finally:
         stop_backends(backends)
 
@@ -90,11 +92,12 @@ def _rows(served, n: int, seed: int) -> list[dict]:
     request schema accepts (a destination never seen in training would be refused)."""
     from airflow_mlops.ml.signature import request_model
 
-    schemas = [request_model(m.signature, m.name) for m in served.values()]
+    models = [served[t] for t in TASKS]
+    schemas = [request_model(m.signature, m.name) for m in models]
     rows = []
     for row in _may_flights(n * 5, seed):
         try:
-            for schema, model in zip(schemas, served.values(), strict=True):
+            for schema, model in zip(schemas, models, strict=True):
                 schema.model_validate(_request(model, row))
         except ValueError:
             continue
@@ -218,7 +221,8 @@ def _send_and_read(served, seed: int) -> tuple[dict, datetime, datetime]:
     rows = _rows(served, 20, seed=seed)
     sent: dict[str, list[tuple[dict, dict]]] = {}
     started = datetime.now(UTC)
-    for task, model in served.items():
+    for task in TASKS:
+        model = served[task]
         with httpx.Client(base_url=model.url, timeout=30) as client:
             requests = [_request(model, r) for r in rows]
             pairs = [(r, client.post("/predict", json={"row": r}).json()) for r in requests[:12]]
@@ -272,7 +276,8 @@ def _check_read_back(frame, model, pairs, started: datetime, ended: datetime) ->
 def test_every_prediction_is_read_back_from_the_log_with_its_value_version_and_time(served):
     sent, started, ended = _send_and_read(served, seed=3)
     days = _days(started, ended)
-    for task, model in served.items():
+    for task in TASKS:
+        model = served[task]
         frame = _read_back(
             lambda m: read_prediction_log(log_root(m.name), days), model, sent[task], started, ended
         )
@@ -302,5 +307,15 @@ def test_the_drift_triggers_reading_gives_every_prediction_with_its_value_versio
         return frame
 
     sent, started, ended = _send_and_read(served, seed=4)
-    for task, model in served.items():
+    for task in TASKS:
+        model = served[task]
         _read_back(trigger_rows, model, sent[task], started, ended)
+
+
+def test_a_version_without_a_signature_starts_but_is_not_ready_and_says_why(served):
+    url = served["unsigned"].url
+    ready = httpx.get(url + "/ready", timeout=10)
+    assert ready.status_code == 503 and ready.json()["ready"] is False
+    assert "registered without a signature" in ready.json()["error"]
+    refused = httpx.post(url + "/predict", json={"row": {"carrier": "UA"}}, timeout=10)
+    assert refused.status_code == 503 and "registered without a signature" in refused.json()["error"]

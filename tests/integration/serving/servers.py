@@ -12,7 +12,8 @@ import httpx
 
 def start_backends(specs: list[dict[str, Any]], timeout: float = 240) -> list[dict[str, Any]]:
     """Start one backend per ``spec`` (``model``, ``version``, optional ``env``) with
-    :meth:`LocalDeploymentTarget.start`; returns them once each ``/ready`` says ready.
+    :meth:`LocalDeploymentTarget.start`; returns them once each ``/ready`` says ready (or, for a spec with
+    ``refused=True``, once it says why it will not serve).
 
     :raises AssertionError: a backend died or did not become ready in time (with its log).
     """
@@ -31,7 +32,7 @@ def start_backends(specs: list[dict[str, Any]], timeout: float = 240) -> list[di
                 body = httpx.get(backend["url"] + "/ready", timeout=5).json()
             except (httpx.HTTPError, ValueError):
                 pass
-            if body.get("ready"):
+            if body.get("ready") or (body.get("error") and backend.get("refused")):
                 waiting.pop(0)
                 continue
             log = (
