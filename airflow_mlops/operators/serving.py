@@ -788,6 +788,8 @@ class BentoRollbackOperator(BentoDeployOperator):
                 f"deployment {self.deployment!r} has no previous version to roll back to.",
                 fix="deploy a second version first.",
             )
+        index = self.hook.read_index(self.model_name)
+        check_signature(self.hook.version_record(index, previous["version"]), previous["version"])
         self.hook.model_dir(self.model_name, previous["version"])
         result = self.deploy(
             {"version": previous["version"], "bento": previous.get("bento")},
