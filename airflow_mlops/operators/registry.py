@@ -76,7 +76,7 @@ class _RegistryOperator(BaseOperator):
 class RegisterModelOperator(_RegistryOperator):
     """Register a tuned model as ``<model_name>:<version>`` with stage ``candidate``.
 
-    :param model_name: registry name, e.g. ``flight_delay`` (templated).
+    :param model_name: registry name, e.g. ``churn`` (templated).
     :param model_uri: the model folder (model file + ``model.json``) or its model file, as returned by
         ``RayTuneOperator`` (templated).
     :param metrics: validation metrics to record, e.g. the tuning result's best metric (templated).
