@@ -229,6 +229,8 @@ def ingest_dag(spec: LifecycleSpec) -> DAG:
         catchup=False,
         max_active_runs=ingest.max_active_runs,
         default_args=_default_args(spec),
+        # only the DAGs a DAG file puts in its globals exist: a file may take some of a spec's DAGs
+        auto_register=False,
         tags=["mlops", *spec.tags, "ingest"],
         doc_md=f"""Ingest for model **{spec.model}** (spec `{spec.source}`).
 
@@ -289,6 +291,8 @@ def features_dag(spec: LifecycleSpec) -> DAG:
         max_active_runs=1,
         user_defined_macros={"feature_window": window},
         default_args=_default_args(spec),
+        # only the DAGs a DAG file puts in its globals exist: a file may take some of a spec's DAGs
+        auto_register=False,
         tags=["mlops", *spec.tags, "features"],
         doc_md=f"""Features for model **{spec.model}** (spec `{spec.source}`, Feast repository `{repo}`).
 
@@ -358,6 +362,8 @@ def train_dag(spec: LifecycleSpec) -> DAG:
         },
         user_defined_macros={"train_window": train_window},
         default_args=_default_args(spec),
+        # only the DAGs a DAG file puts in its globals exist: a file may take some of a spec's DAGs
+        auto_register=False,
         tags=["mlops", *spec.tags, "train"],
         doc_md=f"""Train, gate and serve model **{spec.model}** (spec `{spec.source}`).
 
@@ -520,6 +526,8 @@ def monitor_dag(spec: LifecycleSpec) -> DAG:
             "window_days": Param(monitoring.window_days, type="integer", minimum=1),
         },
         default_args=_default_args(spec),
+        # only the DAGs a DAG file puts in its globals exist: a file may take some of a spec's DAGs
+        auto_register=False,
         tags=["mlops", *spec.tags, "monitor"],
         doc_md=f"""Drift monitor for model **{spec.model}** (spec `{spec.source}`).
 
@@ -557,7 +565,9 @@ def lifecycle_dags(spec_path: str | Path, overrides: dict[str, Any] | None = Non
     """The ingest, features, train and monitor DAGs of the lifecycle spec at ``spec_path``.
 
     :param overrides: nested mapping merged over the spec (tests use it to switch cadence or ports).
-    :return: ``{dag_id: DAG}``; put it in the DAG file's globals for Airflow to find the DAGs.
+    :return: ``{dag_id: DAG}``; put it in the DAG file's globals for Airflow to find the DAGs. Only the
+        DAGs put there exist (they are built with ``auto_register=False``): a file may take only some of
+        them, e.g. the train and monitor DAGs of a model that shares another spec's ingest and features.
     :raises LifecycleSpecError: the spec is invalid; the message names the file, each field and the fix.
     """
     spec = load_spec(spec_path, overrides)
