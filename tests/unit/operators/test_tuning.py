@@ -91,6 +91,29 @@ def test_build_spec_rejects_a_bad_space_and_an_unknown_metric_mode():
         _op(metric="f1").build_spec(CONTEXT)
 
 
+def test_the_metric_follows_the_task_and_is_checked_against_it():
+    spec = _op(metric=None).build_spec(CONTEXT)
+    assert spec.metric is None and spec.mode is None  # resolved from the task once the data is read
+    assert _op(metric=None, task="multiclass").build_spec(CONTEXT).metric == "macro_f1"
+    assert _op(metric=None, task="regression").build_spec(CONTEXT).mode == "min"
+    with pytest.raises(MLOpsArgumentError, match=r"metric 'rmse' does not fit a binary model.*auc"):
+        _op(metric="rmse", task="binary").build_spec(CONTEXT)
+    with pytest.raises(MLOpsArgumentError, match=r"mode 'max' contradicts metric 'rmse'"):
+        _op(metric="rmse", mode="max").build_spec(CONTEXT)
+
+
+def test_a_trainable_refuses_a_task_it_does_not_train():
+    from airflow_mlops.ml.search import resolve_trainable, trainable_task
+
+    full, fn = resolve_trainable("lightgbm_classifier")
+    assert trainable_task(fn, full, None) is None  # binary or multiclass: the label decides
+    assert trainable_task(fn, full, "classification") == "binary"
+    full, fn = resolve_trainable("lightgbm_regressor")
+    assert trainable_task(fn, full, None) == "regression"
+    with pytest.raises(MLOpsArgumentError, match=r"trains regression models, not multiclass"):
+        trainable_task(fn, full, "multiclass")
+
+
 def test_build_spec_places_tune_state_under_the_task_artifacts():
     spec = _op(scheduler={"type": "ASHA", "grace_period": 1}).build_spec(CONTEXT)
     assert spec.mode == "max" and spec.scheduler == {"type": "asha", "grace_period": 1}
@@ -372,7 +395,7 @@ def _overfitting_set():
         }
     )
     frame["y"] = ((frame["x1"] + rng.normal(scale=1.5, size=n)) > 0).astype(int)
-    data = build_training_set(frame, label="y", task="classification", time_column="t")
+    data = build_training_set(frame, label="y", task="binary", time_column="t")
     data.metric, data.mode = "auc", "max"
     return data
 
