@@ -216,10 +216,9 @@ def prepare(spec: SearchSpec) -> tuple[Any, Any]:
             f"malformed search_space: {err}", fix="see docs/tuning.md for the search-space form."
         ) from err
     task = trainable_task(fn, full, spec.task)
-    if task or spec.metric:  # a wrong metric fails before the data is read
+    if task:  # the task is known: a wrong metric fails before the data is read
         metric, mode = resolve_metric(spec.metric, spec.mode, task)
-        if metric:
-            check_metric(fn, full, metric, mode, task)  # type: ignore[arg-type]
+        check_metric(fn, full, metric, mode, task)  # type: ignore[arg-type]
     check_scheduler(spec.scheduler)
     if spec.num_samples < 1:
         raise MLOpsArgumentError(f"num_samples must be at least 1, got {spec.num_samples}.")
