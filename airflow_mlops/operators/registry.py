@@ -168,8 +168,6 @@ class RegisterModelOperator(_RegistryOperator):
         return FeastHook(feast_conn_id=self.feast_conn_id, repo_path=self.feast_repo_path or None)
 
     def execute(self, context: Context) -> dict[str, Any]:
-        from airflow_mlops.ml.model_io import read_description
-
         source = as_path(self.model_uri)
         if source.is_file() or not source.exists():
             source = source.parent
@@ -178,7 +176,13 @@ class RegisterModelOperator(_RegistryOperator):
                 f"{self.model_uri!r} is not a model folder (no model.json beside the model file).",
                 fix="pass the model_uri returned by RayTuneOperator.",
             )
-        description = read_description(source)
+        try:
+            description = json.loads((source / "model.json").read_bytes())
+        except ValueError as err:
+            raise MLOpsInputError(
+                f"model.json beside {self.model_uri!r} is not JSON ({err}).",
+                fix="pass the model_uri returned by RayTuneOperator.",
+            ) from None
         metadata: dict[str, Any] = {
             **self._model_fields(description),
             "hyperparameters": self.hyperparameters or {},
