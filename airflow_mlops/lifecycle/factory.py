@@ -402,6 +402,7 @@ window to the `train_days` before that; otherwise the params' days are used.
             hyperparameters=tune.output["best_config"],
             training_manifest_uri=training_set.output["manifest_uri"],
             feature_service=features.feature_service,
+            feast_repo_path=repo,
         )
         promote = PromoteModelOperator(
             task_id="promote",
