@@ -98,7 +98,8 @@ def resolve_trainable(path: str) -> tuple[str, Any]:
 
 def resolve_metric(metric: str | None, mode: str | None, task: str | None) -> tuple[str | None, str | None]:
     """The metric and its direction: a built-in metric's own direction (a contradicting ``mode`` is
-    refused), the task's default metric when ``metric`` is None, ``mode`` as given for another metric.
+    refused), the task's default metric and its direction when ``metric`` is None (a ``mode`` given with
+    it is ignored), ``mode`` as given for a metric of the trainable's own.
 
     :raises MLOpsArgumentError: a built-in metric that does not fit ``task``, a ``mode`` against a
         built-in metric's direction, an unknown metric without ``mode``.
@@ -109,6 +110,11 @@ def resolve_metric(metric: str | None, mode: str | None, task: str | None) -> tu
         if task is None:
             return None, mode
         metric = DEFAULT_METRIC[normalize_task(task)]
+        if mode is not None and mode != METRICS[metric].mode:
+            log.warning(
+                "mode %r ignored: the task's default metric %s is %s", mode, metric, METRICS[metric].mode
+            )
+        return metric, METRICS[metric].mode
     if mode is not None and mode not in ("min", "max"):
         raise MLOpsArgumentError(f"mode must be 'min' or 'max', got {mode!r}.")
     if metric in METRICS:
