@@ -230,7 +230,7 @@ def lifecycle(airflow_db, ray_cluster, dags_folder) -> Lifecycle:
             "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST",
             json.dumps([{**bundle, "kwargs": {"path": str(dags_folder)}}]),
         )
-        mp.syspath_prepend(str(SEATTLE))  # the spec's feature steps: seattle_features.<function>
+        # nothing is put on sys.path: the factory finds the feature steps (seattle_features.py) next to the spec
 
         weather = seattle_weather()
         landing = state / "landing"
@@ -264,7 +264,7 @@ def lifecycle(airflow_db, ray_cluster, dags_folder) -> Lifecycle:
                 train = dags[task][f"{prefix}_train"].test(logical_date=at(BAD_WEEK), run_conf=TRAIN_CONF)
                 deployment = target.read_state(MODELS[task])
                 if train.state == "success":
-                    # the monitor reads the served predictions: wait for the service to flush its log
+                    # the served-traffic check reads the prediction log: wait for the service to flush it
                     wait_for_log(MODELS[task], SAMPLE_ROWS)
                 monitor = dags[task][f"{prefix}_monitor"].test(
                     logical_date=at(BAD_WEEK), run_conf={"window_days": 28}
@@ -281,8 +281,8 @@ def lifecycle(airflow_db, ray_cluster, dags_folder) -> Lifecycle:
 
             pids = []
             for task in TASKS:
-                state = target.read_state(MODELS[task])
-                pids += [(state.get(k) or {}).get("pid") for k in ("router", "active", "pending")]
+                deployed = target.read_state(MODELS[task])
+                pids += [(deployed.get(k) or {}).get("pid") for k in ("router", "active", "pending")]
                 target.teardown(MODELS[task])
             alive = [p for p in pids if p and psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
             assert not alive, f"model servers left running: {alive}"
