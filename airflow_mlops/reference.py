@@ -1,7 +1,19 @@
 """Render ``docs/operators.md``, the operator reference, from the classes the provider registers.
 
+Each operator and sensor is shown with its docstring and a runnable example: the block of an example
+DAG file in ``tests/lifecycle/handwritten/`` between the markers named after the class, as the official
+Airflow providers mark the example DAGs their docs embed::
+
+    # [START howto_operator_ray_tune]
+    tune = RayTuneOperator(...)
+    # [END howto_operator_ray_tune]
+
+(``howto_operator_<snake name without "Operator">``, ``howto_sensor_<... without "Sensor">``.) An
+operator or sensor without an example, a marker naming no registered class, a marker used twice or
+left open all fail the rendering with :class:`ExampleMarkerError`.
+
 ``python -m airflow_mlops.reference`` rewrites the file; ``tests/unit/test_reference_doc.py`` fails
-when it is out of date with the docstrings.
+when it is out of date with the docstrings or the examples.
 """
 
 from __future__ import annotations
@@ -10,7 +22,14 @@ import importlib
 import inspect
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+from airflow_mlops.exceptions import MLOpsError
+
+ROOT = Path(__file__).resolve().parents[1]
+#: the example DAG files whose marked blocks the reference embeds
+EXAMPLES = ROOT / "tests" / "lifecycle" / "handwritten"
 
 HEADER = """# Operator reference
 
@@ -29,33 +48,148 @@ KINDS = {
 }
 
 
+#: kinds whose every class must have an example, with the suffix the marker name drops
+EXAMPLE_KINDS = {"operators": ("operator", "Operator"), "sensors": ("sensor", "Sensor")}
+_MARKER = re.compile(r"^\s*# \[(START|END) (howto_\w+)\]\s*$")
+
+
+class ExampleMarkerError(MLOpsError):
+    """The examples do not fit the registered classes (a class without one, a stray or open marker)."""
+
+
+@dataclass(frozen=True)
+class Snippet:
+    """The lines of ``path`` between ``# [START name]`` and ``# [END name]``, dedented."""
+
+    name: str
+    path: Path
+    code: str
+
+
+def marker_name(cls: type, kind: str) -> str:
+    """``howto_operator_ray_tune`` for ``RayTuneOperator``; ``howto_sensor_landed_batch`` for sensors."""
+    word, suffix = EXAMPLE_KINDS[kind]
+    stem = cls.__name__.removesuffix(suffix)
+    snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", stem).lower()
+    return f"howto_{word}_{snake}"
+
+
+def find_snippets(folder: Path = EXAMPLES) -> dict[str, Snippet]:
+    """Every marked block of the ``*.py`` files in ``folder``, by marker name.
+
+    :raises ExampleMarkerError: a marker opened twice, closed without being opened, or never closed.
+    """
+    import textwrap
+
+    found: dict[str, Snippet] = {}
+    for path in sorted(folder.glob("*.py")):
+        lines = path.read_text().splitlines()
+        open_at: dict[str, int] = {}
+        for number, line in enumerate(lines, start=1):
+            match = _MARKER.match(line)
+            if not match:
+                continue
+            edge, name = match.groups()
+            where = f"{path.name}:{number}"
+            if edge == "START":
+                if name in open_at or name in found:
+                    raise ExampleMarkerError(
+                        f"{where}: marker {name} is used twice.", fix="keep one block per class."
+                    )
+                open_at[name] = number
+                continue
+            if name not in open_at:
+                raise ExampleMarkerError(
+                    f"{where}: [END {name}] without its [START].", fix="add the START line."
+                )
+            block = [ln for ln in lines[open_at.pop(name) : number - 1] if not _MARKER.match(ln)]
+            code = textwrap.dedent("\n".join(block)).strip("\n")
+            if not code.strip():
+                raise ExampleMarkerError(
+                    f"{where}: the block {name} is empty.", fix="put the example between the markers."
+                )
+            found[name] = Snippet(name=name, path=path, code=code)
+        if open_at:
+            raise ExampleMarkerError(
+                f"{path.name}: marker(s) {', '.join(sorted(open_at))} opened and never closed.",
+                fix="end each block with its # [END <name>] line.",
+            )
+    return found
+
+
+def _classes(info: dict, key: str, bases: tuple[str, ...]):
+    for entry in info.get(key, []):
+        for name in entry["python-modules"]:
+            module = importlib.import_module(name)
+            for attr, obj in sorted(vars(module).items()):
+                if not inspect.isclass(obj) or obj.__module__ != name or attr.startswith("_"):
+                    continue
+                if {c.__name__ for c in obj.__mro__[1:]} & set(bases):
+                    yield f"{name}.{attr}", obj
+
+
 def _markdown(doc: str) -> str:
     doc = re.sub(r":param (\w+):", r"- `\1`:", doc)
     doc = re.sub(r":return: ?", "Returns: ", doc)
     return re.sub(r":raises (\w+): ?", r"Raises `\1`: ", doc)
 
 
-def render() -> str:
+def _example(snippet: Snippet) -> list[str]:
+    where = snippet.path.relative_to(ROOT) if snippet.path.is_relative_to(ROOT) else snippet.path
+    return [
+        f"Example (from [`{where}`](../{where}), block `{snippet.name}`):",
+        "",
+        "```python",
+        snippet.code,
+        "```",
+        "",
+    ]
+
+
+def render(examples: Path = EXAMPLES) -> str:
+    """The text of ``docs/operators.md``.
+
+    :param examples: folder of the example DAG files whose marked blocks are embedded.
+    :raises ExampleMarkerError: an operator or sensor has no example, or a marker names no registered class.
+    """
     from airflow_mlops.get_provider_info import get_provider_info
 
     info = get_provider_info()
+    snippets = find_snippets(examples)
+    used: set[str] = set()
+    missing: list[str] = []
     lines = [HEADER]
     for key, (title, bases) in KINDS.items():
         lines += [f"## {title}", ""]
-        for entry in info.get(key, []):
-            for name in entry["python-modules"]:
-                module = importlib.import_module(name)
-                for attr, obj in sorted(vars(module).items()):
-                    if not inspect.isclass(obj) or obj.__module__ != name or attr.startswith("_"):
-                        continue
-                    if not {c.__name__ for c in obj.__mro__[1:]} & set(bases):
-                        continue
-                    lines += [f"### `{name}.{attr}`", "", _markdown(inspect.getdoc(obj) or ""), ""]
+        for path, cls in _classes(info, key, bases):
+            lines += [f"### `{path}`", "", _markdown(inspect.getdoc(cls) or ""), ""]
+            if key not in EXAMPLE_KINDS:
+                continue
+            name = marker_name(cls, key)
+            if name not in snippets:
+                missing.append(f"{path} (# [START {name}])")
+                continue
+            used.add(name)
+            lines += _example(snippets[name])
+    if missing:
+        raise ExampleMarkerError(
+            f"no example in {examples} for: {'; '.join(missing)}.",
+            fix="every registered operator and sensor needs one: add a block between those markers to "
+            "an example DAG file there.",
+        )
+    stray = sorted(set(snippets) - used)
+    if stray:
+        raise ExampleMarkerError(
+            "example marker(s) naming no registered operator or sensor: "
+            + "; ".join(f"{n} ({snippets[n].path.name})" for n in stray)
+            + ".",
+            fix="name the marker after the class (howto_operator_<snake name>) or register the class.",
+        )
     return "\n".join(lines).rstrip() + "\n"
 
 
 def main() -> int:
-    target = Path(__file__).resolve().parents[1] / "docs" / "operators.md"
+    target = ROOT / "docs" / "operators.md"
     target.write_text(render())
     print(f"wrote {target}")
     return 0
