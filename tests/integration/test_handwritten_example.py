@@ -3,8 +3,8 @@ quotes, parse without import errors and the Seattle rain lifecycle among them ru
 
 Twenty weeks of Seattle's real daily weather of 2012 (``vega_datasets``) land as weekly batches; the DAGs
 of ``example_seattle_rain.py`` run with ``dag.test()``: ingest per week, features once over all the
-days, train with Ray Tune on the session's Ray cluster (2 trials), then one monitor run against the
-promoted model's training snapshot. The backfill DAG of ``example_operations.py`` runs too; its serving
+days, train with Ray Tune on the session's Ray cluster (2 trials), then one monitor run: drift of the
+last four weeks against the promoted model's training snapshot, and its AUC on them against its holdout. The backfill DAG of ``example_operations.py`` runs too; its serving
 and rollback DAGs are parsed.
 """
 
@@ -241,6 +241,18 @@ def test_the_monitor_finds_the_spring_drift_against_the_production_model(runs):
     assert sorted(result["columns"]) == ["precipitation", "temp_max", "temp_min", "weather", "wind"]
     # May is warmer and drier than the winter the model learnt from
     assert result["drift_detected"] and {"temp_max", "temp_min"} <= set(result["drifted_columns"])
+    # quality: the production model's AUC on the window's labelled days against its holdout AUC
+    weather = seattle_weather()
+    days = weather[
+        (weather["date"].dt.date > LAST_DAY - timedelta(days=28)) & (weather["date"].dt.date <= LAST_DAY)
+    ]
+    quality = result["quality"]
+    assert (quality["labelled_rows"], quality["unlabelled_rows"]) == (28, 0)
+    assert quality["labels"]["positive"] == int((days["precipitation"] > 0).sum())
+    assert quality["holdout_auc"] == pytest.approx(xcom(runs.train, "promote")["candidate_score"])
+    assert 0.5 < quality["auc"] <= 1  # still better than chance on the new days
+    assert quality["auc_decay"] == pytest.approx(quality["holdout_auc"] - quality["auc"])
+    assert result["decay_detected"] is (quality["auc_decay"] > 0.05)
     assert "temp_max" in Path(result["report_uri"].removeprefix("file://")).read_text()
     events = [e for e in asset_events("seattle_rain_drift") if e["run_id"] == dag_run.run_id]
     # the event that starts example_seattle_rain_train, with the data time a retraining moves its windows to

@@ -13,7 +13,8 @@ Feast repository and feature steps by path. Four DAGs, each started by the one b
 - ``example_seattle_rain_train``: on a drift event (or by hand): retraining gate, point-in-time training
   and holdout sets from Feast, Ray Tune, register, promotion gate, drift reference of the new model;
 - ``example_seattle_rain_monitor``: every week, Evidently drift of the last 28 days against the
-  production model's training snapshot; drift emits the event that starts the train DAG.
+  production model's training snapshot, and the model's AUC on those days against its holdout AUC;
+  drift or decay emits the event that starts the train DAG.
 
 The blocks between ``[START howto_...]`` and ``[END howto_...]`` markers are the examples that
 ``docs/operators.md`` shows for each operator (``python -m airflow_mlops.reference``).
@@ -307,6 +308,10 @@ with DAG(
         window_days=28,
         columns=DRIFT_COLUMNS,
         drift_share=0.4,  # drifted when 2 of the 5 columns drift
+        # quality decay: the model scored on the window's labelled days against its holdout score
+        label_column="rain",
+        labels_table="seattle_labelled",  # entity rows with the label, written by labelled_days
+        feature_repo=FEATURE_REPO,  # their features, joined point in time as for training
         drift_asset=SEATTLE_RAIN_DRIFT,  # on drift, an event that starts example_seattle_rain_train
     )
     # [END howto_operator_evidently_drift]
