@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow_mlops.config import MLOpsSettings, check_settings, load_settings
-from airflow_mlops.exceptions import ArtifactStoreError
+from airflow_mlops.exceptions import ArtifactStoreError, MLOpsInputError
 
 if TYPE_CHECKING:
     from airflow.sdk import Context, ObjectStoragePath
@@ -167,3 +167,54 @@ def staged(target: ObjectStoragePath) -> Iterator[Path]:
             tmp.unlink(missing_ok=True)
         elif cleanup is not None:
             shutil.rmtree(cleanup, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ tables read by several stages
+def resolve_uri(value: str, root: str) -> str:
+    """A full URI for ``value``: URIs and absolute paths as they are, relative paths under ``root``."""
+    if "://" in value:
+        return value
+    if value.startswith("/"):
+        return "file://" + value
+    return f"{root.rstrip('/')}/{value.lstrip('/')}"
+
+
+def read_parquet_batch(source: ObjectStoragePath):
+    """Read a parquet batch (one file, or a folder of ``*.parquet`` files) as a pyarrow Table.
+
+    :raises MLOpsInputError: the batch is missing, empty or not readable parquet, naming the file.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not source.exists():
+        raise MLOpsInputError(
+            f"landed batch {str(source)!r} does not exist.",
+            fix="check that the batch for this data interval has landed (for the demo run "
+            "`python -m airflow_mlops.demo prepare`), then clear the task to rerun it.",
+        )
+    files = (
+        sorted(p for p in source.iterdir() if p.name.endswith(".parquet")) if source.is_dir() else [source]
+    )
+    if not files:
+        raise MLOpsInputError(
+            f"landed batch folder {str(source)!r} holds no .parquet file.",
+            fix="land the batch as parquet files in that folder.",
+        )
+    tables = []
+    for path in files:
+        try:
+            with path.open("rb") as handle:
+                tables.append(pq.read_table(handle))
+        except (pa.ArrowException, OSError) as err:
+            raise MLOpsInputError(
+                f"landed file {str(path)!r} is not readable parquet ({err}).",
+                fix="re-land the file from its source; a truncated upload is the usual cause.",
+            ) from err
+    try:
+        return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    except pa.ArrowInvalid as err:
+        raise MLOpsInputError(
+            f"the files of batch {str(source)!r} have different schemas ({err}).",
+            fix="land every file of a batch with the same columns and types.",
+        ) from err

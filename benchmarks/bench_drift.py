@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 WEATHER = ["temp", "dewp", "humid", "wind_speed", "precip", "pressure", "visib"]
 
@@ -54,13 +55,14 @@ def main() -> None:
     args = parser.parse_args()
 
     from airflow_mlops.demo.data import read_table
-    from airflow_mlops.operators.drift import (
-        FLIGHTS_DRIFT_COLUMNS,
-        FLIGHTS_DRIFT_SHARE,
-        _typed,
-        normalize_columns,
-        run_drift_report,
-    )
+    from airflow_mlops.lifecycle.spec import load_spec
+    from airflow_mlops.ml.drift import normalize_columns, run_drift_report
+    from airflow_mlops.ml.drift import typed as _typed
+
+    # the flights spec's drift columns and share (dags/flights.yaml)
+    monitoring = load_spec(Path(__file__).resolve().parents[1] / "dags" / "flights.yaml").monitoring
+    FLIGHTS_DRIFT_COLUMNS = dict(monitoring.columns or {})  # noqa: N806
+    FLIGHTS_DRIFT_SHARE = monitoring.drift_share  # noqa: N806
 
     start = time.perf_counter()
     flights = read_table("flights").merge(

@@ -39,6 +39,7 @@ for key in ("AIRFLOW__MLOPS__ARTIFACT_ROOT", "AIRFLOW__MLOPS__OFFLINE_ROOT", "AI
     os.environ.pop(key, None)
 
 REPO = str(ROOT / "feature_repo")
+sys.path.append(str(ROOT / "dags"))  # the flights feature steps (dags/flights_features.py), as Airflow does
 MONTH = ("2013-01-01T00:00:00+00:00", "2013-02-01T00:00:00+00:00")
 HALF_YEAR = ("2013-01-01T00:00:00+00:00", "2013-07-01T00:00:00+00:00")
 VIEWS = ["carrier_daily", "origin_daily", "plane", "weather_hourly"]
@@ -57,13 +58,11 @@ def _quiet() -> None:
 
 
 def prepare() -> None:
+    from flights_features import FlightDailyStatsOperator  # dags/, put on sys.path above
+
     from airflow_mlops.config import load_settings
     from airflow_mlops.demo.data import land
-    from airflow_mlops.operators.features import (
-        FeastApplyOperator,
-        FeatureSourceSnapshotOperator,
-        FlightDailyStatsOperator,
-    )
+    from airflow_mlops.operators.features import FeastApplyOperator, FeatureSourceSnapshotOperator
 
     settings = load_settings()
     land(settings, start="2013-01-01", end="2013-07-07")
@@ -193,6 +192,7 @@ def training_set() -> tuple[float, int]:
         repo_path=REPO,
         entity_uri="flights_labelled",
         feature_service="delay_model",
+        label_column="delayed",
         start=HALF_YEAR[0],
         end=HALF_YEAR[1],
     )

@@ -129,7 +129,7 @@ def plain() -> dict:
     run("build")
     deployed = run("deploy")
     step = time.perf_counter()
-    sample = sample_predictions(deployed["url"], holdout["data_uri"], 20)
+    sample = sample_predictions(deployed["url"], holdout["data_uri"], t["deploy"].model_name, 20)
     seconds["sample_predictions"] = round(time.perf_counter() - step, 2)
     return {
         "wall": round(time.perf_counter() - started, 2),

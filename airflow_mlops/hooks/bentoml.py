@@ -31,6 +31,7 @@ from airflow_mlops.exceptions import MLOpsError, MLOpsInputError
 
 if TYPE_CHECKING:
     from airflow_mlops.ml.model_io import Predictor
+    from airflow_mlops.ml.signature import ModelSignature
 
 STAGES = ("candidate", "production", "archived", "rejected")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -137,6 +138,21 @@ class BentoMLHook(BaseHook):
             index = self.read_index(name)
             yield index
             self.write_index(name, index)
+
+    def production_version(self, name: str) -> str | None:
+        """The version of ``name`` in production, None when none is."""
+        return self.read_index(name).get("production")
+
+    def signature(self, name: str, version: str) -> ModelSignature:
+        """The signature recorded when ``name:version`` was registered.
+
+        :raises ModelRegistryError: an unknown model or version.
+        :raises SignatureError: the version was registered without a signature.
+        """
+        from airflow_mlops.ml.signature import signature_of
+
+        record = self.version_record(self.read_index(name), version)
+        return signature_of(record, tag=record.get("tag"))
 
     def version_record(self, index: dict[str, Any], version: str) -> dict[str, Any]:
         try:

@@ -9,15 +9,24 @@
 - ``<prefix>_train``: on the model's drift Asset (``<model>_drift``; and on new features when the spec
   says so) or by hand: retraining gate -> training and holdout sets from Feast -> Ray Tune -> register
   -> gated promotion -> drift baseline -> Bento build -> blue/green deploy -> sample predictions;
-- ``<prefix>_monitor``: every day or week of data time, an Evidently drift check (and AUC decay where
-  labels have arrived) of the last ``window_days`` against the production model's training snapshot;
-  drift emits the event that starts ``<prefix>_train``.
+- ``<prefix>_monitor``: every day or week of data time, an Evidently drift check (and the model's
+  quality decay, by the spec's metrics, where labels have arrived) of the last ``window_days`` against
+  the production model's training snapshot; drift emits the event that starts ``<prefix>_train``.
 
-A DAG file is a few lines (``dags/flights_lifecycle.py``)::
+The spec's ``task`` (binary, multiclass or regression) reaches every stage: the training sets check
+their labels against it, tuning, registration and promotion use the spec's metrics (the task's default
+unless the spec names others), the monitor measures decay by ``monitoring.max_decay``.
+
+Feature steps named by import path (``operator:`` / ``callable:``) may live next to the spec file: its
+folder is appended to ``sys.path`` (as Airflow does with the DAG folder) before they are imported.
+
+A DAG file is a few lines (the project's example is ``dags/flights_lifecycle.py``)::
+
+    from pathlib import Path
 
     from airflow_mlops.lifecycle import lifecycle_dags
 
-    globals().update(lifecycle_dags(__file__.replace("_lifecycle.py", ".yaml")))
+    globals().update(lifecycle_dags(Path(__file__).with_name("model.yaml")))
 
 Parsing imports only Airflow, pydantic, PyYAML and the operator modules (none of the ML libraries).
 """
@@ -154,29 +163,45 @@ def import_path(path: str) -> Any:
         raise ImportError(f"module {module!r} has no attribute {name!r}") from None
 
 
-def _run_callable(path: str, step_args: dict[str, Any]) -> Any:
-    """Call the function at ``path`` with the step's (rendered) args; no Airflow context is passed."""
+def _on_sys_path(folder: str | None) -> None:
+    """Append ``folder`` (the spec's) to ``sys.path``, so steps kept next to the spec import; appended,
+    never first, so it shadows no installed module."""
+    import sys
+
+    if folder and folder not in sys.path:
+        sys.path.append(folder)
+
+
+def _run_callable(path: str, step_args: dict[str, Any], folder: str | None = None) -> Any:
+    """Call the function at ``path`` with the step's (rendered) args; no Airflow context is passed.
+
+    :param folder: the spec's folder, put on ``sys.path`` first (steps may live next to the spec).
+    """
+    _on_sys_path(folder)
     return import_path(path)(**step_args)
 
 
 def _step_task(spec: LifecycleSpec, step: Step, where: str) -> Any:
     """The operator of a spec step; an import failure is a spec error naming the step."""
     args = _with_window(step.args)
+    folder = str(spec.source.parent) if spec.source is not None else None
     if step.callable:
         from airflow.providers.standard.operators.python import PythonOperator
 
         return PythonOperator(
             task_id=step.task_id,
-            python_callable=functools.partial(_run_callable, step.callable),
+            python_callable=functools.partial(_run_callable, step.callable, folder=folder),
             op_kwargs={"step_args": args},
         )
+    _on_sys_path(folder)
     try:
         operator = import_path(step.operator)
     except ImportError as err:
         raise LifecycleSpecError(
             f"{spec.source}: {where}.operator {step.operator!r} cannot be imported ({err}).",
             fix="name an operator class by its import path, e.g. "
-            "'airflow_mlops.operators.features.FeatureSourceSnapshotOperator'.",
+            "'airflow_mlops.operators.features.FeatureSourceSnapshotOperator' or "
+            "'<module next to the spec>.<class>'.",
         ) from None
     try:
         return operator(task_id=step.task_id, **args)
@@ -305,8 +330,9 @@ def train_dag(spec: LifecycleSpec) -> DAG:
     from airflow_mlops.operators.registry import PromoteModelOperator, RegisterModelOperator
     from airflow_mlops.operators.tuning import RayTuneOperator
 
-    features, train, tuning = spec.features, spec.train, spec.train.tuning
+    features, train, tuning, promotion = spec.features, spec.train, spec.train.tuning, spec.promotion
     repo = str(spec.resolve(features.repo))
+    floor = "no floor" if promotion.floor is None else f"floor {promotion.floor:g}"
     schedule: list[Asset] = []
     if "drift" in train.retrain_on:
         schedule.append(Asset(name=spec.drift_asset_name))
@@ -336,12 +362,13 @@ def train_dag(spec: LifecycleSpec) -> DAG:
         doc_md=f"""Train, gate and serve model **{spec.model}** (spec `{spec.source}`).
 
 Starts when `{spec.drift_asset_name}` receives an event (the monitor found drift) or by hand.
-`retraining_gate` lets at most one retraining through per {spec.monitoring.cooldown_days:g} days of data time
-and drops repeated events; `training_set` / `holdout_set` come from the Feast feature service
-`{features.feature_service}` (label `{features.label}`; the holdout follows the training window); `tune`
-searches `{tuning.trainable}` with Ray Tune ({tuning.num_samples} trials);
-`register` adds the best model as a candidate; `promote` makes it production only if it beats production
-on the holdout by {spec.promotion.min_improvement} {spec.promotion.metric} (floor {spec.promotion.floor});
+A **{spec.task}** model. `retraining_gate` lets at most one retraining through per
+{spec.monitoring.cooldown_days:g} days of data time and drops repeated events; `training_set` / `holdout_set`
+come from the Feast feature service `{features.feature_service}` (label `{features.label}`, checked to fit a
+{spec.task} model; the holdout follows the training window); `tune` searches `{tuning.trainable}` with
+Ray Tune ({tuning.num_samples} trials, {tuning.metric} {"maximized" if tuning.mode == "max" else "minimized"});
+`register` adds the best model as a candidate with its signature; `promote` makes it production only if it
+beats production on the holdout by {promotion.min_improvement} {promotion.metric} ({floor});
 `drift_baseline` makes its training snapshot the monitor's reference; `build` / `deploy` serve it
 ({spec.serving.target}) and `sample_predictions` sends real holdout rows to the live endpoint.
 
@@ -361,6 +388,7 @@ window to the `train_days` before that; otherwise the params' days are used.
             "entity_uri": features.entity_table,
             "feature_service": features.feature_service,
             "label_column": features.label,
+            "task": spec.task,
             "event_timestamp_column": features.event_timestamp_column,
             "multiple_outputs": True,
         }
@@ -402,15 +430,18 @@ window to the `train_days` before that; otherwise the params' days are used.
             hyperparameters=tune.output["best_config"],
             training_manifest_uri=training_set.output["manifest_uri"],
             feature_service=features.feature_service,
+            # the model's signature (entity keys, request features, task, classes) is read from here
+            feast_repo_path=repo,
         )
         promote = PromoteModelOperator(
             task_id="promote",
             model_name=spec.model,
             candidate_version=register.output["version"],
             holdout_uri=holdout_set.output["manifest_uri"],
-            metric=spec.promotion.metric,
-            min_improvement=spec.promotion.min_improvement,
-            floor=spec.promotion.floor,
+            metric=promotion.metric,
+            min_improvement=promotion.min_improvement,
+            # None: no floor (the spec gives none for metrics without a natural one, e.g. rmse)
+            floor=promotion.floor,
         )
         baseline = DriftBaselineOperator(
             task_id="drift_baseline",
@@ -442,6 +473,7 @@ window to the `train_days` before that; otherwise the params' days are used.
                         "step_args": {
                             "url": "{{ ti.xcom_pull(task_ids='deploy')['url'] }}",
                             "data_uri": "{{ ti.xcom_pull(task_ids='holdout_set')['data_uri'] }}",
+                            "model": spec.model,
                             "rows": spec.serving.sample_rows,
                         }
                     },
@@ -455,6 +487,20 @@ def monitor_dag(spec: LifecycleSpec) -> DAG:
 
     monitoring = spec.monitoring
     start = monitoring.start_date or spec.start_date
+    max_decay = dict(monitoring.max_decay or {})
+    thresholds = ", ".join(f"{metric} {value:g}" for metric, value in max_decay.items())
+    if monitoring.label_column:
+        quality = (
+            f"where labels (`{monitoring.label_column}`) have arrived, scores the production {spec.task} "
+            f"model on the window against its holdout score: decay beyond {thresholds} counts as drift"
+        )
+    else:
+        quality = "checks no quality decay (the spec sets no `monitoring.label_column`)"
+    predictions = (
+        " It also compares the served predictions (prediction log) with the holdout's predictions."
+        if monitoring.prediction_drift
+        else ""
+    )
     with DAG(
         dag_id=spec.dag_id("monitor"),
         description=f"{monitoring.schedule.capitalize()} Evidently drift check of the last "
@@ -480,9 +526,9 @@ def monitor_dag(spec: LifecycleSpec) -> DAG:
 One run per {monitoring.schedule} data interval: `drift` reads the last `window_days` days up to the
 interval's last day from the offline table `{monitoring.table or spec.ingest.table}`, compares them with
 Evidently against the reference (the production model's training snapshot, or the run's
-`reference_uri`), and reports AUC decay where labels have arrived. It writes the HTML report and a JSON
-summary to the artifact store and, only on drift or decay, emits an event on `{spec.drift_asset_name}`,
-which starts `{spec.dag_id("train")}`.
+`reference_uri`), and {quality}.{predictions} It writes the HTML report and a JSON summary to the artifact
+store and, only on drift or decay, emits an event on `{spec.drift_asset_name}`, which starts
+`{spec.dag_id("train")}`.
 """,
     ) as dag:
         EvidentlyDriftOperator(
@@ -500,7 +546,8 @@ which starts `{spec.dag_id("train")}`.
             label_rule=dict(monitoring.label_rule) if monitoring.label_rule else None,
             labels_table=monitoring.labels_table,
             feature_repo=str(spec.resolve(spec.features.repo)) if monitoring.labels_table else None,
-            max_auc_decay=monitoring.max_auc_decay,
+            max_decay=max_decay,
+            prediction_drift=monitoring.prediction_drift,
             drift_asset=Asset(name=spec.drift_asset_name),
         )
     return dag

@@ -1,8 +1,10 @@
 """The lifecycle spec: one YAML file that describes a model's whole life, validated by pydantic.
 
 A team writes the spec once; :func:`airflow_mlops.lifecycle.factory.lifecycle_dags` turns it into the
-ingest, features, train and monitor DAGs. The field reference with examples is docs/lifecycle-spec.md;
-``dags/flights.yaml`` is the reference spec.
+ingest, features, train and monitor DAGs. The spec names the model's ``task`` (binary, multiclass or
+regression); its metrics (tuning, promotion, decay thresholds) default to the task's and must fit it
+(:mod:`airflow_mlops.ml.metrics`). The field reference with examples is docs/lifecycle-spec.md; the
+project's example specs are ``dags/flights.yaml`` (binary) and ``tests/lifecycle/seattle/seattle.yaml``.
 
 Relative paths in the spec (expectation suite, feature repository) are taken relative to the spec file.
 A spec that does not validate raises :class:`LifecycleSpecError`, which names the file, every wrong
@@ -12,13 +14,16 @@ import error.
 
 from __future__ import annotations
 
+import warnings
 from datetime import date
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from airflow_mlops.exceptions import MLOpsArgumentError
+from airflow_mlops.ml import metrics as ml_metrics
 
 DOCS = "docs/lifecycle-spec.md"
 _IDENTIFIER = r"^[A-Za-z][A-Za-z0-9_]*$"
@@ -59,7 +64,7 @@ class Ingest(_Section):
     landing_path: str = Field(
         min_length=1,
         description="where a batch lands, relative to [mlops] landing_root; templated with the data "
-        "interval, e.g. 'flights/date={{ data_interval_start | ds }}/flights.parquet'",
+        "interval, e.g. 'orders/date={{ data_interval_start | ds }}/orders.parquet'",
     )
     table: str = Field(pattern=_IDENTIFIER)
     expectation_suite: str = Field(min_length=1)
@@ -120,10 +125,14 @@ class Features(_Section):
 
 
 class Tuning(_Section):
+    """Ray Tune: the trainable, its search space and the metric trials are ranked by."""
+
     trainable: str = Field(pattern=_IMPORT_PATH)
     search_space: dict[str, Any] = Field(min_length=1)
-    metric: str = "auc"
-    mode: Literal["max", "min"] = "max"
+    metric: str | None = Field(
+        default=None, description="a metric of the spec's task; default the task's (auc, macro_f1, rmse)"
+    )
+    mode: Literal["max", "min"] | None = Field(default=None, description="default: the metric's direction")
     features: list[str] | None = None
     num_samples: int = Field(default=8, ge=1)
     max_concurrent_trials: int = Field(default=2, ge=1)
@@ -155,9 +164,15 @@ class Train(_Section):
 
 
 class Promotion(_Section):
-    metric: str = "auc"
+    """The gate a candidate passes to become production, scored on the holdout."""
+
+    metric: str | None = Field(default=None, description="a metric of the spec's task; default the task's")
     min_improvement: float = Field(default=0.002, ge=0)
-    floor: float = 0.5
+    floor: float | None = Field(
+        default=None,
+        description="score the candidate must reach (at most, for a metric where lower is better); "
+        "default 0.5 for auc, 0 for r2, none for the other metrics",
+    )
 
 
 class Serving(_Section):
@@ -179,7 +194,8 @@ class Monitoring(_Section):
         description="{drift column: column of the training snapshot} where the names differ",
     )
     label_column: str | None = Field(
-        default=None, description="the model's label; set it to check AUC decay where labels have arrived"
+        default=None,
+        description="the model's label; set it to check the model's quality decay where labels have arrived",
     )
     labels_table: str | None = Field(
         default=None,
@@ -187,9 +203,36 @@ class Monitoring(_Section):
         "features it lacks are joined from the feature repo",
     )
     label_rule: dict[str, Any] | None = None
-    max_auc_decay: float = Field(default=0.05, gt=0)
+    max_decay: dict[str, Annotated[float, Field(gt=0)]] | None = Field(
+        default=None,
+        description="{metric: threshold} of quality decay that counts as drift: a drop (auc, accuracy, "
+        "macro_f1, r2) or a relative rise (rmse, mae, logloss); default the task's metric with its "
+        "default threshold",
+    )
+    prediction_drift: bool = Field(
+        default=False,
+        description="also compare the served predictions (prediction log) with the holdout's predictions",
+    )
     cooldown_days: float = Field(default=7, ge=0)
     start_date: date | None = Field(default=None, description="first monitored day; default spec start_date")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_auc_decay(cls, data: Any) -> Any:
+        """``max_auc_decay: x`` (before tasks had their own metrics) is read as ``max_decay: {auc: x}``."""
+        if not isinstance(data, dict) or "max_auc_decay" not in data:
+            return data
+        data = dict(data)
+        value = data.pop("max_auc_decay")
+        if data.get("max_decay") is not None:
+            raise ValueError("give max_decay only: max_auc_decay is its deprecated form for {auc: ...}")
+        warnings.warn(
+            "monitoring.max_auc_decay is deprecated; write monitoring.max_decay: {auc: ...}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        data["max_decay"] = {"auc": value}
+        return data
 
 
 class LifecycleSpec(_Section):
@@ -197,6 +240,10 @@ class LifecycleSpec(_Section):
     monitored."""
 
     model: str = Field(pattern=_IDENTIFIER, description="registry name of the model")
+    task: Literal["binary", "multiclass", "regression"] = Field(
+        description="what the model predicts: one of two classes (binary), one of three or more "
+        "(multiclass) or a number (regression); labels and metrics are checked against it"
+    )
     dag_prefix: str = Field(pattern=_IDENTIFIER, description="DAG ids are <dag_prefix>_ingest, ...")
     description: str = ""
     owners: list[str] = Field(default_factory=lambda: ["airflow"])
@@ -216,6 +263,59 @@ class LifecycleSpec(_Section):
     def _dates(self) -> LifecycleSpec:
         if self.end_date is not None and self.end_date < self.start_date:
             raise ValueError("end_date is before start_date")
+        return self
+
+    @model_validator(mode="after")
+    def _metrics_fit_task(self) -> LifecycleSpec:
+        """Fill the metric defaults of the task and refuse metrics (and modes) that do not fit it."""
+        task, problems = self.task, []
+
+        def check(metric: str, field: str) -> ml_metrics.Metric | None:
+            try:
+                return ml_metrics.check_metric(metric, task, field=field)
+            except MLOpsArgumentError as err:
+                problems.append({"field": field, "message": err.problem, "fix": err.fix})
+                return None
+
+        default = ml_metrics.DEFAULT_METRIC[task]
+        tuning = self.train.tuning
+        tuning_metric = tuning.metric or default
+        fitting = check(tuning_metric, "train.tuning.metric")
+        mode = tuning.mode
+        if fitting is not None:
+            if mode is not None and mode != fitting.mode:
+                problems.append(
+                    {
+                        "field": "train.tuning.mode",
+                        "message": f"train.tuning.mode {mode!r} contradicts {tuning_metric}, which is "
+                        f"better when {'higher' if fitting.mode == 'max' else 'lower'}.",
+                        "fix": f"write mode: {fitting.mode} or leave mode out.",
+                    }
+                )
+            mode = fitting.mode
+        promotion_metric = self.promotion.metric or default
+        check(promotion_metric, "promotion.metric")
+        floor = self.promotion.floor
+        if floor is None:
+            floor = {"auc": 0.5, "r2": 0.0}.get(promotion_metric)
+        max_decay = dict(self.monitoring.max_decay or {default: ml_metrics.DEFAULT_MAX_DECAY[default]})
+        for metric in max_decay:
+            check(metric, f"monitoring.max_decay.{metric}")
+        if problems:
+            raise PydanticCustomError(
+                "metric_task",
+                "{summary}",
+                {"summary": " ".join(p["message"] for p in problems), "problems": problems},
+            )
+        # frozen sections: store the resolved values on copies
+        train = self.train.model_copy(
+            update={"tuning": tuning.model_copy(update={"metric": tuning_metric, "mode": mode})}
+        )
+        object.__setattr__(self, "train", train)
+        object.__setattr__(
+            self, "promotion", self.promotion.model_copy(update={"metric": promotion_metric, "floor": floor})
+        )
+        object.__setattr__(self, "monitoring", self.monitoring.model_copy(update={"max_decay": max_decay}))
         return self
 
     def resolve(self, path: str) -> Path:
@@ -246,6 +346,11 @@ _FIXES = {
     "date_from_datetime_parsing": "write the date as YYYY-MM-DD",
 }
 
+_FIELD_FIXES = {
+    "task": "write 'task: binary' (two classes), 'task: multiclass' (three or more) or "
+    "'task: regression' (a number) at the top level of the spec",
+}
+
 
 def _location(loc: tuple[Any, ...]) -> str:
     parts: list[str] = []
@@ -263,8 +368,14 @@ def describe_errors(path: Path | str, err: ValidationError) -> str:
     for error in err.errors(include_url=False):
         kind = error.get("type", "")
         where = _location(tuple(error.get("loc", ())))
+        if kind == "metric_task":
+            for problem in (error.get("ctx") or {}).get("problems", []):
+                message = problem["message"].removeprefix(problem["field"] + " ").rstrip(".")
+                lines.append(f"{path}: {problem['field']}: {message}; fix: {problem['fix']}")
+            continue
         message = str(error.get("msg", "")).removeprefix("Value error, ")
-        fix = _FIXES.get(kind, "correct the value (see {docs})").format(docs=DOCS)
+        fix = _FIELD_FIXES.get(where) or _FIXES.get(kind, "correct the value (see {docs})")
+        fix = fix.format(docs=DOCS)
         if kind == "extra_forbidden":
             message = "unknown field"
         lines.append(f"{path}: {where}: {message}; fix: {fix}.")
@@ -301,16 +412,17 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Life
     if not isinstance(content, dict):
         raise LifecycleSpecError(
             f"lifecycle spec {path} must be a YAML mapping of sections, got {type(content).__name__}.",
-            fix=f"start from dags/flights.yaml or the example in {DOCS}.",
+            fix=f"start from the example in {DOCS}.",
         )
     if overrides:
         content = _merge(content, overrides)
     try:
         spec = LifecycleSpec.model_validate({**content, "source": path})
     except ValidationError as err:
-        count = err.error_count()
+        described = describe_errors(path, err)
+        count = described.count("\n") + 1
         raise LifecycleSpecError(
-            f"lifecycle spec has {count} wrong field{'s' if count > 1 else ''}:\n{describe_errors(path, err)}\n",
+            f"lifecycle spec has {count} wrong field{'s' if count > 1 else ''}:\n{described}\n",
             fix=f"correct the field{'s' if count > 1 else ''} named above; the reference is {DOCS}.",
         ) from None
     _check_paths(spec, path)
@@ -344,5 +456,5 @@ def _check_paths(spec: LifecycleSpec, path: Path) -> None:
         # a fixed landing path would make every run validate the same file
         raise LifecycleSpecError(
             f"{path}: ingest.landing_path {spec.ingest.landing_path!r} does not depend on the data interval.",
-            fix="template it, e.g. 'flights/date={{ data_interval_start | ds }}/flights.parquet'.",
+            fix="template it, e.g. 'orders/date={{ data_interval_start | ds }}/orders.parquet'.",
         )

@@ -31,6 +31,7 @@ class TrainingSet:
     y_train: Any
     x_valid: Any
     y_valid: Any
+    #: ``binary``, ``multiclass`` or ``regression``
     task: str
     label: str
     features: list[str]
@@ -39,9 +40,10 @@ class TrainingSet:
     time_column: str | None
     split_time: str | None
     dropped: list[str] = field(default_factory=list)
+    #: class labels in code order (binary: ``[negative, positive]``); empty for regression
     classes: list[Any] = field(default_factory=list)
     #: the metric the search optimises and its direction; the boosting trainables pick their best
-    #: iteration by it (None: ``auc`` for classification, ``rmse`` for regression)
+    #: iteration by it (None: the task's default metric, see :data:`~airflow_mlops.ml.metrics.DEFAULT_METRIC`)
     metric: str | None = None
     mode: str | None = None
 
@@ -49,6 +51,7 @@ class TrainingSet:
         return {
             "task": self.task,
             "label": self.label,
+            "classes": self.classes,
             "train_rows": len(self.y_train),
             "valid_rows": len(self.y_valid),
             "features": self.features,
@@ -111,7 +114,7 @@ def read_frame(source: Source):
 
     from airflow_mlops.artifacts import as_path, sha256_of
     from airflow_mlops.exceptions import MLOpsInputError
-    from airflow_mlops.operators.offline_store import read_parquet_batch
+    from airflow_mlops.artifacts import read_parquet_batch
 
     path = as_path(source.data_uri)
     if source.sha256 and path.exists() and path.is_file():
@@ -160,6 +163,41 @@ def _feature_columns(
     return [c for c in columns if c not in (label, time_column)]
 
 
+#: a numeric label with more distinct values than this is read as a regression target by ``task="any"``
+MAX_INFERRED_CLASSES = 20
+
+
+def infer_task(labels: Any, allowed: tuple[str, ...] | None = None) -> str:
+    """The task a label column suggests: two values -> ``binary``; numbers with fractions or more than
+    :data:`MAX_INFERRED_CLASSES` values -> ``regression``; otherwise ``multiclass``.
+
+    :param allowed: the tasks the trainable can train (e.g. ``("binary", "multiclass")``): an inferred
+        task outside them falls back to the closest allowed one, so the label check names the problem.
+    """
+    import pandas as pd
+
+    from airflow_mlops.ml.metrics import TASKS
+
+    allowed = tuple(allowed or TASKS)
+    present = labels.dropna()
+    distinct = present.nunique()
+    numeric = pd.api.types.is_numeric_dtype(present) and not pd.api.types.is_bool_dtype(present)
+    fractional = numeric and bool((present.astype(float) % 1 != 0).any())
+    if distinct == 2 and not fractional:
+        task = "binary"
+    elif numeric and (fractional or distinct > MAX_INFERRED_CLASSES):
+        task = "regression"
+    else:
+        task = "multiclass"
+    if task in allowed:
+        return task
+    if task == "regression":  # a classifier on a numeric target: the label check explains it
+        return "multiclass" if "multiclass" in allowed else allowed[0]
+    if task == "binary" and "multiclass" in allowed:
+        return "multiclass"  # the label check then says "needs three or more"
+    return allowed[0]
+
+
 def build_training_set(
     frame: Any,
     *,
@@ -170,17 +208,25 @@ def build_training_set(
     feature_refs: list[str] | None = None,
     validation_fraction: float = 0.2,
     origin: str = "training data",
+    allowed_tasks: tuple[str, ...] | None = None,
 ) -> TrainingSet:
     """Check the frame and split it by time into train and validation.
 
-    :param task: ``classification``, ``regression`` or ``any`` (inferred from the label).
+    Labels become ``y``: binary 0/1 (1 is ``classes[1]``, the positive class), multiclass the codes
+    ``0..K-1`` of the sorted ``classes`` (strings allowed), regression floats.
+
+    :param task: ``binary``, ``multiclass``, ``regression`` (``classification`` is read as ``binary``) or
+        ``any`` (inferred from the label, see :func:`infer_task`).
+    :param allowed_tasks: with ``task="any"``, the tasks the trainable can train.
     :raises MLOpsInputError: empty data, missing or constant label, missing time column, a label that
-        does not fit the task, a validation set with a single class.
+        does not fit the task (naming the column, the values seen and the fix), a validation set with a
+        single class.
     """
     import numpy as np
     import pandas as pd
 
     from airflow_mlops.exceptions import MLOpsInputError
+    from airflow_mlops.ml.metrics import check_labels, normalize_task
 
     if len(frame) == 0:
         raise MLOpsInputError(
@@ -212,25 +258,14 @@ def build_training_set(
             f"{labelled[label].iloc[0]!r}); there is nothing to learn.",
             fix="check the label definition and the data interval.",
         )
-    if task == "any":
-        task = "classification" if distinct == 2 else "regression"
     y_raw = labelled[label]
-    classes: list[Any] = []
-    if task == "classification":
-        if distinct != 2:
-            raise MLOpsInputError(
-                f"label column {label!r} has {distinct} distinct values; the classification trainables "
-                "are binary.",
-                fix="derive a binary label (e.g. arr_delay > 15), or use a regression trainable.",
-            )
-        classes = sorted(y_raw.unique().tolist())
+    task = infer_task(y_raw, allowed_tasks) if task == "any" else normalize_task(task)
+    classes = check_labels(y_raw, task, label=label, origin=repr(origin))
+    if task == "binary":
         y_all = (y_raw == classes[1]).astype(int).to_numpy()
+    elif task == "multiclass":
+        y_all = _class_codes(y_raw, classes)
     else:
-        if not pd.api.types.is_numeric_dtype(y_raw) or pd.api.types.is_bool_dtype(y_raw):
-            raise MLOpsInputError(
-                f"label column {label!r} is {y_raw.dtype}, but a regression trainable needs numbers.",
-                fix="use a classification trainable, or a numeric label.",
-            )
         y_all = y_raw.astype(float).to_numpy()
 
     columns = _feature_columns(labelled, label, time_column, features, feature_refs or [])
@@ -281,10 +316,11 @@ def build_training_set(
         )
     train_idx, valid_idx = order[: len(order) - n_valid], order[len(order) - n_valid :]
     y_valid = y_all[valid_idx]
-    if task == "classification" and len(np.unique(y_valid)) < 2:
+    if classes and len(np.unique(y_valid)) < 2:
+        only = classes[int(y_valid[0])]
         raise MLOpsInputError(
-            f"the time-based validation set (latest {n_valid} rows of {origin!r}) holds a single label "
-            "class, so no validation metric can be computed.",
+            f"the time-based validation set (latest {n_valid} rows of {origin!r}) holds a single class "
+            f"of label {label!r} ({only!r}), so no validation metric can be computed.",
             fix="widen the data interval or raise validation_fraction.",
         )
     return TrainingSet(
@@ -302,3 +338,15 @@ def build_training_set(
         dropped=dropped,
         classes=classes,
     )
+
+
+def _class_codes(labels: Any, classes: list[Any]) -> Any:
+    """Integer codes ``0..K-1`` of class labels in the order of ``classes``."""
+    import pandas as pd
+
+    from airflow_mlops.ml.metrics import encode_labels
+
+    codes = pd.Categorical(labels, categories=classes).codes
+    if (codes < 0).any():  # labels whose type differs from the classes' (e.g. "1" and 1)
+        return encode_labels(labels.tolist(), classes)
+    return codes.astype(int)

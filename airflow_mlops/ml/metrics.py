@@ -177,7 +177,7 @@ def check_labels(labels: Any, task: str, *, label: str, origin: str = "the train
             f"label column {label!r} of {origin} has {len(values)} distinct values ({_seen(values)}); a "
             "binary model needs exactly two.",
             fix="set task: multiclass for three or more classes, or derive a two-valued label "
-            "(e.g. arr_delay > 15); with one class, widen the data interval.",
+            "(e.g. a number above a threshold); with one class, widen the data interval.",
         )
     if task == "multiclass" and len(values) < 3:
         raise MLOpsInputError(

@@ -19,7 +19,7 @@ class PromotionDecision:
     candidate_score: float
     production_score: float | None
     min_improvement: float
-    floor: float
+    floor: float | None
     higher_is_better: bool
 
     def to_dict(self) -> dict[str, Any]:
@@ -31,7 +31,7 @@ def decide(
     production_score: float | None,
     *,
     min_improvement: float,
-    floor: float,
+    floor: float | None,
     higher_is_better: bool = True,
 ) -> PromotionDecision:
     """Promote only when the candidate clears the absolute ``floor`` and beats production by at least
@@ -39,11 +39,14 @@ def decide(
 
     :param min_improvement: required margin over production, >= 0 (a negative margin would let a
         worse model through, so it is refused).
-    :param higher_is_better: True for AUC/accuracy, False for losses such as RMSE.
+    :param floor: the score the candidate must reach (at least when higher is better, at most
+        otherwise); None: no absolute floor.
+    :param higher_is_better: the metric's direction (:attr:`airflow_mlops.ml.metrics.Metric.higher_is_better`):
+        True for AUC, macro-F1, accuracy, R2; False for losses such as RMSE or log loss.
     """
     if not min_improvement >= 0 or math.isinf(min_improvement):
         raise ValueError(f"min_improvement must be a finite number >= 0, got {min_improvement!r}")
-    if math.isnan(floor):
+    if floor is not None and math.isnan(floor):
         raise ValueError("floor must be a number, got NaN")
     sign = 1.0 if higher_is_better else -1.0
 
@@ -54,9 +57,11 @@ def decide(
 
     if math.isnan(candidate_score):
         return verdict(False, "the candidate's score is NaN")
-    if sign * (candidate_score - floor) < 0:
+    if floor is not None and sign * (candidate_score - floor) < 0:
         return verdict(False, f"candidate score {candidate_score:.6g} does not clear the floor {floor:.6g}")
     if production_score is None:
+        if floor is None:
+            return verdict(True, "no production model and no floor: the first model is promoted")
         return verdict(True, f"no production model; candidate clears the floor {floor:.6g}")
     if math.isnan(production_score):
         return verdict(False, "the production model's score is NaN; investigate before replacing it")

@@ -36,10 +36,13 @@ class SearchSpec:
     training_data_uri: str
     trainable: str
     search_space: dict[str, Any]
-    metric: str
-    mode: str
+    #: None until :func:`prepare` resolves it: the task's default metric and its direction
+    metric: str | None
+    mode: str | None
     storage_path: str
     output_uri: str
+    #: ``binary``, ``multiclass``, ``regression``; None: from the trainable's declaration or the label
+    task: str | None = None
     label: str | None = None
     time_column: str | None = None
     features: list[str] | None = None
@@ -93,10 +96,50 @@ def resolve_trainable(path: str) -> tuple[str, Any]:
     return full, fn
 
 
-def check_metric(fn: Any, trainable: str, metric: str, mode: str) -> None:
-    """The metric must be one the trainable reports (when it declares ``reported_metrics``)."""
-    if mode not in ("min", "max"):
+def resolve_metric(metric: str | None, mode: str | None, task: str | None) -> tuple[str | None, str | None]:
+    """The metric and its direction: a built-in metric's own direction (a contradicting ``mode`` is
+    refused), the task's default metric and its direction when ``metric`` is None (a ``mode`` given with
+    it is ignored), ``mode`` as given for a metric of the trainable's own.
+
+    :raises MLOpsArgumentError: a built-in metric that does not fit ``task``, a ``mode`` against a
+        built-in metric's direction, an unknown metric without ``mode``.
+    """
+    from airflow_mlops.ml.metrics import DEFAULT_METRIC, METRICS, check_metric, normalize_task
+
+    if metric is None:
+        if task is None:
+            return None, mode
+        metric = DEFAULT_METRIC[normalize_task(task)]
+        if mode is not None and mode != METRICS[metric].mode:
+            log.warning(
+                "mode %r ignored: the task's default metric %s is %s", mode, metric, METRICS[metric].mode
+            )
+        return metric, METRICS[metric].mode
+    if mode is not None and mode not in ("min", "max"):
         raise MLOpsArgumentError(f"mode must be 'min' or 'max', got {mode!r}.")
+    if metric in METRICS:
+        builtin = check_metric(metric, task, field="metric") if task else METRICS[metric]
+        if mode is not None and mode != builtin.mode:
+            raise MLOpsArgumentError(
+                f"mode {mode!r} contradicts metric {metric!r}, which is better when "
+                f"{'higher' if builtin.higher_is_better else 'lower'}.",
+                fix=f"leave mode unset (it follows the metric) or set mode={builtin.mode!r}.",
+            )
+        return metric, builtin.mode
+    if mode is None:
+        raise MLOpsArgumentError(
+            f"mode is needed for metric {metric!r} (not a built-in metric).",
+            fix="pass mode='max' or 'min', or use a built-in metric (auc, macro_f1, logloss, rmse, ...).",
+        )
+    return metric, mode
+
+
+def check_metric(fn: Any, trainable: str, metric: str, mode: str, task: str | None = None) -> None:
+    """The metric must fit the task and be one the trainable reports (when it declares
+    ``reported_metrics``)."""
+    from airflow_mlops.ml.metrics import METRICS
+
+    resolve_metric(metric, mode, task)
     reported = getattr(fn, "reported_metrics", None)
     if reported is None:
         log.warning(
@@ -106,10 +149,35 @@ def check_metric(fn: Any, trainable: str, metric: str, mode: str) -> None:
         )
         return
     if metric not in reported:
+        fitting = [m for m in reported if not task or m not in METRICS or task in METRICS[m].tasks]
         raise MLOpsArgumentError(
-            f"metric {metric!r} is not reported by trainable {trainable!r}; it reports {list(reported)}.",
-            fix="set metric to one of those (and mode to 'max' for auc/accuracy/r2, 'min' for the others).",
+            f"metric {metric!r} is not reported by trainable {trainable!r}"
+            + (f" for a {task} model" if task else "")
+            + f"; it reports {fitting}.",
+            fix="set metric to one of those, or leave it unset for the task's default metric.",
         )
+
+
+def trainable_task(fn: Any, trainable: str, task: str | None) -> str | None:
+    """The task of the search when it is known before the data is read: the one given (checked against
+    the trainable's declaration) or the trainable's only declared task.
+
+    :raises MLOpsArgumentError: the trainable declares other tasks than the one given.
+    """
+    from airflow_mlops.ml.metrics import normalize_task
+    from airflow_mlops.ml.trainables import declared_tasks
+
+    declared = declared_tasks(fn)
+    if task:
+        task = normalize_task(task)
+        if declared and task not in declared:
+            raise MLOpsArgumentError(
+                f"trainable {trainable!r} trains {' or '.join(declared)} models, not {task}.",
+                fix=f"pick a trainable for {task} models (e.g. "
+                f"{'lightgbm_regressor' if task == 'regression' else 'lightgbm_classifier'}), or correct task.",
+            )
+        return task
+    return declared[0] if declared and len(declared) == 1 else None
 
 
 def check_scheduler(scheduler: Any) -> dict[str, Any]:
@@ -134,12 +202,17 @@ def check_scheduler(scheduler: Any) -> dict[str, Any]:
 
 
 def prepare(spec: SearchSpec) -> tuple[Any, Any]:
-    """Every check that can fail before a trial starts: trainable, search space, metric, data.
+    """Every check that can fail before a trial starts: trainable, search space, task, metric, data.
+
+    Resolves ``spec.task`` (given, the trainable's only task, or inferred from the label within the
+    trainable's tasks), ``spec.metric`` (default: the task's) and ``spec.mode`` in place, so the spec
+    written for a Ray Job carries them.
 
     :return: the trainable function and the :class:`~airflow_mlops.ml.dataset.TrainingSet`.
     """
     from airflow_mlops.ml.dataset import build_training_set, read_frame, resolve_source
     from airflow_mlops.ml.search_space import SearchSpaceError, parse_search_space
+    from airflow_mlops.ml.trainables import declared_tasks
 
     full, fn = resolve_trainable(spec.trainable)
     try:
@@ -148,7 +221,10 @@ def prepare(spec: SearchSpec) -> tuple[Any, Any]:
         raise MLOpsArgumentError(
             f"malformed search_space: {err}", fix="see docs/tuning.md for the search-space form."
         ) from err
-    check_metric(fn, full, spec.metric, spec.mode)
+    task = trainable_task(fn, full, spec.task)
+    if task:  # the task is known: a wrong metric fails before the data is read
+        metric, mode = resolve_metric(spec.metric, spec.mode, task)
+        check_metric(fn, full, metric, mode, task)  # type: ignore[arg-type]
     check_scheduler(spec.scheduler)
     if spec.num_samples < 1:
         raise MLOpsArgumentError(f"num_samples must be at least 1, got {spec.num_samples}.")
@@ -162,13 +238,17 @@ def prepare(spec: SearchSpec) -> tuple[Any, Any]:
     data = build_training_set(
         read_frame(source),
         label=label,
-        task=getattr(fn, "task", "any"),
+        task=task or "any",
+        allowed_tasks=declared_tasks(fn),
         time_column=spec.time_column or source.time_column,
         features=spec.features,
         feature_refs=source.feature_refs,
         validation_fraction=spec.validation_fraction,
         origin=source.data_uri,
     )
+    spec.task = data.task
+    spec.metric, spec.mode = resolve_metric(spec.metric, spec.mode, data.task)
+    check_metric(fn, full, spec.metric, spec.mode, data.task)  # type: ignore[arg-type]
     data.metric, data.mode = spec.metric, spec.mode
     return fn, data
 
@@ -392,7 +472,7 @@ def write_outputs(
     out = as_path(spec.output_uri)
     trials = _write_trials_csv(out / "trials.csv", spec, rows, best)
     plot = _write_plot(out / "trials.png", spec, rows, best)
-    model = _write_model(out / "model", best)
+    model = _write_model(out / "model", best, spec)
     resumed_done = sum(
         1 for r in rows if r["status"] != "error" and r["finished_at"] and r["finished_at"] < started_wall
     )
@@ -402,6 +482,8 @@ def write_outputs(
         "best_trial_id": best["trial_id"],
         "metric": spec.metric,
         "mode": spec.mode,
+        "task": data.task,
+        "classes": list(data.classes),
         "trainable": spec.trainable,
         **model,
         "trials_uri": trials,
@@ -453,6 +535,8 @@ def _write_trials_csv(target: Any, spec: SearchSpec, rows: list[dict], best: dic
             "trial_id",
             "status",
             "best",
+            "metric",
+            "mode",
             spec.metric,
             f"best_{spec.metric}",
             "iterations",
@@ -470,6 +554,8 @@ def _write_trials_csv(target: Any, spec: SearchSpec, rows: list[dict], best: dic
                 r["trial_id"],
                 r["status"],
                 int(r is best),
+                spec.metric,
+                spec.mode,
                 r["metric"],
                 r["best_metric"],
                 r["iterations"],
@@ -526,7 +612,7 @@ def _write_plot(target: Any, spec: SearchSpec, rows: list[dict], best: dict) -> 
     return str(target)
 
 
-def _write_model(folder: Any, best: dict) -> dict[str, Any]:
+def _write_model(folder: Any, best: dict, spec: SearchSpec) -> dict[str, Any]:
     """Copy the best trial's model out of its checkpoint, with ``<file>.sha256`` and ``model.json``."""
     import hashlib
 
@@ -542,7 +628,14 @@ def _write_model(folder: Any, best: dict) -> dict[str, Any]:
     model = folder / meta["model_file"]
     _write_bytes(model, blob)
     _write_bytes(folder / f"{meta['model_file']}.sha256", f"{digest}  {meta['model_file']}\n".encode())
-    meta = {**meta, "sha256": digest, "trial_id": best["trial_id"], "metric": best["metric"]}
+    meta = {
+        **meta,
+        "sha256": digest,
+        "trial_id": best["trial_id"],
+        "metric": best["metric"],
+        "metric_name": spec.metric,
+        "metric_mode": spec.mode,
+    }
     _write_bytes(folder / "model.json", json.dumps(meta, indent=2, default=str).encode())
     return {
         "model_uri": str(model),

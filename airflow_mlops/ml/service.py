@@ -1,4 +1,4 @@
-"""The Bento service that serves a registered flight-delay model over HTTP (BentoML 1.4 ``@bentoml.service``).
+"""The Bento service that serves any registered tabular model over HTTP (BentoML 1.4 ``@bentoml.service``).
 
 It is loaded by ``bentoml serve`` (never by DAG parsing), so it imports BentoML, pydantic and the model
 libraries at module level. What it serves comes from the environment, which
@@ -17,20 +17,30 @@ libraries at module level. What it serves comes from the environment, which
     (``Authorization: Bearer <key>`` or ``X-API-Key: <key>``).
 ``MLOPS_SERVE_LOG_FLUSH_ROWS`` / ``MLOPS_SERVE_LOG_FLUSH_SECONDS``
     when the prediction log is flushed to the artifact store (default 2000 rows or 5 seconds).
-
 ``MLOPS_SERVE_MODEL_THREADS``
     threads one model call may use (default 1; see :func:`limit_model_threads`).
 
-Endpoints: ``POST /predict`` (one flight), ``POST /predict_batch`` (a list of flights, BentoML's adaptive
-batching), ``GET /ready`` (model loaded? which version? why not?), and BentoML's ``/livez``, ``/readyz``
-(false until the model is loaded), ``/metrics`` and ``/docs.json``. Concurrent single-row requests are
-merged by a :class:`MicroBatcher`: they share one feature lookup (one Feast online read) and one model call.
-Requests time out after 30 s (504) through :class:`RequestTimeoutMiddleware`, which lets go of a request once
-it is answered.
+The request and answer schemas are the model's own: when the module is imported it reads the served
+version's registry record and its :class:`~airflow_mlops.ml.signature.ModelSignature`, and builds ``Row``
+(the entity keys and request features, typed and bounded) and ``Answer`` (by task: ``probability`` and
+``label``; ``label`` and ``probabilities``; ``value``; always ``model`` and ``model_version``) with
+:func:`~airflow_mlops.ml.signature.request_model` / :func:`~airflow_mlops.ml.signature.response_model`.
+``/docs.json`` therefore shows the model's fields. When the signature cannot be read (no such model, no
+production version, a version registered without a signature) the service still starts, with a generic
+schema, and stays not ready: ``/ready`` answers 503 saying why.
+
+Endpoints: ``POST /predict`` (``{"row": {...}}``), ``POST /predict_batch`` (``{"rows": [...]}``, BentoML's
+adaptive batching), ``GET /ready`` (model loaded? which version? why not?), and BentoML's ``/livez``,
+``/readyz`` (false until the model is loaded), ``/metrics`` and ``/docs.json``. Concurrent single-row
+requests are merged by a :class:`MicroBatcher`: they share one feature lookup (one Feast online read, keyed
+by the signature's entity keys) and one model call. Requests time out after 30 s (504) through
+:class:`RequestTimeoutMiddleware`, which lets go of a request once it is answered. Every prediction is
+written to the prediction log (:mod:`airflow_mlops.ml.prediction_log`).
 
 The model is loaded in the background after start with :meth:`BentoMLHook.load`, so its recorded sha256
 is checked; a tampered model is never served (the service stays not ready and ``/ready`` says why).
-Bad input gets a 4xx with a message; an unreachable feature store a 503 naming it.
+Bad input gets a 400 naming the field (a missing entity key, a wrong type, an unknown category, a value
+far outside the training range); an unreachable feature store a 503 naming it.
 """
 
 from __future__ import annotations
@@ -39,9 +49,7 @@ import asyncio
 import functools
 import gc
 import hmac
-import json
 import logging
-import math
 import os
 import threading
 import time
@@ -49,98 +57,31 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, Generic, Protocol, TypeVar
-from zoneinfo import ZoneInfo
+from typing import Any, Generic, Protocol, TypeVar
 
 import bentoml
 from bentoml.exceptions import ServiceUnavailable
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from airflow_mlops.exceptions import FeatureStoreError, MLOpsError
+from airflow_mlops.ml.prediction_log import PredictionLogWriter, make_record
+from airflow_mlops.ml.signature import (
+    ModelSignature,
+    answers,
+    logged_value,
+    request_model,
+    response_model,
+    signature_of,
+)
 
 log = logging.getLogger(__name__)
 
-#: local time of the departure airports (the demo's airports are all in New York)
-LOCAL_TZ = ZoneInfo("America/New_York")
 #: paths answered without an API key (probes, metrics, the API description)
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/ready", "/metrics", "/docs.json", "/schema.json"})
-
-Code = Annotated[str, StringConstraints(pattern=r"^[A-Z0-9]{2,3}$")]
-Airport = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
-
-
-def _openapi_30(schema: dict[str, Any]) -> None:
-    """BentoML publishes OpenAPI 3.0: say "nullable" instead of JSON Schema's ``{"type": "null"}``."""
-    for prop in schema.get("properties", {}).values():
-        options = prop.get("anyOf")
-        if options and {"type": "null"} in options and len(options) == 2:
-            prop.pop("anyOf")
-            prop.update(next(o for o in options if o != {"type": "null"}), nullable=True)
-
-
-class Flight(BaseModel):
-    """One scheduled flight to score."""
-
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_openapi_30)
-
-    carrier: Code = Field(description="two-letter airline code, e.g. UA")
-    origin: Airport = Field(description="departure airport (IATA), e.g. EWR")
-    dest: Airport = Field(description="arrival airport (IATA), e.g. IAH")
-    scheduled_departure: AwareDatetime = Field(
-        description="scheduled departure with its time zone, e.g. 2013-06-01T08:15:00-04:00"
-    )
-    distance: float = Field(ge=1, le=20000, allow_inf_nan=False, description="great-circle miles")
-    tailnum: Annotated[str, StringConstraints(pattern=r"^[A-Z0-9]{1,10}$")] | None = Field(
-        default=None, description="aircraft tail number, e.g. N14228 (optional)"
-    )
-
-    @field_validator("scheduled_departure")
-    @classmethod
-    def _plausible_year(cls, value: datetime) -> datetime:
-        if not 1970 <= value.astimezone(UTC).year <= 2100:
-            raise ValueError("scheduled_departure must be between 1970 and 2100")
-        return value
-
-
-class Prediction(BaseModel):
-    """The answer for one flight."""
-
-    delay_probability: float = Field(description="probability that the flight arrives > 15 min late")
-    model: str
-    model_version: str = Field(description="registered version of the model that answered")
-
-
-def request_features(flight: Flight) -> dict[str, Any]:
-    """The features a request carries by itself (the rest come from the feature store)."""
-    local = flight.scheduled_departure.astimezone(LOCAL_TZ)
-    utc = flight.scheduled_departure.astimezone(UTC)
-    return {
-        "carrier": flight.carrier,
-        "origin": flight.origin,
-        "dest": flight.dest,
-        "tailnum": flight.tailnum,
-        "distance": flight.distance,
-        "year": local.year,
-        "month": local.month,
-        "day": local.day,
-        "hour": local.hour,
-        "sched_hour": local.hour,
-        "minute": local.minute,
-        "sched_dep_time": local.hour * 100 + local.minute,
-        "day_of_week": local.weekday(),
-        "time_hour": utc.replace(minute=0, second=0, microsecond=0).isoformat(),
-    }
-
-
-REQUEST_FEATURES = frozenset(
-    request_features(
-        Flight(carrier="UA", origin="EWR", dest="IAH", scheduled_departure=datetime.now(UTC), distance=1.0)
-    )
-)
 
 
 # ---------------------------------------------------------------------------------------- feature lookups
@@ -176,29 +117,39 @@ class FeastLookup:
     """Online features of a Feast feature service, keyed by the entities found in the request.
 
     :param feature_service: the feature service the model was trained with.
-    :param wanted: model feature columns to fill; Feast's ``<view>__<feature>`` names and the bare
-        ``<feature>`` names (when unambiguous) are both accepted.
+    :param wanted: model feature columns to fill (the signature's ``store_features``); Feast's
+        ``<view>__<feature>`` names and the bare ``<feature>`` names (when unambiguous) are both accepted.
+    :param entity_keys: the request fields that are entity keys (the signature's ``entity_keys``); a join
+        key of the feature service that a request does not carry is sent empty (its features come back
+        missing, as for an unknown entity).
     :param repo_path: Feast repository folder.
     :param feast_conn_id: optional ``feast`` connection (e.g. a Redis online store).
     """
 
     def __init__(
-        self, feature_service: str, wanted: list[str], repo_path: str | None, feast_conn_id: str | None
+        self,
+        feature_service: str,
+        wanted: list[str],
+        repo_path: str | None,
+        feast_conn_id: str | None,
+        entity_keys: list[str] | None = None,
     ) -> None:
         from airflow_mlops.hooks.feast import FeastHook
 
         self.feature_service = feature_service
         self.wanted = list(wanted)
+        self.entity_keys = list(entity_keys or [])
         self.hook = FeastHook(feast_conn_id=feast_conn_id, repo_path=repo_path)
         self.description = f"Feast feature service {feature_service!r}"
         self._columns: dict[str, str] = {}
         self._join_keys: list[str] = []
         self._service: Any = None
 
-    def prepare(self) -> None:
-        """Resolve the feature service's columns and entity keys (reads the Feast registry). The feature
-        service is kept: looking it up by name on every read makes Feast read its registry again (9.5 ms
-        against 1.3 ms per 16-row read on the flights repository)."""
+    def prepare(self) -> list[str]:
+        """Resolve the feature service's columns and join keys (reads the Feast registry); returns the join
+        keys that are not entity keys of the signature. The feature service is kept: looking it up by name
+        on every read makes Feast read its registry again (9.5 ms against 1.3 ms per 16-row read on the
+        flights repository)."""
         service = self._service = self.hook.feature_service(self.feature_service)
         full: list[str] = []
         keys: list[str] = []
@@ -215,6 +166,7 @@ class FeastLookup:
         columns.update({short: names[0] for short, names in bare.items() if len(names) == 1})
         self._columns = {w: columns[w] for w in self.wanted if w in columns}
         self._join_keys = keys
+        return [k for k in keys if k not in self.entity_keys]
 
     def provides(self) -> set[str]:
         return set(self._columns)
@@ -222,7 +174,7 @@ class FeastLookup:
     def fetch(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not self._columns:
             return [{} for _ in rows]
-        entity_rows = [{k: row.get(k) or "" for k in self._join_keys} for row in rows]
+        entity_rows = [{k: "" if row.get(k) is None else row[k] for k in self._join_keys} for row in rows]
         try:
             answer = self.hook.online_features(self._service, entity_rows)
         except Exception as err:
@@ -235,94 +187,7 @@ class FeastLookup:
         ]
 
 
-# ---------------------------------------------------------------------------------------- prediction log
-class PredictionLog:
-    """Buffers predictions and flushes them as atomic JSON-lines part files in the artifact store:
-    ``<artifact_root>/predictions/<model>/date=YYYY-MM-DD/part-<time>-<pid>-<n>.jsonl``.
-
-    :param model: registry name of the served model.
-    :param flush_rows: flush when this many records are buffered.
-    :param flush_seconds: flush at least this often while records are buffered.
-    """
-
-    def __init__(self, model: str, flush_rows: int = 2000, flush_seconds: float = 5.0) -> None:
-        from airflow_mlops.artifacts import ArtifactStore
-
-        self.model = model
-        self.flush_rows = flush_rows
-        self.flush_seconds = flush_seconds
-        self.store = ArtifactStore()
-        self._buffer: list[tuple[str, str]] = []  # (date, JSON line)
-        self._lock = threading.Lock()
-        self._write_lock = threading.Lock()
-        self._seq = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
-        self._thread.start()
-
-    def append(self, records: list[dict[str, Any]]) -> None:
-        """Buffer ``records`` (each with an ISO ``at``). They are encoded here, by the caller's thread, a
-        batch at a time: encoding thousands at flush time would hold the GIL long enough to stall requests."""
-        lines = [(r["at"][:10], json.dumps(r, default=str) + "\n") for r in records]
-        with self._lock:
-            self._buffer.extend(lines)
-            full = len(self._buffer) >= self.flush_rows
-        if full:
-            threading.Thread(target=self.flush, daemon=True).start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.flush_seconds):
-            self.flush()
-
-    def flush(self) -> list[str]:
-        """Write what is buffered; returns the part files written."""
-        from airflow_mlops.artifacts import staged
-
-        with self._write_lock:
-            with self._lock:
-                records, self._buffer = self._buffer, []
-            by_date: dict[str, list[tuple[str, str]]] = {}
-            for record in records:
-                by_date.setdefault(record[0], []).append(record)
-            written = []
-            for date, rows in sorted(by_date.items()):
-                self._seq += 1
-                stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
-                target = self.store.path(
-                    "predictions",
-                    self.model,
-                    f"date={date}",
-                    f"part-{stamp}-{os.getpid()}-{self._seq:06d}.jsonl",
-                )
-                try:
-                    with staged(target) as local:
-                        local.write_text("".join(line for _, line in rows))
-                except MLOpsError:
-                    log.exception(
-                        "Could not write %d predictions to %s; keeping them for the next flush",
-                        len(rows),
-                        target,
-                    )
-                    with self._lock:
-                        self._buffer[:0] = rows
-                    continue
-                written.append(str(target))
-            return written
-
-    def close(self) -> None:
-        self._stop.set()
-        self.flush()
-
-
-def _clean(value: Any) -> Any:
-    """JSON-able feature value: NumPy scalars to Python, NaN to None."""
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
+# ---------------------------------------------------------------------------------------- serving state
 # ---------------------------------------------------------------------------------------- serving state
 @dataclass
 class ServeSettings:
@@ -358,6 +223,7 @@ class ServeSettings:
 class LoadedModel:
     name: str
     version: str
+    signature: ModelSignature
     predictor: Any
     lookup: Any
 
@@ -387,29 +253,83 @@ class ServingState:
 STATE = ServingState()
 
 
-def load_model(settings: ServeSettings) -> LoadedModel:
-    """Load the configured version through the registry (sha256 checked) and prepare its feature lookup.
+# ---------------------------------------------------------------------------------------- schemas
+@dataclass
+class ServedSchema:
+    """The served version and its request/answer schemas, read from the registry at import."""
 
-    :raises MLOpsError: unknown model or version, a tampered file, features nobody can provide.
+    version: str | None
+    record: dict[str, Any] | None
+    signature: ModelSignature | None
+    request: Any
+    response: Any
+    error: str | None = None
+
+
+def served_schema(settings: ServeSettings) -> ServedSchema:
+    """The signature of the version to serve and the pydantic models built from it. When it cannot be
+    read, a generic schema (any JSON object) with ``error`` saying why: the service still starts and
+    ``/ready`` gives the reason."""
+    from airflow_mlops.hooks.bentoml import BentoMLHook, ModelRegistryError
+
+    generic = dict[str, Any]
+    try:
+        if not settings.model:
+            raise ModelRegistryError(
+                "MLOPS_SERVE_MODEL is not set.", fix="deploy with BentoDeployOperator, which sets it."
+            )
+        hook = BentoMLHook(bentoml_conn_id=settings.bentoml_conn_id)
+        index = hook.read_index(settings.model)
+        version = settings.version or index.get("production")
+        if not version:
+            raise ModelRegistryError(
+                f"model {settings.model!r} has no production version and MLOPS_SERVE_VERSION is not set.",
+                fix="promote a version, or deploy an explicit version.",
+            )
+        record = hook.version_record(index, version)
+        signature = signature_of(record, tag=record.get("tag"))
+        return ServedSchema(
+            version=version,
+            record=record,
+            signature=signature,
+            request=request_model(signature, settings.model),
+            response=response_model(signature, settings.model),
+        )
+    except MLOpsError as err:
+        error = str(err)
+    except Exception as err:  # the service must start and say why on /ready
+        log.exception("Reading the signature of model %s failed", settings.model)
+        error = f"{type(err).__name__}: {err}"
+    if settings.model:
+        log.error("Not serving model %s: %s", settings.model, error)
+    return ServedSchema(
+        version=None, record=None, signature=None, request=generic, response=generic, error=error
+    )
+
+
+SETTINGS = ServeSettings.from_env()
+SCHEMA = served_schema(SETTINGS)
+#: one request row of the served model (its entity keys and request features)
+Row = SCHEMA.request
+#: the served model's answer for one row
+Answer = SCHEMA.response
+
+
+def load_model(settings: ServeSettings, schema: ServedSchema) -> LoadedModel:
+    """Load the version whose schema is served through the registry (sha256 checked) and prepare its
+    feature lookup.
+
+    :raises MLOpsError: no signature, a tampered file, features nobody can provide.
     """
     from airflow_mlops.hooks.bentoml import BentoMLHook, ModelRegistryError
 
-    if not settings.model:
-        raise ModelRegistryError(
-            "MLOPS_SERVE_MODEL is not set.", fix="deploy with BentoDeployOperator, which sets it."
-        )
-    hook = BentoMLHook(bentoml_conn_id=settings.bentoml_conn_id)
-    index = hook.read_index(settings.model)
-    version = settings.version or index.get("production")
-    if not version:
-        raise ModelRegistryError(
-            f"model {settings.model!r} has no production version and MLOPS_SERVE_VERSION is not set.",
-            fix="promote a version, or deploy an explicit version.",
-        )
-    record = hook.version_record(index, version)
-    predictor = hook.load(settings.model, version)
-    missing = [f for f in predictor.features if f not in REQUEST_FEATURES]
-    feature_service = settings.feature_service or record.get("feature_service")
+    if schema.error or schema.signature is None or schema.record is None or schema.version is None:
+        raise ModelRegistryError(schema.error or f"no signature was read for {settings.model!r}.")
+    signature, record, version = schema.signature, schema.record, schema.version
+    predictor = BentoMLHook(bentoml_conn_id=settings.bentoml_conn_id).load(settings.model, version)
+    carried = {f.name for f in signature.request_fields}
+    missing = [f for f in predictor.features if f not in carried]
+    feature_service = settings.feature_service or signature.feature_service or record.get("feature_service")
     lookup: Any = RequestOnlyLookup()
     if missing:
         if not feature_service:
@@ -418,8 +338,22 @@ def load_model(settings: ServeSettings) -> LoadedModel:
                 "service is known for it.",
                 fix="register the model with feature_service=, or set MLOPS_SERVE_FEATURE_SERVICE.",
             )
-        lookup = FeastLookup(feature_service, missing, settings.feast_repo, settings.feast_conn_id)
-        lookup.prepare()
+        lookup = FeastLookup(
+            feature_service,
+            missing,
+            settings.feast_repo,
+            settings.feast_conn_id,
+            entity_keys=[k.name for k in signature.entity_keys],
+        )
+        absent_keys = lookup.prepare()
+        if absent_keys:
+            log.warning(
+                "Feature service %r is keyed by %s, which requests to %s do not carry; those features "
+                "come back missing",
+                feature_service,
+                absent_keys,
+                record["tag"],
+            )
         unknown = [f for f in missing if f not in lookup.provides()]
         if unknown:
             raise ModelRegistryError(
@@ -427,7 +361,24 @@ def load_model(settings: ServeSettings) -> LoadedModel:
                 "does not provide.",
                 fix="serve the model with the feature service it was trained with.",
             )
-    return LoadedModel(name=settings.model, version=version, predictor=predictor, lookup=lookup)
+    return LoadedModel(
+        name=settings.model, version=version, signature=signature, predictor=predictor, lookup=lookup
+    )
+
+
+def warm_up_row(signature: ModelSignature) -> dict[str, Any]:
+    """A plausible request row made from the signature (the first allowed value, the middle of the training
+    range), for the model call made once before the service says it is ready."""
+    row: dict[str, Any] = {}
+    for spec in signature.request_fields:
+        if spec.allowed:
+            row[spec.name] = spec.allowed[0]
+        elif spec.minimum is not None and spec.maximum is not None:
+            middle = (spec.minimum + spec.maximum) / 2
+            row[spec.name] = round(middle) if spec.type == "integer" else middle
+        else:
+            row[spec.name] = {"string": "x", "boolean": False}.get(spec.type, 0)
+    return row
 
 
 # ---------------------------------------------------------------------------------------- ASGI pieces
@@ -700,16 +651,16 @@ class ModelService:
     def __init__(self) -> None:
         from airflow_mlops.hooks.bentoml import BentoMLHook
 
-        self.settings = ServeSettings.from_env()
+        self.settings = SETTINGS
         STATE.model = self.settings.model
         STATE.api_key = BentoMLHook(bentoml_conn_id=self.settings.bentoml_conn_id).api_key
-        self.prediction_log = PredictionLog(
+        self.prediction_log = PredictionLogWriter(
             self.settings.model or "unknown", self.settings.flush_rows, self.settings.flush_seconds
         )
         # every feature lookup and model call runs in this one thread, batched
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self.single_rows: MicroBatcher[Flight, Prediction] = MicroBatcher(
-            self._predict_flights,
+        self.single_rows: MicroBatcher[Any, Any] = MicroBatcher(
+            self._predict_rows,
             self.model_thread,
             max_batch_size=256,
             overloaded=lambda: ServiceUnavailable("the service is overloaded; retry shortly."),
@@ -720,9 +671,10 @@ class ModelService:
     def _load(self) -> None:
         started = time.monotonic()
         try:
-            loaded = load_model(self.settings)
+            loaded = load_model(self.settings, SCHEMA)
             limit_model_threads(self.settings.model_threads)
-            loaded.predictor.predict([self._warm_up_row(loaded)])
+            row = warm_up_row(loaded.signature)
+            loaded.predictor.predict([{f: row.get(f) for f in loaded.predictor.features}])
         except MLOpsError as err:
             STATE.error = str(err)
             log.error("Not serving model %s: %s", self.settings.model, err)
@@ -734,21 +686,13 @@ class ModelService:
         STATE.loaded = loaded
         gc.freeze()  # the model and libraries are long-lived: keep them out of every later collection
         log.info(
-            "Serving %s:%s (%s) after %.1fs",
+            "Serving %s:%s (%s, %s) after %.1fs",
             loaded.name,
             loaded.version,
+            loaded.signature.task,
             loaded.lookup.description,
             time.monotonic() - started,
         )
-
-    @staticmethod
-    def _warm_up_row(loaded: LoadedModel) -> dict[str, Any]:
-        row = request_features(
-            Flight(
-                carrier="UA", origin="EWR", dest="IAH", scheduled_departure=datetime.now(UTC), distance=1400
-            )
-        )
-        return {f: row.get(f) for f in loaded.predictor.features}
 
     def __is_ready__(self) -> bool:
         return STATE.loaded is not None and STATE.error is None
@@ -764,56 +708,56 @@ class ModelService:
             raise ServiceUnavailable(STATE.reason())
         return loaded
 
-    def _predict_flights(self, flights: list[Flight]) -> list[Prediction]:
-        """One feature lookup and one model call for all ``flights``; the records go to the prediction log."""
+    def _predict_rows(self, rows: list[Any]) -> list[Any]:
+        """One feature lookup and one model call for all ``rows``; the records go to the prediction log."""
         loaded = self._require_model()
-        if not flights:
+        if not rows:
             return []
         limit_model_threads(self.settings.model_threads)
-        rows = [request_features(f) for f in flights]
+        sent = [r.model_dump(mode="json") if isinstance(r, BaseModel) else dict(r) for r in rows]
         try:
-            looked_up = loaded.lookup.fetch(rows)
+            looked_up = loaded.lookup.fetch(sent)
         except FeatureStoreUnavailable as err:
             STATE.unavailable, STATE.unavailable_at = str(err), time.monotonic()
             raise ServiceUnavailable(str(err)) from err
         features = [
             {f: ({**row, **extra}).get(f) for f in loaded.predictor.features}
-            for row, extra in zip(rows, looked_up, strict=True)
+            for row, extra in zip(sent, looked_up, strict=True)
         ]
-        probabilities = loaded.predictor.predict(features)
+        signature = loaded.signature
+        task_answers = answers(signature, loaded.predictor.predict(features))
         at = datetime.now(UTC).isoformat()
         self.prediction_log.append(
             [
-                {
-                    "at": at,
-                    "model": loaded.name,
-                    "version": loaded.version,
-                    "inputs": flight.model_dump(mode="json"),
-                    "features": {k: _clean(v) for k, v in feature_row.items()},
-                    "delay_probability": float(p),
-                }
-                for flight, feature_row, p in zip(flights, features, probabilities, strict=True)
+                make_record(
+                    model=loaded.name,
+                    version=loaded.version,
+                    task=signature.task,
+                    request=row,
+                    features=feature_row,
+                    prediction=logged_value(signature, answer),
+                    answer=answer,
+                    time=at,
+                )
+                for row, feature_row, answer in zip(sent, features, task_answers, strict=True)
             ]
         )
-        return [
-            Prediction(delay_probability=float(p), model=loaded.name, model_version=loaded.version)
-            for p in probabilities
-        ]
+        return [Answer(**answer, model=loaded.name, model_version=loaded.version) for answer in task_answers]
 
     @bentoml.api(batchable=True, max_batch_size=1024, max_latency_ms=10000)
-    async def predict_batch(self, flights: list[Flight]) -> list[Prediction]:
-        """Delay probabilities for a list of flights (adaptive batching merges concurrent requests)."""
+    async def predict_batch(self, rows: list[Row]) -> list[Answer]:
+        """The model's answers for a list of rows (adaptive batching merges concurrent requests)."""
         self._require_model()
         return await asyncio.get_running_loop().run_in_executor(
-            self.model_thread, self._predict_flights, list(flights)
+            self.model_thread, self._predict_rows, list(rows)
         )
 
     @bentoml.api
-    async def predict(self, flight: Flight) -> Prediction:
-        """Delay probability of one flight. Concurrent single-row requests are batched on the server: they
+    async def predict(self, row: Row) -> Answer:
+        """The model's answer for one row. Concurrent single-row requests are batched on the server: they
         share one feature lookup and one model call."""
         self._require_model()
-        return await self.single_rows.submit(flight)
+        return await self.single_rows.submit(row)
 
 
 ModelService.add_asgi_middleware(GuardMiddleware)

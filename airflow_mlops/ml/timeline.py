@@ -74,9 +74,9 @@ def drift_to_retrained(
     event_id: str,
     *,
     drift_asset: str,
-    train_dag: str = "flights_train",
+    train_dag: str,
     served_task: str = "deploy",
-    ingest_dag: str | None = "flights_ingest",
+    ingest_dag: str | None = None,
     landed_task: str = "wait_for_batch",
 ) -> dict[str, Any]:
     """Drift-to-retrained time of the drift event ``event_id`` (see the module docstring).
@@ -84,9 +84,10 @@ def drift_to_retrained(
     :param api: an ``httpx.Client`` whose ``base_url`` is the REST API (``http://host:port/api/v2``),
         with whatever authentication the deployment needs.
     :param drift_asset: name of the drift Asset the event is on.
-    :param train_dag: the DAG scheduled on that Asset.
+    :param train_dag: the DAG scheduled on that Asset (a lifecycle's ``<dag_prefix>_train``).
     :param served_task: the task of ``train_dag`` whose successful end means the model is served.
-    :param ingest_dag: the DAG that ingests each day's batch (None: no landing time).
+    :param ingest_dag: the DAG that ingests each day's batch, e.g. ``<dag_prefix>_ingest`` (default
+        None: no landing time).
     :param landed_task: the task of ``ingest_dag`` that sees the batch landed.
     :return: :func:`timeline`'s dict.
     :raises MLOpsInputError: the Asset or the event does not exist.

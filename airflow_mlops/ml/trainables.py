@@ -1,4 +1,4 @@
-"""Built-in Ray Tune trainables for tabular classification and regression.
+"""Built-in Ray Tune trainables for tabular models: binary, multiclass and regression.
 
 Each trainable is a function ``(config, data)`` run by Tune inside a trial: ``config`` is one sample
 of the search space, ``data`` a :class:`~airflow_mlops.ml.dataset.TrainingSet` (train and time-based
@@ -14,8 +14,13 @@ rounds, report the metrics of the best iteration so far (with ``iterations`` tra
 ``best_iteration``), stop when it has not improved for ``early_stopping_rounds`` rounds, and save the
 model cut at the best iteration.
 
-Each trainable declares ``task`` and ``reported_metrics``; the operator checks the requested metric
-against ``reported_metrics`` before any trial starts. Your own trainables can do the same.
+Each trainable declares ``tasks`` (the classifiers ``("binary", "multiclass")``, the regressors
+``("regression",)``) and ``reported_metrics``; the operator checks that the requested metric fits the
+task (:mod:`airflow_mlops.ml.metrics`) and that the trainable reports it before any trial starts. Your
+own trainables can do the same. Labels arrive as ``TrainingSet.y_*``: binary 0/1, multiclass the codes
+``0..K-1`` of ``TrainingSet.classes``, regression numbers; the metrics are
+:func:`airflow_mlops.ml.metrics.scores` (binary ``auc``, ``logloss``, ``accuracy``, ``macro_f1``;
+multiclass the same without ``auc``; regression ``rmse``, ``mae``, ``r2``).
 
 Config keys understood by all: ``seed``. Per trainable:
 
@@ -41,43 +46,48 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from airflow_mlops.ml.metrics import DEFAULT_METRIC, METRIC_MODES, METRICS
+
 if TYPE_CHECKING:
     from airflow_mlops.ml.dataset import TrainingSet
 
-CLASSIFICATION_METRICS = ("auc", "logloss", "accuracy")
+#: the metrics the classifiers report (binary: all four; multiclass: all but auc)
+CLASSIFICATION_METRICS = ("auc", "logloss", "accuracy", "macro_f1")
+#: the metrics the regressors report
 REGRESSION_METRICS = ("rmse", "mae", "r2")
-#: the direction each built-in metric improves in
-METRIC_MODES = {"auc": "max", "logloss": "min", "accuracy": "max", "rmse": "min", "mae": "min", "r2": "max"}
+#: the tasks the classifiers train
+CLASSIFICATION_TASKS = ("binary", "multiclass")
 #: default patience of the boosting trainables, in boosting rounds
 EARLY_STOPPING_ROUNDS = 30
 
 
-def _declare(task: str, metrics: tuple[str, ...]) -> Callable[[Callable], Callable]:
+def _declare(tasks: tuple[str, ...], metrics: tuple[str, ...]) -> Callable[[Callable], Callable]:
     def mark(fn: Callable) -> Callable:
-        fn.task = task  # type: ignore[attr-defined]
+        fn.tasks = tasks  # type: ignore[attr-defined]
         fn.reported_metrics = metrics  # type: ignore[attr-defined]
         return fn
 
     return mark
 
 
-def scores(task: str, y_true: Any, prediction: Any) -> dict[str, float]:
-    """Validation metrics: for classification ``prediction`` is P(class 1), for regression the value."""
-    import numpy as np
-    from sklearn import metrics
+def declared_tasks(fn: Any) -> tuple[str, ...] | None:
+    """The tasks a trainable declares (``fn.tasks``, or the older single ``fn.task``); None: any task."""
+    from airflow_mlops.ml.metrics import normalize_task
 
-    if task == "classification":
-        p = np.clip(np.asarray(prediction, dtype=float), 1e-15, 1 - 1e-15)
-        return {
-            "auc": float(metrics.roc_auc_score(y_true, p)),
-            "logloss": float(metrics.log_loss(y_true, p, labels=[0, 1])),
-            "accuracy": float(metrics.accuracy_score(y_true, p >= 0.5)),
-        }
-    return {
-        "rmse": float(np.sqrt(metrics.mean_squared_error(y_true, prediction))),
-        "mae": float(metrics.mean_absolute_error(y_true, prediction)),
-        "r2": float(metrics.r2_score(y_true, prediction)),
-    }
+    tasks = getattr(fn, "tasks", None)
+    if tasks is None:
+        single = getattr(fn, "task", None)
+        tasks = (single,) if single else None
+    if not tasks or "any" in tasks:
+        return None
+    return tuple(dict.fromkeys(normalize_task(t) for t in tasks))
+
+
+def scores(task: str, y_true: Any, prediction: Any, *, n_classes: int | None = None) -> dict[str, float]:
+    """Validation metrics of ``task`` (see :func:`airflow_mlops.ml.metrics.scores`)."""
+    from airflow_mlops.ml import metrics
+
+    return metrics.scores(task, y_true, prediction, n_classes=n_classes)
 
 
 def report(
@@ -99,16 +109,16 @@ def report(
 class BestIteration:
     """The best validation result of a boosting run so far, and when to stop it (early stopping).
 
-    The metric is the search's (``data.metric``) when the task reports it, else ``auc`` / ``rmse``.
+    The metric is the search's (``data.metric``) when it is a built-in metric of the task, else the
+    task's default (``auc`` / ``macro_f1`` / ``rmse``).
     """
 
     def __init__(self, data: TrainingSet, config: dict) -> None:
-        defaults = ("auc", "max") if data.task == "classification" else ("rmse", "min")
-        known = CLASSIFICATION_METRICS if data.task == "classification" else REGRESSION_METRICS
-        self.metric, mode = (
-            (data.metric, data.mode or METRIC_MODES[data.metric]) if data.metric in known else defaults
-        )
-        self.sign = 1.0 if mode == "max" else -1.0
+        metric = data.metric
+        if metric not in METRICS or data.task not in METRICS[metric].tasks:
+            metric = DEFAULT_METRIC[data.task]
+        self.metric = metric
+        self.sign = 1.0 if METRIC_MODES[metric] == "max" else -1.0
         patience = config.get("early_stopping_rounds", EARLY_STOPPING_ROUNDS)
         self.patience = int(patience) if patience else 0
         self.best: dict[str, float] | None = None
@@ -137,6 +147,9 @@ def _meta(data: TrainingSet, library: str, model_file: str, config: dict) -> dic
         "model_file": model_file,
         "task": data.task,
         "label": data.label,
+        "classes": list(data.classes),
+        # the model was fitted on class codes 0..K-1 of ``classes`` (binary: 1 = classes[1])
+        **({"label_encoding": "codes"} if data.classes else {}),
         "features": data.features,
         "categorical": {c: data.categories[c] for c in data.categorical},
         "config": config,
@@ -157,8 +170,21 @@ def _skops_report(model: Any, data: TrainingSet, config: dict, metrics: dict[str
     )
 
 
-def _predict(task: str, model: Any, x: Any) -> Any:
-    return model.predict_proba(x)[:, 1] if task == "classification" else model.predict(x)
+def _predict(data: TrainingSet, model: Any, x: Any) -> Any:
+    """What :func:`scores` takes: P(class 1) (binary), the ``(n, K)`` class probabilities (multiclass,
+    a column of zeros for a class the training rows lacked), the values (regression)."""
+    import numpy as np
+
+    if data.task == "regression":
+        return model.predict(x)
+    proba = model.predict_proba(x)
+    matrix = np.zeros((proba.shape[0], len(data.classes)))
+    matrix[:, np.asarray(model.classes_, dtype=int)] = proba
+    return matrix[:, 1] if data.task == "binary" else matrix
+
+
+def _score(data: TrainingSet, prediction: Any) -> dict[str, float]:
+    return scores(data.task, data.y_valid, prediction, n_classes=len(data.classes) or None)
 
 
 def _encoder(data: TrainingSet, one_hot: bool):
@@ -197,7 +223,7 @@ def _hist_gradient_boosting(config: dict, data: TrainingSet) -> None:
     prep = _encoder(data, one_hot=False)
     x_train = prep.fit_transform(data.x_train)
     x_valid = prep.transform(data.x_valid)
-    cls = HistGradientBoostingClassifier if data.task == "classification" else HistGradientBoostingRegressor
+    cls = HistGradientBoostingRegressor if data.task == "regression" else HistGradientBoostingClassifier
     model = cls(
         max_iter=1,
         learning_rate=float(config.get("learning_rate", 0.1)),
@@ -219,7 +245,7 @@ def _hist_gradient_boosting(config: dict, data: TrainingSet) -> None:
         done = min(total, done + every)
         model.set_params(max_iter=done)
         model.fit(x_train, data.y_train)
-        if tracker.update(scores(data.task, data.y_valid, _predict(data.task, model, x_valid)), done):
+        if tracker.update(_score(data, _predict(data, model, x_valid)), done):
             best_model = copy.deepcopy(model)  # warm start keeps adding trees to `model`
         if done >= total or tracker.should_stop(done):
             break
@@ -228,13 +254,13 @@ def _hist_gradient_boosting(config: dict, data: TrainingSet) -> None:
     _skops_report(Pipeline([("prep", prep), ("model", best_model)]), data, config, tracker.result(done))
 
 
-@_declare("classification", CLASSIFICATION_METRICS)
+@_declare(CLASSIFICATION_TASKS, CLASSIFICATION_METRICS)
 def hist_gradient_boosting_classifier(config: dict, data: TrainingSet) -> None:
     """scikit-learn HistGradientBoostingClassifier, reporting every ``report_every`` iterations."""
     _hist_gradient_boosting(config, data)
 
 
-@_declare("regression", REGRESSION_METRICS)
+@_declare(("regression",), REGRESSION_METRICS)
 def hist_gradient_boosting_regressor(config: dict, data: TrainingSet) -> None:
     """scikit-learn HistGradientBoostingRegressor, reporting every ``report_every`` iterations."""
     _hist_gradient_boosting(config, data)
@@ -243,9 +269,10 @@ def hist_gradient_boosting_regressor(config: dict, data: TrainingSet) -> None:
 def _lightgbm(config: dict, data: TrainingSet) -> None:
     import lightgbm as lgb
 
-    classification = data.task == "classification"
+    objective = {"binary": "binary", "multiclass": "multiclass", "regression": "regression"}[data.task]
     params = {
-        "objective": "binary" if classification else "regression",
+        "objective": objective,
+        **({"num_class": len(data.classes)} if data.task == "multiclass" else {}),
         "metric": "None",
         "learning_rate": float(config.get("learning_rate", 0.1)),
         "num_leaves": int(config.get("num_leaves", 31)),
@@ -274,7 +301,7 @@ def _lightgbm(config: dict, data: TrainingSet) -> None:
         if done % every and done < total:
             return
         prediction = env.model.predict(data.x_valid, num_iteration=done)
-        tracker.update(scores(data.task, data.y_valid, prediction), done)
+        tracker.update(_score(data, prediction), done)
         if done >= total:
             return
         if tracker.should_stop(done):
@@ -290,13 +317,14 @@ def _lightgbm(config: dict, data: TrainingSet) -> None:
     )
 
 
-@_declare("classification", CLASSIFICATION_METRICS)
+@_declare(CLASSIFICATION_TASKS, CLASSIFICATION_METRICS)
 def lightgbm_classifier(config: dict, data: TrainingSet) -> None:
-    """LightGBM binary classifier, reporting every ``report_every`` boosting rounds."""
+    """LightGBM classifier (``binary`` objective, or ``multiclass`` with ``num_class``), reporting every
+    ``report_every`` boosting rounds."""
     _lightgbm(config, data)
 
 
-@_declare("regression", REGRESSION_METRICS)
+@_declare(("regression",), REGRESSION_METRICS)
 def lightgbm_regressor(config: dict, data: TrainingSet) -> None:
     """LightGBM regressor, reporting every ``report_every`` boosting rounds."""
     _lightgbm(config, data)
@@ -312,22 +340,23 @@ def _fit_once(model: Any, config: dict, data: TrainingSet, one_hot: bool) -> Non
     pipeline = Pipeline([*steps, ("model", model)])
     pipeline.fit(data.x_train, data.y_train)
     metrics = {
-        **scores(data.task, data.y_valid, _predict(data.task, pipeline, data.x_valid)),
+        **_score(data, _predict(data, pipeline, data.x_valid)),
         "iterations": 1,
     }
     _skops_report(pipeline, data, config, metrics)
 
 
-@_declare("classification", CLASSIFICATION_METRICS)
+@_declare(CLASSIFICATION_TASKS, CLASSIFICATION_METRICS)
 def logistic_regression(config: dict, data: TrainingSet) -> None:
-    """Logistic regression on one-hot categories and standardised numbers."""
+    """Logistic regression (multinomial for three or more classes) on one-hot categories and standardised
+    numbers."""
     from sklearn.linear_model import LogisticRegression
 
     model = LogisticRegression(C=float(config.get("C", 1.0)), max_iter=int(config.get("max_iter", 1000)))
     _fit_once(model, config, data, one_hot=True)
 
 
-@_declare("regression", REGRESSION_METRICS)
+@_declare(("regression",), REGRESSION_METRICS)
 def linear_regression(config: dict, data: TrainingSet) -> None:
     """Linear regression (ridge with ``alpha``; 0 is ordinary least squares)."""
     from sklearn.linear_model import LinearRegression, Ridge
@@ -349,7 +378,7 @@ def _forest(cls: Any, config: dict, data: TrainingSet) -> None:
     _fit_once(model, config, data, one_hot=False)
 
 
-@_declare("classification", CLASSIFICATION_METRICS)
+@_declare(CLASSIFICATION_TASKS, CLASSIFICATION_METRICS)
 def random_forest_classifier(config: dict, data: TrainingSet) -> None:
     """scikit-learn RandomForestClassifier."""
     from sklearn.ensemble import RandomForestClassifier
@@ -357,7 +386,7 @@ def random_forest_classifier(config: dict, data: TrainingSet) -> None:
     _forest(RandomForestClassifier, config, data)
 
 
-@_declare("regression", REGRESSION_METRICS)
+@_declare(("regression",), REGRESSION_METRICS)
 def random_forest_regressor(config: dict, data: TrainingSet) -> None:
     """scikit-learn RandomForestRegressor."""
     from sklearn.ensemble import RandomForestRegressor
@@ -365,7 +394,7 @@ def random_forest_regressor(config: dict, data: TrainingSet) -> None:
     _forest(RandomForestRegressor, config, data)
 
 
-@_declare("any", ("score",))
+@_declare(("any",), ("score",))
 def sleep(config: dict, data: TrainingSet) -> None:
     """Sleep ``seconds`` and report ``score``: no model; measures Tune's per-trial overhead."""
     time.sleep(float(config.get("seconds", 1.0)))

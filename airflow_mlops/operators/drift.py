@@ -1,24 +1,27 @@
 """Drift monitoring with Evidently 0.7: data drift of a recent window against the production model's
-reference, AUC decay where labels have arrived, and an Asset event only when something is wrong.
+reference, prediction drift of the served predictions against the model's predictions on its holdout,
+quality decay where labels have arrived (the task's metric on the window against the holdout score), and
+an Asset event only when something is wrong.
 
 The reference is the training snapshot of the model in production (found through the registry's
 ``training_manifest``) or a given URI. Its drift columns are projected once into a cached parquet with
 per-column statistics (``<artifact_root>/drift/reference/<key>/``); every later check of the same
 reference reads that small file. The current window is read from the offline store partitions
-(``<offline_root>/<table>/date=YYYY-MM-DD/part-0.parquet``) or from the serving prediction log
-(``<artifact_root>/predictions/<model>/date=YYYY-MM-DD/part-*.jsonl``).
+(``<offline_root>/<table>/date=YYYY-MM-DD/part-0.parquet``) or from the prediction log
+(:mod:`airflow_mlops.ml.prediction_log`). The computation itself lives in :mod:`airflow_mlops.ml.drift`
+(re-exported here).
 
 Emitting the drift event: in Airflow 3.3's Task SDK every concrete ``Asset`` in ``outlets`` gets an
 event whenever the task succeeds, whatever the task does. The operator therefore puts an
 ``AssetAlias`` in its outlets and attaches an event for the model's drift ``Asset`` to that alias only
-when drift (or AUC decay) was found; a calm run adds nothing to the alias and no event is created.
-DAGs scheduled on the drift ``Asset`` itself are triggered by the alias events.
+when drift, prediction drift or decay was found; a calm run adds nothing to the alias and no event is
+created. DAGs scheduled on the drift ``Asset`` itself are triggered by the alias events.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from functools import cached_property
@@ -28,6 +31,19 @@ from airflow.sdk import Asset, AssetAlias, BaseOperator, BaseOperatorLink
 
 from airflow_mlops.artifacts import ArtifactStore, as_path, staged
 from airflow_mlops.exceptions import MLOpsArgumentError, MLOpsInputError
+from airflow_mlops.ml.drift import (  # re-exported: the public drift API has lived here
+    P_VALUE_METHODS,
+    column_statistics,
+    drift_event_id,
+    normalize_columns,
+    prepare_reference,
+    read_frame,
+    reference_key,
+    run_drift_report,
+    specs_for,
+    summarize_snapshot,
+    typed,
+)
 from airflow_mlops.operators.offline_store import PARTITION_FILE, resolve_uri
 
 if TYPE_CHECKING:
@@ -37,291 +53,41 @@ if TYPE_CHECKING:
 
     from airflow_mlops.hooks.bentoml import BentoMLHook
 
-#: Drift columns of the flights demo model, with the method and threshold of each. Weather moves two
-#: to three reference standard deviations between a January-March reference and a spring week (the
-#: season changing, which the model has seen similar of), and five to six in July; the weather
-#: thresholds flag the summer shift, not the ordinary change of season. Schedule and network columns
-#: use Evidently's default thresholds.
-FLIGHTS_DRIFT_COLUMNS: dict[str, dict[str, Any]] = {
-    "temp": {"kind": "numerical", "method": "wasserstein", "threshold": 4.0},
-    "dewp": {"kind": "numerical", "method": "wasserstein", "threshold": 3.0},
-    "hour": {"kind": "numerical", "method": "wasserstein", "threshold": 0.1},
-    "distance": {"kind": "numerical", "method": "wasserstein", "threshold": 0.1},
-    "carrier": {"kind": "categorical", "method": "jensenshannon", "threshold": 0.1},
-    "origin": {"kind": "categorical", "method": "jensenshannon", "threshold": 0.1},
-}
-#: dataset drift for the flights demo: two of its six columns drifting
-FLIGHTS_DRIFT_SHARE = 0.3
-#: where the training snapshot of the Feast-trained flights model (``flights_train``: the labelled
-#: flights joined with the ``delay_model`` feature service) holds the drift columns it names differently
-FLIGHTS_REFERENCE_COLUMNS: dict[str, str] = {
-    "temp": "weather_hourly__temp",
-    "dewp": "weather_hourly__dewp",
-    "hour": "sched_hour",
-}
-#: the flights model's label: arrival delay above 15 minutes (as ``FlightDailyStatsOperator`` writes it)
-FLIGHTS_LABEL_RULE: dict[str, Any] = {"column": "arr_delay", "gt": 15}
+#: the old private name of :func:`airflow_mlops.ml.drift.typed`
+_typed = typed
 
-#: methods whose score is a p-value (drift when below the threshold); all others are distances
-P_VALUE_METHODS = frozenset(
-    {
-        "ks",
-        "chisquare",
-        "z",
-        "fisher_exact",
-        "g_test",
-        "mannw",
-        "t_test",
-        "anderson",
-        "cramer_von_mises",
-        "epps_singleton",
-        "empirical_mmd",
-    }
-)
-_CATEGORICAL_MAX_UNIQUE = 50
-_REFERENCE_CACHE_VERSION = 1
-
-
-# --------------------------------------------------------------------------- column specs
-def normalize_columns(
-    columns: Sequence[str] | Mapping[str, Any] | None, frame: pd.DataFrame | None = None
-) -> dict[str, dict[str, Any]]:
-    """``{column: {"kind", "method", "threshold"}}`` from a list of names or a mapping of partial specs.
-
-    ``kind`` (``numerical``/``categorical``) is inferred from ``frame`` when not given; ``method`` and
-    ``threshold`` left as None mean Evidently's automatic choice.
-
-    :raises MLOpsArgumentError: an unknown key or kind in a column spec.
-    """
-    if columns is None:
-        if frame is None:
-            raise MLOpsArgumentError(
-                "no drift columns given and no data to infer them from.", fix="pass columns=."
-            )
-        columns = list(frame.columns)
-    items = columns.items() if isinstance(columns, Mapping) else ((c, {}) for c in columns)
-    specs: dict[str, dict[str, Any]] = {}
-    for name, raw in items:
-        raw = dict(raw or {})
-        unknown = set(raw) - {"kind", "method", "threshold"}
-        if unknown:
-            raise MLOpsArgumentError(
-                f"drift column {name!r} has unknown settings {sorted(unknown)}.",
-                fix="use only 'kind' (numerical or categorical), 'method' and 'threshold'.",
-            )
-        kind = raw.get("kind")
-        if kind is None and frame is not None and name in frame.columns:
-            kind = _infer_kind(frame[name])
-        if kind not in (None, "numerical", "categorical"):
-            raise MLOpsArgumentError(
-                f"drift column {name!r} has kind {kind!r}.", fix="use 'numerical' or 'categorical'."
-            )
-        threshold = raw.get("threshold")
-        specs[str(name)] = {
-            "kind": kind,
-            "method": raw.get("method"),
-            "threshold": None if threshold is None else float(threshold),
-        }
-    return specs
-
-
-def specs_for(
-    columns: Sequence[str] | Mapping[str, Any] | None,
-    source_uri: str,
-    aliases: Mapping[str, str] | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Column specs, with the kinds not given inferred from a sample of the reference (columns None:
-    every numerical column and every categorical one with few distinct values)."""
-    given = isinstance(columns, Mapping) and all((v or {}).get("kind") for v in columns.values())
-    if given:
-        return normalize_columns(columns)
-    probe = read_frame(source_uri, None if columns is None else list(columns), aliases).head(5000)
-    specs = normalize_columns(columns, probe)
-    if columns is None:
-        specs = {
-            c: s
-            for c, s in specs.items()
-            if s["kind"] == "numerical" or probe[c].nunique() <= _CATEGORICAL_MAX_UNIQUE
-        }
-    return specs
-
-
-def _infer_kind(series: pd.Series) -> str:
-    import pandas as pd
-
-    if pd.api.types.is_bool_dtype(series) or not pd.api.types.is_numeric_dtype(series):
-        return "categorical"
-    return "numerical"
-
-
-# --------------------------------------------------------------------------- reference
-def reference_key(
-    source_uri: str, specs: Mapping[str, Mapping[str, Any]], aliases: Mapping[str, str] | None = None
-) -> str:
-    """Cache key of a reference: its source, the drift columns with their kinds, and the reference
-    names of the columns read under another name."""
-    body: dict[str, Any] = {
-        "v": _REFERENCE_CACHE_VERSION,
-        "uri": source_uri,
-        "columns": {c: s["kind"] for c, s in sorted(specs.items())},
-    }
-    used = {c: a for c, a in (aliases or {}).items() if c in specs}
-    if used:
-        body["aliases"] = used
-    payload = json.dumps(body, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def read_frame(
-    uri: str, columns: Sequence[str] | None = None, aliases: Mapping[str, str] | None = None
-) -> pd.DataFrame:
-    """A parquet file or folder, or a training-set manifest JSON (its ``data_uri``), as a DataFrame.
-
-    :param aliases: ``{column: name in the file}`` for columns the file holds under another name
-        (used only where ``column`` itself is absent; the frame carries ``column``).
-    :raises MLOpsInputError: the data is missing or a requested column is absent.
-    """
-    import pyarrow.parquet as pq
-
-    path = as_path(uri)
-    if not path.exists():
-        raise MLOpsInputError(
-            f"drift reference {uri!r} does not exist.", fix="pass an existing parquet or manifest URI."
-        )
-    if path.name.endswith(".json"):
-        manifest = json.loads(path.read_bytes())
-        if not manifest.get("data_uri"):
-            raise MLOpsInputError(
-                f"training manifest {uri!r} has no data_uri.",
-                fix="pass the manifest the training-set task wrote.",
-            )
-        return read_frame(manifest["data_uri"], columns, aliases)
-    files = sorted(p for p in path.iterdir() if p.name.endswith(".parquet")) if path.is_dir() else [path]
-    frames = []
-    for file in files:
-        with file.open("rb") as handle:
-            table = pq.read_table(handle)
-        present = set(table.column_names)
-        names = {
-            c: c if c in present else (aliases or {}).get(c) for c in columns or []
-        }  # drift column -> column of the file
-        missing = [c for c, name in names.items() if name not in present]
-        if missing:
-            raise MLOpsInputError(
-                f"drift reference {str(file)!r} lacks the drift columns {missing}.",
-                fix="choose drift columns the model's training data has (see its training manifest), "
-                "or name the reference's column for each with reference_columns=.",
-            )
-        frames.append(table.select(list(names.values())).rename_columns(list(names)) if columns else table)
-    import pyarrow as pa
-
-    return pa.concat_tables(frames).to_pandas() if len(frames) > 1 else frames[0].to_pandas()
-
-
-def column_statistics(
-    frame: pd.DataFrame, specs: Mapping[str, Mapping[str, Any]], bins: int = 10
-) -> dict[str, Any]:
-    """Compact statistics of the reference per column: quantile bin edges and shares for numerical
-    columns, category shares for categorical ones. Used by :class:`~airflow_mlops.triggers.drift.DriftEventTrigger`
-    to score drift without the reference rows."""
-    import numpy as np
-
-    out: dict[str, Any] = {}
-    for name, spec in specs.items():
-        series = frame[name].dropna()
-        if spec["kind"] == "numerical":
-            values = series.to_numpy(dtype=float)
-            edges = (
-                np.unique(np.quantile(values, np.linspace(0, 1, bins + 1)))
-                if len(values)
-                else np.array([0.0])
-            )
-            counts = (
-                np.histogram(np.clip(values, edges[0], edges[-1]), bins=edges)[0]
-                if len(edges) > 1
-                else np.array([len(values)])
-            )
-            out[name] = {
-                "kind": "numerical",
-                "count": int(len(values)),
-                "mean": float(values.mean()) if len(values) else None,
-                "std": float(values.std()) if len(values) else None,
-                "edges": [float(e) for e in edges],
-                "shares": [float(c) / max(len(values), 1) for c in counts],
-            }
-        else:
-            shares = series.astype(str).value_counts(normalize=True)
-            out[name] = {
-                "kind": "categorical",
-                "count": int(len(series)),
-                "shares": {str(k): float(v) for k, v in shares.items()},
-            }
-    return out
-
-
-def prepare_reference(
-    source_uri: str,
-    specs: Mapping[str, Mapping[str, Any]],
-    store: ArtifactStore | None = None,
-    *,
-    refresh: bool = False,
-    aliases: Mapping[str, str] | None = None,
-) -> dict[str, Any]:
-    """Project the reference onto the drift columns once and cache it with its statistics.
-
-    Writes ``<artifact_root>/drift/reference/<key>/reference.parquet`` and ``stats.json`` (atomic);
-    later calls with the same source and columns only read them.
-
-    :return: ``{"key", "source_uri", "data_uri", "stats_uri", "rows", "columns"}``.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    store = store or ArtifactStore()
-    key = reference_key(source_uri, specs, aliases)
-    folder = store.path("drift", "reference", key)
-    data_path, stats_path = folder / "reference.parquet", folder / "stats.json"
-    if not refresh and data_path.exists() and stats_path.exists():
-        stats = store.read_json(str(stats_path))
-        return {**stats["meta"], "data_uri": str(data_path), "stats_uri": str(stats_path)}
-    frame = read_frame(source_uri, list(specs), aliases)
-    if frame.empty:
-        raise MLOpsInputError(
-            f"drift reference {source_uri!r} has no rows.", fix="use the model's training snapshot."
-        )
-    frame = _typed(frame, specs)
-    with staged(data_path) as tmp:
-        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp)
-    meta = {
-        "key": key,
-        "source_uri": source_uri,
-        "rows": int(len(frame)),
-        "columns": {c: s["kind"] for c, s in specs.items()},
-    }
-    store.write_json(stats_path, {"meta": meta, "columns": column_statistics(frame, specs)})
-    return {**meta, "data_uri": str(data_path), "stats_uri": str(stats_path)}
-
-
-def _typed(frame: pd.DataFrame, specs: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
-    """Numerical columns as float64, categorical as strings (missing stays missing): one dtype per
-    column on both sides, so Evidently does no conversion of its own."""
-    import pandas as pd
-
-    out = {}
-    for name, spec in specs.items():
-        if spec["kind"] == "numerical":
-            out[name] = pd.to_numeric(frame[name], errors="coerce").astype("float64")
-        else:
-            out[name] = frame[name].astype("string").astype(object).where(frame[name].notna(), None)
-    return pd.DataFrame(out)
+__all__ = [
+    "P_VALUE_METHODS",
+    "DriftBaselineOperator",
+    "DriftReportLink",
+    "EvidentlyDriftOperator",
+    "RetrainingGateOperator",
+    "column_statistics",
+    "drift_alias",
+    "drift_event_id",
+    "event_extra",
+    "normalize_columns",
+    "prepare_reference",
+    "production_model",
+    "production_reference",
+    "read_frame",
+    "read_offline_window",
+    "reference_key",
+    "run_drift_report",
+    "specs_for",
+    "summarize_snapshot",
+    "window_dates",
+]
 
 
 def production_model(model_name: str, hook: BentoMLHook | None = None) -> dict[str, Any] | None:
     """The version of ``model_name`` in production with what the quality check needs, or None.
 
-    :return: ``{"model", "version", "holdout_metrics", "feature_service", "record"}``.
+    :return: ``{"model", "version", "holdout_metrics", "promotion", "feature_service", "record"}``
+        (``promotion``: the registry decision that promoted it, with its ``metric`` and ``holdout_uri``).
     """
     from airflow_mlops.hooks.bentoml import BentoMLHook
+    from airflow_mlops.ml.drift import promotion_decision
 
     hook = hook or BentoMLHook()
     index = hook.read_index(model_name)
@@ -333,6 +99,7 @@ def production_model(model_name: str, hook: BentoMLHook | None = None) -> dict[s
         "model": model_name,
         "version": version,
         "holdout_metrics": _holdout_metrics(record),
+        "promotion": promotion_decision(record),
         "feature_service": record.get("feature_service"),
         "record": record,
     }
@@ -342,7 +109,7 @@ def production_reference(model_name: str, hook: BentoMLHook | None = None) -> di
     """The drift reference of the model in production: its training snapshot, found through the registry.
 
     :return: ``{"model", "version", "reference_uri", "manifest_uri", "time_range", "holdout_metrics",
-        "feature_service"}``.
+        "promotion", "feature_service", "record"}``.
     :raises MLOpsInputError: no production version, or it records no training manifest.
     """
     production = production_model(model_name, hook)
@@ -366,17 +133,27 @@ def production_reference(model_name: str, hook: BentoMLHook | None = None) -> di
         "manifest_uri": manifest["uri"],
         "time_range": manifest.get("time_range"),
         "holdout_metrics": production["holdout_metrics"],
+        "promotion": production["promotion"],
         "feature_service": production["feature_service"],
+        "record": record,
     }
 
 
 def _holdout_metrics(record: Mapping[str, Any]) -> dict[str, float]:
-    """Holdout quality recorded at promotion (the candidate score of the last promote decision), else
-    the validation metrics recorded at registration."""
-    for decision in reversed(record.get("decisions") or []):
-        if decision.get("action") == "promote" and decision.get("candidate_score") is not None:
-            return {decision.get("metric", "auc"): float(decision["candidate_score"])}
-    return {k: float(v) for k, v in (record.get("metrics") or {}).items() if isinstance(v, int | float)}
+    """Holdout quality recorded at promotion (the candidate score of the last promote decision, under its
+    metric), over the validation metrics recorded at registration (for the metrics promotion did not
+    score)."""
+    from airflow_mlops.ml.drift import promotion_decision
+
+    metrics = {
+        k: float(v)
+        for k, v in (record.get("metrics") or {}).items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    decision = promotion_decision(record)
+    if decision and decision.get("candidate_score") is not None:
+        metrics[decision.get("metric") or "auc"] = float(decision["candidate_score"])
+    return metrics
 
 
 # --------------------------------------------------------------------------- current window
@@ -430,118 +207,6 @@ def read_offline_window(
     return frame
 
 
-def read_prediction_log(log_root: str, dates: Sequence[str]) -> pd.DataFrame:
-    """Rows of the serving prediction log for ``dates``: ``inputs`` and ``features`` flattened into
-    columns, plus ``probability``, ``version`` and ``time``.
-
-    :raises MLOpsInputError: the log holds no rows for the window.
-    """
-    import pandas as pd
-
-    root = as_path(log_root)
-    records = []
-    for day in dates:
-        folder = root / f"date={day}"
-        if not folder.exists():
-            continue
-        for part in sorted(p for p in folder.iterdir() if p.name.endswith(".jsonl")):
-            for line in part.read_text().splitlines():
-                if line.strip():
-                    records.append(flatten_prediction(json.loads(line)))
-    if not records:
-        raise MLOpsInputError(
-            f"the drift window {dates[0]}..{dates[-1]} is empty: no predictions logged under {log_root!r}.",
-            fix="check that the model is served and logging predictions, or move the window.",
-        )
-    return pd.DataFrame.from_records(records)
-
-
-def flatten_prediction(record: Mapping[str, Any]) -> dict[str, Any]:
-    """One prediction-log record as one flat row (feature values win over raw inputs of the same name)."""
-    row: dict[str, Any] = {}
-    for part in ("inputs", "features"):
-        if isinstance(record.get(part), Mapping):
-            row.update(record[part])
-    output = record.get("output")
-    probability = record.get("probability")
-    if probability is None and isinstance(output, Mapping):
-        probability = output.get("probability")
-    elif probability is None and isinstance(output, int | float):
-        probability = output
-    row["probability"] = probability
-    row["version"] = record.get("version")
-    row["time"] = record.get("time")
-    return row
-
-
-# --------------------------------------------------------------------------- the check
-def run_drift_report(
-    reference: pd.DataFrame, current: pd.DataFrame, specs: Mapping[str, Mapping[str, Any]], drift_share: float
-) -> tuple[Any, dict[str, Any]]:
-    """Evidently 0.7 ``Report`` of one ``ValueDrift`` per column; returns (snapshot, summary).
-
-    The summary: ``drift_detected`` (share of drifted columns >= ``drift_share``), ``drift_share``,
-    ``drifted_columns`` and ``columns`` (score, method, threshold, drifted per column).
-    """
-    from evidently import DataDefinition, Dataset, Report
-    from evidently.metrics import ValueDrift
-
-    names = list(specs)
-    current = _typed(current, specs)
-    definition = DataDefinition(
-        numerical_columns=[c for c in names if specs[c]["kind"] == "numerical"],
-        categorical_columns=[c for c in names if specs[c]["kind"] == "categorical"],
-    )
-    metrics = [
-        ValueDrift(column=c, method=specs[c]["method"], threshold=specs[c]["threshold"]) for c in names
-    ]
-    snapshot = Report(metrics, include_tests=True).run(
-        Dataset.from_pandas(current, data_definition=definition),
-        Dataset.from_pandas(reference, data_definition=definition),
-    )
-    return snapshot, summarize_snapshot(snapshot.dict(), drift_share)
-
-
-def summarize_snapshot(snapshot: Mapping[str, Any], drift_share: float) -> dict[str, Any]:
-    """Small JSON summary of an Evidently snapshot dict of ``ValueDrift`` metrics and their tests."""
-    status = {t["metric_config"]["metric_id"]: t["status"] for t in snapshot.get("tests", [])}
-    columns: dict[str, Any] = {}
-    for metric in snapshot["metrics"]:
-        config = metric["config"]
-        if not config.get("type", "").endswith("ValueDrift"):
-            continue
-        method, threshold, score = config.get("method"), config.get("threshold"), float(metric["value"])
-        if metric["id"] in status:
-            drifted = status[metric["id"]] == "FAIL"
-        else:
-            drifted = score < threshold if method in P_VALUE_METHODS else score >= threshold
-        columns[config["column"]] = {
-            "score": score,
-            "method": method,
-            "threshold": threshold,
-            "drifted": drifted,
-        }
-    drifted_columns = sorted(c for c, v in columns.items() if v["drifted"])
-    share = len(drifted_columns) / len(columns) if columns else 0.0
-    return {
-        "drift_detected": bool(columns) and share >= drift_share,
-        "drift_share": share,
-        "drift_share_threshold": drift_share,
-        "drifted_columns": {c: columns[c]["score"] for c in drifted_columns},
-        "columns": columns,
-    }
-
-
-def drift_event_id(model: str | None, window: Sequence[str], summary: Mapping[str, Any]) -> str:
-    """Stable identity of a drift finding: same model, window and drifted columns give the same id, so
-    a rerun or a repeated delivery of the event is recognised as a duplicate downstream."""
-    payload = json.dumps(
-        {"model": model, "window": list(window), "drifted": sorted(summary.get("drifted_columns", {}))},
-        sort_keys=True,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:24]
-
-
 class DriftReportLink(BaseOperatorLink):
     """Extra link "Drift report": the Evidently HTML report of the run, served by the UI plugin."""
 
@@ -560,16 +225,26 @@ def drift_alias(asset: Asset | str) -> AssetAlias:
 
 
 class EvidentlyDriftOperator(BaseOperator):
-    """Check a recent window for data drift against the production model's reference (Evidently 0.7).
+    """Check a recent window for drift and quality decay of the production model (Evidently 0.7).
 
-    Returns ``drift_detected``, ``drift_share``, ``drifted_columns`` (column: score), ``columns``,
-    ``quality`` (AUC on the window vs holdout, where labels have arrived), ``decay_detected``,
-    ``report_uri``, ``summary_uri``. When drift or decay is found and ``drift_asset`` is set, one event
-    for ``drift_asset`` with these figures in ``extra`` is attached to the operator's ``AssetAlias``
-    outlet (see the module docstring); otherwise no event is emitted.
+    Three checks, each optional but the first:
+
+    - **data drift**: the window's ``columns`` against the reference (the production model's training
+      snapshot, or ``reference_uri``);
+    - **quality decay** (with ``label_column``): the production model's ``quality_metric`` on the
+      labelled rows of the window against its holdout score recorded at promotion, for any task
+      (binary, multiclass, regression, see :mod:`airflow_mlops.ml.metrics`);
+    - **prediction drift** (with ``prediction_drift``): the predictions the production version served in
+      the window (read from the prediction log) against its predictions on the holdout it was promoted on.
+
+    Returns ``drift_detected`` (data drift), ``drift_share``, ``drifted_columns`` (column: score),
+    ``columns``, ``quality``, ``decay_detected``, ``prediction_drift``, ``window``, ``reference``,
+    ``event_id``, ``report_uri``, ``summary_uri``. When data drift, prediction drift or decay is found and
+    ``drift_asset`` is set, one event for ``drift_asset`` with these figures in ``extra`` is attached to
+    the operator's ``AssetAlias`` outlet (see the module docstring); otherwise no event is emitted.
 
     :param model_name: registry name of the monitored model; its production version gives the
-        reference and, with labels, the AUC (templated).
+        reference and the model scored for decay and prediction drift (templated).
     :param reference_uri: parquet / training manifest to compare against instead of the registry's
         (templated).
     :param columns: drift columns: names, or ``{name: {"kind", "method", "threshold"}}``; default every
@@ -578,36 +253,48 @@ class EvidentlyDriftOperator(BaseOperator):
     :param window_end: last day of the window, ``YYYY-MM-DD`` (templated, default ``{{ ds }}``).
     :param window_days: length of the window in days (templated).
     :param window_start: first day, instead of ``window_days`` (templated).
-    :param source: ``offline_store`` (validated data) or ``prediction_log``.
-    :param table: offline-store table (templated).
+    :param source: ``offline_store`` (validated data of ``table``) or ``prediction_log`` (the request
+        fields and features the service logged).
+    :param table: offline-store table of the window; required with ``source="offline_store"`` (templated).
     :param joins: tables joined onto the window, ``[{"uri", "on", "columns"}]`` (templated).
     :param offline_root: offline store root; default ``[mlops] offline_root`` (templated).
-    :param prediction_log_uri: prediction-log root; default ``<artifact_root>/predictions/<model_name>`` (templated).
-    :param reference_columns: ``{drift column: column of the reference}`` for drift columns the
-        reference holds under another name, read only where the reference lacks the drift column itself.
-        A Feast training snapshot names joined features ``<view>__<feature>``; for the flights model
-        :data:`FLIGHTS_REFERENCE_COLUMNS` (templated).
-    :param label_column: the model's label, 0/1. When set and ``model_name`` has a production version
-        (also with ``reference_uri`` given), the model's AUC on the labelled rows of the window is
-        computed and compared with its holdout AUC (recorded at promotion): ``quality`` =
-        ``{"labelled_rows", "unlabelled_rows", "auc", "holdout_auc", "auc_decay", "labels"}``. Without a
-        production version, or before any label of the window has arrived, ``quality`` only counts rows
+    :param prediction_log_uri: prediction-log root; default ``<artifact_root>/predictions/<model_name>``
         (templated).
-    :param label_rule: derive ``label_column`` from another column of the labelled rows, e.g.
-        ``{"column": "arr_delay", "gt": 15}`` (delayed = arrival delay > 15 min); rows where that column
-        is missing are unlabelled.
+    :param reference_columns: ``{drift column: column of the reference}`` for drift columns the
+        reference holds under another name, read only where the reference lacks the drift column itself
+        (a Feast training snapshot names joined features ``<view>__<feature>``) (templated).
+    :param label_column: the model's label. When set and ``model_name`` has a production version (also
+        with ``reference_uri`` given), the model is scored on the labelled rows of the window and
+        compared with its holdout score: ``quality`` = ``{"labelled_rows", "unlabelled_rows", "metric",
+        "score", "holdout_score", "decay", "max_decay", "model_version", "labels"}`` (a binary model also
+        gets ``auc``, ``holdout_auc`` and ``auc_decay``). Binary labels may be 0/1 or the model's classes;
+        multiclass labels are the classes; regression labels are numbers. Without a production version,
+        or before any label of the window has arrived, ``quality`` only counts rows (templated).
+    :param label_rule: derive ``label_column`` (0/1) from a numeric column of the labelled rows,
+        ``{"column": <column>, "gt": <threshold>}``: 1 where the column is above the threshold; rows
+        where that column is missing are unlabelled.
     :param labels_table: offline-store table of labelled rows read for the window's days
-        (``<offline_root>/<labels_table>/date=YYYY-MM-DD/part-0.parquet``), e.g. ``flights_labelled``
-        written by :class:`~airflow_mlops.operators.features.FlightDailyStatsOperator` (one row per
-        flight with ``event_timestamp``, the join keys, ``arr_delay`` and ``delayed``); default: the
+        (``<offline_root>/<labels_table>/date=YYYY-MM-DD/part-0.parquet``), e.g. the entity table the
+        features DAG writes (with ``event_timestamp``, the join keys and the label); default: the
         window's own rows (templated).
     :param feature_repo: Feast repository (absolute path) used when the labelled rows lack some of the
         model's features: they are joined point in time from the feature service the production version
         was registered with (its ``feature_service``), exactly as the training set was built; default
         the ``feast_conn_id`` connection's ``repo_path`` (templated).
     :param feast_conn_id: Airflow connection of type ``feast`` for that join.
-    :param max_auc_decay: holdout AUC minus window AUC above which decay is reported; decay alone
-        emits the drift event (with ``decay_detected`` and the AUC figures in ``extra``).
+    :param quality_metric: metric of the decay check; default the metric the production version was
+        promoted on, else the task's default (``auc``, ``macro_f1``, ``rmse``) (templated).
+    :param max_decay: decay above which it is reported, per metric (``{"auc": 0.05, "rmse": 0.2}``) or one
+        number for ``quality_metric``; a drop for metrics where higher is better, a rise as a ratio for
+        losses (``window / holdout - 1``). Default :data:`~airflow_mlops.ml.metrics.DEFAULT_MAX_DECAY`.
+        Decay alone emits the drift event (with ``decay_detected`` and the figures in ``extra``).
+    :param max_auc_decay: deprecated; ``max_decay={"auc": x}``.
+    :param prediction_drift: also compare the predictions the production version served in the window
+        with its predictions on its holdout (binary: the probability of the positive class, regression:
+        the value, numerical; multiclass: the class, categorical; Evidently chooses the method). Result
+        ``prediction_drift`` = ``{"rows", "score", "method", "threshold", "drift_detected"}``, or
+        ``{"rows": 0, "reason"}`` when nothing was served. A drifted prediction distribution emits the
+        drift event (templated).
     :param drift_asset: the model's drift Asset (or its name); events go through ``drift_alias(asset)``.
     """
 
@@ -626,6 +313,8 @@ class EvidentlyDriftOperator(BaseOperator):
         "label_column",
         "labels_table",
         "feature_repo",
+        "quality_metric",
+        "prediction_drift",
     )
     template_fields_renderers = {"columns": "json", "joins": "json", "reference_columns": "json"}
     operator_extra_links = (DriftReportLink(),)
@@ -642,7 +331,7 @@ class EvidentlyDriftOperator(BaseOperator):
         window_days: int | str = 7,
         window_start: str | None = None,
         source: str = "offline_store",
-        table: str = "flights",
+        table: str | None = None,
         joins: Sequence[Mapping[str, Any]] | None = None,
         offline_root: str | None = None,
         prediction_log_uri: str | None = None,
@@ -652,7 +341,10 @@ class EvidentlyDriftOperator(BaseOperator):
         labels_table: str | None = None,
         feature_repo: str | None = None,
         feast_conn_id: str | None = "feast_default",
-        max_auc_decay: float = 0.05,
+        quality_metric: str | None = None,
+        max_decay: Mapping[str, float] | float | None = None,
+        max_auc_decay: float | None = None,
+        prediction_drift: bool | str = False,
         drift_asset: Asset | str | None = None,
         bentoml_conn_id: str | None = None,
         **kwargs: Any,
@@ -663,6 +355,11 @@ class EvidentlyDriftOperator(BaseOperator):
         if source not in ("offline_store", "prediction_log"):
             raise MLOpsArgumentError(
                 f"source {source!r} is not known.", fix="use 'offline_store' or 'prediction_log'."
+            )
+        if source == "offline_store" and not table:
+            raise MLOpsArgumentError(
+                "the drift operator reads the offline store (source='offline_store') but names no table.",
+                fix="pass table=<the offline-store table to watch>, or source='prediction_log'.",
             )
         if not 0 < drift_share <= 1:
             raise MLOpsArgumentError(f"drift_share must be in (0, 1], got {drift_share!r}.", fix="e.g. 0.5.")
@@ -675,11 +372,27 @@ class EvidentlyDriftOperator(BaseOperator):
         ):
             raise MLOpsArgumentError(
                 f"label_rule {label_rule!r} is not understood.",
-                fix='use {"column": <numeric column>, "gt": <threshold>}, e.g. {"column": "arr_delay", "gt": 15}.',
+                fix='use {"column": <numeric column>, "gt": <threshold>}: the label is 1 above the threshold.',
             )
         if label_rule is not None and not label_column:
             raise MLOpsArgumentError(
-                "label_rule derives a label, but label_column names none.", fix="e.g. label_column='delayed'."
+                "label_rule derives a label, but label_column names none.",
+                fix="name the derived label, e.g. label_column='label'.",
+            )
+        if max_auc_decay is not None:
+            if max_decay is not None:
+                raise MLOpsArgumentError(
+                    "both max_decay and the deprecated max_auc_decay are given.",
+                    fix='pass only max_decay, e.g. max_decay={"auc": 0.05}.',
+                )
+            warnings.warn(
+                'max_auc_decay is deprecated; use max_decay={"auc": ...}.', DeprecationWarning, stacklevel=2
+            )
+            max_decay = {"auc": max_auc_decay}
+        if max_decay is not None and not isinstance(max_decay, Mapping | int | float):
+            raise MLOpsArgumentError(
+                f"max_decay {max_decay!r} is not understood.",
+                fix='pass a number, or a mapping per metric such as {"auc": 0.05, "rmse": 0.2}.',
             )
         self.model_name = model_name
         self.reference_uri = reference_uri
@@ -699,9 +412,18 @@ class EvidentlyDriftOperator(BaseOperator):
         self.labels_table = labels_table
         self.feature_repo = feature_repo
         self.feast_conn_id = feast_conn_id
-        self.max_auc_decay = max_auc_decay
+        self.quality_metric = quality_metric
+        self.max_decay = dict(max_decay) if isinstance(max_decay, Mapping) else max_decay
+        self.prediction_drift = prediction_drift
         self.drift_asset = Asset(name=drift_asset) if isinstance(drift_asset, str) else drift_asset
         self.bentoml_conn_id = bentoml_conn_id
+
+    @property
+    def max_auc_decay(self) -> float | None:
+        """Deprecated: the AUC threshold of ``max_decay``."""
+        from airflow_mlops.ml.drift import resolve_max_decay
+
+        return resolve_max_decay(self.max_decay, "auc")
 
     @cached_property
     def hook(self) -> BentoMLHook:
@@ -713,14 +435,42 @@ class EvidentlyDriftOperator(BaseOperator):
     def store(self) -> ArtifactStore:
         return ArtifactStore()
 
+    def _wants_prediction_drift(self) -> bool:
+        value = self.prediction_drift
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off", "", "none"):
+                return False
+            raise MLOpsArgumentError(
+                f"prediction_drift {value!r} is not a boolean.", fix="pass True or False (or 'true'/'false')."
+            )
+        return bool(value)
+
+    def _log_root(self) -> str:
+        from airflow_mlops.ml.prediction_log import log_root
+
+        settings = self.store.settings
+        root = self.prediction_log_uri or log_root(str(self.model_name), settings.artifact_root)
+        return resolve_uri(root, settings.artifact_root)
+
     def execute(self, context: Context) -> dict[str, Any]:
         import pandas as pd
 
+        from airflow_mlops.ml.prediction_log import read_prediction_log
+
         settings = self.store.settings
+        wants_predictions = self._wants_prediction_drift()
+        if wants_predictions and not self.model_name:
+            raise MLOpsArgumentError(
+                "prediction_drift compares the production model's served predictions, but model_name is unset.",
+                fix="pass model_name=.",
+            )
         production: dict[str, Any] = {}
         if self.reference_uri:
             source_uri = resolve_uri(self.reference_uri, settings.artifact_root)
-            if self.label_column and self.model_name:  # the quality check still needs the served model
+            if (self.label_column or wants_predictions) and self.model_name:  # these need the served model
                 production = production_model(self.model_name, self.hook) or {}
         else:
             production = production_reference(self.model_name, self.hook)
@@ -728,11 +478,11 @@ class EvidentlyDriftOperator(BaseOperator):
         aliases = dict(self.reference_columns or {})
         dates = window_dates(self.window_end, int(self.window_days), self.window_start)
         offline_root = resolve_uri(self.offline_root or settings.offline_root, settings.offline_root)
+        served: pd.DataFrame | None = None
         if self.source == "offline_store":
-            current = read_offline_window(offline_root, self.table, dates, self.joins or ())
+            current = read_offline_window(offline_root, str(self.table), dates, self.joins or ())
         else:
-            log_root = self.prediction_log_uri or f"{settings.artifact_root}/predictions/{self.model_name}"
-            current = read_prediction_log(resolve_uri(log_root, settings.artifact_root), dates)
+            current = served = read_prediction_log(self._log_root(), dates)
 
         specs = specs_for(self.columns, source_uri, aliases)
         if self.columns is None:
@@ -745,9 +495,10 @@ class EvidentlyDriftOperator(BaseOperator):
             )
         empty = [c for c in specs if current[c].isna().all()]
         if empty:
+            where = f"table {self.table!r}" if self.source == "offline_store" else "the prediction log"
             raise MLOpsInputError(
                 f"the drift columns {empty} have no values in the window {dates[0]}..{dates[-1]} "
-                f"({len(current)} rows of table {self.table!r}).",
+                f"({len(current)} rows of {where}).",
                 fix="check that the tables joined for them (joins=) cover these days, or monitor a window "
                 "that has data.",
             )
@@ -764,7 +515,10 @@ class EvidentlyDriftOperator(BaseOperator):
         )
         snapshot, summary = run_drift_report(reference_frame, current, specs, self.drift_share)
         quality = self._quality(self._labelled_rows(current, offline_root, dates), production)
-        decay = bool(quality.get("auc_decay") is not None and quality["auc_decay"] > self.max_auc_decay)
+        decay = bool(quality.get("decay") is not None and quality["decay"] > quality["max_decay"])
+        predictions: dict[str, Any] | None = None
+        if wants_predictions:
+            predictions = self._prediction_drift(context, production, dates, served)
 
         report = self.store.for_task(context, "drift_report.html")
         with staged(report) as tmp:
@@ -773,13 +527,20 @@ class EvidentlyDriftOperator(BaseOperator):
             **summary,
             "decay_detected": decay,
             "quality": quality,
+            "prediction_drift": predictions,
             "window": {"start": dates[0], "end": dates[-1], "rows": int(len(current)), "source": self.source},
             "reference": {k: reference[k] for k in ("key", "source_uri", "rows", "stats_uri")},
             "model": self.model_name,
             "model_version": production.get("version"),
             "report_uri": str(report),
         }
-        result["event_id"] = drift_event_id(self.model_name, [dates[0], dates[-1]], summary)
+        predictions_drifted = bool(predictions and predictions.get("drift_detected"))
+        result["event_id"] = drift_event_id(
+            self.model_name,
+            [dates[0], dates[-1]],
+            summary,
+            also=["prediction"] if predictions_drifted else (),
+        )
         summary_artifact = self.store.write_json(self.store.for_task(context, "drift_summary.json"), result)
         result["summary_uri"] = summary_artifact.uri
 
@@ -789,14 +550,18 @@ class EvidentlyDriftOperator(BaseOperator):
             key=DriftReportLink().xcom_key, value=artifact_url(str(report)) or str(report)
         )
         self.log.info(
-            "Drift %s: share %.2f (threshold %.2f), drifted columns %s; AUC decay %s",
+            "Drift %s: share %.2f (threshold %.2f), drifted columns %s; %s decay %s (max %s); "
+            "prediction drift %s",
             "detected" if summary["drift_detected"] else "not detected",
             summary["drift_share"],
             self.drift_share,
             summary["drifted_columns"] or "none",
-            quality.get("auc_decay"),
+            quality.get("metric", "quality"),
+            quality.get("decay"),
+            quality.get("max_decay"),
+            (predictions or {}).get("score") if predictions else "not checked",
         )
-        if (summary["drift_detected"] or decay) and self.drift_asset is not None:
+        if (summary["drift_detected"] or decay or predictions_drifted) and self.drift_asset is not None:
             context["outlet_events"][drift_alias(self.drift_asset)].add(
                 self.drift_asset, extra=event_extra(result)
             )
@@ -813,17 +578,22 @@ class EvidentlyDriftOperator(BaseOperator):
             return current
         try:
             return read_offline_window(offline_root, self.labels_table, dates)
-        except MLOpsInputError as err:  # labels arrive later than the data: no AUC yet, drift still checked
-            self.log.warning("No AUC for this window: %s", err)
+        except MLOpsInputError as err:  # labels arrive later than the data: no score yet, drift still checked
+            self.log.warning("No quality score for this window: %s", err)
             return None
 
     def _quality(self, frame: pd.DataFrame | None, production: Mapping[str, Any]) -> dict[str, Any]:
-        """AUC of the production model on the labelled rows of the window against its holdout AUC."""
+        """The production model's score on the labelled rows of the window against its holdout score."""
+        import pandas as pd
+
+        from airflow_mlops.ml.drift import label_summary, resolve_max_decay, window_scores
+        from airflow_mlops.ml.metrics import DEFAULT_METRIC, check_metric, decay, normalize_task
+
         label = self.label_column
         if not label or frame is None:
             return {}
         if not production:
-            self.log.warning("Model %s has no production version: no AUC computed", self.model_name)
+            self.log.warning("Model %s has no production version: no quality score", self.model_name)
             return {"labelled_rows": 0, "reason": f"model {self.model_name!r} has no production version"}
         rule = self.label_rule
         if rule:
@@ -833,7 +603,7 @@ class EvidentlyDriftOperator(BaseOperator):
                     f"(they have {sorted(frame.columns)[:30]}).",
                     fix="correct label_rule, or read labels from labels_table=.",
                 )
-            source = frame[rule["column"]]
+            source = pd.to_numeric(frame[rule["column"]], errors="coerce")
             frame = frame.assign(
                 **{label: (source > float(rule["gt"])).astype("Int64").where(source.notna())}
             )
@@ -844,25 +614,128 @@ class EvidentlyDriftOperator(BaseOperator):
             )
         labelled = frame[frame[label].notna()]
         counts = {"labelled_rows": int(len(labelled)), "unlabelled_rows": int(len(frame) - len(labelled))}
-        if labelled.empty or labelled[label].nunique() < 2:
-            return {**counts, "reason": "fewer than two label classes in the window"}
-        from sklearn.metrics import roc_auc_score
-
-        predictor = self.hook.load(self.model_name, production["version"])
+        version = production["version"]
+        if labelled.empty:
+            return {**counts, "reason": "no labelled row in the window", "model_version": version}
+        predictor = self.hook.load(self.model_name, version)
+        task = normalize_task(predictor.task)
+        promotion = production.get("promotion") or {}
+        metric = self.quality_metric or promotion.get("metric") or DEFAULT_METRIC[task]
+        if not self.quality_metric and promotion.get("metric"):
+            try:  # a promotion metric that does not fit the model (an older registry entry): the default
+                check_metric(metric, task)
+            except MLOpsArgumentError:
+                metric = DEFAULT_METRIC[task]
+        check_metric(metric, task, field="quality_metric")
+        threshold = resolve_max_decay(self.max_decay, metric)
         features = getattr(predictor, "features", None) or []
         missing = [f for f in features if f not in labelled.columns]
         if missing:
             labelled = self._with_features(labelled, production, missing)
-        labels = labelled[label].astype(int)
-        auc = float(roc_auc_score(labels, predictor.predict(labelled)))
-        holdout = (production.get("holdout_metrics") or {}).get("auc")
-        return {
+        scores = window_scores(predictor, labelled, label)
+        score = scores[metric]
+        holdout_metrics = production.get("holdout_metrics") or {}
+        holdout = holdout_metrics.get(metric)
+        result: dict[str, Any] = {
             **counts,
-            "auc": auc,
-            "holdout_auc": holdout,
-            "auc_decay": None if holdout is None else float(holdout) - auc,
-            "labels": {"positive": int(labels.sum()), "positive_rate": round(float(labels.mean()), 6)},
-            "model_version": production["version"],
+            "metric": metric,
+            "score": None if score != score else score,
+            "holdout_score": holdout,
+            "decay": None if holdout is None or score != score else decay(metric, holdout, score),
+            "max_decay": threshold,
+            "model_version": version,
+            "task": task,
+            "labels": label_summary(labelled[label], task),
+        }
+        if score != score:
+            result["reason"] = f"{metric} is undefined on the window's labels (e.g. a single class)"
+        elif holdout is None:
+            result["reason"] = f"no holdout {metric} was recorded for {self.model_name} {version}"
+        if task == "binary":
+            auc = scores.get("auc")
+            auc = None if auc is None or auc != auc else auc
+            holdout_auc = holdout_metrics.get("auc")
+            result.update(
+                auc=auc,
+                holdout_auc=holdout_auc,
+                auc_decay=None if auc is None or holdout_auc is None else float(holdout_auc) - auc,
+            )
+        return result
+
+    def _prediction_drift(
+        self,
+        context: Context,
+        production: Mapping[str, Any],
+        dates: Sequence[str],
+        served: pd.DataFrame | None,
+    ) -> dict[str, Any]:
+        """The served predictions of the production version in the window against its predictions on
+        the holdout it was promoted on (one Evidently ``ValueDrift`` on ``prediction``)."""
+        import pandas as pd
+
+        from airflow_mlops.ml.drift import prediction_kind, prediction_reference
+        from airflow_mlops.ml.prediction_log import read_prediction_log
+
+        if not production:
+            return {"rows": 0, "reason": f"model {self.model_name!r} has no production version"}
+        version = str(production["version"])
+        if served is None:
+            try:
+                served = read_prediction_log(self._log_root(), dates)
+            except MLOpsInputError as err:
+                self.log.info("No prediction drift: %s", err)
+                return {"rows": 0, "reason": f"no prediction was served in {dates[0]}..{dates[-1]}"}
+        rows = served[(served["version"].astype(str) == version) & served["prediction"].notna()]
+        if rows.empty:
+            versions = sorted(served["version"].dropna().astype(str).unique().tolist())
+            return {
+                "rows": 0,
+                "reason": f"version {version} served no prediction in {dates[0]}..{dates[-1]} "
+                f"(versions seen: {versions or 'none'})",
+            }
+        holdout_uri = (production.get("promotion") or {}).get("holdout_uri")
+        if not holdout_uri:
+            return {
+                "rows": int(len(rows)),
+                "reason": f"the promotion of {self.model_name} {version} records no holdout_uri",
+            }
+        predictor = self.hook.load(str(self.model_name), version)
+        reference = prediction_reference(
+            predictor,
+            resolve_uri(holdout_uri, self.store.settings.artifact_root),
+            model=str(self.model_name),
+            version=version,
+            store=self.store,
+        )
+        with as_path(reference["data_uri"]).open("rb") as handle:
+            reference_frame = pd.read_parquet(handle)
+        specs = {"prediction": {"kind": prediction_kind(predictor.task), "method": None, "threshold": None}}
+        snapshot, summary = run_drift_report(
+            reference_frame, rows[["prediction"]].reset_index(drop=True), specs, drift_share=1.0
+        )
+        report = self.store.for_task(context, "prediction_drift_report.html")
+        with staged(report) as tmp:
+            snapshot.save_html(str(tmp))
+        column = summary["columns"]["prediction"]
+        self.log.info(
+            "Prediction drift of %d served predictions of %s %s: %s %.4f (threshold %s)",
+            len(rows),
+            self.model_name,
+            version,
+            column["method"],
+            column["score"],
+            column["threshold"],
+        )
+        return {
+            "rows": int(len(rows)),
+            "reference_rows": reference["rows"],
+            "kind": specs["prediction"]["kind"],
+            "score": column["score"],
+            "method": column["method"],
+            "threshold": column["threshold"],
+            "drift_detected": bool(column["drifted"]),
+            "reference_uri": reference["data_uri"],
+            "report_uri": str(report),
         }
 
     def _with_features(
@@ -881,7 +754,8 @@ class EvidentlyDriftOperator(BaseOperator):
             raise MLOpsInputError(
                 f"the labelled rows have no event_timestamp, so the features of service {service!r} cannot "
                 "be joined point in time.",
-                fix="read labels from the labelled-rows table the features DAG writes (labels_table='flights_labelled').",
+                fix="read labels from the entity table the features DAG writes (labels_table=), which has "
+                "event_timestamp and the join keys.",
             )
         import pandas as pd
 
@@ -906,17 +780,26 @@ class EvidentlyDriftOperator(BaseOperator):
 
 def event_extra(result: Mapping[str, Any]) -> dict[str, Any]:
     """The figures a drift Asset event carries (small, JSON)."""
+    quality = result.get("quality") or {}
+    predictions = result.get("prediction_drift") or {}
     return {
         "event_id": result["event_id"],
         "model": result.get("model"),
         "model_version": result.get("model_version"),
         "drift_detected": result["drift_detected"],
         "decay_detected": result["decay_detected"],
+        "prediction_drift_detected": bool(predictions.get("drift_detected")),
         "drift_share": result["drift_share"],
         "drifted_columns": result["drifted_columns"],
-        "auc": result["quality"].get("auc"),
-        "holdout_auc": result["quality"].get("holdout_auc"),
-        "auc_decay": result["quality"].get("auc_decay"),
+        "metric": quality.get("metric"),
+        "score": quality.get("score"),
+        "holdout_score": quality.get("holdout_score"),
+        "decay": quality.get("decay"),
+        "auc": quality.get("auc"),
+        "holdout_auc": quality.get("holdout_auc"),
+        "auc_decay": quality.get("auc_decay"),
+        "prediction_drift_score": predictions.get("score"),
+        "prediction_drift_method": predictions.get("method"),
         "window_start": result["window"]["start"],
         "window_end": result["window"]["end"],
         "data_time": result["window"]["end"],

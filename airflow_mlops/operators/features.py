@@ -9,7 +9,7 @@ replaces what it wrote. Feast and pandas are imported inside ``execute()`` only.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +18,7 @@ from airflow.sdk import Asset, BaseOperator
 from airflow_mlops.artifacts import ArtifactStore, as_path, safe_segment, sha256_of, staged
 from airflow_mlops.exceptions import MLOpsArgumentError, MLOpsInputError
 from airflow_mlops.hooks.feast import FeastHook
+from airflow_mlops.ml.metrics import normalize_task
 from airflow_mlops.operators.offline_store import PARTITION_FILE, read_parquet_batch, resolve_uri
 
 if TYPE_CHECKING:
@@ -172,163 +173,23 @@ class FeatureSourceSnapshotOperator(BaseOperator):
         return {"table": self.table, **result}
 
 
-class FlightDailyStatsOperator(BaseOperator):
-    """Compute the rolling daily delay statistics per carrier and per origin from the validated flights,
-    and the labelled flight rows training sets start from.
-
-    For each day ``D`` in [``start_day``, ``end_day``] it reads the offline ``flights`` partitions
-    ``D-window_days+1 .. D`` (day ``D`` must exist) and writes, each replacing the day's partition:
-
-    - ``carrier_daily/date=D`` and ``origin_daily/date=D``: ``flights_7d``, ``arr_delay_mean_7d``,
-      ``dep_delay_mean_7d``, ``delayed_rate_7d`` (arrival delay > ``delay_threshold`` minutes) and
-      ``cancel_rate_7d``, stamped ``event_timestamp`` = midnight after ``D`` in ``timezone`` plus
-      ``available_after`` (the statistics include the day's last arrivals, so they are not known before);
-    - ``flights_labelled/date=D``: one row per flight with ``event_timestamp`` = scheduled departure (UTC),
-      the join keys, ``arr_delay`` and the label ``delayed`` (null for cancelled or diverted flights).
-
-    :param start_day: first day, ``YYYY-MM-DD`` (templated).
-    :param end_day: last day, inclusive; default ``start_day`` (templated).
-    :param window_days: days in the rolling window.
-    :param delay_threshold: minutes of arrival delay above which a flight counts as delayed.
-    :param timezone: time zone of the flights' local days.
-    :param available_after: wall-clock time after the local midnight that ends a day at which its
-        statistics become usable (default 06:00 the next morning).
-    :param offline_root: offline-store root; default ``[mlops] offline_root`` (templated).
-    """
-
-    template_fields: Sequence[str] = ("start_day", "end_day", "offline_root")
-    ui_color = "#e8e0f8"
-
-    def __init__(
-        self,
-        *,
-        start_day: str,
-        end_day: str | None = None,
-        window_days: int = 7,
-        delay_threshold: float = 15.0,
-        timezone: str = "America/New_York",
-        available_after: timedelta = timedelta(hours=6),
-        flights_table: str = "flights",
-        offline_root: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.start_day = start_day
-        self.end_day = end_day
-        self.window_days = window_days
-        self.delay_threshold = delay_threshold
-        self.timezone = timezone
-        self.available_after = available_after
-        self.flights_table = flights_table
-        self.offline_root = offline_root
-
-    def _day(self, value: str, what: str) -> date:
-        try:
-            return date.fromisoformat(str(value).strip())
-        except ValueError:
-            raise MLOpsArgumentError(
-                f"{what} {value!r} is not a YYYY-MM-DD day.",
-                fix="pass e.g. '2013-01-02' or '{{ data_interval_start | ds }}'.",
-            ) from None
-
-    def execute(self, context: Context) -> dict[str, Any]:
-        import pandas as pd
-
-        first = self._day(self.start_day, "start_day")
-        last = self._day(self.end_day or self.start_day, "end_day")
-        if last < first:
-            raise MLOpsArgumentError(
-                f"end_day {last} is before start_day {first}.", fix="swap or correct the days."
-            )
-        settings = ArtifactStore().settings
-        root = as_path(resolve_uri(self.offline_root or settings.offline_root, settings.offline_root))
-        cache: dict[date, pd.DataFrame | None] = {}
-        written: dict[str, int] = {"carrier_daily": 0, "origin_daily": 0, "flights_labelled": 0}
-        days = []
-        day = first
-        while day <= last:
-            window = [self._flights(root, day - timedelta(days=k), cache) for k in range(self.window_days)]
-            if window[0] is None:
-                raise MLOpsInputError(
-                    f"offline partition {str(self._partition(root, day))!r} does not exist.",
-                    fix="ingest the day first (DAG flights_ingest), then rerun this task.",
-                )
-            flights = pd.concat([w for w in window if w is not None], ignore_index=True)
-            available = self._available_at(day)
-            for key, table in (("carrier", "carrier_daily"), ("origin", "origin_daily")):
-                stats = self._stats(flights, key, available, day)
-                written[table] += self._publish(root, table, day, stats)
-            written["flights_labelled"] += self._publish(
-                root, "flights_labelled", day, self._labelled(window[0])
-            )
-            days.append(day.isoformat())
-            day += timedelta(days=1)
-        self.log.info("Daily statistics for %s .. %s: %s", first, last, written)
-        return {"days": days, "rows": written, "offline_root": str(root)}
-
-    def _partition(self, root: ObjectStoragePath, day: date) -> ObjectStoragePath:
-        return root.joinpath(self.flights_table, f"date={day.isoformat()}", PARTITION_FILE)
-
-    def _flights(self, root: ObjectStoragePath, day: date, cache: dict) -> pd.DataFrame | None:
-        if day not in cache:
-            path = self._partition(root, day)
-            cache[day] = read_parquet_batch(path).to_pandas() if path.exists() else None
-        return cache[day]
-
-    def _available_at(self, day: date) -> pd.Timestamp:
-        import pandas as pd
-
-        # Wall-clock arithmetic: "06:00 the next morning" stays 06:00 across a daylight-saving change.
-        local = pd.Timestamp(day + timedelta(days=1)) + self.available_after
-        return local.tz_localize(self.timezone).tz_convert("UTC")
-
-    def _stats(self, flights: pd.DataFrame, key: str, available: pd.Timestamp, day: date) -> pd.DataFrame:
-        frame = flights.assign(
-            delayed=(flights["arr_delay"] > self.delay_threshold).where(flights["arr_delay"].notna()),
-            cancelled=flights["dep_time"].isna(),
-        )
-        grouped = frame.groupby(key, sort=True)
-        stats = grouped.agg(
-            flights_7d=("flight", "size"),
-            arr_delay_mean_7d=("arr_delay", "mean"),
-            dep_delay_mean_7d=("dep_delay", "mean"),
-            delayed_rate_7d=("delayed", "mean"),
-            cancel_rate_7d=("cancelled", "mean"),
-        ).reset_index()
-        stats["flights_7d"] = stats["flights_7d"].astype("int64")
-        stats["delayed_rate_7d"] = stats["delayed_rate_7d"].astype("float64")
-        stats["cancel_rate_7d"] = stats["cancel_rate_7d"].astype("float64")
-        stats["day"] = day.isoformat()
-        stats["event_timestamp"] = available
-        stats["as_of"] = available
-        return stats
-
-    def _labelled(self, flights: pd.DataFrame) -> pd.DataFrame:
-        import pandas as pd
-
-        departure = flights["time_hour"].dt.tz_convert("UTC") + pd.to_timedelta(flights["minute"], unit="m")
-        delayed = (flights["arr_delay"] > self.delay_threshold).astype("Int64")
-        delayed[flights["arr_delay"].isna()] = pd.NA
-        return pd.DataFrame(
-            {
-                "event_timestamp": departure.astype("datetime64[us, UTC]"),
-                "origin": flights["origin"],
-                "dest": flights["dest"],
-                "carrier": flights["carrier"],
-                "tailnum": flights["tailnum"],
-                "flight": flights["flight"],
-                "distance": flights["distance"],
-                "sched_hour": flights["hour"],
-                "arr_delay": flights["arr_delay"],
-                "delayed": delayed,
-            }
-        )
-
-    def _publish(self, root: ObjectStoragePath, table: str, day: date, frame: pd.DataFrame) -> int:
-        import pyarrow as pa
-
-        target = root.joinpath(table, f"date={day.isoformat()}", PARTITION_FILE)
-        return _write_parquet(pa.Table.from_pandas(frame, preserve_index=False), target)["rows"]
+def _label_balance(labels: pd.Series, task: str, classes: list[Any]) -> dict[str, Any]:
+    """How the labels of a training set are spread: rows per class (binary also ``positive``,
+    ``negative`` and ``positive_rate``, the positive class being the last of ``classes``), or the
+    label's mean, standard deviation and range for regression."""
+    if task == "regression":
+        values = labels.astype("float64")
+        return {
+            "mean": round(float(values.mean()), 6),
+            "std": round(float(values.std()), 6),
+            "min": float(values.min()),
+            "max": float(values.max()),
+        }
+    counts = {str(c): int((labels == c).sum()) for c in classes}
+    if task == "binary":
+        positive, negative = counts[str(classes[-1])], counts[str(classes[0])]
+        return {"positive": positive, "negative": negative, "positive_rate": round(positive / len(labels), 6)}
+    return {"classes": counts}
 
 
 class _FeastOperator(BaseOperator):
@@ -461,15 +322,20 @@ class FeastTrainingDatasetOperator(_FeastOperator):
     """Build a point-in-time-correct training set: the rows of an entity dataframe joined with the
     feature values known at each row's event timestamp (never later), from a feature service.
 
-    Rows without a label are dropped (counted in the manifest). Writes ``<name>.parquet`` and
-    ``<name>.manifest.json`` to the run's artifact folder; the manifest holds the feature refs, row
-    count, time range, label balance, sha256 and data URI, and is what the task returns.
+    Rows without a label are dropped (counted in the manifest). The labels of the built set are checked
+    against ``task`` before anything is written: a label that does not fit (one class for a binary model,
+    text for a regression model, ...) fails the task naming the column, the values seen and the fix.
+    Writes ``<name>.parquet`` and ``<name>.manifest.json`` to the run's artifact folder; the manifest
+    holds the task, the classes, the feature refs, row count, time range, label balance (rows per class,
+    or the label's mean and range for regression), sha256 and data URI, and is what the task returns.
 
     :param entity_uri: parquet file or folder (hive ``date=`` partitions allowed) of entity rows with
         join keys, ``event_timestamp_column`` (tz-aware) and ``label_column``; relative paths are under
         ``[mlops] offline_root`` (templated).
     :param feature_service: the Feast feature service to join (templated).
-    :param label_column: label column, 0/1 (templated).
+    :param label_column: the label column (templated).
+    :param task: ``binary`` (two classes), ``multiclass`` (three or more, strings allowed) or
+        ``regression`` (numbers): what the labels are checked against.
     :param event_timestamp_column: entity rows' event time column.
     :param start: keep entity rows from this time on, ISO with offset (templated).
     :param end: keep entity rows before this time (templated).
@@ -490,7 +356,8 @@ class FeastTrainingDatasetOperator(_FeastOperator):
         *,
         entity_uri: str,
         feature_service: str,
-        label_column: str = "delayed",
+        label_column: str,
+        task: str = "binary",
         event_timestamp_column: str = "event_timestamp",
         start: str | None = None,
         end: str | None = None,
@@ -501,6 +368,8 @@ class FeastTrainingDatasetOperator(_FeastOperator):
         self.entity_uri = entity_uri
         self.feature_service = feature_service
         self.label_column = label_column
+        # not templated: a task that is not known fails when the DAG is parsed
+        self.task = normalize_task(task)
         self.event_timestamp_column = event_timestamp_column
         self.start = start
         self.end = end
@@ -514,7 +383,7 @@ class FeastTrainingDatasetOperator(_FeastOperator):
         if not path.exists():
             raise MLOpsInputError(
                 f"entity dataframe {uri!r} does not exist.",
-                fix="write it first (FlightDailyStatsOperator writes flights_labelled) or correct entity_uri.",
+                fix="write the entity rows first (the lifecycle's feature steps) or correct entity_uri.",
             )
         try:
             dataset = ds.dataset(path.path, filesystem=path.fs, format="parquet", partitioning="hive")
@@ -530,6 +399,9 @@ class FeastTrainingDatasetOperator(_FeastOperator):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        from airflow_mlops.ml.metrics import check_labels
+
+        task = normalize_task(self.task)
         store = ArtifactStore()
         uri = resolve_uri(self.entity_uri, store.settings.offline_root)
         entities = self._entities(uri)
@@ -566,14 +438,20 @@ class FeastTrainingDatasetOperator(_FeastOperator):
             for feature in projection.features
         ]
         frame = self.hook.historical_features(entities, self.feature_service)
-        frame = frame.sort_values(["event_timestamp", *[c for c in frame.columns if c == "flight"]])
-        frame = frame.reset_index(drop=True)
+        # the same rows in the same order on every run: by event time, ties broken by the entity columns
+        order = ["event_timestamp", *(c for c in entities.columns if c != "event_timestamp" and c in frame)]
+        frame = frame.sort_values(order, kind="stable").reset_index(drop=True)
+        # before anything is written: a label that does not fit the task leaves no training set behind
+        classes = check_labels(
+            frame[self.label_column], task, label=self.label_column, origin=f"the {self.name} from {uri!r}"
+        )
 
         buffer = io.BytesIO()
         pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), buffer)
         data = store.write_bytes(store.for_task(context, f"{self.name}.parquet"), buffer.getvalue())
-        labels = frame[self.label_column].astype("int64")
         manifest = {
+            "task": task,
+            "classes": classes,
             "data_uri": data.uri,
             "sha256": data.sha256,
             "size": data.size,
@@ -581,11 +459,7 @@ class FeastTrainingDatasetOperator(_FeastOperator):
             "feature_service": self.feature_service,
             "feature_refs": refs,
             "label": self.label_column,
-            "label_balance": {
-                "positive": int(labels.sum()),
-                "negative": int((labels == 0).sum()),
-                "positive_rate": round(float(labels.mean()), 6),
-            },
+            "label_balance": _label_balance(frame[self.label_column], task, classes),
             "event_timestamp_column": "event_timestamp",
             "time_range": {
                 "start": frame["event_timestamp"].min().isoformat(),
@@ -597,11 +471,12 @@ class FeastTrainingDatasetOperator(_FeastOperator):
         }
         written = store.write_json(store.for_task(context, f"{self.name}.manifest.json"), manifest)
         self.log.info(
-            "Training set %s: %d rows, %d features, positive rate %s",
+            "Training set %s (%s): %d rows, %d features, labels %s",
             data.uri,
+            task,
             manifest["rows"],
             len(refs),
-            manifest["label_balance"]["positive_rate"],
+            manifest["label_balance"],
         )
         return {**manifest, "manifest_uri": written.uri}
 
@@ -611,7 +486,6 @@ __all__ = [
     "FeastMaterializeOperator",
     "FeastTrainingDatasetOperator",
     "FeatureSourceSnapshotOperator",
-    "FlightDailyStatsOperator",
     "feature_view_asset",
     "parse_timestamp",
 ]

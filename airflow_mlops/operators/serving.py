@@ -115,6 +115,23 @@ def serving_env(hook: BentoMLHook, **serve: str | None) -> dict[str, str]:
     return env
 
 
+def check_signature(record: dict[str, Any], version: str) -> None:
+    """Refuse a version registered without a valid signature: the service could not describe its requests.
+
+    :raises SignatureError: naming the version and how to register it with one.
+    """
+    from airflow_mlops.ml.signature import SignatureError, signature_of
+
+    tag = record.get("tag") or version
+    try:
+        signature_of(record, tag=tag)
+    except SignatureError as err:
+        raise SignatureError(
+            f"version {version!r} cannot be served: {err.problem}",
+            fix=err.fix or "register it again with RegisterModelOperator.",
+        ) from None
+
+
 # ---------------------------------------------------------------------------------------------- build
 class BentoBuildOperator(BaseOperator):
     """Build a Bento that serves one registered model version; returns its tag.
@@ -163,12 +180,14 @@ class BentoBuildOperator(BaseOperator):
                 fix="pass version= or promote a version first.",
             )
         record = self.hook.version_record(index, version)
+        check_signature(record, version)
         self.hook.model_dir(self.model_name, version, record)  # sha256 check; imports it if missing here
         bento_name = check_model_name(self.bento_name or f"{self.model_name}-service")
         tag = f"{bento_name}:{version}"
         context_dir = self.hook.store.settings.state_dir / "bentos" / bento_name / version
         bento_dir = self.hook.home / "bentos" / bento_name / version
-        env = serving_env(self.hook)
+        # the build imports the service, which reads the version's signature for the Bento's API schema
+        env = serving_env(self.hook, model=self.model_name, version=version)
         if (bento_dir / "bento.yaml").exists():
             self.log.info("Bento %s already exists; not rebuilding", tag)
         else:
@@ -525,7 +544,9 @@ class BentoDeployOperator(BaseOperator):
     """Deploy a registered model version behind a stable address, blue/green, without dropping requests.
 
     Deploying the version that is already live (and ready) is a no-op. On failure to become ready the new
-    version is stopped and the old one keeps serving.
+    version is stopped and the old one keeps serving. A version registered without a signature is refused
+    before anything starts (:class:`~airflow_mlops.ml.signature.SignatureError`): the service builds its
+    request and answer schemas from it.
 
     :param model_name: registry name (templated).
     :param version: version to serve; default the registry's ``production`` version (templated).
@@ -613,6 +634,8 @@ class BentoDeployOperator(BaseOperator):
                 f"model {self.model_name!r} has no production version to deploy.",
                 fix="pass version= or promote a version first.",
             )
+        record = self.hook.version_record(index, version)
+        check_signature(record, version)  # the service builds its schemas from it: refuse before starting
         self.hook.model_dir(self.model_name, version)  # refuse a tampered model before starting anything
         return {"version": version, "bento": self._bento_for(version)}
 
@@ -765,6 +788,8 @@ class BentoRollbackOperator(BentoDeployOperator):
                 f"deployment {self.deployment!r} has no previous version to roll back to.",
                 fix="deploy a second version first.",
             )
+        index = self.hook.read_index(self.model_name)
+        check_signature(self.hook.version_record(index, previous["version"]), previous["version"])
         self.hook.model_dir(self.model_name, previous["version"])
         result = self.deploy(
             {"version": previous["version"], "bento": previous.get("bento")},

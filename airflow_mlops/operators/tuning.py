@@ -44,13 +44,19 @@ class RayTuneOperator(BaseOperator):
     Runs on local Ray started inside the task (``ray_conn_id`` empty, or a ``ray`` connection with no
     host), or as a Ray Job on the cluster of a ``ray`` connection; with ``deferrable=True`` the task
     then waits in the triggerer (:class:`~airflow_mlops.triggers.ray.RayJobTrigger`) and holds no
-    worker slot. Every check that can fail (trainable, search space, metric, label, data, cluster)
+    worker slot. Every check that can fail (trainable, search space, task, metric, label, data, cluster)
     runs before any trial starts.
+
+    The model's task (``binary``, ``multiclass`` or ``regression``) is ``task`` when given, else the
+    trainable's only declared task, else inferred from the label within the trainable's tasks (the
+    classifiers: two classes -> binary, three or more -> multiclass). ``metric`` defaults to the task's
+    (``auc``, ``macro_f1``, ``rmse``); a metric that does not fit the task is refused before any trial.
 
     Tune's state lives in the artifact store under ``<dag>/<run>/<task>/tuning/tune_state``: a retry
     of a killed task resumes the search and does not run completed trials again.
 
-    Returns (XCom, JSON): ``best_config``, ``best_metric``, ``model_uri`` + ``model_sha256`` +
+    Returns (XCom, JSON): ``best_config``, ``best_metric``, ``metric`` and ``mode``, ``task`` and
+    ``classes``, ``model_uri`` + ``model_sha256`` +
     ``model_format`` (skops or LightGBM text, never pickle), ``trials_uri`` (CSV), ``plot_uri`` (PNG),
     ``counts`` (trials, completed, stopped_early, errored, finished_before_resume), ``result_uri``.
 
@@ -61,8 +67,13 @@ class RayTuneOperator(BaseOperator):
         ``(config, data)`` (templated).
     :param search_space: plain mapping, or JSON/YAML text, e.g.
         ``{"learning_rate": {"loguniform": [0.01, 0.3]}}`` (templated).
-    :param metric: metric to optimise, one the trainable reports (``auc``, ``logloss``, ``rmse``, ...).
-    :param mode: ``max`` or ``min``; default from the built-in metric's direction.
+    :param metric: metric to optimise, one that fits the task and that the trainable reports (``auc``,
+        ``macro_f1``, ``accuracy``, ``logloss``, ``rmse``, ``mae``, ``r2``); default the task's default
+        metric (:data:`airflow_mlops.ml.metrics.DEFAULT_METRIC`).
+    :param mode: ``max`` or ``min``; a built-in metric's own direction (leave it unset); needed for a
+        metric of your own trainable.
+    :param task: ``binary``, ``multiclass`` or ``regression``; the label is checked against it (default:
+        from the trainable and the label).
     :param num_samples: trials to sample (times the grid size when ``grid_search`` is used).
     :param scheduler: ``asha`` (default), ``fifo``, or ``{"type": "asha", "grace_period": 2, "max_t": 100,
         "reduction_factor": 3}``.
@@ -101,9 +112,10 @@ class RayTuneOperator(BaseOperator):
         training_data_uri: str,
         trainable: str,
         search_space: dict[str, Any] | str,
-        metric: str,
+        metric: str | None = None,
         label: str | None = None,
         mode: str | None = None,
+        task: str | None = None,
         num_samples: int = 10,
         scheduler: str | dict[str, Any] | None = "asha",
         max_concurrent_trials: int | None = None,
@@ -129,6 +141,7 @@ class RayTuneOperator(BaseOperator):
         self.search_space = search_space
         self.metric = metric
         self.mode = mode
+        self.model_task = task  # the model's task (not an Airflow task)
         self.num_samples = num_samples
         self.scheduler = scheduler
         self.max_concurrent_trials = max_concurrent_trials
@@ -155,9 +168,9 @@ class RayTuneOperator(BaseOperator):
     def build_spec(self, context: Context) -> SearchSpec:
         """The search spec from the rendered arguments; checks the search space's form (no Ray)."""
         from airflow_mlops.artifacts import ArtifactStore
-        from airflow_mlops.ml.search import SearchSpec, check_scheduler
+        from airflow_mlops.ml.metrics import normalize_task
+        from airflow_mlops.ml.search import SearchSpec, check_scheduler, resolve_metric
         from airflow_mlops.ml.search_space import SearchSpaceError, parse_search_space
-        from airflow_mlops.ml.trainables import METRIC_MODES
 
         try:
             space = parse_search_space(self.search_space)
@@ -165,11 +178,8 @@ class RayTuneOperator(BaseOperator):
             raise MLOpsArgumentError(
                 f"malformed search_space: {err}", fix="see docs/tuning.md for the search-space form."
             ) from err
-        mode = self.mode or METRIC_MODES.get(self.metric)
-        if mode is None:
-            raise MLOpsArgumentError(
-                f"mode is needed for metric {self.metric!r}.", fix="pass mode='max' or 'min'."
-            )
+        task = normalize_task(self.model_task) if self.model_task else None
+        metric, mode = resolve_metric(self.metric or None, self.mode or None, task)
         features = self.features
         if isinstance(features, str):
             features = [f.strip() for f in features.split(",") if f.strip()]
@@ -178,8 +188,9 @@ class RayTuneOperator(BaseOperator):
             training_data_uri=str(self.training_data_uri),
             trainable=str(self.trainable),
             search_space=space,
-            metric=self.metric,
+            metric=metric,
             mode=mode,
+            task=task,
             storage_path=str(output / "tune_state"),
             output_uri=str(output),
             label=self.label_column or None,
@@ -208,6 +219,7 @@ class RayTuneOperator(BaseOperator):
             self.hook.job_client  # noqa: B018 -- an unreachable cluster fails here, before any trial
         fn, data = prepare(spec)
         self.log.info("Training set: %s", data.summary())
+        self.log.info("Task %s: optimising %s (%s)", spec.task, spec.metric, spec.mode)
         if local:
             if self.deferrable:
                 self.log.info("deferrable=True has no effect on local Ray: the search runs in this task")

@@ -472,7 +472,7 @@ class GXValidateOperator(BaseOperator):
         if not isinstance(expectation_suite, str) or not expectation_suite.lower().endswith(SUITE_SUFFIXES):
             raise MLOpsArgumentError(
                 f"expectation_suite {expectation_suite!r} of task {self.task_id!r} is not a .json or .yaml file path.",
-                fix="pass the path of the suite file kept with the DAGs, e.g. 'expectations/flights_batch.json'.",
+                fix="pass the path of the suite file kept with the DAGs, e.g. 'expectations/orders_batch.json'.",
             )
         if data_format not in DATA_FORMATS:
             raise MLOpsArgumentError(

@@ -1,12 +1,15 @@
 """Event-driven drift monitoring: a ``BaseEventTrigger`` for ``AssetWatcher``.
 
 :class:`DriftEventTrigger` polls either a metric JSON (e.g. the ``drift_summary.json`` a monitor
-writes, or any external monitor's output) or the serving prediction log
-(``<artifact_root>/predictions/<model>/date=YYYY-MM-DD/part-*.jsonl``) and fires when drift crosses the
-threshold. For the prediction log it scores each column's population stability index (PSI) against
-the cached reference statistics of :func:`airflow_mlops.operators.drift.prepare_reference`
-(``stats.json``: quantile bins and category shares), so no reference rows and no Evidently are needed
-in the triggerer. All file reads run in a worker thread (``asyncio.to_thread``).
+writes, or any external monitor's output) or the prediction log the model service writes (its one
+schema is :mod:`airflow_mlops.ml.prediction_log`; each record is flattened to its request fields,
+features, ``prediction``, ``version`` and ``time``) and fires when drift crosses the threshold. For the
+prediction log it scores each column's population stability index (PSI) against cached reference
+statistics (``stats.json``: quantile bins and category shares): those of
+:func:`airflow_mlops.ml.drift.prepare_reference` for the request fields and features, or those of
+:func:`airflow_mlops.ml.drift.prediction_reference` for the ``prediction`` column (the production
+model's predictions on its holdout). No reference rows and no Evidently are needed in the triggerer. All
+file reads run in a worker thread (``asyncio.to_thread``).
 
 Each event carries an ``event_id`` derived from what was scored (the metric file's content, or the log
 files and their sizes). The trigger keeps watching after it fired and fires again only for a new
@@ -85,6 +88,7 @@ class DriftEventTrigger(BaseEventTrigger):
     With ``reference_stats_uri`` set, ``source_uri`` is a prediction-log root; the newest
     ``window_files`` part files are scored column by column (PSI); the trigger fires when the share of
     columns with PSI >= ``threshold`` reaches ``drift_share`` and at least ``min_rows`` rows were read.
+    With ``model_version`` set only the predictions of that version are scored.
 
     Event: ``{"status": "drift", "event_id", "data_time", "drift_share", "drifted_columns", "source_uri"}``
     (plus ``metric`` in metric mode, ``rows`` in log mode). After firing the trigger keeps polling and
@@ -99,6 +103,7 @@ class DriftEventTrigger(BaseEventTrigger):
     :param metric_key: key of the metric in the JSON (metric mode).
     :param window_files: newest log part files scored (log mode).
     :param min_rows: fewest log rows to score (log mode).
+    :param model_version: score only the records of this registered version (log mode; default all).
     :param poll_interval: seconds between two checks.
     :param conn_id: Airflow connection of a remote store.
     """
@@ -115,6 +120,7 @@ class DriftEventTrigger(BaseEventTrigger):
         min_rows: int = 100,
         poll_interval: float = 60.0,
         conn_id: str | None = None,
+        model_version: str | None = None,
     ) -> None:
         super().__init__()
         self.source_uri = source_uri
@@ -127,6 +133,7 @@ class DriftEventTrigger(BaseEventTrigger):
         self.min_rows = min_rows
         self.poll_interval = poll_interval
         self.conn_id = conn_id
+        self.model_version = model_version
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -142,6 +149,7 @@ class DriftEventTrigger(BaseEventTrigger):
                 "min_rows": self.min_rows,
                 "poll_interval": self.poll_interval,
                 "conn_id": self.conn_id,
+                "model_version": self.model_version,
             },
         )
 
@@ -175,7 +183,7 @@ class DriftEventTrigger(BaseEventTrigger):
 
     def check_log(self) -> dict[str, Any] | None:
         """Prediction-log mode, blocking: the event payload when drift is found, else None."""
-        from airflow_mlops.operators.drift import flatten_prediction
+        from airflow_mlops.ml.prediction_log import flatten
 
         stats = json.loads(self._path(self.reference_stats_uri).read_bytes())["columns"]
         root = self._path(self.source_uri)
@@ -194,7 +202,12 @@ class DriftEventTrigger(BaseEventTrigger):
         for day, part in parts:
             text = part.read_text()
             identity.update(f"{day}/{part.name}:{len(text)};".encode())
-            rows.extend(flatten_prediction(json.loads(line)) for line in text.splitlines() if line.strip())
+            records = (json.loads(line) for line in text.splitlines() if line.strip())
+            rows.extend(
+                flatten(r)
+                for r in records
+                if self.model_version is None or str(r.get("version")) == str(self.model_version)
+            )
         if len(rows) < self.min_rows:
             return None
         scores = {}
@@ -208,10 +221,11 @@ class DriftEventTrigger(BaseEventTrigger):
         if not scores or share < self.drift_share:
             self.log.debug("Prediction log drift share %.2f below %.2f", share, self.drift_share)
             return None
+        times = [str(r["time"]) for r in rows if r.get("time")]
         return {
             "status": "drift",
             "event_id": "log-" + identity.hexdigest()[:24],
-            "data_time": parts[-1][0],
+            "data_time": max(times)[:10] if times else parts[-1][0],
             "drift_share": share,
             "drifted_columns": drifted,
             "rows": len(rows),

@@ -77,12 +77,10 @@ class scoped_env:
 
 @pytest.fixture(scope="session")
 def feast_data() -> FeastData:
+    from flights_features import FlightDailyStatsOperator  # dags/, on sys.path (tests/mlops_testing.py)
+
     from airflow_mlops.demo.data import land
-    from airflow_mlops.operators.features import (
-        FeastApplyOperator,
-        FeatureSourceSnapshotOperator,
-        FlightDailyStatsOperator,
-    )
+    from airflow_mlops.operators.features import FeastApplyOperator, FeatureSourceSnapshotOperator
 
     shutil.rmtree(FEAST_STATE, ignore_errors=True)
     root = f"file://{FEAST_STATE}"

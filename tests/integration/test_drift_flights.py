@@ -13,16 +13,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mlops_testing import ROOT
 
 from airflow_mlops.artifacts import ArtifactStore, as_path
 from airflow_mlops.exceptions import MLOpsInputError
-from airflow_mlops.operators.drift import (
-    FLIGHTS_DRIFT_COLUMNS,
-    FLIGHTS_DRIFT_SHARE,
-    FLIGHTS_LABEL_RULE,
-    EvidentlyDriftOperator,
-    drift_alias,
-)
+from airflow_mlops.lifecycle.spec import load_spec
+from airflow_mlops.operators.drift import EvidentlyDriftOperator, drift_alias
+
+#: the flights spec's monitoring settings (dags/flights.yaml): drift columns with their methods and
+#: thresholds, the drifted share, and the training snapshot's names of the weather and hour columns
+_MONITORING = load_spec(ROOT / "dags" / "flights.yaml").monitoring
+FLIGHTS_DRIFT_COLUMNS: dict[str, dict[str, Any]] = dict(_MONITORING.columns)  # type: ignore[arg-type]
+FLIGHTS_DRIFT_SHARE = _MONITORING.drift_share
+FLIGHTS_REFERENCE_COLUMNS = dict(_MONITORING.reference_columns)
+#: the flights label: arrival delay above 15 minutes
+FLIGHTS_LABEL_RULE: dict[str, Any] = {"column": "arr_delay", "gt": 15}
 
 WEATHER = ["temp", "dewp", "humid", "wind_speed", "precip", "pressure", "visib"]
 SPRING = ("2013-05-01", "2013-05-07")
@@ -75,6 +80,7 @@ def run_check(store: dict[str, str], window_end: str, run_id: str, **kwargs: Any
         model_name="flight_delay",
         reference_uri=store["reference_uri"],
         offline_root=store["offline_root"],
+        table="flights",
         joins=[{"uri": "weather/weather.parquet", "on": ["origin", "time_hour"], "columns": WEATHER}],
         columns=FLIGHTS_DRIFT_COLUMNS,
         drift_share=FLIGHTS_DRIFT_SHARE,
@@ -272,13 +278,14 @@ def test_auc_decay_of_the_production_model_on_a_calm_week(
         task_id="drift",
         model_name=model,  # no reference_uri: the production version's training snapshot
         offline_root=flights_store["offline_root"],
+        table="flights",
         columns=SCHEDULE_COLUMNS,
         drift_share=FLIGHTS_DRIFT_SHARE,
         window_end=SPRING[1],
         window_days=7,
         label_column="delayed",
         label_rule=FLIGHTS_LABEL_RULE,
-        max_auc_decay=0.03,
+        max_decay={"auc": 0.03},
         drift_asset=asset,
     )
     events = OutletEventAccessors()
@@ -294,6 +301,10 @@ def test_auc_decay_of_the_production_model_on_a_calm_week(
     assert quality["auc"] == pytest.approx(expected_auc, abs=1e-9)
     assert quality["holdout_auc"] == pytest.approx(promotion["candidate_score"])
     assert quality["auc_decay"] == pytest.approx(promotion["candidate_score"] - expected_auc)
+    # the generic figures: the metric the model was promoted on, its score and drop
+    assert (quality["metric"], quality["max_decay"]) == ("auc", 0.03)
+    assert quality["score"] == quality["auc"] and quality["holdout_score"] == quality["holdout_auc"]
+    assert quality["decay"] == pytest.approx(quality["auc_decay"])
     alias_events = events[drift_alias(asset)].asset_alias_events
     if model == "delay_april":  # an honest holdout: the model is as good on May as on April
         assert quality["auc_decay"] < 0.03 and result["decay_detected"] is False
@@ -304,6 +315,73 @@ def test_auc_decay_of_the_production_model_on_a_calm_week(
         assert event.extra["decay_detected"] is True and event.extra["drift_detected"] is False
         assert event.extra["auc"] == quality["auc"] and event.extra["holdout_auc"] == quality["holdout_auc"]
         assert event.extra["auc_decay"] == quality["auc_decay"]
+        assert (event.extra["metric"], event.extra["decay"]) == ("auc", quality["decay"])
+
+
+def test_prediction_drift_of_the_served_flights_model(
+    flights_store: dict[str, str], served_models: dict[str, Any], monkeypatch
+) -> None:
+    """The spring week answered by the production version of ``delay_april`` (a real model loaded from the
+    registry), logged by the service's writer; the monitor compares those delay probabilities with the
+    model's probabilities on the April holdout it was promoted on."""
+    import numpy as np
+    import pandas as pd
+    from scipy.stats import wasserstein_distance
+
+    from airflow_mlops.ml.model_io import load_model_dir
+    from airflow_mlops.ml.prediction_log import PredictionLogWriter, make_record
+
+    monkeypatch.setenv("AIRFLOW__MLOPS__STATE_DIR", str(served_models["state"]))
+    version = served_models["promoted"]["delay_april"]["version"]
+    model = load_model_dir(served_models["model_dir"])
+    offline = Path(as_path(flights_store["offline_root"]).path) / "flights"
+    days = pd.date_range(*SPRING).strftime("%Y-%m-%d")
+    week = pd.concat(pd.read_parquet(offline / f"date={d}" / "part-0.parquet") for d in days)
+    served = model.predict(week)
+    writer = PredictionLogWriter("delay_april", flush_seconds=3600)
+    writer.append(
+        [
+            make_record(
+                model="delay_april",
+                version=version,
+                task="binary",
+                request={f: row[f] for f in model.features},
+                features={f: row[f] for f in model.features},
+                prediction=float(p),
+                answer={"probability": float(p), "label": int(p >= 0.5)},
+                time=row["time_hour"].isoformat(),
+            )
+            for row, p in zip(week.to_dict("records"), served, strict=True)
+        ]
+    )
+    writer.close()
+
+    result = EvidentlyDriftOperator(
+        task_id="drift",
+        model_name="delay_april",
+        offline_root=flights_store["offline_root"],
+        table="flights",
+        columns=SCHEDULE_COLUMNS,
+        window_end=SPRING[1],
+        window_days=7,
+        prediction_drift=True,
+    ).execute({"ti": FakeTI("predictions"), "run_id": "predictions"})
+
+    from airflow_mlops.operators.drift import production_model
+
+    holdout_uri = production_model("delay_april")["promotion"]["holdout_uri"]  # recorded by the promotion
+    holdout = pd.read_parquet(as_path(json.loads(as_path(holdout_uri).read_text())["data_uri"]).path)
+    reference = model.predict(holdout)
+    predictions = result["prediction_drift"]
+    # the log's days are UTC days (time_hour): the evening flights of the week's last New York day fall after it
+    logged = week["time_hour"].dt.strftime("%Y-%m-%d").between(*SPRING)
+    assert predictions["rows"] == int(logged.sum()) > 5000
+    assert predictions["reference_rows"] == len(holdout)
+    assert predictions["method"] == "Wasserstein distance (normed)" and predictions["threshold"] == 0.1
+    expected = wasserstein_distance(reference, served[logged.to_numpy()]) / np.std(reference)
+    assert predictions["score"] == pytest.approx(expected, rel=1e-6)
+    # the spring week is answered as the April holdout was: no prediction drift
+    assert expected < 0.1 and predictions["drift_detected"] is False
 
 
 #: features of a model trained like ``flights_train``'s: request fields plus each view of ``delay_model``
@@ -336,7 +414,7 @@ def test_monitor_of_a_feast_trained_model_joins_its_features_for_the_auc(
     from sklearn.metrics import roc_auc_score
 
     from airflow_mlops.ml.model_io import load_model_dir
-    from airflow_mlops.operators.drift import FLIGHTS_REFERENCE_COLUMNS, DriftBaselineOperator
+    from airflow_mlops.operators.drift import DriftBaselineOperator
     from airflow_mlops.operators.features import FeastTrainingDatasetOperator
     from airflow_mlops.operators.registry import PromoteModelOperator, RegisterModelOperator
 
@@ -349,6 +427,7 @@ def test_monitor_of_a_feast_trained_model_joins_its_features_for_the_auc(
             repo_path=str(feast_env.repo),
             entity_uri=f"{offline}/flights_labelled",
             feature_service="delay_model",
+            label_column="delayed",
             start=start if "T" in start else f"{start}T00:00:00+00:00",
             end=end if "T" in end else f"{end}T00:00:00+00:00",
             name=name,
@@ -393,6 +472,7 @@ def test_monitor_of_a_feast_trained_model_joins_its_features_for_the_auc(
         task_id="drift",
         model_name="flight_delay",
         offline_root=offline,
+        table="flights",
         joins=[{"uri": "weather", "on": ["origin", "time_hour"], "columns": ["temp", "dewp"]}],
         columns=FLIGHTS_DRIFT_COLUMNS,
         reference_columns=FLIGHTS_REFERENCE_COLUMNS,
@@ -422,7 +502,8 @@ def test_monitor_of_a_feast_trained_model_joins_its_features_for_the_auc(
     assert quality["auc"] == pytest.approx(expected, abs=1e-9)
     assert quality["holdout_auc"] == pytest.approx(promotion["candidate_score"])
     assert quality["auc_decay"] == pytest.approx(promotion["candidate_score"] - expected)
-    assert result["decay_detected"] is (quality["auc_decay"] > 0.05)
+    assert result["decay_detected"] is (quality["decay"] > 0.05)
+    assert quality["decay"] == pytest.approx(quality["auc_decay"])
 
 
 def pd_read(uri: str) -> Any:

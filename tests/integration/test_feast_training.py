@@ -39,6 +39,8 @@ def training(feast_data):
             repo_path=str(feast_data.repo),
             entity_uri=f"{feast_data.settings.offline_root}/flights_labelled",
             feature_service="delay_model",
+            label_column="delayed",
+            task="binary",
             start=START,
             end=END,
         ).execute(context)
@@ -58,6 +60,37 @@ def _departures(labelled: bool = True) -> pd.DataFrame:
     return flights[in_range & (flights["arr_delay"].notna() == labelled)]
 
 
+def test_a_label_that_does_not_fit_the_task_is_refused_before_anything_is_written(feast_data):
+    """The delayed label has two classes: a spec saying multiclass is wrong, and says so with the fix;
+    the run's artifact folder stays empty (no data file, no manifest for a later task to pick up)."""
+    from types import SimpleNamespace
+
+    from airflow_mlops.artifacts import ArtifactStore
+    from airflow_mlops.exceptions import MLOpsInputError
+
+    context = {"ti": SimpleNamespace(dag_id="feast_it", run_id="refused", task_id="training_set")}
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in feast_data.env.items():
+            env.setenv(key, value)
+        operator = FeastTrainingDatasetOperator(
+            task_id="training_set",
+            repo_path=str(feast_data.repo),
+            entity_uri=f"{feast_data.settings.offline_root}/flights_labelled",
+            feature_service="delay_model",
+            label_column="delayed",
+            task="multiclass",
+            start="2013-02-01T00:00:00+00:00",
+            end="2013-02-02T00:00:00+00:00",
+        )
+        with pytest.raises(MLOpsInputError) as refused:
+            operator.execute(context)
+        folder = ArtifactStore().run_path("feast_it", "refused", "training_set", "x").parent
+    message = str(refused.value)
+    assert "label column 'delayed'" in message and "has 2 distinct values (0, 1)" in message
+    assert "a multiclass model needs three or more" in message and "Fix: set task: binary" in message
+    assert not folder.exists() or list(folder.iterdir()) == []
+
+
 def test_the_manifest_describes_the_file_and_the_labels(training):
     result, manifest, frame = training
     expected = _departures()
@@ -67,6 +100,7 @@ def test_the_manifest_describes_the_file_and_the_labels(training):
     assert manifest["sha256"] == hashlib.sha256(data).hexdigest()
     positives = int((expected["arr_delay"] > 15).sum())
     assert manifest["label"] == "delayed"
+    assert (manifest["task"], manifest["classes"]) == ("binary", [0, 1])
     assert manifest["label_balance"]["positive"] == positives
     assert manifest["label_balance"]["negative"] == len(expected) - positives
     assert manifest["time_range"] == {

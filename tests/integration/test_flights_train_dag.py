@@ -70,10 +70,10 @@ def test_the_train_dag_takes_a_model_from_features_to_a_live_endpoint(trained):
 
     sample = _xcom(dag_run, "sample_predictions")
     assert sample["requests"] == 20 and sample["versions"] == [version]
-    probabilities = [a["delay_probability"] for a in sample["answers"]]
+    probabilities = [a["probability"] for a in sample["answers"]]
     assert all(0 <= p <= 1 for p in probabilities) and len(set(probabilities)) > 1
 
     live = httpx.post(
-        state["router"]["url"] + "/predict", json={"flight": sample["answers"][0]["flight"]}, timeout=30
+        state["router"]["url"] + "/predict", json={"row": sample["answers"][0]["row"]}, timeout=30
     )
     assert live.status_code == 200 and live.json()["model_version"] == version

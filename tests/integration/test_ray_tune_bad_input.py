@@ -104,12 +104,41 @@ def test_empty_training_set(frame, tmp_path):
         _run("t6", training_data_uri=str(tmp_path / "empty.json"))
 
 
-def test_metric_the_trainable_does_not_report(flights_training_set):
+def test_metric_that_does_not_fit_the_task(flights_training_set):
     with pytest.raises(
         MLOpsArgumentError,
-        match=r"metric 'rmse' is not reported by trainable .*hist_gradient_boosting_classifier'; it reports \['auc', 'logloss', 'accuracy'\]",
+        match=r"metric 'rmse' does not fit a binary model\. Fix: use one of auc, accuracy, macro_f1, logloss",
     ):
         _run("t7", training_data_uri=str(flights_training_set["manifest"]), metric="rmse")
+
+
+def test_auc_for_a_multiclass_label(tmp_path):
+    from seattle_weather import write_training_set
+
+    manifest = write_training_set(tmp_path, "weather", "2012-01-01", "2014-01-01")
+    with pytest.raises(MLOpsArgumentError, match=r"metric 'auc' does not fit a multiclass model.*macro_f1"):
+        _run("t10", training_data_uri=str(manifest))
+
+
+def test_a_label_that_does_not_fit_the_given_task(flights_training_set):
+    with pytest.raises(
+        MLOpsInputError,
+        match=r"label column 'delayed' of .* has 2 distinct values \(0, 1\); a multiclass model needs three",
+    ):
+        _run("t11", training_data_uri=str(flights_training_set["manifest"]), metric=None, task="multiclass")
+
+
+def test_a_metric_the_trainable_does_not_report(flights_training_set):
+    with pytest.raises(
+        MLOpsArgumentError, match=r"metric 'r2' is not reported by trainable .*sleep' for a regression model"
+    ):
+        _run(
+            "t12",
+            training_data_uri=str(flights_training_set["manifest"]),
+            trainable="sleep",
+            metric="r2",
+            task="regression",
+        )
 
 
 def test_manifest_whose_data_changed(frame, tmp_path, flights_training_set):

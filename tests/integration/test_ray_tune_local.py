@@ -218,3 +218,76 @@ print("@@finished-without-kill")
     for trial_id in finished:  # their one and only result is from before the kill
         assert int(rows[trial_id]["finished_at"]) <= killed_at, rows[trial_id]
     assert any(int(r["finished_at"]) >= killed_at - 1 for r in rows.values())
+
+
+def test_multiclass_search_optimises_macro_f1_by_default(ray_cluster, flights_training_set, tmp_path):
+    """Which New York airport a flight leaves from (EWR, JFK, LGA: string classes) from its carrier,
+    destination and schedule: the classifier trains a multiclass model, the metric defaults to macro-F1
+    (higher is better), the trial table names it, and the saved model answers an (n, 3) matrix whose
+    macro-F1 on the validation rows is the reported one."""
+    import numpy as np
+    import pandas as pd
+    from sklearn.metrics import f1_score
+
+    from airflow_mlops.ml.model_io import load_model_dir
+    from airflow_mlops.operators.tuning import RayTuneOperator
+
+    features = ["carrier", "dest", "distance", "hour", "dow"]
+    result = RayTuneOperator(
+        task_id="tune",
+        training_data_uri=str(flights_training_set["classification"]),
+        label="origin",
+        time_column="sched_dep_utc",
+        trainable="lightgbm_classifier",
+        search_space={"learning_rate": {"choice": [0.05, 0.2]}, "num_boost_round": 60, "report_every": 20},
+        features=features,
+        num_samples=2,
+        scheduler="fifo",
+        seed=3,
+    ).execute({"ti": SimpleNamespace(dag_id="tune_origin_it", run_id="r1", task_id="tune", try_number=1)})
+    assert (result["task"], result["metric"], result["mode"]) == ("multiclass", "macro_f1", "max")
+    assert result["classes"] == ["EWR", "JFK", "LGA"]
+    rows = _trials(result["trials_uri"])
+    assert {(r["metric"], r["mode"]) for r in rows} == {("macro_f1", "max")}
+
+    predictor = load_model_dir(Path(as_path(result["model_meta_uri"]).path).parent)
+    assert predictor.task == "multiclass" and predictor.classes == result["classes"]
+    frame = pd.read_parquet(flights_training_set["classification"])
+    valid = frame.sort_values("sched_dep_utc", kind="stable").tail(result["training_set"]["valid_rows"])
+    proba = predictor.predict(valid)
+    assert proba.shape == (len(valid), 3) and np.allclose(proba.sum(axis=1), 1.0)
+    codes = valid["origin"].map({c: i for i, c in enumerate(predictor.classes)})
+    macro_f1 = f1_score(codes, proba.argmax(axis=1), average="macro", labels=range(3), zero_division=0)
+    assert macro_f1 == pytest.approx(result["best_metric"], abs=1e-9)
+    # destination and carrier say a lot about the airport: far better than always the commonest one
+    majority = f1_score(codes, np.full(len(codes), codes.mode()[0]), average="macro", labels=range(3))
+    assert result["best_metric"] > majority + 0.3
+
+
+def test_regression_search_defaults_to_rmse(ray_cluster, flights_training_set):
+    """A regressor without a metric optimises RMSE (lower is better); the saved model's RMSE on the
+    validation rows is the reported one."""
+    import numpy as np
+    import pandas as pd
+
+    from airflow_mlops.ml.model_io import load_model_dir
+    from airflow_mlops.operators.tuning import RayTuneOperator
+
+    result = RayTuneOperator(
+        task_id="tune",
+        training_data_uri=str(flights_training_set["regression"]),
+        label="arr_delay",
+        time_column="sched_dep_utc",
+        trainable="lightgbm_regressor",
+        search_space={"num_leaves": {"choice": [7, 31]}, "num_boost_round": 40, "report_every": 20},
+        num_samples=2,
+        scheduler="fifo",
+    ).execute({"ti": SimpleNamespace(dag_id="tune_lgb_reg_it", run_id="r1", task_id="tune", try_number=1)})
+    assert (result["task"], result["metric"], result["mode"]) == ("regression", "rmse", "min")
+    assert result["classes"] == []
+    predictor = load_model_dir(Path(as_path(result["model_meta_uri"]).path).parent)
+    assert predictor.task == "regression"
+    frame = pd.read_parquet(flights_training_set["regression"]).sort_values("sched_dep_utc", kind="stable")
+    valid = frame.tail(result["training_set"]["valid_rows"])
+    rmse = float(np.sqrt(np.mean((predictor.predict(valid) - valid["arr_delay"]) ** 2)))
+    assert rmse == pytest.approx(result["best_metric"], rel=1e-9)

@@ -1,4 +1,6 @@
-"""The model registry on a real BentoML model store, with real models trained on the flights data."""
+"""The model registry on a real BentoML model store, with real models: flight-delay classifiers (binary)
+and a Seattle weather model (multiclass, tuned with Ray Tune) whose signature names the entity key and
+the features of a real Feast feature service."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import pandas as pd
 import pytest
 from serving.models import FEATURES, LABEL, training_frame, write_model
 
+from airflow_mlops.exceptions import MLOpsArgumentError
 from airflow_mlops.hooks.bentoml import BentoMLHook, ModelIntegrityError, ModelRegistryError
 from airflow_mlops.operators.registry import (
     PromoteModelOperator,
@@ -74,7 +77,6 @@ def _register(models, which: str) -> dict:
         metrics={"auc": 0.7},
         hyperparameters={"max_iter": 60},
         training_manifest_uri=models["train_manifest"],
-        feature_service="delay_model",
     ).execute(_context())
 
 
@@ -98,9 +100,31 @@ def test_register_is_a_candidate_with_metadata_and_an_export(registry_state, mod
     assert again["version"] == first["version"], "the same model registered twice is one version"
     index = BentoMLHook().read_index("flight_delay")
     record = index["versions"][first["version"]]
-    assert record["feature_service"] == "delay_model"
     assert record["training_manifest"]["time_range"]["end"].startswith("2013-04-01")
     assert record["dag_run_id"] == "manual__1"
+    # an old model.json ("classification", no classes) is a binary model with classes 0/1
+    assert (record["task"], record["classes"], record["metrics"]) == ("binary", [0, 1], {"auc": 0.7})
+    signature = BentoMLHook().signature("flight_delay", first["version"])
+    assert signature.task == "binary" and signature.features == FEATURES and not signature.entity_keys
+    fields = {f.name: f for f in signature.request_features}
+    assert list(fields) == FEATURES
+    assert "JFK" in fields["origin"].allowed and fields["hour"].type == "integer"
+    assert record["signature"] == signature.model_dump(mode="json")
+
+
+def test_a_registration_without_a_training_snapshot_is_refused_and_writes_nothing(registry_state, models):
+    from airflow_mlops.ml.signature import SignatureError
+
+    with pytest.raises(
+        SignatureError, match=r"training_manifest_uri is not set.*Fix: pass training_manifest_uri"
+    ):
+        RegisterModelOperator(
+            task_id="register", model_name="flight_delay", model_uri=str(models["good"])
+        ).execute(_context())
+    hook = BentoMLHook()
+    assert hook.read_index("flight_delay")["versions"] == {}
+    assert not hook.registry_path("flight_delay").exists()
+    assert hook.model_store.list() == []
 
 
 def test_the_gate_promotes_better_rejects_worse_and_records_both_scores(registry_state, models):
@@ -174,3 +198,109 @@ def test_unknown_versions_and_bad_names_are_named(registry_state, models):
         _promote(models, "v123")
     with pytest.raises(ModelRegistryError, match="is not a valid registry name"):
         BentoMLHook().read_index("Flight Delay!")
+
+
+# ------------------------------------------------------------------- a multiclass model with Feast
+SEATTLE_REPO = Path(__file__).resolve().parents[1] / "lifecycle" / "seattle" / "feature_repo"
+
+
+def _tune(manifest: str, run: str, space: dict) -> dict:
+    from seattle_weather import FEATURES
+
+    from airflow_mlops.operators.tuning import RayTuneOperator
+
+    return RayTuneOperator(
+        task_id="tune",
+        training_data_uri=manifest,
+        trainable="lightgbm_classifier",
+        search_space=space,
+        features=FEATURES,
+        num_samples=1,
+        scheduler="fifo",
+        seed=1,
+    ).execute({"ti": SimpleNamespace(dag_id="weather_train", run_id=run, task_id="tune", try_number=1)})
+
+
+def test_a_multiclass_model_records_its_signature_and_is_gated_on_macro_f1(
+    registry_state, monkeypatch, ray_cluster
+):
+    from seattle_weather import LABEL, REQUEST_FEATURES, STORE_FEATURES, write_training_set
+    from sklearn.metrics import f1_score
+
+    from airflow_mlops.hooks.feast import FeastHook
+
+    monkeypatch.setenv("MLOPS_FEAST_DIR", str(registry_state / "feast"))
+    monkeypatch.setenv("MLOPS_OFFLINE_ROOT", f"file://{registry_state / 'offline'}")
+    FeastHook(repo_path=str(SEATTLE_REPO)).apply()  # the real feature service rain_model, registered
+    train = write_training_set(registry_state / "sets", "train", "2012-01-01", "2013-07-01")
+    holdout = write_training_set(registry_state / "sets", "holdout", "2013-07-01", "2014-01-01")
+    strong = _tune(str(train), "r1", {"learning_rate": 0.1, "num_boost_round": 60})
+    weak = _tune(str(train), "r2", {"learning_rate": 0.01, "num_boost_round": 3, "num_leaves": 2})
+
+    def register(tuned: dict) -> dict:
+        return RegisterModelOperator(
+            task_id="register",
+            model_name="seattle_weather",
+            model_uri=tuned["model_uri"],
+            training_manifest_uri=str(train),
+            feature_service="rain_model",
+            feast_repo_path=str(SEATTLE_REPO),
+        ).execute(_context())
+
+    first = register(strong)
+    classes = ["drizzle", "fog", "rain", "snow", "sun"]
+    assert (first["task"], first["classes"]) == ("multiclass", classes)
+    hook = BentoMLHook()
+    record = hook.read_index("seattle_weather")["versions"][first["version"]]
+    # tuned without naming a metric: the registry records the task's default, macro-F1
+    assert record["metrics"] == {"macro_f1": pytest.approx(strong["best_metric"])}
+    assert (record["metric"], record["metric_mode"]) == ("macro_f1", "max")
+    signature = hook.signature("seattle_weather", first["version"])
+    assert [f.name for f in signature.entity_keys] == ["station"]
+    assert [f.name for f in signature.request_features] == REQUEST_FEATURES
+    assert signature.store_features == STORE_FEATURES and signature.feature_service == "rain_model"
+    season = signature.request_features[1]
+    assert season.allowed == ["autumn", "spring", "summer", "winter"]
+    assert (signature.label, signature.classes) == (LABEL, classes)
+
+    decision = PromoteModelOperator(
+        task_id="promote",
+        model_name="seattle_weather",
+        candidate_version=first["version"],
+        holdout_uri=str(holdout),
+    ).execute(_context())
+    assert decision["promoted"] and (decision["metric"], decision["mode"]) == ("macro_f1", "max")
+    # the recorded score is macro-F1 of the registered model on the holdout, over its five classes
+    rows = pd.read_parquet(str(holdout).replace(".json", ".parquet"))
+    proba = hook.load("seattle_weather", first["version"]).predict(rows)
+    expected = f1_score(
+        rows[LABEL].map(classes.index),
+        proba.argmax(axis=1),
+        average="macro",
+        labels=range(5),
+        zero_division=0,
+    )
+    assert decision["candidate_score"] == pytest.approx(expected)
+    assert hook.production_version("seattle_weather") == first["version"]
+
+    second = register(weak)
+    refused = PromoteModelOperator(
+        task_id="promote",
+        model_name="seattle_weather",
+        candidate_version=second["version"],
+        holdout_uri=str(holdout),
+    ).execute(_context())
+    assert refused["production_score"] == pytest.approx(expected)
+    assert refused["promoted"] == (refused["candidate_score"] > expected)
+    history = [
+        h for h in hook.read_index("seattle_weather")["history"] if h["action"] in ("promote", "reject")
+    ]
+    assert [(h["metric"], h["mode"], h["task"]) for h in history] == [("macro_f1", "max", "multiclass")] * 2
+    with pytest.raises(MLOpsArgumentError, match=r"metric 'auc' does not fit a multiclass model"):
+        PromoteModelOperator(
+            task_id="promote",
+            model_name="seattle_weather",
+            candidate_version=second["version"],
+            holdout_uri=str(holdout),
+            metric="auc",
+        ).execute(_context())

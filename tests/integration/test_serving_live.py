@@ -3,7 +3,9 @@
 One deployment is shared by the whole module (the server starts take most of the time): version A is
 built into a Bento and deployed; the tests talk HTTP to it, fuzz it, switch to version B under a steady
 stream of requests, roll back, and try to serve a tampered model. The models only use features a
-request carries (carrier, origin, hour, distance, month), so no feature store is contacted by them.
+request carries (carrier, origin, hour, distance, month), so no feature store is contacted by them; each is
+registered with the signature inferred from its training frame (``origin`` as its entity key), so requests
+are ``{"row": {...}}`` with those fields.
 The last test serves a model that also needs the weather at the departure airport, which the service reads
 from Feast's online store (the real feature repository, materialized from the real 2013 weather).
 """
@@ -30,7 +32,7 @@ from schemathesis.checks import not_a_server_error
 from serving.models import FEATURES, WEATHER, register, training_frame, weather_training_frame, write_model
 
 from airflow_mlops.hooks.bentoml import BentoMLHook, ModelIntegrityError
-from airflow_mlops.ml.service import Flight, request_features
+from airflow_mlops.ml.prediction_log import read_records
 from airflow_mlops.net import free_port
 from airflow_mlops.operators.serving import (
     BentoBuildOperator,
@@ -54,32 +56,28 @@ def _context(task_id: str = "deploy", run_id: str = "manual__1") -> dict:
 
 
 def _flights(n: int, seed: int = 0) -> list[dict]:
-    """Real 2013 flights (May) as request bodies, with their local scheduled departure and time zone."""
+    """Real 2013 flights (May) as request rows of the models' signature (the carriers seen in training)."""
     from airflow_mlops.demo.data import read_table
 
     frame = read_table("flights")
-    frame = frame[frame["month"] == 5].sample(n, random_state=seed)
-    rows = []
-    for r in frame.itertuples():
-        local = f"2013-05-{r.day:02d}T{r.hour:02d}:{r.minute:02d}:00-04:00"  # New York summer time
-        rows.append(
-            {
-                "carrier": r.carrier,
-                "origin": r.origin,
-                "dest": r.dest,
-                "scheduled_departure": local,
-                "distance": float(r.distance),
-                "tailnum": r.tailnum if isinstance(r.tailnum, str) else None,
-            }
-        )
-    return rows
+    frame = frame[(frame["month"] == 5) & frame["carrier"].isin(["UA", "B6", "EV", "DL", "AA", "MQ", "US"])]
+    frame = frame.sample(n, random_state=seed)
+    return [
+        {
+            "carrier": r.carrier,
+            "origin": r.origin,
+            "hour": int(r.hour),
+            "distance": float(r.distance),
+            "month": int(r.month),
+        }
+        for r in frame.itertuples()
+    ]
 
 
 def _expected(version: str, flights: list[dict]) -> np.ndarray:
     """What the registered model answers when called in this process (same registry, same features)."""
     predictor = BentoMLHook().load(MODEL, version)
-    rows = [request_features(Flight.model_validate(f)) for f in flights]
-    return predictor.predict([{k: row[k] for k in FEATURES} for row in rows])
+    return predictor.predict([{k: row[k] for k in FEATURES} for row in flights])
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +92,8 @@ def live(tmp_path_factory):
 def _live(tmp: Path):
     train = training_frame().sample(4000, random_state=1)
     versions = {
-        "a": register(MODEL, write_model(tmp / "a", train, max_iter=8)),
-        "b": register(MODEL, write_model(tmp / "b", train, max_iter=40)),
+        "a": register(MODEL, write_model(tmp / "a", train, max_iter=8), train, entity_keys=["origin"]),
+        "b": register(MODEL, write_model(tmp / "b", train, max_iter=40), train, entity_keys=["origin"]),
     }
     built = BentoBuildOperator(task_id="build", model_name=MODEL, version=versions["a"]).execute(
         _context("build")
@@ -147,15 +145,15 @@ def test_the_bento_has_a_dockerfile_in_its_build_context_and_no_image_without_do
 def test_single_and_batch_predictions_are_the_registered_models_answers(live):
     flights = _flights(40)
     expected = _expected(live.versions["a"], flights)
-    batch = live.client.post("/predict_batch", json={"flights": flights})
+    batch = live.client.post("/predict_batch", json={"rows": flights})
     assert batch.status_code == 200, batch.text
     answers = batch.json()
     assert {a["model_version"] for a in answers} == {live.versions["a"]}
-    np.testing.assert_allclose([a["delay_probability"] for a in answers], expected, rtol=1e-9)
-    single = live.client.post("/predict", json={"flight": flights[3]})
+    np.testing.assert_allclose([a["probability"] for a in answers], expected, rtol=1e-9)
+    single = live.client.post("/predict", json={"row": flights[3]})
     assert single.status_code == 200, single.text
     assert single.json()["model_version"] == live.versions["a"]
-    assert single.json()["delay_probability"] == pytest.approx(expected[3], rel=1e-9)
+    assert single.json()["probability"] == pytest.approx(expected[3], rel=1e-9)
 
 
 def test_readiness_names_the_model_version(live):
@@ -171,7 +169,7 @@ def test_readiness_names_the_model_version(live):
 
 
 def test_the_api_key_is_required(live):
-    body = {"flight": _flights(1)[0]}
+    body = {"row": _flights(1)[0]}
     for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"}):
         answer = httpx.post(live.url + "/predict", json=body, headers=headers, timeout=10)
         assert answer.status_code == 401 and "API key" in answer.json()["error"]
@@ -183,73 +181,46 @@ def test_the_api_key_is_required(live):
     )
 
 
+ROW = {"carrier": "UA", "origin": "EWR", "hour": 8, "distance": 1400.0, "month": 5}
+
+
 @pytest.mark.parametrize(
-    "flight, problem",
+    "row, field, problem",
     [
-        ({"carrier": "UA", "origin": "EWR", "dest": "IAH", "distance": 1400}, "scheduled_departure"),
-        (
-            {
-                "carrier": "UA",
-                "origin": "EWR",
-                "dest": "IAH",
-                "distance": 1400,
-                "scheduled_departure": "2013-05-01T08:00:00",
-            },
-            "timezone",
-        ),
-        (
-            {
-                "carrier": "UA",
-                "origin": "EWR",
-                "dest": "IAH",
-                "distance": -5,
-                "scheduled_departure": "2013-05-01T08:00:00-04:00",
-            },
-            "greater than or equal to 1",
-        ),
-        (
-            {
-                "carrier": "united",
-                "origin": "EWR",
-                "dest": "IAH",
-                "distance": 1400,
-                "scheduled_departure": "2013-05-01T08:00:00-04:00",
-            },
-            "pattern",
-        ),
+        ({k: v for k, v in ROW.items() if k != "origin"}, "origin", "Field required"),  # the entity key
+        ({**ROW, "distance": "far"}, "distance", "valid integer"),
+        ({**ROW, "hour": 8.5}, "hour", "valid integer"),
+        ({**ROW, "carrier": "ZZ"}, "carrier", "'UA'"),  # a category unseen in training: says the allowed
+        ({**ROW, "distance": 1e9}, "distance", "less than or equal"),
+        ({**ROW, "tailnum": "N14228"}, "tailnum", "Extra inputs are not permitted"),
     ],
 )
-def test_bad_input_gets_a_400_that_names_the_problem(live, flight, problem):
-    for path, body in (("/predict", {"flight": flight}), ("/predict_batch", {"flights": [flight]})):
+def test_bad_input_gets_a_400_that_names_the_field(live, row, field, problem):
+    for path, body in (("/predict", {"row": row}), ("/predict_batch", {"rows": [ROW, row]})):
         answer = live.client.post(path, json=body)
         assert answer.status_code == 400, (path, answer.text)
-        assert problem in answer.text
+        assert field in answer.text and problem in answer.text, answer.text
 
 
 def test_every_prediction_is_logged_to_the_artifact_store(live):
     flights = _flights(5, seed=9)
-    assert live.client.post("/predict_batch", json={"flights": flights}).status_code == 200
+    answers = live.client.post("/predict_batch", json={"rows": flights}).json()
     root = Path(os.environ["AIRFLOW__MLOPS__STATE_DIR"]) / "artifacts" / "predictions" / MODEL
-    wanted = {f["scheduled_departure"] + f["carrier"] for f in flights}
+    days = sorted(p.name.removeprefix("date=") for p in root.glob("date=*"))
     deadline = time.monotonic() + 15
     found: list[dict] = []
     while time.monotonic() < deadline:
-        records = [
-            json.loads(line)
-            for part in root.glob("date=*/part-*.jsonl")
-            for line in part.read_text().splitlines()
-        ]
-        found = [r for r in records if r["inputs"]["scheduled_departure"] + r["inputs"]["carrier"] in wanted]
+        days = sorted(p.name.removeprefix("date=") for p in root.glob("date=*"))
+        found = [r for r in read_records(str(root), days) if r["request"] in flights]
         if len(found) >= len(flights):
             break
         time.sleep(0.3)
     assert len(found) == len(flights)
-    record = found[0]
-    assert record["version"] == live.versions["a"] and 0 <= record["delay_probability"] <= 1
+    record = next(r for r in found if r["request"] == flights[0])
+    assert record["version"] == live.versions["a"] and record["task"] == "binary"
+    assert record["prediction"] == answers[0]["probability"] == record["answer"]["probability"]
     assert set(record["features"]) == set(FEATURES)
-    assert record["at"][:10] in {
-        p.parent.name.removeprefix("date=") for p in root.glob("date=*/part-*.jsonl")
-    }
+    assert record["time"][:10] in days
     assert not list(root.glob("date=*/.*tmp*")), "no half-written part files are left"
 
 
@@ -270,11 +241,11 @@ def test_fuzzing_the_openapi_finds_no_server_error(live):
 
         check()
     assert statuses and all(code < 500 for code in statuses), statuses
-    assert statuses[400] > 0 and statuses[200] > 0, f"the fuzzer sent valid and invalid flights: {statuses}"
+    assert statuses[400] > 0 and statuses[200] > 0, f"the fuzzer sent valid and invalid rows: {statuses}"
 
 
 def test_the_server_still_answers_after_fuzzing(live):
-    answer = live.client.post("/predict", json={"flight": _flights(1)[0]})
+    answer = live.client.post("/predict", json={"row": _flights(1)[0]})
     assert answer.status_code == 200 and answer.json()["model_version"] == live.versions["a"]
 
 
@@ -301,7 +272,7 @@ class _Stream:
             i = offset
             while not self._stop.is_set():
                 try:
-                    answer = client.post("/predict", json={"flight": self.flights[i % len(self.flights)]})
+                    answer = client.post("/predict", json={"row": self.flights[i % len(self.flights)]})
                     if answer.status_code != 200:
                         self.failures.append(f"{answer.status_code}: {answer.text[:200]}")
                     else:
@@ -337,8 +308,8 @@ def test_a_blue_green_switch_under_load_drops_no_request(live):
         "old version stopped"
     )
     flights = _flights(20, seed=4)
-    answers = live.client.post("/predict_batch", json={"flights": flights}).json()
-    np.testing.assert_allclose([x["delay_probability"] for x in answers], _expected(b, flights), rtol=1e-9)
+    answers = live.client.post("/predict_batch", json={"rows": flights}).json()
+    np.testing.assert_allclose([x["probability"] for x in answers], _expected(b, flights), rtol=1e-9)
 
 
 def test_rollback_restores_the_previous_versions_answers(live):
@@ -353,9 +324,9 @@ def test_rollback_restores_the_previous_versions_answers(live):
         ready_timeout=120,
     ).execute(_context("rollback"))
     assert result["version"] == a and result["previous_version"] == live.versions["b"]
-    answers = live.client.post("/predict_batch", json={"flights": flights}).json()
+    answers = live.client.post("/predict_batch", json={"rows": flights}).json()
     assert {x["model_version"] for x in answers} == {a}
-    np.testing.assert_allclose([x["delay_probability"] for x in answers], _expected(a, flights), rtol=1e-9)
+    np.testing.assert_allclose([x["probability"] for x in answers], _expected(a, flights), rtol=1e-9)
     again = BentoRollbackOperator(
         task_id="rollback",
         model_name=MODEL,
@@ -368,7 +339,7 @@ def test_rollback_restores_the_previous_versions_answers(live):
 
 def test_a_tampered_model_is_refused_and_the_live_version_keeps_serving(live, tmp_path):
     train = training_frame().sample(3000, random_state=2)
-    version = register(MODEL, write_model(tmp_path / "c", train, max_iter=5))
+    version = register(MODEL, write_model(tmp_path / "c", train, max_iter=5), train, entity_keys=["origin"])
     model_file = BentoMLHook().model_dir(MODEL, version) / "model.skops"
     model_file.write_bytes(model_file.read_bytes()[:-8] + b"tampered")
     with pytest.raises(ModelIntegrityError, match="modified or corrupted"):
@@ -389,13 +360,13 @@ def test_a_tampered_model_is_refused_and_the_live_version_keeps_serving(live, tm
         server_log = Path(backend["log"]).read_text(errors="replace")[-3000:]
         assert body.get("ready") is False, f"the server never answered /ready; its log:\n{server_log}"
         assert "modified or corrupted" in body["error"]
-        refused = httpx.post(backend["url"] + "/predict", json={"flight": _flights(1)[0]}, timeout=10)
+        refused = httpx.post(backend["url"] + "/predict", json={"row": _flights(1)[0]}, timeout=10)
         assert refused.status_code == 503 and "modified or corrupted" in refused.json()["error"]
     finally:
         from airflow_mlops.operators.serving import stop_tree
 
         stop_tree(backend["pid"], timeout=15)
-    answer = live.client.post("/predict", json={"flight": _flights(1)[0]})
+    answer = live.client.post("/predict", json={"row": _flights(1)[0]})
     assert answer.status_code == 200 and answer.json()["model_version"] == live.versions["a"]
 
 
@@ -447,7 +418,10 @@ def feast_live(feast_data, tmp_path_factory):
         version = register(
             FEAST_MODEL,
             write_model(state / "model", train, max_iter=60, features=[*FEATURES, *WEATHER]),
+            train,
             feature_service="delay_model",
+            entity_keys=["origin"],
+            store_features=WEATHER,
         )
         hook = BentoMLHook()
         port = free_port()
@@ -490,11 +464,7 @@ def feast_live(feast_data, tmp_path_factory):
 
 def _expected_with(predictor, flights: list[dict], online: dict[str, dict[str, float]]) -> np.ndarray:
     """What the registered model answers for ``flights`` given the online weather ``online``."""
-    rows = []
-    for flight in flights:
-        row = request_features(Flight.model_validate(flight))
-        rows.append({**{k: row[k] for k in FEATURES}, **online[flight["origin"]]})
-    return predictor.predict(rows)
+    return predictor.predict([{**flight, **online[flight["origin"]]} for flight in flights])
 
 
 def test_features_come_from_the_feast_online_store_and_follow_it(feast_live):
@@ -507,26 +477,26 @@ def test_features_come_from_the_feast_online_store_and_follow_it(feast_live):
     before = _online_weather(feast_live.repo, origins)
     assert all(v is not None for values in before.values() for v in values.values()), before
     with httpx.Client(base_url=feast_live.url, timeout=30) as client:
-        batch = client.post("/predict_batch", json={"flights": flights})
+        batch = client.post("/predict_batch", json={"rows": flights})
         assert batch.status_code == 200, batch.text
         assert {a["model_version"] for a in batch.json()} == {feast_live.version}
-        got = [a["delay_probability"] for a in batch.json()]
+        got = [a["probability"] for a in batch.json()]
         np.testing.assert_allclose(got, _expected_with(feast_live.predictor, flights, before), rtol=1e-9)
-        single = client.post("/predict", json={"flight": flights[0]}).json()
+        single = client.post("/predict", json={"row": flights[0]}).json()
         assert single["model_version"] == feast_live.version
-        assert single["delay_probability"] == pytest.approx(got[0], rel=1e-9)
+        assert single["probability"] == pytest.approx(got[0], rel=1e-9)
 
         # new weather reaches the online store (the next materialization): the same flights get the
         # answers of the new features, without a restart
         _materialize_weather(feast_live.repo, "2013-05-01T12:00:00+00:00", "2013-05-02T06:00:00+00:00")
         after = _online_weather(feast_live.repo, origins)
         assert after != before
-        again = client.post("/predict_batch", json={"flights": flights}).json()
-        now = [a["delay_probability"] for a in again]
+        again = client.post("/predict_batch", json={"rows": flights}).json()
+        now = [a["probability"] for a in again]
         np.testing.assert_allclose(now, _expected_with(feast_live.predictor, flights, after), rtol=1e-9)
         assert now != got, "the answers follow the online features"
-        singles = [client.post("/predict", json={"flight": f}).json() for f in flights[:5]]
-        assert [a["delay_probability"] for a in singles] == pytest.approx(now[:5], rel=1e-9)
+        singles = [client.post("/predict", json={"row": f}).json() for f in flights[:5]]
+        assert [a["probability"] for a in singles] == pytest.approx(now[:5], rel=1e-9)
 
     # the prediction log says which online features each answer used
     root = feast_live.state / "artifacts" / "predictions" / FEAST_MODEL
@@ -539,8 +509,6 @@ def test_features_come_from_the_feast_online_store_and_follow_it(feast_live):
             for line in part.read_text().splitlines()
         ]
         time.sleep(0.3)
-    first = next(
-        r for r in logged if r["inputs"] == Flight.model_validate(flights[0]).model_dump(mode="json")
-    )
+    first = next(r for r in logged if r["request"] == flights[0])
     assert first["version"] == feast_live.version
     assert {k: first["features"][k] for k in WEATHER} == pytest.approx(before[flights[0]["origin"]])

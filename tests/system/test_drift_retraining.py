@@ -31,7 +31,6 @@ from airflow_procs import AirflowComponents, airflow_components
 from mlops_testing import ROOT
 
 from airflow_mlops.lifecycle.spec import load_spec
-from airflow_mlops.operators.drift import FLIGHTS_DRIFT_COLUMNS
 
 MODEL = "flight_delay"
 DRIFT_ASSET = "flight_delay_drift"
@@ -138,7 +137,8 @@ def test_spring_is_calm_and_july_drift_makes_the_scheduler_start_retraining(airf
     assert drifted["drift_detected"] is True
     assert (drifted["window"]["start"], drifted["window"]["end"]) == JULY
     assert {"temp", "dewp"} <= set(drifted["drifted_columns"])
-    assert drifted["drifted_columns"]["temp"] >= FLIGHTS_DRIFT_COLUMNS["temp"]["threshold"]
+    temp = load_spec(ROOT / "dags" / "flights.yaml").monitoring.columns["temp"]  # type: ignore[index]
+    assert drifted["drifted_columns"]["temp"] >= temp["threshold"]
     assert Path(drifted["report_uri"].removeprefix("file://")).stat().st_size > 10_000
     [event] = airflow.drift_events()
     assert (event["source_dag_id"], event["source_run_id"]) == ("flights_monitor", "july")

@@ -30,16 +30,20 @@ from typing import Any
 
 import pytest
 from airflow_procs import AirflowComponents, airflow_components
+from mlops_testing import FLIGHTS_SPEC
 
+from airflow_mlops.lifecycle.spec import load_spec
 from airflow_mlops.ml.timeline import drift_to_retrained
-from airflow_mlops.operators.drift import FLIGHTS_DRIFT_COLUMNS
+
+#: the flights spec's drift columns (dags/flights.yaml), with their kinds, methods and thresholds
+FLIGHTS_DRIFT_COLUMNS: dict[str, Any] = dict(load_spec(FLIGHTS_SPEC).monitoring.columns)  # type: ignore[arg-type]
 
 #: the DAGs folder of this test (``drift_watched.py``)
 DRIFT_DAGS = Path(__file__).resolve().parent / "drift_dags"
 DAGS = ("drift_watch_metric", "drift_watch_log")
 ASSETS = {"drift_watch_metric": "drift_metric_watched", "drift_watch_log": "drift_log_watched"}
 POLL = 2.0
-LOG_COLUMNS = {"inputs": ["carrier", "origin", "distance", "hour"], "features": ["temp", "dewp"]}
+LOG_COLUMNS = {"request": ["carrier", "origin", "distance", "hour"], "features": ["temp", "dewp"]}
 
 
 def _flights() -> tuple[Any, Any]:
@@ -56,21 +60,31 @@ def _flights() -> tuple[Any, Any]:
 
 
 def _write_log(root: Path, day: str, frame: Any) -> None:
-    """One day of the serving prediction log, in the layout the Bento service writes."""
-    rows = json.loads(frame[[*LOG_COLUMNS["inputs"], *LOG_COLUMNS["features"]]].to_json(orient="records"))
-    folder = root / "predictions" / "flight_delay" / f"date={day}"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "part-0.jsonl.tmp", "w") as out:
-        for row in rows:
-            record = {
-                "inputs": {c: row[c] for c in LOG_COLUMNS["inputs"]},
-                "features": {c: row[c] for c in LOG_COLUMNS["features"]},
-                "output": {"probability": 0.2},
-                "version": "v1",
-                "time": f"{day}T12:00:00+00:00",
-            }
-            out.write(json.dumps(record) + "\n")
-    os.replace(folder / "part-0.jsonl.tmp", folder / "part-0.jsonl")  # the trigger never reads half a file
+    """One day of the prediction log, written as the model service writes it: records made and flushed
+    by :class:`~airflow_mlops.ml.prediction_log.PredictionLogWriter` (one part file, written atomically,
+    so the trigger never reads half a file) under ``<root>/predictions/flight_delay``."""
+    from airflow_mlops.config import environ_set
+    from airflow_mlops.ml.prediction_log import PredictionLogWriter, make_record
+
+    rows = json.loads(frame[[*LOG_COLUMNS["request"], *LOG_COLUMNS["features"]]].to_json(orient="records"))
+    with environ_set({"AIRFLOW__MLOPS__ARTIFACT_ROOT": f"file://{root}"}):
+        writer = PredictionLogWriter("flight_delay", flush_seconds=3600)
+        writer.append(
+            [
+                make_record(
+                    model="flight_delay",
+                    version="v1",
+                    task="binary",
+                    request={c: row[c] for c in LOG_COLUMNS["request"]},
+                    features={c: row[c] for c in LOG_COLUMNS["features"]},
+                    prediction=0.2,
+                    answer={"probability": 0.2, "label": 0},
+                    time=f"{day}T12:00:00+00:00",
+                )
+                for row in rows
+            ]
+        )
+        writer.close()
 
 
 def _write_metric(root: Path, body: dict) -> None:
@@ -128,12 +142,12 @@ class Watched(AirflowComponents):
 
 @pytest.fixture(scope="module")
 def watched(airflow_db, tmp_path_factory) -> Iterator[Watched]:
-    from airflow_mlops.operators.drift import _typed, column_statistics
+    from airflow_mlops.ml.drift import column_statistics, typed
 
     reference, july = _flights()
     root = tmp_path_factory.mktemp("drift-watch")
     logs = tmp_path_factory.mktemp("airflow-watch-components")
-    stats = column_statistics(_typed(reference, FLIGHTS_DRIFT_COLUMNS), FLIGHTS_DRIFT_COLUMNS)
+    stats = column_statistics(typed(reference, FLIGHTS_DRIFT_COLUMNS), FLIGHTS_DRIFT_COLUMNS)
     (root / "reference").mkdir()
     (root / "reference" / "stats.json").write_text(json.dumps({"columns": stats}))
     # Calm sources before anything starts: the monitor found nothing; live traffic looks like training.

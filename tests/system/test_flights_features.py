@@ -49,6 +49,16 @@ def _offline_flights() -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def test_the_flights_feature_step_comes_from_next_to_the_spec_not_from_the_provider(first_run):
+    daily_stats = flights_dag("flights_features").task_dict["daily_stats"]
+    assert type(daily_stats).__module__ == "flights_features"  # dags/flights_features.py
+    import airflow_mlops.operators.features as provider
+
+    assert not hasattr(provider, "FlightDailyStatsOperator")
+    labelled = load_settings().offline_root.removeprefix("file://") + f"/flights_labelled/date={DAY}"
+    assert set(pd.read_parquet(labelled)["delayed"].dropna().unique()) == {0, 1}
+
+
 def test_the_day_reaches_the_online_store(first_run):
     assert first_run.state == "success"
     hook = FeastHook(repo_path=str(ROOT / "feature_repo"))

@@ -1,5 +1,8 @@
-"""Real flight-delay models for the serving tests: scikit-learn pipelines trained on the flights data,
-written as skops model folders (model file + model.json) and registered through the registry."""
+"""Real models for the serving tests, trained on the 2013 flights: a binary delay classifier and a
+regression of the arrival delay (scikit-learn pipelines written as skops model folders), a multiclass
+departure-airport classifier (LightGBM, whose multiclass booster answers the (n, K) probability matrix of
+the model-output convention), each registered through the registry with the signature inferred from its
+training frame."""
 
 from __future__ import annotations
 
@@ -29,13 +32,16 @@ def write_model(
     features: list[str] | None = None,
     categorical: list[str] | None = None,
     shuffle_labels: bool = False,
+    task: str = "binary",
+    label: str | None = None,
 ) -> Path:
     """Fit a HistGradientBoosting pipeline on ``train`` and write it as a skops model folder;
-    ``shuffle_labels`` makes a model that learned nothing (a candidate the gate must refuse)."""
+    ``shuffle_labels`` makes a model that learned nothing (a candidate the gate must refuse);
+    ``task="regression"`` fits a regressor of ``label`` (default ``arr_delay``)."""
     import numpy as np
     import skops.io as sio
     from sklearn.compose import ColumnTransformer
-    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import OrdinalEncoder
 
@@ -57,10 +63,13 @@ def write_model(
         remainder="passthrough",
         verbose_feature_names_out=False,
     )
-    model = Pipeline(
-        [("prep", prep), ("model", HistGradientBoostingClassifier(max_iter=max_iter, random_state=0))]
+    regression = task == "regression"
+    label = label or ("arr_delay" if regression else LABEL)
+    estimator = (HistGradientBoostingRegressor if regression else HistGradientBoostingClassifier)(
+        max_iter=max_iter, random_state=0
     )
-    labels = train[LABEL].to_numpy()
+    model = Pipeline([("prep", prep), ("model", estimator)])
+    labels = train[label].to_numpy()
     if shuffle_labels:
         labels = np.random.default_rng(0).permutation(labels)
     model.fit(train[features], labels)
@@ -71,8 +80,11 @@ def write_model(
             {
                 "format": "skops",
                 "model_file": "model.skops",
-                "task": "classification",
-                "label": LABEL,
+                # "classification" is the binary task in model.json files written before the task names
+                # binary/multiclass/regression: read the same by the old and the new Predictor
+                "task": "regression" if regression else "classification",
+                "label": label,
+                "classes": [] if regression else [0, 1],
                 "features": features,
                 "categorical": categories,
             }
@@ -81,14 +93,96 @@ def write_model(
     return folder
 
 
-def register(name: str, folder: Path, feature_service: str | None = None) -> str:
-    """Register ``folder`` as a candidate of ``name``; returns its version."""
+MULTICLASS_FEATURES = ["carrier", "dest", "hour", "distance", "month"]
+MULTICLASS_LABEL = "origin"
+
+
+def write_multiclass_model(folder: Path, train: Any, *, rounds: int = 30) -> Path:
+    """Fit a LightGBM multiclass booster predicting the departure airport (EWR, JFK, LGA) and write it as
+    a LightGBM model folder."""
+    import lightgbm as lgb
+    import pandas as pd
+
+    categorical = ["carrier", "dest"]
+    categories = {c: sorted(train[c].dropna().unique().tolist()) for c in categorical}
+    classes = sorted(train[MULTICLASS_LABEL].unique().tolist())
+    x = train[MULTICLASS_FEATURES].copy()
+    for column in categorical:
+        x[column] = pd.Categorical(x[column], categories=categories[column])
+    y = train[MULTICLASS_LABEL].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    params = {"objective": "multiclass", "num_class": len(classes), "verbosity": -1, "num_threads": 1}
+    booster = lgb.train(params, lgb.Dataset(x, label=y, categorical_feature=categorical), rounds)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.txt").write_text(booster.model_to_string())
+    (folder / "model.json").write_text(
+        json.dumps(
+            {
+                "format": "lightgbm",
+                "model_file": "model.txt",
+                "task": "multiclass",
+                "label": MULTICLASS_LABEL,
+                "classes": classes,
+                "features": MULTICLASS_FEATURES,
+                "categorical": categories,
+            }
+        )
+    )
+    return folder
+
+
+def signature_metadata(
+    folder: Path,
+    train: Any,
+    *,
+    entity_keys: list[str] | None = None,
+    store_features: list[str] | None = None,
+    feature_service: str | None = None,
+) -> dict[str, Any]:
+    """The registry metadata of the model in ``folder``: its signature inferred from its training frame
+    ``train`` (as RegisterModelOperator records it), task and classes."""
+    from airflow_mlops.ml.metrics import normalize_task
+    from airflow_mlops.ml.signature import infer_signature
+
+    description = json.loads((folder / "model.json").read_text())
+    task = normalize_task(description["task"])
+    signature = infer_signature(
+        train,
+        task=task,
+        label=description["label"],
+        classes=description.get("classes") or [],
+        features=description["features"],
+        entity_keys=entity_keys,
+        store_features=store_features,
+        feature_service=feature_service,
+    )
+    return {"signature": signature.model_dump(mode="json"), "task": task, "classes": signature.classes}
+
+
+def register(
+    name: str,
+    folder: Path,
+    train: Any = None,
+    *,
+    feature_service: str | None = None,
+    entity_keys: list[str] | None = None,
+    store_features: list[str] | None = None,
+) -> str:
+    """Register ``folder`` as a candidate of ``name``, with the signature inferred from ``train`` (none when
+    ``train`` is None); returns its version."""
     from airflow_mlops.hooks.bentoml import BentoMLHook
 
-    record = BentoMLHook().register(
-        name, folder, {"metrics": {}, "feature_service": feature_service, "dag_run_id": "test"}
-    )
-    return record["version"]
+    metadata: dict[str, Any] = {"metrics": {}, "feature_service": feature_service, "dag_run_id": "test"}
+    if train is not None:
+        metadata.update(
+            signature_metadata(
+                folder,
+                train,
+                entity_keys=entity_keys,
+                store_features=store_features,
+                feature_service=feature_service,
+            )
+        )
+    return BentoMLHook().register(name, folder, metadata)["version"]
 
 
 #: weather at the departure airport and hour: the Feast feature view ``weather_hourly`` serves them online

@@ -48,9 +48,17 @@ def test_the_reference_spec_builds_four_wired_dags():
     assert train.task_dict["retraining_gate"].cooldown_days == 60
     assert [t.task_id for t in train.task_dict["tune"].upstream_list] == ["training_set"]
     assert train.task_dict["promote"].floor == 0.6
+    # the task and its metric reach every stage
+    assert {train.task_dict[t].task for t in ("training_set", "holdout_set")} == {"binary"}
+    assert (train.task_dict["tune"].metric, train.task_dict["tune"].mode) == ("auc", "max")
+    assert list(train.task_dict["register"].metrics) == ["auc"]
+    assert train.task_dict["register"].feast_repo_path == str(ROOT / "feature_repo")
+    assert train.task_dict["promote"].metric == "auc"
     assert set(train.task_dict["sample_predictions"].upstream_task_ids) == {"deploy", "holdout_set"}
     drift = monitor.task_dict["drift"]
     assert drift.columns["temp"]["threshold"] == 4.0 and drift.drift_share == 0.3
+    assert (drift.max_decay, drift.prediction_drift, drift.table) == ({"auc": 0.05}, False, "flights")
+    assert "AUC" not in monitor.doc_md + train.doc_md
     assert set(monitor.tags) == {"mlops", "flights", "monitor"}
 
 
@@ -182,3 +190,122 @@ for path, error in bag.import_errors.items():
     assert "Fix: correct the field named above; the reference is docs/lifecycle-spec.md" in error
     # the traceback stops at the spec loader: no frames from pydantic's internals
     assert "pydantic" not in error.split("LifecycleSpecError")[0]
+
+
+# ------------------------------------------------------------------------------------------ task and metrics
+def _without_metrics(task: str):
+    """The reference spec for ``task`` with every metric setting left to the task's defaults."""
+
+    def change(content):
+        content["task"] = task
+        content["train"]["tuning"].pop("metric", None)
+        content["train"]["tuning"].pop("mode", None)
+        content["promotion"].pop("metric", None)
+        content["promotion"].pop("floor", None)
+        content["monitoring"].pop("max_decay", None)
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("task", "metric", "mode", "floor", "max_decay"),
+    [
+        ("binary", "auc", "max", 0.5, {"auc": 0.05}),
+        ("multiclass", "macro_f1", "max", None, {"macro_f1": 0.05}),
+        ("regression", "rmse", "min", None, {"rmse": 0.2}),
+    ],
+)
+def test_metrics_default_to_the_tasks(tmp_path, task, metric, mode, floor, max_decay):
+    spec = load_spec(write_spec(tmp_path, _without_metrics(task)))
+    assert spec.task == task
+    assert (spec.train.tuning.metric, spec.train.tuning.mode) == (metric, mode)
+    assert (spec.promotion.metric, spec.promotion.floor) == (metric, floor)
+    assert spec.monitoring.max_decay == max_decay
+
+
+def test_a_regression_lifecycle_is_wired_with_its_metric(tmp_path):
+    dags = lifecycle_dags(write_spec(tmp_path, _without_metrics("regression")))
+    train, monitor = dags["flights_train"], dags["flights_monitor"]
+    assert train.task_dict["training_set"].task == "regression"
+    assert (train.task_dict["tune"].metric, train.task_dict["tune"].mode) == ("rmse", "min")
+    assert list(train.task_dict["register"].metrics) == ["rmse"]
+    assert (train.task_dict["promote"].metric, train.task_dict["promote"].floor) == ("rmse", None)
+    assert monitor.task_dict["drift"].max_decay == {"rmse": 0.2}
+    assert "rmse" in train.doc_md and "rmse 0.2" in monitor.doc_md
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda c: c.pop("task"), r"task: Field required; fix: write 'task: binary'"),
+        (
+            lambda c: c.update(task="classification"),
+            r"task: Input should be 'binary', 'multiclass' or 'regression'",
+        ),
+        (
+            lambda c: c.update(task="regression"),
+            r"train\.tuning\.metric: 'auc' does not fit a regression model; fix: use one of rmse, mae, r2",
+        ),
+        (
+            lambda c: (_without_metrics("regression")(c), c["promotion"].update(metric="auc")),
+            r"promotion\.metric: 'auc' does not fit a regression model; fix: use one of rmse, mae, r2",
+        ),
+        (
+            lambda c: (_without_metrics("multiclass")(c), c["monitoring"].update(max_decay={"rmse": 0.1})),
+            r"monitoring\.max_decay\.rmse: 'rmse' does not fit a multiclass model; fix: use one of macro_f1",
+        ),
+        (
+            lambda c: c["train"]["tuning"].update(metric="f1_score"),
+            r"train\.tuning\.metric: 'f1_score' is not a known metric; fix: for a binary model use one of auc",
+        ),
+        (
+            lambda c: c["train"]["tuning"].update(mode="min"),
+            r"train\.tuning\.mode: 'min' contradicts auc, which is better when higher; fix: write mode: max",
+        ),
+        (
+            lambda c: c["monitoring"].update(max_decay={"auc": 0}),
+            r"monitoring\.max_decay\.auc: Input should be greater than 0",
+        ),
+    ],
+)
+def test_a_task_or_metric_that_does_not_fit_is_named_with_the_fix(tmp_path, change, named):
+    path = write_spec(tmp_path, change)
+    with pytest.raises(LifecycleSpecError, match=named) as err:
+        load_spec(path)
+    assert str(path) in str(err.value)
+
+
+def test_every_metric_that_does_not_fit_is_named_at_once(tmp_path):
+    with pytest.raises(LifecycleSpecError, match="3 wrong fields") as err:
+        load_spec(write_spec(tmp_path, lambda c: c.update(task="regression")))
+    for field in ("train.tuning.metric", "promotion.metric", "monitoring.max_decay.auc"):
+        assert f": {field}: 'auc' does not fit a regression model" in str(err.value)
+
+
+def test_max_auc_decay_is_read_as_the_deprecated_form_of_max_decay(tmp_path):
+    def old(content):
+        content["monitoring"].pop("max_decay")
+        content["monitoring"]["max_auc_decay"] = 0.08
+
+    with pytest.warns(DeprecationWarning, match="max_auc_decay is deprecated"):
+        spec = load_spec(write_spec(tmp_path, old))
+    assert spec.monitoring.max_decay == {"auc": 0.08}
+
+    def both(content):
+        content["monitoring"]["max_auc_decay"] = 0.08
+
+    with pytest.raises(LifecycleSpecError, match=r"monitoring: give max_decay only"):
+        load_spec(write_spec(tmp_path, both))
+
+    def old_for_regression(content):
+        old(content)
+        _without_metrics("regression")(content)
+        content["monitoring"]["max_auc_decay"] = 0.08
+
+    with (
+        pytest.warns(DeprecationWarning),
+        pytest.raises(
+            LifecycleSpecError, match=r"monitoring\.max_decay\.auc: 'auc' does not fit a regression"
+        ),
+    ):
+        load_spec(write_spec(tmp_path, old_for_regression))

@@ -57,3 +57,9 @@ def test_lower_is_better_metrics():
 def test_a_margin_that_would_let_worse_models_through_is_refused(margin):
     with pytest.raises(ValueError, match="min_improvement"):
         decide(0.7, 0.8, min_improvement=margin, floor=0.5)
+
+
+def test_without_a_floor_the_first_model_is_promoted_and_the_gate_still_holds():
+    assert decide(0.31, None, min_improvement=0.0, floor=None).promote
+    assert not decide(0.31, 0.35, min_improvement=0.0, floor=None).promote
+    assert decide(9.0, 10.0, min_improvement=0.5, floor=None, higher_is_better=False).promote

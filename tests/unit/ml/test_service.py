@@ -1,4 +1,5 @@
-"""The single-row batcher and the model thread cap of the Bento service, without a server."""
+"""The Bento service without a server: the single-row batcher, the model thread cap, the schemas it builds
+from the registered signature."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 from bentoml.exceptions import ServiceUnavailable
@@ -205,3 +207,72 @@ def test_a_request_not_answered_in_time_gets_a_504_naming_the_timeout_and_later_
     assert b"0.2 s timeout" in slow_body
     assert fast_status == 200
     assert time.monotonic() - started < 4  # the slow request was cut at its timeout, not after its 5 s
+
+
+# ---------------------------------------------------------------------------------------- schemas
+def _signature():
+    import pandas as pd
+
+    from airflow_mlops.ml.signature import infer_signature
+
+    frame = pd.DataFrame(
+        {
+            "station": ["a", "b", "c", "a"],
+            "kind": ["x", "y", "x", "y"],
+            "temp": [1.5, 2.0, 3.0, 4.5],
+            "hour": [0, 6, 12, 23],
+            "humid": [0.1, 0.2, 0.3, 0.4],
+        }
+    )
+    return infer_signature(
+        frame,
+        task="multiclass",
+        label="weather",
+        classes=["rain", "sun", "fog"],
+        features=["station", "kind", "temp", "hour", "humid"],
+        entity_keys=["station"],
+        store_features=["humid"],
+        feature_service="weather_svc",
+    )
+
+
+def test_without_a_model_to_serve_the_schema_is_generic_and_says_why(tmp_path, monkeypatch):
+    from airflow_mlops.ml.service import ServeSettings, served_schema
+
+    monkeypatch.setenv("AIRFLOW__MLOPS__STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("MLOPS_SERVE_MODEL", raising=False)
+    unset = served_schema(ServeSettings.from_env())
+    assert unset.signature is None and "MLOPS_SERVE_MODEL is not set" in unset.error
+    monkeypatch.setenv("MLOPS_SERVE_MODEL", "nobody")
+    unknown = served_schema(ServeSettings.from_env())
+    assert unknown.request == dict[str, Any] and "has no production version" in unknown.error
+
+
+def test_the_schema_is_the_registered_versions_signature(tmp_path, monkeypatch):
+    from airflow_mlops.hooks.bentoml import BentoMLHook
+    from airflow_mlops.ml.service import ServeSettings, served_schema
+
+    monkeypatch.setenv("AIRFLOW__MLOPS__STATE_DIR", str(tmp_path))
+    signature = _signature()
+    versions = {
+        "v1": {"tag": "w:v1", "version": "v1", "signature": signature.model_dump(mode="json")},
+        "v2": {"tag": "w:v2", "version": "v2"},
+    }
+    BentoMLHook().write_index("w", {"model": "w", "production": "v1", "versions": versions, "history": []})
+    monkeypatch.setenv("MLOPS_SERVE_MODEL", "w")
+    served = served_schema(ServeSettings.from_env())
+    assert served.error is None and served.version == "v1" and served.signature == signature
+    assert list(served.request.model_fields) == ["station", "kind", "temp", "hour"]
+    assert set(served.response.model_fields) == {"label", "probabilities", "model", "model_version"}
+    monkeypatch.setenv("MLOPS_SERVE_VERSION", "v2")
+    unsigned = served_schema(ServeSettings.from_env())
+    assert unsigned.signature is None and "w:v2 was registered without a signature" in unsigned.error
+
+
+def test_the_warm_up_row_is_a_valid_request_of_the_signature():
+    from airflow_mlops.ml.service import warm_up_row
+    from airflow_mlops.ml.signature import request_model
+
+    signature = _signature()
+    row = warm_up_row(signature)
+    assert request_model(signature, "w").model_validate(row).model_dump() == row

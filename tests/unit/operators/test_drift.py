@@ -1,6 +1,7 @@
 """Unit tests of the drift operators and the retraining gate: arguments, summaries, the registry
-baseline, AUC decay, and the cooldown/dedup guard rails. Evidently is not imported here (the real
-library runs in tests/integration/test_drift_flights.py)."""
+baseline, quality decay for each task (real scikit-learn models trained here on the Seattle weather of
+vega_datasets), and the cooldown/dedup guard rails. Evidently is not imported here (the real library
+runs in tests/integration/test_drift_flights.py and test_drift_any_task.py)."""
 
 from __future__ import annotations
 
@@ -33,14 +34,18 @@ def test_template_fields_link_and_alias_outlet() -> None:
     op = EvidentlyDriftOperator(
         task_id="drift",
         model_name="m",
+        table="t",
         window_end="{{ ds }}",
         window_days="{{ params.days }}",
+        prediction_drift="{{ params.predictions }}",
         drift_asset=DRIFT,
     )
     assert {"model_name", "reference_uri", "columns", "window_end", "window_days", "joins"} <= set(
         op.template_fields
     )
     assert op.window_days == "{{ params.days }}"  # kept as given, converted in execute()
+    assert {"quality_metric", "prediction_drift"} <= set(op.template_fields)
+    assert op.prediction_drift == "{{ params.predictions }}"
     assert [link.name for link in op.operator_extra_links] == ["Drift report"]
     assert DriftReportLink().xcom_key == "_link_DriftReportLink"
     # the drift Asset itself is not an outlet (it would get an event on every success); its alias is
@@ -50,14 +55,22 @@ def test_template_fields_link_and_alias_outlet() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({}, "needs model_name or reference_uri"),
+        ({"table": "t"}, "needs model_name or reference_uri"),
+        ({"model_name": "m"}, "names no table"),
         ({"model_name": "m", "source": "kafka"}, "source 'kafka'"),
-        ({"model_name": "m", "drift_share": 0}, "drift_share must be in"),
+        ({"model_name": "m", "table": "t", "drift_share": 0}, "drift_share must be in"),
         (
-            {"model_name": "m", "label_column": "y", "label_rule": {"column": "d", "gt": 1, "lt": 3}},
+            {
+                "model_name": "m",
+                "table": "t",
+                "label_column": "y",
+                "label_rule": {"column": "d", "gt": 1, "lt": 3},
+            },
             "label_rule",
         ),
-        ({"model_name": "m", "label_rule": {"column": "d", "gt": 1}}, "names none"),
+        ({"model_name": "m", "table": "t", "label_rule": {"column": "d", "gt": 1}}, "names none"),
+        ({"model_name": "m", "table": "t", "max_decay": 0.1, "max_auc_decay": 0.1}, "both max_decay"),
+        ({"model_name": "m", "table": "t", "max_decay": "0.1"}, "max_decay '0.1'"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs: dict[str, Any], message: str) -> None:
@@ -188,83 +201,226 @@ def test_production_reference_errors(tmp_path: Path) -> None:
         production_reference("never_promoted")
 
 
-def test_auc_decay_against_holdout(monkeypatch: pytest.MonkeyPatch) -> None:
+def _promoted(name: str, metric: str, holdout_score: float, holdout_uri: str = "file:///h.parquet") -> dict:
+    """``name`` in a registry with its production version promoted on ``metric`` at ``holdout_score``;
+    returns what the monitor reads back (``production_model``)."""
+    from airflow_mlops.hooks.bentoml import BentoMLHook
+    from airflow_mlops.operators.drift import production_model
+
+    record = {
+        "tag": f"{name}:v3",
+        "version": "v3",
+        "stage": "production",
+        "metrics": {"validation_" + metric: 0.0},
+        "decisions": [
+            {"action": "reject", "metric": metric, "candidate_score": 0.0},
+            {
+                "action": "promote",
+                "metric": metric,
+                "candidate_score": holdout_score,
+                "holdout_uri": holdout_uri,
+            },
+        ],
+    }
+    BentoMLHook().write_index(
+        name, {"model": name, "production": "v3", "versions": {"v3": record}, "history": []}
+    )
+    production = production_model(name)
+    assert production is not None
+    return production
+
+
+def _monitor(monkeypatch: pytest.MonkeyPatch, model: Any, **kwargs: Any) -> EvidentlyDriftOperator:
+    monkeypatch.setattr(EvidentlyDriftOperator, "hook", SimpleNamespace(load=lambda name, version: model))
+    return EvidentlyDriftOperator(
+        task_id="drift", model_name="m", table="t", label_column=model.label, **kwargs
+    )
+
+
+@pytest.fixture(scope="module")
+def weather() -> Any:
+    from seattle_models import seattle
+
+    return seattle()
+
+
+def test_regression_decay_is_the_rise_of_rmse_as_a_ratio(
+    weather: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+    from seattle_models import between, regression_model
+
+    model = regression_model(weather)
+
+    def rmse(rows: Any) -> float:
+        return float(np.sqrt(np.mean((rows["temp_max"].to_numpy() - model.predict(rows)) ** 2)))
+
+    holdout = rmse(between(weather, "2014-01-01", "2014-07-01"))
+    production = _promoted("seattle_temp", "rmse", holdout)
+    op = _monitor(monkeypatch, model)
+    year = between(weather, "2015-01-01", "2016-01-01")
+    calm = op._quality(year, production)
+    assert (calm["metric"], calm["holdout_score"], calm["max_decay"]) == ("rmse", holdout, 0.2)
+    assert calm["labelled_rows"] == len(year) and calm["unlabelled_rows"] == 0
+    assert calm["score"] == pytest.approx(rmse(year))
+    assert calm["decay"] == pytest.approx(rmse(year) / holdout - 1) and 0 < calm["decay"] < 0.2
+    assert "auc" not in calm and calm["model_version"] == "v3"
+
+    summer = between(weather, "2015-07-01", "2015-09-01")  # hot days the linear model underestimates
+    hot = op._quality(summer, production)
+    assert hot["decay"] == pytest.approx(rmse(summer) / holdout - 1) and hot["decay"] > 0.2
+    # a threshold per metric: 30 % of RMSE rise tolerated
+    assert (
+        _monitor(monkeypatch, model, max_decay={"rmse": 0.3})._quality(summer, production)["max_decay"] == 0.3
+    )
+    # another metric of the task, on request
+    mae = _monitor(monkeypatch, model, quality_metric="mae")._quality(summer, production)
+    assert mae["metric"] == "mae" and mae["holdout_score"] is None and mae["decay"] is None
+    assert "no holdout mae" in mae["reason"]
+    with pytest.raises(MLOpsArgumentError, match="quality_metric 'auc' does not fit a regression model"):
+        _monitor(monkeypatch, model, quality_metric="auc")._quality(summer, production)
+
+
+def test_multiclass_decay_is_the_drop_of_macro_f1_with_class_labels(
+    weather: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+    from seattle_models import between, multiclass_model
+    from sklearn.metrics import f1_score
+
+    model = multiclass_model(weather)
+    assert model.classes == ["drizzle", "fog", "rain", "snow", "sun"]
+
+    def macro_f1(rows: Any) -> float:
+        predicted = np.asarray(model.classes)[model.predict(rows).argmax(axis=1)]
+        return float(
+            f1_score(rows["weather"], predicted, average="macro", labels=model.classes, zero_division=0)
+        )
+
+    holdout = macro_f1(between(weather, "2013-01-01", "2013-04-01"))
+    production = _promoted("seattle_weather", "macro_f1", holdout)
+    op = _monitor(monkeypatch, model)
+    spring = between(weather, "2013-01-01", "2013-07-01")
+    calm = op._quality(spring, production)
+    assert calm["metric"] == "macro_f1" and calm["score"] == pytest.approx(macro_f1(spring))
+    assert calm["decay"] == pytest.approx(holdout - macro_f1(spring)) and calm["decay"] < 0.05
+    assert calm["labels"]["rows_per_class"]["sun"] == int((spring["weather"] == "sun").sum())
+
+    # 2014: the station reports fog where it reported rain and drizzle in 2012; the model trained then decays
+    later = between(weather, "2014-01-01", "2015-01-01")
+    drifted = op._quality(later, production)
+    assert drifted["decay"] == pytest.approx(holdout - macro_f1(later)) and drifted["decay"] > 0.05
+    # a label the model never saw is refused with the classes it knows
+    odd = later.assign(weather=["hail"] + later["weather"].tolist()[1:])
+    with pytest.raises(MLOpsInputError, match=r"\['hail'\] are not among the model's classes"):
+        op._quality(odd, production)
+
+
+def test_binary_decay_with_class_labels_or_0_1(weather: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from seattle_models import between, binary_model
+    from sklearn.metrics import roc_auc_score
+
+    model = binary_model(weather)
+    assert model.classes == ["dry", "wet"]
+    window = between(weather, "2013-01-01", "2013-03-01")
+    expected = roc_auc_score(window["wet"] == "wet", model.predict(window))
+    production = _promoted("seattle_wet", "auc", 0.99)
+    with_classes = _monitor(monkeypatch, model)._quality(window, production)
+    as_01 = _monitor(monkeypatch, model)._quality(
+        window.assign(wet=(window["wet"] == "wet").astype(int)), production
+    )
+    for quality in (with_classes, as_01):
+        assert quality["metric"] == "auc" and quality["score"] == pytest.approx(expected)
+        assert quality["auc"] == quality["score"] and quality["holdout_auc"] == 0.99
+        assert quality["decay"] == quality["auc_decay"] == pytest.approx(0.99 - expected)
+    # the deprecated threshold still works, as {"auc": x}
+    with pytest.warns(DeprecationWarning, match="max_auc_decay"):
+        op = _monitor(monkeypatch, model, max_auc_decay=0.001)
+    assert op.max_decay == {"auc": 0.001} and op._quality(window, production)["max_decay"] == 0.001
+
+
+def test_label_rule_derives_a_0_1_label(monkeypatch: pytest.MonkeyPatch) -> None:
     import numpy as np
     import pandas as pd
 
     frame = pd.DataFrame(
         {"arr_delay": [0, 30, 5, 60, -3, 20, None], "score": [0.9, 0.1, 0.8, 0.2, 0.7, 0.75, 0.5]}
     )
-    op = EvidentlyDriftOperator(
-        task_id="drift",
-        model_name="flight_delay",
-        label_column="delayed",
-        label_rule={"column": "arr_delay", "gt": 15},
-    )
-    loaded: list[tuple[str, str]] = []
 
-    class Predictor:
+    class Scores:
+        task, classes, features, label = "binary", [0, 1], ["score"], "late"
+
         def predict(self, rows: pd.DataFrame) -> np.ndarray:
             return rows["score"].to_numpy()
 
-    class Hook:
-        def load(self, name: str, version: str) -> Predictor:
-            loaded.append((name, version))
-            return Predictor()
-
-    monkeypatch.setattr(EvidentlyDriftOperator, "hook", Hook())
+    op = _monitor(monkeypatch, Scores(), label_rule={"column": "arr_delay", "gt": 15})
     quality = op._quality(frame, {"version": "v2", "holdout_metrics": {"auc": 0.72}})
     # labels 0,1,0,1,0,1; only the pair (0.75 > 0.7) is ranked right: AUC 1/9
-    assert quality["labelled_rows"] == 6 and loaded == [("flight_delay", "v2")]
-    assert quality["auc"] == pytest.approx(1 / 9)
-    assert quality["auc_decay"] == pytest.approx(0.72 - 1 / 9)
+    assert quality["labelled_rows"] == 6 and quality["unlabelled_rows"] == 1
+    assert quality["score"] == pytest.approx(1 / 9) and quality["decay"] == pytest.approx(0.72 - 1 / 9)
+    one_class = op._quality(
+        frame[frame["arr_delay"] < 15], {"version": "v2", "holdout_metrics": {"auc": 0.7}}
+    )
+    assert one_class["score"] is None and "undefined" in one_class["reason"]
 
 
-def test_auc_needs_the_production_version_and_the_models_features(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quality_needs_the_production_version_and_the_models_features(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import numpy as np
     import pandas as pd
 
-    op = EvidentlyDriftOperator(task_id="drift", model_name="flight_delay", label_column="delayed")
+    class Model:
+        task, classes, label = "binary", [0, 1], "delayed"
+        features = ["carrier", "temp"]
+
+        def predict(self, frame: pd.DataFrame) -> np.ndarray:
+            return frame["temp"].to_numpy()
+
+    op = _monitor(monkeypatch, Model())
     rows = pd.DataFrame({"carrier": ["UA", "B6", "UA"], "delayed": [1, 0, None]})
     quality = op._quality(rows, {})
     assert quality["labelled_rows"] == 0 and "no production version" in quality["reason"]
-
-    class Predictor:
-        features = ["carrier", "weather_hourly__temp"]
-
-        def predict(self, frame: pd.DataFrame) -> np.ndarray:
-            return frame["weather_hourly__temp"].to_numpy()
-
-    monkeypatch.setattr(
-        EvidentlyDriftOperator, "hook", SimpleNamespace(load=lambda name, version: Predictor())
-    )
     production = {"version": "v2", "holdout_metrics": {"auc": 0.7}, "feature_service": None}
-    with pytest.raises(
-        MLOpsInputError, match=r"lack the model's features \['weather_hourly__temp'\].*no feature service"
-    ):
+    with pytest.raises(MLOpsInputError, match=r"lack the model's features \['temp'\].*no feature service"):
         op._quality(rows, production)
 
     joined: list[tuple[list[str], str]] = []
 
     def with_features(self, frame: pd.DataFrame, prod: dict, missing: list[str]) -> pd.DataFrame:
         joined.append((missing, prod["feature_service"]))
-        return frame.assign(weather_hourly__temp=[0.9, 0.1])
+        return frame.assign(temp=[0.9, 0.1])
 
     monkeypatch.setattr(EvidentlyDriftOperator, "_with_features", with_features)
     quality = op._quality(rows, {**production, "feature_service": "delay_model"})
-    assert joined == [(["weather_hourly__temp"], "delay_model")]
+    assert joined == [(["temp"], "delay_model")]
     assert quality["labelled_rows"] == 2 and quality["unlabelled_rows"] == 1
-    assert quality["auc"] == 1.0 and quality["auc_decay"] == pytest.approx(-0.3)
+    assert quality["auc"] == 1.0 and quality["decay"] == pytest.approx(-0.3)
+
+
+def test_max_decay_per_metric() -> None:
+    from airflow_mlops.ml.drift import resolve_max_decay
+
+    assert resolve_max_decay(None, "rmse") == 0.2 and resolve_max_decay(None, "auc") == 0.05
+    assert resolve_max_decay({"rmse": 0.5}, "rmse") == 0.5 and resolve_max_decay({"rmse": 0.5}, "auc") == 0.05
+    assert resolve_max_decay(0.01, "macro_f1") == 0.01
+    with pytest.raises(MLOpsArgumentError, match=r"unknown metrics \['f2'\]"):
+        resolve_max_decay({"f2": 0.1}, "auc")
+    with pytest.raises(MLOpsArgumentError, match="positive number"):
+        resolve_max_decay({"auc": -1}, "auc")
 
 
 def test_labels_not_yet_written_give_no_auc_but_do_not_fail(tmp_path: Path) -> None:
     import pandas as pd
 
     op = EvidentlyDriftOperator(
-        task_id="drift", model_name="m", label_column="delayed", labels_table="flights_labelled"
+        task_id="drift", model_name="m", table="t", label_column="delayed", labels_table="labelled"
     )
     assert op._labelled_rows(pd.DataFrame({"a": [1]}), f"file://{tmp_path}", ["2013-07-01"]) is None
-    assert EvidentlyDriftOperator(task_id="d", model_name="m")._labelled_rows(pd.DataFrame(), "x", []) is None
+    assert (
+        EvidentlyDriftOperator(task_id="d", model_name="m", table="t")._labelled_rows(pd.DataFrame(), "x", [])
+        is None
+    )
 
 
 # ----------------------------------------------------------------------------- retraining guard rails
@@ -413,3 +569,23 @@ def test_a_run_by_hand_starts_its_cooldown_at_its_data_time_not_the_wall_clock(t
                 "logical_date": datetime(2013, 7, 21, tzinfo=UTC),
             }
         )
+
+
+def test_prediction_drift_flag_rendered_from_a_template() -> None:
+    def flag(value: Any) -> bool:
+        op = EvidentlyDriftOperator(task_id="d", model_name="m", table="t", prediction_drift=value)
+        return op._wants_prediction_drift()
+
+    assert flag("True") is True and flag(" false ") is False and flag(True) is True and flag("") is False
+    with pytest.raises(MLOpsArgumentError, match="prediction_drift 'sometimes' is not a boolean"):
+        flag("sometimes")
+
+
+def test_a_prediction_drift_finding_is_a_different_event() -> None:
+    from airflow_mlops.operators.drift import drift_event_id
+
+    summary = {"drifted_columns": {"temp": 5.0}}
+    window = ["2013-07-15", "2013-07-21"]
+    plain = drift_event_id("m", window, summary)
+    assert drift_event_id("m", window, summary, also=()) == plain  # ids of data drift alone are unchanged
+    assert drift_event_id("m", window, summary, also=["prediction"]) != plain

@@ -12,6 +12,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from flights_features import FlightDailyStatsOperator  # dags/flights_features.py (dags/ is on sys.path)
 
 from airflow_mlops.demo.data import flights_schema
 from airflow_mlops.exceptions import MLOpsArgumentError, MLOpsInputError
@@ -21,7 +22,6 @@ from airflow_mlops.operators.features import (
     FeastMaterializeOperator,
     FeastTrainingDatasetOperator,
     FeatureSourceSnapshotOperator,
-    FlightDailyStatsOperator,
     parse_timestamp,
 )
 
@@ -214,9 +214,12 @@ def test_the_training_set_manifest(offline, monkeypatch, tmp_path):
         repo_path=str(ROOT / "feature_repo"),
         entity_uri="flights_labelled",
         feature_service="svc",
+        label_column="delayed",
+        task="binary",
     )
     manifest = op.execute(_context())
     assert manifest["rows"] == 3 and manifest["dropped_unlabelled"] == 1  # the cancelled flight
+    assert (manifest["task"], manifest["classes"]) == ("binary", [0, 1])
     assert manifest["label_balance"] == {"positive": 2, "negative": 1, "positive_rate": round(2 / 3, 6)}
     assert manifest["feature_refs"] == ["carrier_daily:flights_7d"]
     assert manifest["time_range"] == {
@@ -228,10 +231,105 @@ def test_the_training_set_manifest(offline, monkeypatch, tmp_path):
     assert Path(manifest["manifest_uri"].removeprefix("file://")).exists()
 
     missing = FeastTrainingDatasetOperator(
-        task_id="t", repo_path=str(ROOT / "feature_repo"), entity_uri="nowhere", feature_service="svc"
+        task_id="t",
+        repo_path=str(ROOT / "feature_repo"),
+        entity_uri="nowhere",
+        feature_service="svc",
+        label_column="delayed",
     )
     with pytest.raises(MLOpsInputError, match="entity dataframe .*nowhere' does not exist"):
         missing.execute(_context())
+
+
+def _labelled_rows(tmp_path, monkeypatch, labels: list) -> FeastTrainingDatasetOperator:
+    """Entity rows with the given labels in the offline store, the Feast join patched to add one feature;
+    returns a training-set operator over them (set its ``task``)."""
+    monkeypatch.setenv("AIRFLOW__MLOPS__STATE_DIR", str(tmp_path))
+    rows = tmp_path / "offline" / "rows"
+    rows.mkdir(parents=True)
+    stamps = pd.date_range("2013-03-01", periods=len(labels), freq="h", tz="UTC").astype(
+        "datetime64[us, UTC]"
+    )
+    pd.DataFrame({"event_timestamp": stamps, "key": range(len(labels)), "target": labels}).to_parquet(
+        rows / "part-0.parquet"
+    )
+    service = SimpleNamespace(
+        feature_view_projections=[
+            SimpleNamespace(name_to_use=lambda: "stats", features=[SimpleNamespace(name="mean_7d")])
+        ]
+    )
+    monkeypatch.setattr(FeastHook, "feature_service", lambda self, name: service)
+    monkeypatch.setattr(
+        FeastHook, "historical_features", lambda self, entity_df, name: entity_df.assign(stats__mean_7d=1.0)
+    )
+    return FeastTrainingDatasetOperator(
+        task_id="t",
+        repo_path=str(ROOT / "feature_repo"),
+        entity_uri="rows",
+        feature_service="svc",
+        label_column="target",
+    )
+
+
+def _written(tmp_path) -> list[str]:
+    return sorted(p.name for p in tmp_path.rglob("training_set*"))
+
+
+@pytest.mark.parametrize(
+    ("task", "labels", "message"),
+    [
+        (
+            "binary",
+            [1, 1, 1, None],
+            r"label column 'target' .* has 1 distinct values \(1\.0\); a binary model",
+        ),
+        ("multiclass", ["rain", "sun", "rain"], r"has 2 distinct values \('rain', 'sun'\); a multiclass"),
+        (
+            "regression",
+            ["rain", "sun", "fog"],
+            r"holds object values .*'fog'.* regression model needs numbers",
+        ),
+        ("binary", [0.5, 1.5, 0.5], r"holds fractional numbers \(0.5, 1.5\); a binary model"),
+    ],
+)
+def test_a_label_that_does_not_fit_the_task_leaves_no_training_set(
+    tmp_path, monkeypatch, task, labels, message
+):
+    op = _labelled_rows(tmp_path, monkeypatch, labels)
+    op.task = task
+    with pytest.raises(MLOpsInputError, match=message) as refused:
+        op.execute(_context())
+    assert refused.value.fix  # names what to do (e.g. set task: multiclass)
+    assert _written(tmp_path) == []  # neither the data nor the manifest
+
+
+def test_an_unknown_task_is_refused_when_the_dag_is_parsed():
+    with pytest.raises(MLOpsArgumentError, match="task 'clasification' is not known") as refused:
+        FeastTrainingDatasetOperator(
+            task_id="t", entity_uri="rows", feature_service="svc", label_column="y", task="clasification"
+        )
+    assert "binary, multiclass, regression" in refused.value.fix
+    # the older name of a binary model is still understood
+    assert (
+        FeastTrainingDatasetOperator(
+            task_id="t", entity_uri="rows", feature_service="svc", label_column="y", task="classification"
+        ).task
+        == "binary"
+    )
+
+
+def test_the_manifest_describes_multiclass_and_regression_labels(tmp_path, monkeypatch):
+    op = _labelled_rows(tmp_path, monkeypatch, ["rain", "sun", "fog", "rain"])
+    op.task = "multiclass"
+    manifest = op.execute(_context())
+    assert (manifest["task"], manifest["classes"]) == ("multiclass", ["fog", "rain", "sun"])
+    assert manifest["label_balance"] == {"classes": {"fog": 1, "rain": 2, "sun": 1}}
+
+    op = _labelled_rows(tmp_path / "regression", monkeypatch, [1.5, 2.5, 4.0, 4.0])
+    op.task = "regression"
+    manifest = op.execute(_context())
+    assert (manifest["task"], manifest["classes"]) == ("regression", [])
+    assert manifest["label_balance"] == {"mean": 3.0, "std": pytest.approx(1.224745), "min": 1.5, "max": 4.0}
 
 
 def test_the_features_dag_processes_the_days_named_by_the_asset_events():

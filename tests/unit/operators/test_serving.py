@@ -93,3 +93,27 @@ def test_the_sensor_defers_when_not_ready_yet():
     assert deferred.value.trigger.serialize()[1]["url"] == "http://127.0.0.1:9"
     with pytest.raises(ServingError, match="not ready"):
         sensor.execute_complete(_context(), {"status": "timeout", "url": "u", "message": "u was not ready"})
+
+
+def test_a_version_without_a_signature_is_refused_before_anything_starts(tmp_path, monkeypatch):
+    from airflow_mlops.hooks.bentoml import BentoMLHook
+    from airflow_mlops.ml.signature import SignatureError
+
+    monkeypatch.setenv("AIRFLOW__MLOPS__STATE_DIR", str(tmp_path))
+    hook = BentoMLHook()
+    record = {"tag": "m:v1", "version": "v1", "stage": "production", "files_sha256": {}}
+    hook.write_index("m", {"model": "m", "production": "v1", "versions": {"v1": record}, "history": []})
+    started = mock.Mock()
+    with (
+        mock.patch.object(LocalDeploymentTarget, "start", started),
+        mock.patch.object(LocalDeploymentTarget, "ensure_router", started),
+        pytest.raises(
+            SignatureError, match="version 'v1' cannot be served: m:v1 was registered without"
+        ) as err,
+    ):
+        BentoDeployOperator(task_id="d", model_name="m", deferrable=False).execute(_context())
+    assert "RegisterModelOperator" in str(err.value)
+    started.assert_not_called()
+    assert not (tmp_path / "deployments").exists() or not list((tmp_path / "deployments").glob("*.json"))
+    with pytest.raises(SignatureError, match="version 'v1' cannot be served"):
+        BentoBuildOperator(task_id="b", model_name="m").execute(_context())

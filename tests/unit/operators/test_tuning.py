@@ -91,6 +91,29 @@ def test_build_spec_rejects_a_bad_space_and_an_unknown_metric_mode():
         _op(metric="f1").build_spec(CONTEXT)
 
 
+def test_the_metric_follows_the_task_and_is_checked_against_it():
+    spec = _op(metric=None).build_spec(CONTEXT)
+    assert spec.metric is None and spec.mode is None  # resolved from the task once the data is read
+    assert _op(metric=None, task="multiclass").build_spec(CONTEXT).metric == "macro_f1"
+    assert _op(metric=None, task="regression").build_spec(CONTEXT).mode == "min"
+    with pytest.raises(MLOpsArgumentError, match=r"metric 'rmse' does not fit a binary model.*auc"):
+        _op(metric="rmse", task="binary").build_spec(CONTEXT)
+    with pytest.raises(MLOpsArgumentError, match=r"mode 'max' contradicts metric 'rmse'"):
+        _op(metric="rmse", mode="max").build_spec(CONTEXT)
+
+
+def test_a_trainable_refuses_a_task_it_does_not_train():
+    from airflow_mlops.ml.search import resolve_trainable, trainable_task
+
+    full, fn = resolve_trainable("lightgbm_classifier")
+    assert trainable_task(fn, full, None) is None  # binary or multiclass: the label decides
+    assert trainable_task(fn, full, "classification") == "binary"
+    full, fn = resolve_trainable("lightgbm_regressor")
+    assert trainable_task(fn, full, None) == "regression"
+    with pytest.raises(MLOpsArgumentError, match=r"trains regression models, not multiclass"):
+        trainable_task(fn, full, "multiclass")
+
+
 def test_build_spec_places_tune_state_under_the_task_artifacts():
     spec = _op(scheduler={"type": "ASHA", "grace_period": 1}).build_spec(CONTEXT)
     assert spec.mode == "max" and spec.scheduler == {"type": "asha", "grace_period": 1}
@@ -372,7 +395,7 @@ def _overfitting_set():
         }
     )
     frame["y"] = ((frame["x1"] + rng.normal(scale=1.5, size=n)) > 0).astype(int)
-    data = build_training_set(frame, label="y", task="classification", time_column="t")
+    data = build_training_set(frame, label="y", task="binary", time_column="t")
     data.metric, data.mode = "auc", "max"
     return data
 
@@ -441,3 +464,47 @@ def test_early_stopping_can_be_switched_off():
         trainables.hist_gradient_boosting_classifier(config, data)
     final = report.call_args_list[-1].args[0]
     assert final["iterations"] == 40 and len(report.call_args_list) == 8
+
+
+@pytest.mark.parametrize(
+    "trainable",
+    [
+        "hist_gradient_boosting_classifier",
+        "lightgbm_classifier",
+        "logistic_regression",
+        "random_forest_classifier",
+    ],
+)
+def test_classifiers_train_multiclass_models_scored_by_macro_f1(trainable, tmp_path):
+    import json
+
+    import numpy as np
+    import pandas as pd
+    from sklearn.metrics import f1_score
+
+    from airflow_mlops.ml import trainables
+    from airflow_mlops.ml.dataset import build_training_set
+    from airflow_mlops.ml.model_io import load_model_dir
+
+    rng = np.random.default_rng(5)
+    n = 900
+    frame = pd.DataFrame({"t": pd.date_range("2013-01-01", periods=n, freq="h"), "x": rng.normal(size=n)})
+    frame["kind"] = rng.choice(["a", "b"], size=n)
+    frame["y"] = np.select([frame["x"] < -0.4, frame["x"] < 0.4], ["low", "mid"], "high")
+    data = build_training_set(
+        frame, label="y", task="any", time_column="t", allowed_tasks=("binary", "multiclass")
+    )
+    assert data.task == "multiclass" and data.classes == ["high", "low", "mid"]
+    config = {"num_boost_round": 30, "max_iter": 30, "n_estimators": 20, "report_every": 10, "seed": 1}
+    with mock.patch.object(trainables, "report") as report:
+        getattr(trainables, trainable)(config, data)
+    last = report.call_args_list[-1]
+    final, files, meta = last.args[0], last.kwargs["model_files"], last.kwargs["meta"]
+    assert "auc" not in final and final["macro_f1"] > 0.8
+    for name, blob in files.items():
+        (tmp_path / name).write_bytes(blob)
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    predictor = load_model_dir(tmp_path)
+    proba = predictor.predict(data.x_valid)
+    assert predictor.classes == ["high", "low", "mid"] and proba.shape == (len(data.y_valid), 3)
+    assert f1_score(data.y_valid, proba.argmax(axis=1), average="macro") == pytest.approx(final["macro_f1"])

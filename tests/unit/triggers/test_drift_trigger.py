@@ -155,25 +155,47 @@ def test_keeps_watching_and_fires_only_new_findings_across_restarts(tmp_path: Pa
 ORIGINS = ["EWR"] * 4 + ["JFK"] * 3 + ["LGA"] * 3  # the reference's shares
 
 
-def _write_log(root: Path, day: str, temps: list[float]) -> None:
-    folder = root / f"date={day}"
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = [
-        json.dumps(
-            {
-                "inputs": {"origin": ORIGINS[i % 10]},
-                "features": {"temp": t},
-                "output": {"probability": 0.2},
-                "version": "v1",
-                "time": f"{day}T10:00:00",
-            }
+def _serve(
+    model: str, day: str, temps: list[float], probability: float | list[float] = 0.2, version: str = "v1"
+) -> None:
+    """What the model service logs for one day of requests: records made and written by the real
+    prediction-log writer (:mod:`airflow_mlops.ml.prediction_log`), with the answer built from the
+    model's signature as the service builds it."""
+    from airflow_mlops.ml.prediction_log import PredictionLogWriter, make_record
+    from airflow_mlops.ml.signature import ModelSignature, answers, logged_value
+
+    signature = ModelSignature(task="binary", label="delayed", classes=[0, 1], features=["origin", "temp"])
+    writer = PredictionLogWriter(model, flush_seconds=3600)
+    records = []
+    for i, t in enumerate(temps):
+        p = probability[i] if isinstance(probability, list) else probability
+        [answer] = answers(signature, [p])
+        records.append(
+            make_record(
+                model=model,
+                version=version,
+                task="binary",
+                request={"origin": ORIGINS[i % 10]},
+                features={"origin": ORIGINS[i % 10], "temp": t},
+                prediction=logged_value(signature, answer),
+                answer=answer,
+                time=f"{day}T10:{i % 60:02d}:00+00:00",
+            )
         )
-        for i, t in enumerate(temps)
-    ]
-    (folder / "part-0.jsonl").write_text("\n".join(lines) + "\n")
+    writer.append(records)
+    writer.close()
 
 
-def test_prediction_log_fires_on_drift_and_not_on_calm_data(tmp_path: Path) -> None:
+@pytest.fixture
+def artifacts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "artifacts"
+    monkeypatch.setenv("AIRFLOW__MLOPS__ARTIFACT_ROOT", f"file://{root}")
+    return root
+
+
+def test_prediction_log_fires_on_drift_and_not_on_calm_data(tmp_path: Path, artifacts: Path) -> None:
+    from airflow_mlops.ml.prediction_log import log_root
+
     stats = tmp_path / "stats.json"
     stats.write_text(
         json.dumps(
@@ -189,12 +211,13 @@ def test_prediction_log_fires_on_drift_and_not_on_calm_data(tmp_path: Path) -> N
             }
         )
     )
-    log = tmp_path / "predictions"
+    log = log_root("delays")
+    assert log == f"file://{artifacts}/predictions/delays"
     calm = [20.0 + (i % 30) for i in range(150)]
-    _write_log(log, "2013-03-30", calm)
-    _write_log(log, "2013-03-31", calm)
+    _serve("delays", "2013-03-30", calm)
+    _serve("delays", "2013-03-31", calm)
     trigger = DriftEventTrigger(
-        source_uri=str(log),
+        source_uri=log,
         reference_stats_uri=str(stats),
         threshold=0.2,
         drift_share=0.5,
@@ -204,12 +227,51 @@ def test_prediction_log_fires_on_drift_and_not_on_calm_data(tmp_path: Path) -> N
     assert no_event_within(trigger, 0.5)
 
     hot = [80.0 + (i % 10) for i in range(150)]  # July temperatures, far above the winter bins
-    _write_log(log, "2013-07-20", hot)
-    _write_log(log, "2013-07-21", hot)
+    _serve("delays", "2013-07-20", hot)
+    _serve("delays", "2013-07-21", hot)
     event = first_event(trigger)
     assert event.payload["status"] == "drift"
     assert set(event.payload["drifted_columns"]) == {"temp"}
     assert event.payload["drift_share"] == 0.5 and event.payload["rows"] == 300
-    assert event.payload["data_time"] == "2013-07-21"
+    assert event.payload["data_time"] == "2013-07-21"  # the newest prediction's time
     # the same log content gives the same event id (repeated firing is deduplicated downstream)
     assert first_event(trigger).payload["event_id"] == event.payload["event_id"]
+
+
+def test_prediction_drift_of_one_version_against_its_holdout_predictions(
+    tmp_path: Path, artifacts: Path
+) -> None:
+    """The logged ``prediction`` scored against the statistics of the production model's predictions
+    on its holdout (as :func:`airflow_mlops.ml.drift.prediction_reference` caches them), one version only."""
+    import pandas as pd
+
+    from airflow_mlops.ml.drift import column_statistics
+    from airflow_mlops.ml.prediction_log import log_root
+
+    spec = {"prediction": {"kind": "numerical", "method": None, "threshold": None}}
+    holdout_predictions = pd.DataFrame({"prediction": [0.1 + 0.2 * (i % 4) for i in range(400)]})
+    stats = tmp_path / "prediction_stats.json"
+    stats.write_text(json.dumps({"columns": column_statistics(holdout_predictions, spec)}))
+    temps = [25.0] * 200
+    calm = [0.1 + 0.2 * (i % 4) for i in range(200)]  # as on the holdout
+    _serve("delays", "2013-07-20", temps, probability=calm, version="v1")
+    _serve("delays", "2013-07-20", temps, probability=0.9, version="v2")  # a new version answers higher
+
+    def watching(version: str) -> DriftEventTrigger:
+        return DriftEventTrigger(
+            source_uri=log_root("delays"),
+            reference_stats_uri=str(stats),
+            columns=["prediction"],
+            threshold=0.2,
+            drift_share=1.0,
+            window_files=5,
+            poll_interval=0.05,
+            model_version=version,
+        )
+
+    event = first_event(watching("v2"))
+    assert event.payload["rows"] == 200 and set(event.payload["drifted_columns"]) == {"prediction"}
+    assert no_event_within(watching("v1"), 0.3)  # v1 answers as it did on its holdout
+    assert no_event_within(watching("v3"), 0.3)  # no prediction of v3 was served
+    both = first_event(watching(None))  # type: ignore[arg-type]
+    assert both.payload["rows"] == 400
