@@ -9,8 +9,8 @@
 
 The model, its Feast repository and the offline tables come from ``example_seattle_rain.py``. The blocks
 between ``[START howto_...]`` and ``[END howto_...]`` markers are the examples ``docs/operators.md``
-shows (``python -m airflow_mlops.reference``); ``tests/integration/test_handwritten_example.py`` parses
-these DAGs and runs the backfill.
+shows (``python -m airflow_mlops.reference``); ``tests/integration/test_handwritten_example.py`` runs the
+backfill and the serve DAG (then asks the endpoint over HTTP) and parses the rollback DAG.
 """
 
 from __future__ import annotations

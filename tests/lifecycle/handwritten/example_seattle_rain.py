@@ -245,7 +245,7 @@ with DAG(
         training_data_uri=training_set.output["manifest_uri"],
         trainable="airflow_mlops.ml.trainables.logistic_regression",
         search_space={"C": {"loguniform": [0.003, 0.3]}},  # strong regularization: few rows
-        metric="auc",
+        # metric: the task's default (the manifest's task, binary: AUC, maximized)
         features=FEATURES,
         num_samples=4,
         max_concurrent_trials=2,
@@ -260,11 +260,13 @@ with DAG(
     register = RegisterModelOperator(
         task_id="register",
         model_name=MODEL,
-        model_uri=tune.output["model_uri"],
-        metrics={"auc": tune.output["best_metric"]},
+        model_uri=tune.output["model_uri"],  # with the metric it was tuned for (AUC)
         hyperparameters=tune.output["best_config"],
+        # the signature (entity keys, request features, task, classes) comes from the training snapshot
+        # and the feature service: a request sends the station and the day of year, Feast the rest
         training_manifest_uri=training_set.output["manifest_uri"],
         feature_service="rain_model",
+        feast_repo_path=FEATURE_REPO,
         multiple_outputs=True,
     )
     # [END howto_operator_register_model]
@@ -275,7 +277,7 @@ with DAG(
         model_name=MODEL,
         candidate_version=register.output["version"],
         holdout_uri=holdout_set.output["manifest_uri"],
-        metric="auc",
+        # metric: the one the model was tuned for (AUC)
         min_improvement=0.01,  # beat production by 0.01 AUC on the same holdout
         floor=0.5,  # and never be worse than a coin
     )
@@ -312,6 +314,8 @@ with DAG(
         label_column="rain",
         labels_table="seattle_labelled",  # entity rows with the label, written by labelled_days
         feature_repo=FEATURE_REPO,  # their features, joined point in time as for training
+        max_decay={"auc": 0.1},  # decay: holdout AUC minus the window's AUC above 0.1
+        prediction_drift=True,  # and the served predictions against the holdout's (prediction log)
         drift_asset=SEATTLE_RAIN_DRIFT,  # on drift, an event that starts example_seattle_rain_train
     )
     # [END howto_operator_evidently_drift]
