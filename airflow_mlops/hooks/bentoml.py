@@ -143,6 +143,20 @@ class BentoMLHook(BaseHook):
         """The version of ``name`` in production, None when none is."""
         return self.read_index(name).get("production")
 
+    def served_record(self, name: str, version: str | None = None) -> tuple[str, dict[str, Any]]:
+        """``(version, record)`` of the version to serve: ``version``, or the production version.
+
+        :raises ModelRegistryError: no version given and none in production, or an unknown version.
+        """
+        index = self.read_index(name)
+        version = version or index.get("production")
+        if not version:
+            raise ModelRegistryError(
+                f"model {name!r} has no production version, and no version was named.",
+                fix="promote a version first, or name the version to serve.",
+            )
+        return version, self.version_record(index, version)
+
     def signature(self, name: str, version: str) -> ModelSignature:
         """The signature recorded when ``name:version`` was registered.
 

@@ -393,6 +393,32 @@ class FeastHook(BaseHook):
                 fix="correct the name, or run FeastApplyOperator first if it was just added.",
             ) from None
 
+    def service_columns(self, service: Any) -> tuple[list[str], dict[str, str]]:
+        """The entity join keys of a feature service and the columns it provides.
+
+        :param service: the feature service, or its name.
+        :return: ``(join keys, columns)``: ``columns`` maps each ``<view>__<feature>`` name, and the bare
+            ``<feature>`` name where only one view has it, to the ``<view>__<feature>`` column Feast
+            answers with. The registry records the keys in a model's signature; the model server reads
+            the columns by them.
+        """
+        if isinstance(service, str):
+            service = self.feature_service(service)
+        keys: list[str] = []
+        full: list[str] = []
+        for projection in service.feature_view_projections:
+            view = self.feature_views([projection.name])[0]
+            for key in (c.name for c in view.entity_columns):
+                if key not in keys:
+                    keys.append(key)
+            full += [f"{projection.name_to_use()}__{f.name}" for f in projection.features]
+        bare: dict[str, list[str]] = {}
+        for column in full:
+            bare.setdefault(column.split("__", 1)[1], []).append(column)
+        columns = {column: column for column in full}
+        columns.update({short: names[0] for short, names in bare.items() if len(names) == 1})
+        return keys, columns
+
     def count_rows_to_write(self, feature_view: Any, start: datetime, end: datetime) -> int:
         """How many online rows materializing ``feature_view`` over [start, end] writes: one per entity
         key that has a row in the interval (the latest one)."""

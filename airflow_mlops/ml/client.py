@@ -88,18 +88,11 @@ def sample_predictions(
     """
     import httpx
 
-    from airflow_mlops.hooks.bentoml import BentoMLHook, ModelRegistryError
+    from airflow_mlops.hooks.bentoml import BentoMLHook
     from airflow_mlops.ml.signature import signature_of
 
     hook = BentoMLHook()
-    index = hook.read_index(model)
-    version = version or index.get("production")
-    if not version:
-        raise ModelRegistryError(
-            f"model {model!r} has no production version to read the request fields from.",
-            fix="pass version= or promote a version first.",
-        )
-    record = hook.version_record(index, version)
+    version, record = hook.served_record(model, version)
     signature = signature_of(record, tag=record.get("tag"))
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     answers = []

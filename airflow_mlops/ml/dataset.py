@@ -112,9 +112,8 @@ def read_frame(source: Source):
     """The rows as a pandas DataFrame; the manifest's sha256 is checked for a single file."""
     import pyarrow.parquet as pq
 
-    from airflow_mlops.artifacts import as_path, sha256_of
+    from airflow_mlops.artifacts import as_path, read_parquet_batch, sha256_of
     from airflow_mlops.exceptions import MLOpsInputError
-    from airflow_mlops.artifacts import read_parquet_batch
 
     path = as_path(source.data_uri)
     if source.sha256 and path.exists() and path.is_file():

@@ -21,7 +21,8 @@ Defaults: ``auc`` for binary, ``macro_f1`` for multiclass, ``rmse`` for regressi
 
 The tuning operator, the registry, the promotion gate, the monitor and the spec all import from here, so a
 metric means the same thing at every stage. Pure Python at import time: NumPy and scikit-learn are
-imported by the functions that compute.
+imported by the functions that compute, and so are our errors (they import Airflow): Ray Tune's trial
+workers preload the trainables, which import this module, and must not start Airflow.
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
-
-from airflow_mlops.exceptions import MLOpsArgumentError, MLOpsInputError
 
 Task = Literal["binary", "multiclass", "regression"]
 TASKS: tuple[str, ...] = ("binary", "multiclass", "regression")
@@ -86,6 +85,8 @@ def normalize_task(task: str) -> str:
 
     :raises MLOpsArgumentError: an unknown task.
     """
+    from airflow_mlops.exceptions import MLOpsArgumentError
+
     task = TASK_ALIASES.get(task, task)
     if task not in TASKS:
         raise MLOpsArgumentError(f"task {task!r} is not known.", fix=f"use one of {', '.join(TASKS)}.")
@@ -105,6 +106,8 @@ def check_metric(metric: str, task: str, *, field: str = "metric") -> Metric:
     :param field: how the caller names the setting, for the message (e.g. ``promotion.metric``).
     :raises MLOpsArgumentError: an unknown metric, or one that does not fit the task.
     """
+    from airflow_mlops.exceptions import MLOpsArgumentError
+
     task = normalize_task(task)
     known = metrics_for(task)
     if metric not in METRICS:
@@ -150,6 +153,8 @@ def check_labels(labels: Any, task: str, *, label: str, origin: str = "the train
     """
     import pandas as pd
 
+    from airflow_mlops.exceptions import MLOpsInputError
+
     task = normalize_task(task)
     present = labels.dropna()
     values = sorted(present.unique().tolist(), key=lambda v: (str(type(v)), v))
@@ -191,6 +196,8 @@ def check_labels(labels: Any, task: str, *, label: str, origin: str = "the train
 def encode_labels(labels: Any, classes: Sequence[Any]) -> Any:
     """Class labels as integer codes ``0..K-1`` in the order of ``classes`` (NumPy array)."""
     import numpy as np
+
+    from airflow_mlops.exceptions import MLOpsInputError
 
     lookup = {c: i for i, c in enumerate(classes)}
     lookup.update({str(c): i for i, c in enumerate(classes)})

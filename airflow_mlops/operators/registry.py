@@ -82,27 +82,6 @@ class _RegistryOperator(BaseOperator):
         return BentoMLHook(bentoml_conn_id=self.bentoml_conn_id)
 
 
-def feature_service_columns(hook: FeastHook, name: str) -> tuple[list[str], dict[str, str]]:
-    """The entity join keys of Feast feature service ``name`` and the columns it provides: each
-    ``<view>__<feature>`` name, and the bare ``<feature>`` name where only one view has it (both map to
-    the ``<view>__<feature>`` name), as the serving lookup reads them."""
-    service = hook.feature_service(name)
-    keys: list[str] = []
-    full: list[str] = []
-    for projection in service.feature_view_projections:
-        view = hook.feature_views([projection.name])[0]
-        for key in (c.name for c in view.entity_columns):
-            if key not in keys:
-                keys.append(key)
-        full += [f"{projection.name_to_use()}__{f.name}" for f in projection.features]
-    bare: dict[str, list[str]] = {}
-    for column in full:
-        bare.setdefault(column.split("__", 1)[1], []).append(column)
-    columns = {column: column for column in full}
-    columns.update({short: names[0] for short, names in bare.items() if len(names) == 1})
-    return keys, columns
-
-
 class RegisterModelOperator(_RegistryOperator):
     """Register a tuned model as ``<model_name>:<version>`` with stage ``candidate``, with its signature.
 
@@ -291,7 +270,7 @@ class RegisterModelOperator(_RegistryOperator):
         keys: list[str] = []
         provided: list[str] = []
         if self.feature_service:
-            keys, columns = feature_service_columns(self.feast_hook, self.feature_service)
+            keys, columns = self.feast_hook.service_columns(self.feature_service)
             provided = [f for f in features if f in columns and f not in keys]
         signature = infer_signature(
             frame,

@@ -450,6 +450,7 @@ def test_monitor_of_a_feast_trained_model_joins_its_features_for_the_auc(
         metrics={},
         training_manifest_uri=train["manifest_uri"],
         feature_service="delay_model",
+        feast_repo_path=str(feast_env.repo),
     ).execute(context)["version"]
     promotion = PromoteModelOperator(
         task_id="promote",

@@ -78,3 +78,27 @@ from airflow.dag_processing.dagbag import DagBag
 DagBag(dag_folder={str(tmp_path)!r})
 """
     assert _loaded_after(code)["heavy"] == ["pandas"]
+
+
+def test_trial_workers_preload_no_airflow():
+    """Ray Tune's trial workers preload these modules (``TRIAL_WORKER_MODULES``) where Airflow may not be
+    configured (a Ray node): importing them must not import Airflow, whose import sets up its database.
+    A module-level import of our errors (which import Airflow) in ml/metrics.py once made every trial of
+    ``make demo`` die at start."""
+    probe = """
+import importlib, json, sys
+from airflow_mlops.hooks.ray import TRIAL_WORKER_MODULES
+"""
+    # the hook itself imports Airflow: take the module names, then check them in a second interpreter
+    result = run_python(probe + 'print("@@" + json.dumps(list(TRIAL_WORKER_MODULES)))')
+    assert result.returncode == 0, result.stderr[-4000:]
+    modules = json.loads([r for r in result.stdout.splitlines() if r.startswith("@@")][-1][2:])
+    assert "airflow_mlops.ml.trainables" in modules
+    check = run_python(
+        "import importlib, json, sys\n"
+        + "".join(f"importlib.import_module({m!r})\n" for m in modules)
+        + 'print("@@" + json.dumps(sorted(m for m in sys.modules if m == "airflow" or m.startswith("airflow."))))'
+    )
+    assert check.returncode == 0, check.stderr[-4000:]
+    loaded = json.loads([r for r in check.stdout.splitlines() if r.startswith("@@")][-1][2:])
+    assert loaded == []
