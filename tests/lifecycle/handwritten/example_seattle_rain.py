@@ -222,6 +222,7 @@ with DAG(
         entity_uri="seattle_labelled",  # offline table of entity rows with the label
         feature_service="rain_model",
         label_column="rain",
+        task="binary",  # the label must hold two classes
         start="{{ train_window(params, triggering_asset_events)['train_start'] }}",
         end="{{ train_window(params, triggering_asset_events)['holdout_start'] }}",
         multiple_outputs=True,
@@ -232,6 +233,7 @@ with DAG(
         entity_uri="seattle_labelled",
         feature_service="rain_model",
         label_column="rain",
+        task="binary",
         start="{{ train_window(params, triggering_asset_events)['holdout_start'] }}",
         end="{{ train_window(params, triggering_asset_events)['holdout_end'] }}",
         name="holdout",
