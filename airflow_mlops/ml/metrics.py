@@ -80,16 +80,28 @@ DEFAULT_MAX_DECAY: dict[str, float] = {
 METRIC_MODES: dict[str, str] = {name: m.mode for name, m in METRICS.items()}
 
 
+def _argument_error(problem: str, fix: str) -> Exception:
+    """Our argument error, imported when raised: importing it imports Airflow (see the module docstring)."""
+    from airflow_mlops.exceptions import MLOpsArgumentError
+
+    return MLOpsArgumentError(problem, fix=fix)
+
+
+def _input_error(problem: str, fix: str) -> Exception:
+    """Our input error, imported when raised (see :func:`_argument_error`)."""
+    from airflow_mlops.exceptions import MLOpsInputError
+
+    return MLOpsInputError(problem, fix=fix)
+
+
 def normalize_task(task: str) -> str:
     """``task`` as one of :data:`TASKS` (``classification`` is read as ``binary``).
 
     :raises MLOpsArgumentError: an unknown task.
     """
-    from airflow_mlops.exceptions import MLOpsArgumentError
-
     task = TASK_ALIASES.get(task, task)
     if task not in TASKS:
-        raise MLOpsArgumentError(f"task {task!r} is not known.", fix=f"use one of {', '.join(TASKS)}.")
+        raise _argument_error(f"task {task!r} is not known.", fix=f"use one of {', '.join(TASKS)}.")
     return task
 
 
@@ -106,17 +118,15 @@ def check_metric(metric: str, task: str, *, field: str = "metric") -> Metric:
     :param field: how the caller names the setting, for the message (e.g. ``promotion.metric``).
     :raises MLOpsArgumentError: an unknown metric, or one that does not fit the task.
     """
-    from airflow_mlops.exceptions import MLOpsArgumentError
-
     task = normalize_task(task)
     known = metrics_for(task)
     if metric not in METRICS:
-        raise MLOpsArgumentError(
+        raise _argument_error(
             f"{field} {metric!r} is not a known metric.",
             fix=f"for a {task} model use one of {', '.join(known)}.",
         )
     if task not in METRICS[metric].tasks:
-        raise MLOpsArgumentError(
+        raise _argument_error(
             f"{field} {metric!r} does not fit a {task} model.",
             fix=f"use one of {', '.join(known)} (default {DEFAULT_METRIC[task]}).",
         )
@@ -153,39 +163,37 @@ def check_labels(labels: Any, task: str, *, label: str, origin: str = "the train
     """
     import pandas as pd
 
-    from airflow_mlops.exceptions import MLOpsInputError
-
     task = normalize_task(task)
     present = labels.dropna()
     values = sorted(present.unique().tolist(), key=lambda v: (str(type(v)), v))
     if task == "regression":
         if not pd.api.types.is_numeric_dtype(present) or pd.api.types.is_bool_dtype(present):
-            raise MLOpsInputError(
+            raise _input_error(
                 f"label column {label!r} of {origin} holds {present.dtype} values ({_seen(values)}), but a "
                 "regression model needs numbers.",
                 fix="use a numeric label, or set task: binary / multiclass for class labels.",
             )
         if len(values) < 2:
-            raise MLOpsInputError(
+            raise _input_error(
                 f"label column {label!r} of {origin} is constant ({_seen(values)}); there is nothing to learn.",
                 fix="check how the label is computed and the data interval.",
             )
         return []
     if pd.api.types.is_float_dtype(present) and not all(float(v).is_integer() for v in values):
-        raise MLOpsInputError(
+        raise _input_error(
             f"label column {label!r} of {origin} holds fractional numbers ({_seen(values)}); a {task} model "
             "needs class labels.",
             fix="set task: regression for a numeric target, or derive class labels.",
         )
     if task == "binary" and len(values) != 2:
-        raise MLOpsInputError(
+        raise _input_error(
             f"label column {label!r} of {origin} has {len(values)} distinct values ({_seen(values)}); a "
             "binary model needs exactly two.",
             fix="set task: multiclass for three or more classes, or derive a two-valued label "
             "(e.g. a number above a threshold); with one class, widen the data interval.",
         )
     if task == "multiclass" and len(values) < 3:
-        raise MLOpsInputError(
+        raise _input_error(
             f"label column {label!r} of {origin} has {len(values)} distinct values ({_seen(values)}); a "
             "multiclass model needs three or more.",
             fix="set task: binary for two classes, or widen the data interval so every class appears.",
@@ -197,14 +205,12 @@ def encode_labels(labels: Any, classes: Sequence[Any]) -> Any:
     """Class labels as integer codes ``0..K-1`` in the order of ``classes`` (NumPy array)."""
     import numpy as np
 
-    from airflow_mlops.exceptions import MLOpsInputError
-
     lookup = {c: i for i, c in enumerate(classes)}
     lookup.update({str(c): i for i, c in enumerate(classes)})
     codes = [lookup.get(v, lookup.get(str(v), -1)) for v in labels]
     if -1 in codes:
         unknown = sorted({str(v) for v, c in zip(labels, codes, strict=True) if c == -1})
-        raise MLOpsInputError(
+        raise _input_error(
             f"labels {unknown[:8]} are not among the model's classes {list(classes)}.",
             fix="score the model on rows whose labels it was trained with.",
         )

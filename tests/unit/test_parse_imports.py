@@ -84,7 +84,7 @@ def test_trial_workers_preload_no_airflow():
     """Ray Tune's trial workers preload these modules (``TRIAL_WORKER_MODULES``) where Airflow may not be
     configured (a Ray node): importing them must not import Airflow, whose import sets up its database.
     A module-level import of our errors (which import Airflow) in ml/metrics.py once made every trial of
-    ``make demo`` die at start."""
+    ``make demo`` die at start; so did importing them inside the scoring function."""
     probe = """
 import importlib, json, sys
 from airflow_mlops.hooks.ray import TRIAL_WORKER_MODULES
@@ -94,9 +94,17 @@ from airflow_mlops.hooks.ray import TRIAL_WORKER_MODULES
     assert result.returncode == 0, result.stderr[-4000:]
     modules = json.loads([r for r in result.stdout.splitlines() if r.startswith("@@")][-1][2:])
     assert "airflow_mlops.ml.trainables" in modules
+    # what a trial does with them: score its validation rows for each task
+    score = """
+from airflow_mlops.ml.trainables import scores
+scores("binary", [0, 1, 1, 0], [0.2, 0.7, 0.6, 0.4])
+scores("multiclass", [0, 1, 2], [[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]])
+scores("regression", [1.0, 2.0, 3.0], [1.1, 1.9, 3.2])
+"""
     check = run_python(
         "import importlib, json, sys\n"
         + "".join(f"importlib.import_module({m!r})\n" for m in modules)
+        + score
         + 'print("@@" + json.dumps(sorted(m for m in sys.modules if m == "airflow" or m.startswith("airflow."))))'
     )
     assert check.returncode == 0, check.stderr[-4000:]

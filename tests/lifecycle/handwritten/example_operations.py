@@ -1,0 +1,120 @@
+"""Example DAGs: the operations around the Seattle rain model that its lifecycle does not run by itself.
+
+- ``example_seattle_weather_history``: publish the whole landed weather history as one Feast source
+  table (a backfill, instead of waiting for the weekly batches);
+- ``example_seattle_rain_serve``: build a Bento of the production ``seattle_rain`` model, deploy it
+  blue/green behind a stable local address and wait until it answers;
+- ``example_seattle_rain_rollback``: by hand, when the new model misbehaves: the registry's previous
+  production version comes back, and the deployment switches back to the version it served before.
+
+The model, its Feast repository and the offline tables come from ``example_seattle_rain.py``. The blocks
+between ``[START howto_...]`` and ``[END howto_...]`` markers are the examples ``docs/operators.md``
+shows (``python -m airflow_mlops.reference``); ``tests/integration/test_handwritten_example.py`` runs the
+backfill and the serve DAG (then asks the endpoint over HTTP) and parses the rollback DAG.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from airflow.sdk import DAG
+
+from airflow_mlops.operators.features import FeatureSourceSnapshotOperator
+from airflow_mlops.operators.registry import RollbackModelOperator
+from airflow_mlops.operators.serving import BentoBuildOperator, BentoDeployOperator, BentoRollbackOperator
+from airflow_mlops.sensors.serving import BentoEndpointSensor
+
+MODEL = "seattle_rain"
+FEATURE_REPO = str(Path(__file__).resolve().parents[1] / "seattle" / "feature_repo")
+START_DATE = datetime(2012, 1, 1, tzinfo=UTC)
+PORT = 3100  # the stable address of the Seattle rain endpoint
+DEFAULT_ARGS = {"owner": "mlops", "retries": 0}
+
+# ------------------------------------------------------------------------------------------ backfill
+with DAG(
+    dag_id="example_seattle_weather_history",
+    description="Publish the landed Seattle weather history as one Feast source table.",
+    schedule=None,
+    start_date=START_DATE,
+    catchup=False,
+    default_args=DEFAULT_ARGS,
+    tags=["example", "seattle", "features"],
+) as history_dag:
+    # [START howto_operator_feature_source_snapshot]
+    weather_history = FeatureSourceSnapshotOperator(
+        task_id="weather_history",
+        source_uri="seattle/history/weather.parquet",  # under [mlops] landing_root
+        table="seattle_weather_history",  # <offline_root>/seattle_weather_history/part-0.parquet
+        timestamp_column="date",  # becomes the rows' event_timestamp
+        columns=["date", "precipitation", "temp_max", "temp_min", "wind", "weather"],
+    )
+    # [END howto_operator_feature_source_snapshot]
+
+# ------------------------------------------------------------------------------------------ serve
+with DAG(
+    dag_id="example_seattle_rain_serve",
+    description="Build a Bento of the production seattle_rain model and deploy it blue/green.",
+    schedule=None,
+    start_date=START_DATE,
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["example", "seattle", "serving"],
+) as serve_dag:
+    # [START howto_operator_bento_build]
+    build = BentoBuildOperator(
+        task_id="build",
+        model_name=MODEL,  # the registry's production version (or version="...")
+        containerize=False,  # the Bento only; True also builds its image with Docker
+        multiple_outputs=True,
+    )
+    # [END howto_operator_bento_build]
+
+    # [START howto_operator_bento_deploy]
+    deploy = BentoDeployOperator(
+        task_id="deploy",
+        model_name=MODEL,
+        bento_tag=build.output["tag"],
+        port=PORT,  # the stable address; versions switch behind it without dropping requests
+        feast_repo_path=FEATURE_REPO,  # the service looks up the station's features online
+        ready_timeout=300,
+        multiple_outputs=True,
+    )
+    # [END howto_operator_bento_deploy]
+
+    # [START howto_sensor_bento_endpoint]
+    endpoint_ready = BentoEndpointSensor(
+        task_id="endpoint_ready",
+        url=deploy.output["url"],
+        poke_interval=5,
+        timeout=300,
+        deferrable=True,  # wait in the triggerer, not in a worker slot
+    )
+    # [END howto_sensor_bento_endpoint]
+
+# ------------------------------------------------------------------------------------------ rollback
+with DAG(
+    dag_id="example_seattle_rain_rollback",
+    description="By hand: the previous seattle_rain model back in the registry and behind the endpoint.",
+    schedule=None,
+    start_date=START_DATE,
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["example", "seattle", "serving"],
+) as rollback_dag:
+    # [START howto_operator_rollback_model]
+    rollback_model = RollbackModelOperator(task_id="rollback_model", model_name=MODEL)
+    # [END howto_operator_rollback_model]
+
+    # [START howto_operator_bento_rollback]
+    rollback_endpoint = BentoRollbackOperator(
+        task_id="rollback_endpoint",
+        model_name=MODEL,
+        port=PORT,
+        feast_repo_path=FEATURE_REPO,
+    )
+    # [END howto_operator_bento_rollback]
+
+    rollback_model >> rollback_endpoint
