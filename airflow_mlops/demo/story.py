@@ -454,7 +454,8 @@ class Story:
         self.say(f"        {'flight':<24}{'p(delay)':>9}  actual")
         for answer in rows[:6]:
             flight = answer.get("row") or {}
-            name = f"{flight.get('carrier')} {flight.get('origin')}->{flight.get('dest')}"
+            # the request carries the model's own fields (its signature): no destination, the hour
+            name = f"{flight.get('carrier')} {flight.get('origin')} {flight.get('tailnum') or ''} {flight.get('sched_hour')}h"
             actual = {1: "late", 0: "on time"}.get(answer.get("actual"), "-")
             self.say(
                 f"        {name:<24}{answer.get('probability', 0):>9.2f}  {actual:<8} {answer.get('model_version')}"

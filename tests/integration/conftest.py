@@ -222,6 +222,18 @@ class RayCluster:
         }
 
 
+def _node_ports() -> list[str]:
+    """Free ports for a node's agents: Ray's defaults (the dashboard agent on 52365, ...) are taken by the
+    first Ray on the host, and a second node or another Ray (a concurrent test run, a demo) then has no job
+    agent: every job submission is answered "No available agent"."""
+    return [
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+    ]
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory) -> RayCluster:
     """`ray start --head` (2 CPUs) and a second worker node (1 CPU) on 127.0.0.1; this process is a driver."""
@@ -245,6 +257,8 @@ def ray_cluster(tmp_path_factory) -> RayCluster:
             "head",
             "--head",
             f"--port={gcs_port}",
+            *_node_ports(),
+            f"--ray-client-server-port={free_port()}",
             "--node-ip-address=127.0.0.1",
             "--num-cpus=2",
             "--include-dashboard=true",
@@ -272,6 +286,7 @@ def ray_cluster(tmp_path_factory) -> RayCluster:
                 [
                     "worker",
                     f"--address=127.0.0.1:{gcs_port}",
+                    *_node_ports(),
                     "--node-ip-address=127.0.0.1",
                     "--num-cpus=1",
                     "--disable-usage-stats",
