@@ -20,7 +20,7 @@ unless the spec names others), the monitor measures decay by ``monitoring.max_de
 Feature steps named by import path (``operator:`` / ``callable:``) may live next to the spec file: its
 folder is appended to ``sys.path`` (as Airflow does with the DAG folder) before they are imported.
 
-A DAG file is a few lines (the project's example is ``dags/flights_lifecycle.py``)::
+A DAG file is a few lines::
 
     from pathlib import Path
 

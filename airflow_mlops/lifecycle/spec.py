@@ -3,8 +3,7 @@
 A team writes the spec once; :func:`airflow_mlops.lifecycle.factory.lifecycle_dags` turns it into the
 ingest, features, train and monitor DAGs. The spec names the model's ``task`` (binary, multiclass or
 regression); its metrics (tuning, promotion, decay thresholds) default to the task's and must fit it
-(:mod:`airflow_mlops.ml.metrics`). The field reference with examples is docs/lifecycle-spec.md; the
-project's example specs are ``dags/flights.yaml`` (binary) and ``tests/lifecycle/seattle/seattle.yaml``.
+(:mod:`airflow_mlops.ml.metrics`). The field reference with examples is docs/lifecycle-spec.md.
 
 Relative paths in the spec (expectation suite, feature repository) are taken relative to the spec file.
 A spec that does not validate raises :class:`LifecycleSpecError`, which names the file, every wrong

@@ -148,8 +148,8 @@ class FeastLookup:
     def prepare(self) -> list[str]:
         """Resolve the feature service's columns and join keys (reads the Feast registry); returns the join
         keys that are not entity keys of the signature. The feature service is kept: looking it up by name
-        on every read makes Feast read its registry again (9.5 ms against 1.3 ms per 16-row read on the
-        flights repository)."""
+        on every read makes Feast read its registry again (measured: 9.5 ms against 1.3 ms
+        per 16-row read)."""
         service = self._service = self.hook.feature_service(self.feature_service)
         keys, columns = self.hook.service_columns(service)
         self._columns = {w: columns[w] for w in self.wanted if w in columns}
