@@ -76,3 +76,49 @@ def asset_events(asset_name: str) -> list[dict]:
             .order_by(AssetEvent.timestamp)
         ).all()
     return [{"extra": extra, "run_id": run_id, "timestamp": ts} for extra, run_id, ts in rows]
+
+
+# ------------------------------------------------------------------------------------------ Seattle examples
+def seattle_weather():
+    """Seattle's daily weather 2012-2015 (``vega_datasets``), read by file path from the installed package
+    (its module is never imported), dates as UTC midnights."""
+    import importlib.util
+
+    import pandas as pd
+
+    spec = importlib.util.find_spec("vega_datasets")
+    assert spec is not None and spec.submodule_search_locations, "vega_datasets is not installed"
+    csv = Path(next(iter(spec.submodule_search_locations))) / "_data" / "seattle-weather.csv"
+    frame = pd.read_csv(csv, parse_dates=["date"])
+    frame["date"] = frame["date"].dt.tz_localize("UTC").astype("datetime64[us, UTC]")
+    return frame
+
+
+def land_seattle_week(frame, landing: Path, first) -> Path:
+    """Land the week of ``frame`` starting on day ``first`` where the Seattle ingest waits for it."""
+    import pandas as pd
+
+    start = pd.Timestamp(first, tz="UTC")
+    week = frame[(frame["date"] >= start) & (frame["date"] < start + pd.Timedelta(days=7))]
+    target = landing / "seattle" / f"week={start.date().isoformat()}" / "weather.parquet"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    week.to_parquet(target, index=False)
+    return target
+
+
+def utc_midnight(day):
+    """``day`` (a date) at 00:00 UTC, as a logical date for ``dag.test``."""
+    from datetime import UTC, datetime
+
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
+def task_states(dag_run) -> dict[str, str]:
+    """``{task_id: state}`` of a finished DAG run."""
+    return {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
+
+
+def task_xcom(dag_run, task_id: str):
+    """The return value of ``task_id`` in ``dag_run``."""
+    ti = next(ti for ti in dag_run.get_task_instances() if ti.task_id == task_id)
+    return ti.xcom_pull(task_ids=task_id)

@@ -11,17 +11,20 @@ HTTP, its features from the online store); the rollback DAG is parsed.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from mlops_testing import ROOT, asset_events, run_python
+from mlops_testing import ROOT, asset_events, run_python, seattle_weather
+from mlops_testing import land_seattle_week as land_week
+from mlops_testing import task_states as states
+from mlops_testing import task_xcom as xcom
+from mlops_testing import utc_midnight as at
 
 pytestmark = pytest.mark.integration
 
@@ -46,31 +49,6 @@ DAG_IDS = {
 }
 
 
-def seattle_weather():
-    """The data set, read by file path from the installed package (its module is never imported)."""
-    import pandas as pd
-
-    spec = importlib.util.find_spec("vega_datasets")
-    assert spec is not None and spec.submodule_search_locations, "vega_datasets is not installed"
-    csv = Path(next(iter(spec.submodule_search_locations))) / "_data" / "seattle-weather.csv"
-    frame = pd.read_csv(csv, parse_dates=["date"])
-    frame["date"] = frame["date"].dt.tz_localize("UTC").astype("datetime64[us, UTC]")
-    return frame
-
-
-def at(day: date) -> datetime:
-    return datetime(day.year, day.month, day.day, tzinfo=UTC)
-
-
-def states(dag_run) -> dict[str, str]:
-    return {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
-
-
-def xcom(dag_run, task_id: str) -> Any:
-    ti = next(ti for ti in dag_run.get_task_instances() if ti.task_id == task_id)
-    return ti.xcom_pull(task_ids=task_id)
-
-
 @dataclass
 class Runs:
     state: Path
@@ -87,7 +65,6 @@ class Runs:
 
 @pytest.fixture(scope="module")
 def runs(airflow_db, ray_cluster) -> Runs:
-    import pandas as pd
     from airflow.dag_processing.dagbag import DagBag
 
     from airflow_mlops.hooks.bentoml import BentoMLHook
@@ -115,11 +92,7 @@ def runs(airflow_db, ray_cluster) -> Runs:
         weather = seattle_weather()
         landing = state / "landing"
         for week in range(WEEKS):
-            start = pd.Timestamp(FIRST_WEEK + timedelta(weeks=week), tz="UTC")
-            rows = weather[(weather["date"] >= start) & (weather["date"] < start + pd.Timedelta(days=7))]
-            target = landing / "seattle" / f"week={start.date().isoformat()}" / "weather.parquet"
-            target.parent.mkdir(parents=True)
-            rows.to_parquet(target, index=False)
+            land_week(weather, landing, FIRST_WEEK + timedelta(weeks=week))
         history = landing / "seattle" / "history" / "weather.parquet"
         history.parent.mkdir(parents=True)
         weather.to_parquet(history, index=False)

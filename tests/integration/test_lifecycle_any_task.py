@@ -23,7 +23,6 @@ have arrived, prediction drift of the served predictions. The servers are stoppe
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -35,6 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mlops_testing import asset_events, seattle_weather
+from mlops_testing import land_seattle_week as land_week
+from mlops_testing import task_states as states
+from mlops_testing import task_xcom as xcom
+from mlops_testing import utc_midnight as at
 
 pytestmark = pytest.mark.integration
 
@@ -66,59 +70,6 @@ globals().update(lifecycle_dags({rain!r}))
 for spec in ({sky!r}, {temp!r}):
     globals().update({{k: v for k, v in lifecycle_dags(spec).items() if k.endswith(("_train", "_monitor"))}})
 """
-
-
-def seattle_weather():
-    """The data set, read by file path from the installed package (its module is never imported)."""
-    import pandas as pd
-
-    spec = importlib.util.find_spec("vega_datasets")
-    assert spec is not None and spec.submodule_search_locations, "vega_datasets is not installed"
-    csv = Path(next(iter(spec.submodule_search_locations))) / "_data" / "seattle-weather.csv"
-    frame = pd.read_csv(csv, parse_dates=["date"])
-    frame["date"] = frame["date"].dt.tz_localize("UTC").astype("datetime64[us, UTC]")
-    return frame
-
-
-def land_week(frame, landing: Path, first: date) -> Path:
-    """Land the week starting ``first`` where the spec's ingest waits for it."""
-    import pandas as pd
-
-    start = pd.Timestamp(first, tz="UTC")
-    week = frame[(frame["date"] >= start) & (frame["date"] < start + pd.Timedelta(days=7))]
-    target = landing / "seattle" / f"week={first.isoformat()}" / "weather.parquet"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    week.to_parquet(target, index=False)
-    return target
-
-
-def at(day: date) -> datetime:
-    return datetime(day.year, day.month, day.day, tzinfo=UTC)
-
-
-def states(dag_run) -> dict[str, str]:
-    return {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
-
-
-def xcom(dag_run, task_id: str) -> Any:
-    ti = next(ti for ti in dag_run.get_task_instances() if ti.task_id == task_id)
-    return ti.xcom_pull(task_ids=task_id)
-
-
-def asset_events(name: str) -> list[dict[str, Any]]:
-    """Events of the Asset ``name`` in Airflow's database, oldest first."""
-    from airflow.models.asset import AssetEvent, AssetModel
-    from airflow.utils.session import create_session
-    from sqlalchemy import select
-
-    with create_session() as session:
-        events = session.scalars(
-            select(AssetEvent)
-            .join(AssetModel, AssetEvent.asset_id == AssetModel.id)
-            .where(AssetModel.name == name)
-            .order_by(AssetEvent.id)
-        )
-        return [{"run_id": e.source_run_id, "extra": dict(e.extra or {})} for e in events]
 
 
 def logged_predictions(model: str) -> list[dict[str, Any]]:
