@@ -701,10 +701,11 @@ class ModelService:
         except FeatureStoreUnavailable as err:
             STATE.unavailable, STATE.unavailable_at = str(err), time.monotonic()
             raise ServiceUnavailable(str(err)) from err
-        features = [
-            {f: ({**row, **extra}).get(f) for f in loaded.predictor.features}
-            for row, extra in zip(sent, looked_up, strict=True)
-        ]
+        wanted = loaded.predictor.features
+        features = []
+        for row, extra in zip(sent, looked_up, strict=True):
+            merged = {**row, **extra}  # once per row, not once per feature
+            features.append({f: merged.get(f) for f in wanted})
         signature = loaded.signature
         task_answers = answers(signature, loaded.predictor.predict(features))
         at = datetime.now(UTC).isoformat()
