@@ -56,20 +56,50 @@ class Predictor:
         categories typed as at training time (unknown values become missing)."""
         import pandas as pd
 
-        frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
-        missing = [c for c in self.features if c not in frame.columns]
+        if not isinstance(rows, pd.DataFrame):
+            return self._frame_of_records(list(rows))
+        missing = [c for c in self.features if c not in rows.columns]
         if missing:
-            raise MLOpsInputError(
-                f"input lacks the model's feature columns {missing}.",
-                fix="pass every feature the model was trained on (see its model.json).",
-            )
-        frame = frame[self.features].copy()
-        for column in self.features:
-            if column in self.categorical:
-                frame[column] = pd.Categorical(frame[column], categories=self.categorical[column])
-            else:  # features missing online arrive as None: numbers, with NaN for missing
-                frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
-        return frame
+            raise self._missing(missing)
+        return pd.DataFrame(
+            {column: self._column(column, rows[column]) for column in self.features}, index=rows.index
+        )
+
+    def _frame_of_records(self, rows: list[dict[str, Any]]) -> Any:
+        """:meth:`frame` of a list of dicts, built column by column from the rows' values: no intermediate
+        frame of every key (the service calls this for each micro-batch, on the thread all requests wait for)."""
+        import pandas as pd
+
+        missing = [c for c in self.features if not any(c in row for row in rows)]
+        if missing:
+            raise self._missing(missing)
+        return pd.DataFrame(
+            {column: self._column(column, [row.get(column) for row in rows]) for column in self.features},
+            index=pd.RangeIndex(len(rows)),
+        )
+
+    def _column(self, name: str, values: Any) -> Any:
+        """One feature's values as the model saw them at training: the training categories for a
+        categorical one (unknown values become missing), float64 for the others (missing and unparseable
+        values become NaN)."""
+        import numpy as np
+        import pandas as pd
+
+        if name in self.categorical:
+            return pd.Categorical(values, categories=self.categorical[name])
+        if not isinstance(values, pd.Series):
+            try:  # numbers and None: straight to float64, None as NaN
+                return np.array(values, dtype="float64")
+            except (TypeError, ValueError):
+                values = pd.Series(values, dtype="object")
+        return pd.to_numeric(values, errors="coerce").astype("float64")
+
+    @staticmethod
+    def _missing(missing: list[str]) -> MLOpsInputError:
+        return MLOpsInputError(
+            f"input lacks the model's feature columns {missing}.",
+            fix="pass every feature the model was trained on (see its model.json).",
+        )
 
     def predict(self, rows: Any) -> Any:
         """The model's output for ``rows``, as a NumPy array: ``binary`` P(positive class =

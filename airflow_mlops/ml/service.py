@@ -19,6 +19,11 @@ libraries at module level. What it serves comes from the environment, which
     when the prediction log is flushed to the artifact store (default 2000 rows or 5 seconds).
 ``MLOPS_SERVE_MODEL_THREADS``
     threads one model call may use (default 1; see :func:`limit_model_threads`).
+``MLOPS_SERVE_ACCESS_LOG``
+    ``true`` turns on BentoML's access log (one log line per request). Off by default: the prediction log
+    already records every answered request, and writing a line per request took a fifth of the event
+    loop's time at 700 requests/s (measured with py-spy on ``benchmarks/bench_serving.py``), which showed
+    in the p99 latency.
 
 The request and answer schemas are the model's own: when the module is imported it reads the served
 version's registry record and its :class:`~airflow_mlops.ml.signature.ModelSignature`, and builds ``Row``
@@ -51,6 +56,7 @@ import gc
 import hmac
 import logging
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -190,6 +196,7 @@ class ServeSettings:
     flush_rows: int = 2000
     flush_seconds: float = 5.0
     model_threads: int = 1
+    access_log: bool = False
 
     @classmethod
     def from_env(cls) -> ServeSettings:
@@ -204,6 +211,8 @@ class ServeSettings:
             flush_rows=int(env.get("MLOPS_SERVE_LOG_FLUSH_ROWS") or 2000),
             flush_seconds=float(env.get("MLOPS_SERVE_LOG_FLUSH_SECONDS") or 5.0),
             model_threads=max(1, int(env.get("MLOPS_SERVE_MODEL_THREADS") or 1)),
+            access_log=(env.get("MLOPS_SERVE_ACCESS_LOG") or "").strip().lower()
+            in ("1", "true", "yes", "on"),
         )
 
 
@@ -499,6 +508,68 @@ def use_request_timeout_that_lets_go() -> bool:
 use_request_timeout_that_lets_go()
 
 
+def _tracing_exported() -> bool:
+    """Whether BentoML's configuration sends traces anywhere (an exporter and a sample rate above zero)."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    try:
+        exporter = BentoMLContainer.tracing.exporter_type.get()
+        rate = BentoMLContainer.tracing.sample_rate.get()
+    except Exception:  # an unreadable configuration: keep tracing as BentoML set it up
+        return True
+    return bool(exporter) and bool(rate)
+
+
+class TraceOnlyWhenExported:
+    """Takes the place of OpenTelemetry's ASGI middleware in the service's app; traces only when BentoML's
+    configuration exports traces (``tracing.exporter_type`` and a ``sample_rate`` above zero).
+
+    BentoML wraps every request in OpenTelemetry's ASGI middleware, tracing or not. With no exporter (the
+    default) its spans go nowhere, yet starting them and wrapping every ``send`` cost about a third of the
+    event loop's time per request (py-spy on ``benchmarks/bench_serving.py``: ~540 of ~1,700 samples), and the
+    model thread waits for that event loop. Without an exporter this middleware only gives each request the
+    id BentoML returns in ``X-BentoML-Request-ID``; with one, it is OpenTelemetry's middleware unchanged.
+    """
+
+    def __init__(self, app: Any, **options: Any) -> None:
+        self.app = app
+        self.traced = _tracing_exported()
+        self.inner = _OPENTELEMETRY_MIDDLEWARE(app, **options) if self.traced else None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if self.inner is not None:
+            await self.inner(scope, receive, send)
+            return
+        if scope["type"] == "http":
+            from bentoml._internal.context import trace_context
+
+            trace_context.request_id = random.getrandbits(63) or 1
+        await self.app(scope, receive, send)
+
+
+def trace_only_when_exported() -> bool:
+    """Have the BentoML server of this process build its app with :class:`TraceOnlyWhenExported` (BentoML
+    imports OpenTelemetry's middleware from its module when it builds the app, after importing the service
+    module). Returns False, and the app keeps OpenTelemetry's middleware, when that module moved."""
+    global _OPENTELEMETRY_MIDDLEWARE
+    try:
+        from opentelemetry.instrumentation import asgi
+    except ImportError:
+        return False
+    middleware = getattr(asgi, "OpenTelemetryMiddleware", None)
+    if not isinstance(middleware, type):
+        log.warning("OpenTelemetry's ASGI middleware was not found; keeping it as it is")
+        return False
+    if middleware is not TraceOnlyWhenExported:
+        _OPENTELEMETRY_MIDDLEWARE = middleware
+        asgi.OpenTelemetryMiddleware = TraceOnlyWhenExported
+    return True
+
+
+_OPENTELEMETRY_MIDDLEWARE: Any = None
+trace_only_when_exported()
+
+
 # ---------------------------------------------------------------------------------------- batching
 _THREAD_LIMIT = threading.local()
 
@@ -624,7 +695,12 @@ def _batch_size_metric() -> Any:
 
 
 # ---------------------------------------------------------------------------------------- the service
-@bentoml.service(name="mlops_model", workers=1, traffic={"timeout": 30})
+@bentoml.service(
+    name="mlops_model",
+    workers=1,
+    traffic={"timeout": 30},
+    logging={"access": {"enabled": SETTINGS.access_log}},
+)
 @bentoml.asgi_app(status_app, path="/")
 class ModelService:
     """Serves one registered model version; see the module docstring for its configuration."""
