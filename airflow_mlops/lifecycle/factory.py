@@ -561,8 +561,61 @@ store and, only on drift or decay, emits an event on `{spec.drift_asset_name}`, 
     return dag
 
 
+def batch_scoring_dag(spec: LifecycleSpec) -> DAG:
+    from airflow_mlops.operators.batch_scoring import BatchScoringOperator
+
+    scoring = spec.batch_scoring
+    assert scoring is not None
+    table = scoring.table or spec.ingest.table
+    output = scoring.output_table or f"{spec.model}_predictions"
+    days = scoring.window_days or (7 if scoring.schedule == "weekly" else 1)
+    with DAG(
+        dag_id=spec.dag_id("batch_scoring"),
+        description=f"{scoring.schedule.capitalize()} scoring of {table} with the production {spec.model} "
+        f"into {output}.",
+        schedule=_timetable(scoring.schedule),
+        start_date=_utc(scoring.start_date or spec.start_date),
+        end_date=_utc(spec.end_date) if spec.end_date else None,
+        catchup=False,
+        max_active_runs=1,
+        params={
+            "version": Param(
+                None, type=["null", "string"], description="Score with this version instead of production."
+            ),
+            "window_days": Param(days, type="integer", minimum=1),
+        },
+        default_args=_default_args(spec),
+        auto_register=False,
+        tags=["mlops", *spec.tags, "batch-scoring"],
+        doc_md=f"""Batch scoring for model **{spec.model}** (spec `{spec.source}`).
+
+One run per {scoring.schedule} data interval: `score` reads the last `window_days` days up to the interval's
+last day from the offline table `{table}`, answers every row with the production version (or the run's
+`version`), and writes `{output}` with one partition per day, replaced on a rerun. Windows of at least
+{scoring.parallel_min_rows:,} rows are scored on Ray.
+""",
+    ) as dag:
+        BatchScoringOperator(
+            task_id="score",
+            model_name=spec.model,
+            version="{{ params.version or '' }}",
+            table=table,
+            window_end=LAST_DAY,
+            window_days="{{ params.window_days }}",
+            output_table=output,
+            joins=[dict(j) for j in scoring.joins] or None,
+            carry_columns=scoring.carry_columns,
+            feature_repo=str(spec.resolve(spec.features.repo)),
+            parallel_min_rows=scoring.parallel_min_rows,
+            chunk_rows=scoring.chunk_rows,
+            outlets=[Asset(name=f"{spec.model}_predictions")],
+        )
+    return dag
+
+
 def lifecycle_dags(spec_path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, DAG]:
-    """The ingest, features, train and monitor DAGs of the lifecycle spec at ``spec_path``.
+    """The ingest, features, train and monitor DAGs of the lifecycle spec at ``spec_path``, and its batch
+    scoring DAG when the spec has a ``batch_scoring`` section.
 
     :param overrides: nested mapping merged over the spec (tests use it to switch cadence or ports).
     :return: ``{dag_id: DAG}``; put it in the DAG file's globals for Airflow to find the DAGs. Only the
@@ -572,4 +625,6 @@ def lifecycle_dags(spec_path: str | Path, overrides: dict[str, Any] | None = Non
     """
     spec = load_spec(spec_path, overrides)
     dags = [ingest_dag(spec), features_dag(spec), train_dag(spec), monitor_dag(spec)]
+    if spec.batch_scoring is not None:
+        dags.append(batch_scoring_dag(spec))
     return {dag.dag_id: dag for dag in dags}

@@ -234,6 +234,30 @@ class Monitoring(_Section):
         return data
 
 
+class BatchScoring(_Section):
+    """The production model's answers for every row of an offline-store table, on a schedule, as a
+    predictions table (:class:`~airflow_mlops.operators.batch_scoring.BatchScoringOperator`)."""
+
+    schedule: Literal["daily", "weekly"] = "daily"
+    table: str | None = Field(default=None, description="offline-store table to score; default ingest.table")
+    window_days: int | None = Field(
+        default=None,
+        ge=1,
+        description="days scored by each run, ending with its interval's last day; "
+        "default the schedule's (1 daily, 7 weekly)",
+    )
+    output_table: str | None = Field(
+        default=None, pattern=_IDENTIFIER, description="the predictions table; default <model>_predictions"
+    )
+    carry_columns: list[str] = Field(
+        default_factory=list, description="input columns kept next to the answers besides the request fields"
+    )
+    joins: list[dict[str, Any]] = Field(default_factory=list)
+    parallel_min_rows: int = Field(default=500_000, ge=0, description="rows from which a run scores on Ray")
+    chunk_rows: int = Field(default=100_000, ge=1, description="rows per Ray task")
+    start_date: date | None = Field(default=None, description="first scored day; default spec start_date")
+
+
 class LifecycleSpec(_Section):
     """A model's lifecycle: what lands, how it is validated and featurized, trained, gated, served and
     monitored."""
@@ -255,6 +279,9 @@ class LifecycleSpec(_Section):
     promotion: Promotion = Field(default_factory=Promotion)
     serving: Serving = Field(default_factory=Serving)
     monitoring: Monitoring = Field(default_factory=Monitoring)
+    batch_scoring: BatchScoring | None = Field(
+        default=None, description="score a table with the production model on a schedule (its own DAG)"
+    )
     #: the spec file; relative paths resolve against its folder
     source: Path | None = Field(default=None, exclude=True)
 

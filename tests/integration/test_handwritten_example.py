@@ -42,6 +42,7 @@ DAG_IDS = {
         "example_seattle_rain_train",
     ],
     "example_operations.py": [
+        "example_seattle_rain_batch_scoring",
         "example_seattle_rain_rollback",
         "example_seattle_rain_serve",
         "example_seattle_weather_history",
@@ -56,6 +57,7 @@ class Runs:
     features: Any
     train: Any
     monitor: Any
+    scoring: Any
     history: Any
     serve: Any
 
@@ -111,6 +113,11 @@ def runs(airflow_db, ray_cluster) -> Runs:
         # by hand: the DAG's default params, training 2012-01-08 .. 04-14 and holdout 04-15 .. 05-19
         train = train_dag.test(logical_date=at(DATA_END))
         monitor = bag.get_dag("example_seattle_rain_monitor").test(logical_date=at(DATA_END))
+        scoring_dag = bag.get_dag("example_seattle_rain_batch_scoring")
+        # the monitor's 28 days instead of the example's week, with the label, to compare the two
+        scoring_dag.get_task("score_week").window_days = 28
+        scoring_dag.get_task("score_week").carry_columns += ["rain"]
+        scoring = scoring_dag.test(logical_date=at(DATA_END))
         backfill = bag.get_dag("example_seattle_weather_history").test()
         serve_dag = bag.get_dag("example_seattle_rain_serve")
         serve_dag.get_task("deploy").port = free_port()  # the example's port may be taken on this machine
@@ -122,6 +129,7 @@ def runs(airflow_db, ray_cluster) -> Runs:
                 features=features,
                 train=train,
                 monitor=monitor,
+                scoring=scoring,
                 history=backfill,
                 serve=serve,
             )
@@ -218,6 +226,27 @@ def test_the_train_dag_registers_and_promotes_the_tuned_model(runs):
 
 
 # ------------------------------------------------------------------------------------------ monitor
+def test_batch_scoring_gives_the_production_models_answers_the_monitor_scored(runs):
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    from airflow_mlops.hooks.bentoml import BentoMLHook
+
+    dag_run = runs.scoring
+    assert dag_run.state == "success", states(dag_run)
+    result = xcom(dag_run, "score_week")
+    production = BentoMLHook().production_version("seattle_rain")
+    days = [(LAST_DAY - timedelta(days=27 - k)).isoformat() for k in range(28)]
+    assert (result["version"], result["rows"], result["days"]) == (production, 28, days)
+    table = pd.concat(
+        pd.read_parquet(runs.offline("seattle_rain_predictions", f"date={d}", "part-0.parquet")) for d in days
+    )
+    assert set(table["model_version"]) == {production} and table["probability"].between(0, 1).all()
+    # the rain model's store features were joined point in time, as the monitor joins them: same AUC
+    monitored = xcom(runs.monitor, "drift")["quality"]["auc"]
+    assert roc_auc_score(table["rain"].astype(int), table["probability"]) == pytest.approx(monitored)
+
+
 def test_the_monitor_finds_the_spring_drift_against_the_production_model(runs):
     dag_run = runs.monitor
     assert dag_run.state == "success", states(dag_run)

@@ -4,6 +4,8 @@
   table (a backfill, instead of waiting for the weekly batches);
 - ``example_seattle_rain_serve``: build a Bento of the production ``seattle_rain`` model, deploy it
   blue/green behind a stable local address and wait until it answers;
+- ``example_seattle_rain_batch_scoring``: every week, the production model's answers for the week's
+  labelled days as a predictions table of the offline store;
 - ``example_seattle_rain_rollback``: by hand, when the new model misbehaves: the registry's previous
   production version comes back, and the deployment switches back to the version it served before.
 
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from airflow.sdk import DAG
 
+from airflow_mlops.operators.batch_scoring import BatchScoringOperator
 from airflow_mlops.operators.features import FeatureSourceSnapshotOperator
 from airflow_mlops.operators.registry import RollbackModelOperator
 from airflow_mlops.operators.serving import BentoBuildOperator, BentoDeployOperator, BentoRollbackOperator
@@ -118,3 +121,27 @@ with DAG(
     # [END howto_operator_bento_rollback]
 
     rollback_model >> rollback_endpoint
+
+# ------------------------------------------------------------------------------------------ batch scoring
+with DAG(
+    dag_id="example_seattle_rain_batch_scoring",
+    description="Score each week's Seattle days with the production rain model into a predictions table.",
+    schedule="@weekly",
+    start_date=START_DATE,
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["example", "seattle", "batch-scoring"],
+) as batch_scoring_dag:
+    # [START howto_operator_batch_scoring]
+    score_week = BatchScoringOperator(
+        task_id="score_week",
+        model_name=MODEL,  # the production version unless version= names one
+        table="seattle_labelled",  # entity rows of the days: the model's store features join point in time
+        window_end="{{ macros.ds_add(data_interval_end | ds, -1) }}",
+        window_days=7,
+        output_table="seattle_rain_predictions",  # <offline_root>/seattle_rain_predictions/date=<day>/
+        carry_columns=["event_timestamp"],
+        feature_repo=FEATURE_REPO,
+    )
+    # [END howto_operator_batch_scoring]

@@ -68,6 +68,37 @@ def test_serving_target_none_ends_the_train_dag_at_the_drift_baseline(tmp_path):
     assert "deploy" not in train.task_dict and train.task_dict["drift_baseline"].downstream_list == []
 
 
+def test_a_batch_scoring_section_adds_its_own_dag(tmp_path):
+    section = {"schedule": "weekly", "carry_columns": ["flight"], "parallel_min_rows": 1000}
+    path = write_spec(tmp_path, lambda c: c.update(batch_scoring=section))
+    dags = lifecycle_dags(path)
+    assert sorted(dags) == [
+        f"flights_{s}" for s in ("batch_scoring", "features", "ingest", "monitor", "train")
+    ]
+    scoring = dags["flights_batch_scoring"]
+    score = scoring.task_dict["score"]
+    assert (score.table, score.output_table, score.model_name) == (
+        "flights",
+        "flight_delay_predictions",
+        "flight_delay",
+    )
+    assert (scoring.params["window_days"], score.parallel_min_rows, score.carry_columns) == (
+        7,
+        1000,
+        ["flight"],
+    )
+    assert score.feature_repo == str(ROOT / "feature_repo")
+    assert [a.name for a in score.outlets] == ["flight_delay_predictions"]
+    assert scoring.timetable.summary == "7 days, 0:00:00"  # weekly data intervals
+    bad = write_spec(
+        tmp_path, lambda c: c.update(batch_scoring={"output_table": "no spaces", "chunk_rows": 0})
+    )
+    with pytest.raises(
+        LifecycleSpecError, match=r"batch_scoring\.output_table(.|\n)*batch_scoring\.chunk_rows"
+    ):
+        load_spec(bad)
+
+
 def test_feature_window_reads_the_days_of_weekly_events_and_ends_after_the_stats_delay():
     from types import SimpleNamespace
 
