@@ -305,14 +305,20 @@ class PredictionLogWriter:
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
             self._sealed.append(_Part(date, f"part-{stamp}-{os.getpid()}-{self._seq:06d}.jsonl", lines))
 
-    def flush(self) -> list[str]:
+    def flush(self, timeout: float | None = None) -> list[str]:
         """Write what is buffered, oldest part first; returns the part files written. At the first part
         that cannot be written it stops: that part and the later ones stay buffered for the next attempt
-        (the error is recorded in :meth:`stats`, never raised)."""
+        (the error is recorded in :meth:`stats`, never raised).
+
+        :param timeout: give up (writing nothing) when another flush holds the writer this long, e.g. a
+            write hanging on an unreachable store; default wait.
+        """
         from airflow_mlops.artifacts import staged
 
         written: list[str] = []
-        with self._write_lock:
+        if not self._write_lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            return written
+        try:
             with self._lock:
                 self._seal()
                 todo = list(self._sealed)
@@ -333,6 +339,8 @@ class PredictionLogWriter:
                 written.append(str(target))
             else:
                 self._drained()
+        finally:
+            self._write_lock.release()
         return written
 
     def _failed(self, err: Exception, part: _Part) -> None:
@@ -462,7 +470,7 @@ class PredictionLogWriter:
         deadline = time.monotonic() + timeout
         wait = min(self.first_retry_seconds, timeout)
         while True:
-            self.flush()
+            self.flush(timeout=max(0.0, deadline - time.monotonic()))
             with self._lock:
                 left = self._buffered
             if not left or time.monotonic() + wait > deadline:
