@@ -35,6 +35,10 @@ class MLOpsSettings:
     :param offline_root: URI of the offline store (validated data, one folder per table).
     :param landing_root: URI where raw batches land before validation.
     :param ray_num_cpus: CPUs the local Ray started inside a task may use (None: all of the machine's).
+    :param prediction_log_max_rows: most prediction-log rows the model server keeps in memory while the
+        store cannot be written; past it the oldest are dropped and counted (see docs/monitoring.md).
+    :param prediction_log_retention_days: prediction-log day partitions older than this many days are
+        removed by the model server (0: keep every day).
     """
 
     state_dir: Path
@@ -43,6 +47,8 @@ class MLOpsSettings:
     offline_root: str
     landing_root: str
     ray_num_cpus: int | None = None
+    prediction_log_max_rows: int = 200_000
+    prediction_log_retention_days: int = 0
 
     @property
     def artifact_scheme(self) -> str:
@@ -94,7 +100,21 @@ def load_settings() -> MLOpsSettings:
         offline_root=(_option("offline_root") or _file_uri(state_dir / "offline")).rstrip("/"),
         landing_root=(_option("landing_root") or _file_uri(state_dir / "landing")).rstrip("/"),
         ray_num_cpus=_ray_num_cpus(),
+        prediction_log_max_rows=_whole_number("prediction_log_max_rows", 200_000, minimum=1),
+        prediction_log_retention_days=_whole_number("prediction_log_retention_days", 0, minimum=0),
     )
+
+
+def _whole_number(key: str, default: int, *, minimum: int) -> int:
+    raw = _option(key)
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < minimum:
+        raise MLOpsConfigError(
+            f"[mlops] {key} must be a whole number >= {minimum}, got {raw!r}.",
+            fix=f"set AIRFLOW__MLOPS__{key.upper()} to e.g. {default or 30}, or leave it empty for {default}.",
+        )
+    return int(raw)
 
 
 def _ray_num_cpus() -> int | None:

@@ -34,8 +34,12 @@ import logging
 import math
 import os
 import threading
+import time
+from collections import deque
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from datetime import date as date_type
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -139,81 +143,344 @@ def read_prediction_log(root: str, dates: Sequence[str]) -> Any:
     return frame
 
 
+@dataclass
+class _Part:
+    """Rows of one day sealed under a part-file name. The name is fixed when sealed, so a retried write
+    replaces the same file or object instead of adding a second copy of the rows."""
+
+    date: str
+    name: str
+    lines: list[str]
+    attempted: bool = False
+
+
 class PredictionLogWriter:
     """Buffers records and flushes them as atomic JSON-lines part files (see the module docstring).
+
+    One flusher thread writes the buffer every ``flush_seconds``, or sooner once ``flush_rows`` records
+    wait. A write that fails (disk full, object store unreachable, expired credentials: any error) keeps
+    its rows buffered and is retried with exponential backoff up to ``max_retry_seconds``; the thread
+    never dies, and an outage is logged once when it starts and once when it ends, not per attempt. A
+    retried part keeps its file name, so a write that failed after the store had taken it is not
+    duplicated. While the store cannot be written at most ``max_rows`` rows are kept: past that the
+    oldest are dropped (serving never blocks on the log), counted in :meth:`stats` and logged once per
+    outage. Day partitions older than ``retention_days`` are removed (checked hourly).
 
     :param model: registry name of the served model.
     :param flush_rows: flush when this many records are buffered.
     :param flush_seconds: flush at least this often while records are buffered.
+    :param max_rows: most rows kept in memory; default ``[mlops] prediction_log_max_rows`` (200,000).
+    :param retention_days: remove ``date=`` partitions older than this many days (0: keep all); default
+        ``[mlops] prediction_log_retention_days`` (0).
+    :param max_retry_seconds: longest wait between two attempts while writes fail.
     """
 
-    def __init__(self, model: str, flush_rows: int = 2000, flush_seconds: float = 5.0) -> None:
+    #: first wait after a failed write (doubles per failure up to ``max_retry_seconds``)
+    first_retry_seconds = 1.0
+    #: how often the retention sweep runs
+    retention_check_seconds = 3600.0
+
+    def __init__(
+        self,
+        model: str,
+        flush_rows: int = 2000,
+        flush_seconds: float = 5.0,
+        *,
+        max_rows: int | None = None,
+        retention_days: int | None = None,
+        max_retry_seconds: float = 60.0,
+    ) -> None:
         from airflow_mlops.artifacts import ArtifactStore
 
+        if max_rows is None or retention_days is None:
+            from airflow_mlops.config import load_settings
+
+            settings = load_settings()
+            max_rows = settings.prediction_log_max_rows if max_rows is None else max_rows
+            if retention_days is None:
+                retention_days = settings.prediction_log_retention_days
         self.model = model
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
+        self.max_rows = max(1, int(max_rows))
+        self.retention_days = int(retention_days)
+        self.max_retry_seconds = max_retry_seconds
         self.store = ArtifactStore()
-        self._buffer: list[tuple[str, str]] = []  # (date, JSON line)
+        self._open: list[tuple[str, str]] = []  # (date, JSON line), not yet sealed into a part
+        self._sealed: deque[_Part] = deque()
+        self._buffered = 0
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._seq = 0
+        # figures of stats(); guarded by _lock
+        self._written = 0
+        self._parts_written = 0
+        self._dropped = 0
+        self._failed_writes = 0
+        self._failing_since: float | None = None
+        self._episode_dropped = 0
+        self._last_error: str | None = None
+        self._last_error_at: str | None = None
+        self._last_write_at: str | None = None
+        self._partitions_removed = 0
+        self._retry_seconds = self.first_retry_seconds
+        self._next_sweep = 0.0
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
         self._thread.start()
 
+    # ------------------------------------------------------------------------------------ buffering
     def append(self, records: list[dict[str, Any]]) -> None:
         """Buffer ``records`` (made by :func:`make_record`). They are encoded here, by the caller's
         thread, a batch at a time: encoding thousands at flush time would hold the GIL long enough to
-        stall requests."""
+        stall requests. Never blocks on the store and never raises because of it."""
         lines = [(r["time"][:10], json.dumps(r, default=str) + "\n") for r in records]
         with self._lock:
-            self._buffer.extend(lines)
-            full = len(self._buffer) >= self.flush_rows
+            self._open.extend(lines)
+            self._buffered += len(lines)
+            if self._buffered > self.max_rows:
+                self._drop_oldest(self._buffered - self.max_rows)
+            full = len(self._open) >= self.flush_rows
         if full:
-            threading.Thread(target=self.flush, daemon=True).start()
+            self._wake.set()
 
+    def _drop_oldest(self, count: int) -> None:
+        """Drop ``count`` of the oldest buffered rows (sealed parts first); caller holds ``_lock``."""
+        left = count
+        while left and self._sealed:
+            part = self._sealed[0]
+            if len(part.lines) <= left:
+                left -= len(part.lines)
+                self._sealed.popleft()
+            else:
+                del part.lines[:left]
+                left = 0
+        if left:
+            del self._open[:left]
+        self._buffered -= count
+        self._dropped += count
+        if not self._episode_dropped:
+            log.error(
+                "Prediction log of %s: more than %d rows wait for the store (%s); dropping the oldest "
+                "until writes succeed again (counted in rows_dropped)",
+                self.model,
+                self.max_rows,
+                self._last_error or "writes are slower than predictions",
+            )
+        self._episode_dropped += count
+
+    # -------------------------------------------------------------------------------------- writing
     def _run(self) -> None:
-        while not self._stop.wait(self.flush_seconds):
-            self.flush()
+        while True:
+            if self._failing_since is not None:
+                stopped = self._stop.wait(self._retry_seconds)  # back off: appends do not wake us
+            else:
+                self._wake.wait(self.flush_seconds)
+                self._wake.clear()
+                stopped = self._stop.is_set()
+            if stopped:
+                return
+            try:
+                self.flush()
+                self._sweep()
+            except Exception:  # a bug here must not stop logging for the life of the server
+                log.exception("Prediction log flusher of %s hit an unexpected error; carrying on", self.model)
 
-    def flush(self) -> list[str]:
-        """Write what is buffered; returns the part files written. A batch that cannot be written is
-        kept for the next flush."""
+    def _seal(self) -> None:
+        """Move the open rows into parts, one per day; caller holds ``_lock``. Rows join the newest part
+        of their day while that part was never attempted (one file per day per outage, not per retry)."""
+        if not self._open:
+            return
+        by_date: dict[str, list[str]] = {}
+        for date, line in self._open:
+            by_date.setdefault(date, []).append(line)
+        self._open = []
+        for date, lines in sorted(by_date.items()):
+            last = next((p for p in reversed(self._sealed) if p.date == date), None)
+            if last is not None and not last.attempted:
+                last.lines.extend(lines)
+                continue
+            self._seq += 1
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+            self._sealed.append(_Part(date, f"part-{stamp}-{os.getpid()}-{self._seq:06d}.jsonl", lines))
+
+    def flush(self, timeout: float | None = None) -> list[str]:
+        """Write what is buffered, oldest part first; returns the part files written. At the first part
+        that cannot be written it stops: that part and the later ones stay buffered for the next attempt
+        (the error is recorded in :meth:`stats`, never raised).
+
+        :param timeout: give up (writing nothing) when another flush holds the writer this long, e.g. a
+            write hanging on an unreachable store; default wait.
+        """
         from airflow_mlops.artifacts import staged
-        from airflow_mlops.exceptions import MLOpsError
 
-        with self._write_lock:
-            with self._lock:
-                records, self._buffer = self._buffer, []
-            by_date: dict[str, list[tuple[str, str]]] = {}
-            for record in records:
-                by_date.setdefault(record[0], []).append(record)
-            written = []
-            for date, rows in sorted(by_date.items()):
-                self._seq += 1
-                stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
-                target = self.store.path(
-                    "predictions",
-                    self.model,
-                    f"date={date}",
-                    f"part-{stamp}-{os.getpid()}-{self._seq:06d}.jsonl",
-                )
-                try:
-                    with staged(target) as local:
-                        local.write_text("".join(line for _, line in rows))
-                except MLOpsError:
-                    log.exception(
-                        "Could not write %d predictions to %s; keeping them for the next flush",
-                        len(rows),
-                        target,
-                    )
-                    with self._lock:
-                        self._buffer[:0] = rows
-                    continue
-                written.append(str(target))
+        written: list[str] = []
+        if not self._write_lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
             return written
+        try:
+            with self._lock:
+                self._seal()
+                todo = list(self._sealed)
+            for part in todo:
+                with self._lock:
+                    if not self._sealed or self._sealed[0] is not part:
+                        continue  # dropped meanwhile (memory bound)
+                    part.attempted = True
+                    lines = list(part.lines)
+                try:
+                    target = self.store.path("predictions", self.model, f"date={part.date}", part.name)
+                    with staged(target) as local:
+                        local.write_text("".join(lines))
+                except Exception as err:
+                    self._failed(err, part)
+                    break
+                self._succeeded(part, len(lines))
+                written.append(str(target))
+            else:
+                self._drained()
+        finally:
+            self._write_lock.release()
+        return written
 
-    def close(self) -> None:
+    def _failed(self, err: Exception, part: _Part) -> None:
+        with self._lock:
+            self._failed_writes += 1
+            self._last_error = f"{type(err).__name__}: {err}"
+            self._last_error_at = datetime.now(UTC).isoformat()
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
+                self._retry_seconds = self.first_retry_seconds
+                log.error(
+                    "Prediction log of %s cannot be written (%s); keeping %d rows in memory and retrying "
+                    "with backoff (at most %d rows kept)",
+                    self.model,
+                    self._last_error,
+                    self._buffered,
+                    self.max_rows,
+                )
+            else:
+                self._retry_seconds = min(self._retry_seconds * 2, self.max_retry_seconds)
+                log.debug("Prediction log of %s still failing: %s", self.model, self._last_error)
+
+    def _succeeded(self, part: _Part, rows: int) -> None:
+        with self._lock:
+            if self._sealed and self._sealed[0] is part:
+                self._sealed.popleft()
+                self._buffered -= len(part.lines)
+                trimmed = rows - len(part.lines)
+            else:  # the whole part was dropped by the memory bound while it was being written
+                trimmed = rows
+            # rows dropped from this part while it was being written were written all the same
+            self._dropped -= trimmed
+            self._episode_dropped = max(0, self._episode_dropped - trimmed)
+            self._written += rows
+            self._parts_written += 1
+            self._last_write_at = datetime.now(UTC).isoformat()
+
+    def _drained(self) -> None:
+        """Every buffered part was written: an outage (if any) is over; say so once."""
+        with self._lock:
+            if self._failing_since is not None:
+                log.warning(
+                    "Prediction log of %s written again after %.0f s of failed writes; %d rows dropped "
+                    "meanwhile (%d failed attempts in all)",
+                    self.model,
+                    time.monotonic() - self._failing_since,
+                    self._episode_dropped,
+                    self._failed_writes,
+                )
+                self._failing_since = None
+            self._episode_dropped = 0
+
+    # ------------------------------------------------------------------------------------ retention
+    def _sweep(self) -> None:
+        if self.retention_days <= 0 or time.monotonic() < self._next_sweep:
+            return
+        self._next_sweep = time.monotonic() + self.retention_check_seconds
+        try:
+            removed = self.remove_expired()
+        except Exception as err:  # retried at the next sweep
+            log.warning("Prediction log retention of %s failed: %s: %s", self.model, type(err).__name__, err)
+            return
+        if removed:
+            log.info(
+                "Prediction log of %s: removed %d day(s) older than %d days: %s",
+                self.model,
+                len(removed),
+                self.retention_days,
+                ", ".join(removed),
+            )
+
+    def remove_expired(self, today: date_type | None = None) -> list[str]:
+        """Remove the ``date=YYYY-MM-DD`` partitions more than ``retention_days`` before ``today`` (UTC);
+        returns the days removed. Nothing is removed when ``retention_days`` is 0."""
+        if self.retention_days <= 0:
+            return []
+        today = today or datetime.now(UTC).date()
+        cutoff = (today - timedelta(days=self.retention_days)).isoformat()
+        root = self.store.path("predictions", self.model)
+        if not root.exists():
+            return []
+        removed = []
+        for folder in sorted(root.iterdir(), key=lambda p: p.name):
+            day = folder.name[5:] if folder.name.startswith("date=") else ""
+            if len(day) == 10 and day < cutoff:
+                try:
+                    folder.fs.rm(folder.path, recursive=True)
+                except FileNotFoundError:  # another replica removed it first
+                    pass
+                removed.append(day)
+        with self._lock:
+            self._partitions_removed += len(removed)
+        return removed
+
+    # --------------------------------------------------------------------------------------- status
+    def stats(self) -> dict[str, Any]:
+        """What a service can report about its log (JSON-able): ``rows_written``, ``rows_buffered``,
+        ``rows_dropped`` (lost to the memory bound), ``parts_written``, ``failed_writes``,
+        ``failing_seconds`` (0 while writes succeed), ``last_error`` and ``last_error_at``,
+        ``last_write_at``, ``partitions_removed``, ``max_rows``, ``retention_days`` and
+        ``flusher_alive``."""
+        with self._lock:
+            return {
+                "rows_written": self._written,
+                "rows_buffered": self._buffered,
+                "rows_dropped": self._dropped,
+                "parts_written": self._parts_written,
+                "failed_writes": self._failed_writes,
+                "failing_seconds": (
+                    0.0 if self._failing_since is None else round(time.monotonic() - self._failing_since, 3)
+                ),
+                "last_error": self._last_error,
+                "last_error_at": self._last_error_at,
+                "last_write_at": self._last_write_at,
+                "partitions_removed": self._partitions_removed,
+                "max_rows": self.max_rows,
+                "retention_days": self.retention_days,
+                "flusher_alive": self._thread.is_alive(),
+            }
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the flusher and write what is buffered, retrying for up to ``timeout`` seconds; rows
+        that still cannot be written are logged as lost."""
         self._stop.set()
-        self.flush()
+        self._wake.set()
+        self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        wait = min(self.first_retry_seconds, timeout)
+        while True:
+            self.flush(timeout=max(0.0, deadline - time.monotonic()))
+            with self._lock:
+                left = self._buffered
+            if not left or time.monotonic() + wait > deadline:
+                break
+            time.sleep(wait)
+            wait = min(wait * 2, self.max_retry_seconds)
+        if left:
+            log.error(
+                "Prediction log of %s: %d rows could not be written before shutdown and are lost (%s)",
+                self.model,
+                left,
+                self._last_error,
+            )

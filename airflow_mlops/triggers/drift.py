@@ -11,12 +11,18 @@ statistics (``stats.json``: quantile bins and category shares): those of
 model's predictions on its holdout). No reference rows and no Evidently are needed in the triggerer. All
 file reads run in a worker thread (``asyncio.to_thread``).
 
-Each event carries an ``event_id`` derived from what was scored (the metric file's content, or the log
-files and their sizes). The trigger keeps watching after it fired and fires again only for a new
-``event_id``; in the triggerer of Airflow 3.3 it also keeps the last fired id in the watched Asset's
-state store, so a restarted triggerer does not fire the same finding again. Watchers are still
-at-least-once (a crash between the event and the state write repeats it), and the retraining gate
-(:mod:`airflow_mlops.ml.retraining`) drops repeated ids.
+One event per finding. In metric mode a finding is new metric content (its ``event_id``). In
+prediction-log mode a finding is drift in a window of part files; after firing, the trigger scores only
+part files newer than the last finding's window end (``window_end``, ``<day>/<part file>``), so drift
+that lasts gives one event, and the next event needs a whole new window of predictions that drifts: new
+data, never a window that overlaps the last one. The last finding (``event_id`` and ``window_end``) is
+kept in memory and in the watched Asset's state store (Airflow 3.3's triggerer gives a watcher's trigger
+one), so a restarted triggerer neither fires the same finding again nor rescores its window. The state
+store, not the trigger's kwargs: a watcher's kwargs come from the DAG file and cannot be updated by the
+running trigger. Without a state store (outside a triggerer, or a trigger watching several Assets) a
+restart may fire the last finding once more. Watchers are still at-least-once (a crash between the event
+and the state write repeats it), and the retraining gate (:mod:`airflow_mlops.ml.retraining`) drops
+repeated ids.
 
 Airflow stores a watcher's event as an Asset event with ``extra`` =
 ``{"from_trigger": True, "payload": <the event payload>}``; every event schedules the DAGs on that Asset.
@@ -36,7 +42,7 @@ from typing import Any
 from airflow.triggers.base import BaseEventTrigger, TriggerEvent
 
 _EPS = 1e-4
-#: key of the last fired ``event_id`` in the watched Asset's state store
+#: key of the last finding (``{"event_id", "window_end"}``) in the watched Asset's state store
 STATE_KEY = "drift_trigger_last_event_id"
 
 
@@ -91,9 +97,11 @@ class DriftEventTrigger(BaseEventTrigger):
     With ``model_version`` set only the predictions of that version are scored.
 
     Event: ``{"status": "drift", "event_id", "data_time", "drift_share", "drifted_columns", "source_uri"}``
-    (plus ``metric`` in metric mode, ``rows`` in log mode). After firing the trigger keeps polling and
-    fires again only when the ``event_id`` changes (new metric content, new log files). An unreadable
-    source is logged and polled again; it never fires.
+    (plus ``metric`` in metric mode; ``rows``, ``window_start`` and ``window_end`` in log mode). One event
+    per finding: after firing the trigger keeps polling and fires again only for new metric content
+    (metric mode) or for drift in a window of part files all newer than the last finding's
+    ``window_end`` (log mode); the last finding survives a triggerer restart in the watched Asset's state
+    store. An unreadable source is logged and polled again; it never fires.
 
     :param source_uri: metric JSON or prediction-log root (``file://``, ``s3://``, ``gs://``).
     :param reference_stats_uri: ``stats.json`` of the cached drift reference (prediction-log mode).
@@ -181,8 +189,12 @@ class DriftEventTrigger(BaseEventTrigger):
             "source_uri": self.source_uri,
         }
 
-    def check_log(self) -> dict[str, Any] | None:
-        """Prediction-log mode, blocking: the event payload when drift is found, else None."""
+    def check_log(self, after: str | None = None) -> dict[str, Any] | None:
+        """Prediction-log mode, blocking: the event payload when drift is found, else None.
+
+        :param after: the last finding's ``window_end``: only part files after it are scored, and only
+            once ``window_files`` of them exist.
+        """
         from airflow_mlops.ml.prediction_log import flatten
 
         stats = json.loads(self._path(self.reference_stats_uri).read_bytes())["columns"]
@@ -196,7 +208,13 @@ class DriftEventTrigger(BaseEventTrigger):
             for f in sorted(d.iterdir(), key=lambda p: p.name)
             if f.name.endswith(".jsonl")
         ]
+        if after:  # after a finding, only a whole window of newer part files makes a new one
+            parts = [(day, f) for day, f in parts if f"{day}/{f.name}" > after]
+            if len(parts) < int(self.window_files):
+                return None
         parts = parts[-int(self.window_files) :]
+        if not parts:
+            return None
         rows: list[dict[str, Any]] = []
         identity = hashlib.sha256()
         for day, part in parts:
@@ -229,36 +247,46 @@ class DriftEventTrigger(BaseEventTrigger):
             "drift_share": share,
             "drifted_columns": drifted,
             "rows": len(rows),
+            "window_start": f"{parts[0][0]}/{parts[0][1].name}",
+            "window_end": f"{parts[-1][0]}/{parts[-1][1].name}",
             "source_uri": self.source_uri,
         }
 
-    async def _last_fired(self) -> str | None:
-        """The last fired ``event_id`` from the watched Asset's state store (None outside a triggerer)."""
+    async def _last_fired(self) -> dict[str, Any]:
+        """The last finding, ``{"event_id", "window_end"}``, from the watched Asset's state store (empty
+        outside a triggerer; a bare string is an ``event_id`` stored by an earlier version)."""
         store = getattr(self, "asset_state_store", None)
         if store is None:
-            return None
+            return {}
         try:
             value = await store.aget(STATE_KEY)
-        except Exception as err:  # e.g. one trigger watching several Assets: keep the id in memory only
-            self.log.warning("Asset state store unavailable (%s); duplicates are only dropped in memory", err)
-            return None
-        return value if isinstance(value, str) else None
+        except Exception as err:  # e.g. one trigger watching several Assets: keep the finding in memory only
+            self.log.warning(
+                "Asset state store unavailable (%s); findings are only remembered in memory", err
+            )
+            return {}
+        if isinstance(value, str):
+            return {"event_id": value}
+        return dict(value) if isinstance(value, Mapping) else {}
 
-    async def _remember(self, event_id: str) -> None:
+    async def _remember(self, finding: dict[str, Any]) -> None:
         store = getattr(self, "asset_state_store", None)
         if store is None:
             return
         try:
-            await store.aset(STATE_KEY, event_id)
+            await store.aset(STATE_KEY, finding)
         except Exception as err:
-            self.log.warning("Could not record event %s in the Asset state store: %s", event_id, err)
+            self.log.warning("Could not record finding %s in the Asset state store: %s", finding, err)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        check = self.check_log if self.reference_stats_uri else self.check_metric
+        log_mode = bool(self.reference_stats_uri)
         last = await self._last_fired()
         while True:
             try:
-                payload = await asyncio.to_thread(check)
+                if log_mode:
+                    payload = await asyncio.to_thread(self.check_log, last.get("window_end"))
+                else:
+                    payload = await asyncio.to_thread(self.check_metric)
             except Exception as err:  # a transient read error must not become an Asset event
                 self.log.error(
                     "Cannot read drift source %s (polling again in %.0f s): %s: %s",
@@ -268,7 +296,7 @@ class DriftEventTrigger(BaseEventTrigger):
                     err,
                 )
                 payload = None
-            if payload is not None and payload["event_id"] != last:
+            if payload is not None and payload["event_id"] != last.get("event_id"):
                 self.log.info(
                     "Drift found in %s (event %s): %s",
                     self.source_uri,
@@ -276,8 +304,13 @@ class DriftEventTrigger(BaseEventTrigger):
                     payload["drifted_columns"],
                 )
                 yield TriggerEvent(payload)
-                last = payload["event_id"]
+                last = {"event_id": payload["event_id"]}
+                if payload.get("window_end"):
+                    last["window_end"] = payload["window_end"]
                 await self._remember(last)
             elif payload is not None:
-                self.log.debug("Drift event %s was already fired", last)
+                self.log.debug("Drift event %s was already fired", last.get("event_id"))
+                if payload.get("window_end") and not last.get("window_end"):
+                    last = {**last, "window_end": payload["window_end"]}  # state of an earlier version
+                    await self._remember(last)
             await asyncio.sleep(self.poll_interval)

@@ -213,7 +213,11 @@ def test_drift_in_a_watched_source_makes_the_triggerer_start_the_dag(watched: Wa
         assert decision["proceed"] is True
         assert decision["cause"]["event_id"] == payload["event_id"]
         assert decision["cause"]["data_time"].startswith("2013-07-21")
-        assert watched.state_store(asset) == {"drift_trigger_last_event_id": payload["event_id"]}
+        # the last finding: its id, and in prediction-log mode the end of its window
+        finding = {"event_id": payload["event_id"]}
+        if "window_end" in payload:
+            finding["window_end"] = payload["window_end"]
+        assert watched.state_store(asset) == {"drift_trigger_last_event_id": finding}
 
     metric = watched.asset_events("drift_metric_watched")[0]["extra"]["payload"]
     assert metric["event_id"] == "july-2013-07-21" and metric["drifted_columns"] == {"temp": 5.8, "dewp": 4.9}

@@ -148,7 +148,7 @@ def test_keeps_watching_and_fires_only_new_findings_across_restarts(tmp_path: Pa
         return fired
 
     assert asyncio.run(watch(0.6)) == ["july", "august"]  # each finding once, not once per poll
-    assert store.values == {STATE_KEY: "august"}
+    assert store.values == {STATE_KEY: {"event_id": "august"}}
     assert asyncio.run(watch(0.4)) == []  # a restarted trigger does not fire the same finding again
 
 
@@ -193,9 +193,8 @@ def artifacts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
-def test_prediction_log_fires_on_drift_and_not_on_calm_data(tmp_path: Path, artifacts: Path) -> None:
-    from airflow_mlops.ml.prediction_log import log_root
-
+def _winter_stats(tmp_path: Path) -> Path:
+    """Reference statistics of winter temperatures and the origins' shares."""
     stats = tmp_path / "stats.json"
     stats.write_text(
         json.dumps(
@@ -211,6 +210,16 @@ def test_prediction_log_fires_on_drift_and_not_on_calm_data(tmp_path: Path, arti
             }
         )
     )
+    return stats
+
+
+HOT = [80.0 + (i % 10) for i in range(150)]  # July temperatures, far above the winter bins
+
+
+def test_prediction_log_fires_on_drift_and_not_on_calm_data(tmp_path: Path, artifacts: Path) -> None:
+    from airflow_mlops.ml.prediction_log import log_root
+
+    stats = _winter_stats(tmp_path)
     log = log_root("delays")
     assert log == f"file://{artifacts}/predictions/delays"
     calm = [20.0 + (i % 30) for i in range(150)]
@@ -275,3 +284,62 @@ def test_prediction_drift_of_one_version_against_its_holdout_predictions(
     assert no_event_within(watching("v3"), 0.3)  # no prediction of v3 was served
     both = first_event(watching(None))  # type: ignore[arg-type]
     assert both.payload["rows"] == 400
+
+
+def test_drift_that_lasts_fires_once_and_a_new_drifted_window_once_more(
+    tmp_path: Path, artifacts: Path
+) -> None:
+    """The trigger's own run loop over a log the real writer wrote: a finding is drift in a window of
+    part files; drift that lasts over many polls, with predictions still arriving, is one finding; a whole
+    new window that drifts is the next. The last finding survives a restart (the Asset's state store)."""
+    from airflow_mlops.ml.prediction_log import log_root
+
+    stats, store = _winter_stats(tmp_path), FakeStateStore()
+    _serve("delays", "2013-07-20", HOT)
+    _serve("delays", "2013-07-21", HOT)
+
+    def watcher() -> DriftEventTrigger:
+        trigger = DriftEventTrigger(
+            source_uri=log_root("delays"),
+            reference_stats_uri=str(stats),
+            window_files=2,
+            poll_interval=0.05,
+        )
+        trigger.asset_state_store = store
+        return trigger
+
+    async def watch() -> list[dict]:
+        fired: list[dict] = []
+
+        async def consume() -> None:
+            async for event in watcher().run():
+                fired.append(event.payload)
+
+        task = asyncio.create_task(consume())
+        try:
+            await asyncio.sleep(0.6)  # a dozen polls while the drift lasts
+            assert len(fired) == 1
+            await asyncio.to_thread(_serve, "delays", "2013-07-22", HOT)  # more drifted predictions
+            await asyncio.sleep(0.6)
+            assert len(fired) == 1  # still the same finding: half of a new window
+            await asyncio.to_thread(_serve, "delays", "2013-07-23", HOT)  # a whole new window
+            for _ in range(100):
+                if len(fired) == 2:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.6)
+        finally:
+            task.cancel()
+        return fired
+
+    first, second = asyncio.run(watch())
+    assert first["data_time"] == "2013-07-21" and first["window_end"].startswith("2013-07-21/part-")
+    assert second["data_time"] == "2013-07-23" and second["window_start"].startswith("2013-07-22/")
+    assert first["event_id"] != second["event_id"] and second["rows"] == 300
+    assert store.values[STATE_KEY] == {"event_id": second["event_id"], "window_end": second["window_end"]}
+
+    # a restarted triggerer neither fires the last finding again nor rescores its window
+    assert no_event_within(watcher(), 0.4)
+    _serve("delays", "2013-07-24", HOT)
+    _serve("delays", "2013-07-25", HOT)
+    assert first_event(watcher()).payload["window_start"].startswith("2013-07-24/")
