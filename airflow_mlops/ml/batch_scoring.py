@@ -64,25 +64,27 @@ def score_frame(
     import numpy as np
     import pandas as pd
 
-    from airflow_mlops.ml.signature import answers
+    from airflow_mlops.ml.signature import binary_classes
 
     out = frame[list(carry)].reset_index(drop=True)
     if frame.empty:
         return out.assign(**{c: pd.Series(dtype="object") for c in answer_column_names(signature)})
-    given = answers(signature, predictor.predict(frame))
+    # the answers of ml.signature.answers (what the service returns), a column at a time
+    output = np.asarray(predictor.predict(frame), dtype="float64")
+    columns: dict[str, Any] = {}
     if signature.task == "regression":
-        columns: dict[str, Any] = {"prediction": np.array([a["value"] for a in given], dtype="float64")}
+        columns["prediction"] = output
     elif signature.task == "binary":
-        columns = {
-            "prediction": [a["label"] for a in given],
-            "probability": np.array([a["probability"] for a in given], dtype="float64"),
-        }
+        negative, positive = binary_classes(signature)
+        columns["prediction"] = (
+            pd.Series([positive, negative], dtype="object").take(np.where(output >= 0.5, 0, 1)).to_list()
+        )
+        columns["probability"] = output
     else:
-        columns = {"prediction": [a["label"] for a in given]}
-        for name in (str(c) for c in signature.classes):
-            columns[f"probability_{name}"] = np.array(
-                [a["probabilities"][name] for a in given], dtype="float64"
-            )
+        classes = pd.Series(list(signature.classes), dtype="object")
+        columns["prediction"] = classes.take(output.argmax(axis=1)).to_list()
+        for k, name in enumerate(str(c) for c in signature.classes):
+            columns[f"probability_{name}"] = output[:, k]
     columns["model"] = model
     columns["model_version"] = version
     return out.assign(**columns)

@@ -276,6 +276,14 @@ def response_model(signature: ModelSignature, model: str) -> type[BaseModel]:
     )
 
 
+def binary_classes(signature: ModelSignature) -> tuple[Any, Any]:
+    """``(negative, positive)`` class of a binary model: its two classes, else 0 and 1. The answer's
+    ``label`` is the positive class when its probability is at least 0.5."""
+    classes = list(signature.classes)
+    negative, positive = (classes + [0, 1])[:2] if len(classes) < 2 else classes[:2]
+    return negative, positive
+
+
 def answers(signature: ModelSignature, prediction: Any) -> list[dict[str, Any]]:
     """The task's answer fields for each row of a model output (see :meth:`Predictor.predict`)."""
     import numpy as np
@@ -284,7 +292,7 @@ def answers(signature: ModelSignature, prediction: Any) -> list[dict[str, Any]]:
         return [{"value": float(v)} for v in np.asarray(prediction, dtype=float)]
     classes = list(signature.classes)
     if signature.task == "binary":
-        negative, positive = (classes + [0, 1])[:2] if len(classes) < 2 else classes[:2]
+        negative, positive = binary_classes(signature)
         return [
             {"probability": float(p), "label": positive if p >= 0.5 else negative}
             for p in np.asarray(prediction, dtype=float)

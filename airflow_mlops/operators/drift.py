@@ -199,6 +199,12 @@ def read_offline_window(
             "a drift check of no data would report nothing.",
         )
     frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    return join_tables(frame, joins, offline_root)
+
+
+def join_tables(frame: pd.DataFrame, joins: Sequence[Mapping[str, Any]], offline_root: str) -> pd.DataFrame:
+    """``frame`` with each join applied (left, rows kept in order): ``{"uri", "on": [...], "columns":
+    [...]}``, a relative ``uri`` taken under ``offline_root``; the last row of a key wins."""
     for join in joins:
         other = read_frame(resolve_uri(join["uri"], offline_root))
         keep = list(join["on"]) + [c for c in (join.get("columns") or other.columns) if c not in join["on"]]
