@@ -108,6 +108,24 @@ def registry_signing_key(settings: MLOpsSettings | None = None, conn_id: str = R
     return _local_key(settings.state_dir / KEY_FILE)
 
 
+def registry_key_env(conn_id: str = REGISTRY_CONN_ID) -> dict[str, str]:
+    """What a process started from a task (the model server) needs in its environment to verify registry
+    records: ``AIRFLOW_CONN_<CONN_ID>`` holding the signing key when connection ``conn_id`` exists,
+    nothing otherwise (the embedded default's key file is found through ``AIRFLOW__MLOPS__STATE_DIR``)."""
+    import json
+
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        conn = BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        return {}
+    key = conn.password or (conn.extra_dejson or {}).get("signing_key")
+    if not key:
+        return {}
+    return {f"AIRFLOW_CONN_{conn_id.upper()}": json.dumps({"conn_type": "generic", "password": key})}
+
+
 def _local_key(path: Path) -> bytes:
     """The key in ``path``, created (random, mode 0600) when missing; refused when others may read it."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -185,3 +185,16 @@ def test_the_embedded_key_is_private_and_a_connection_key_replaces_it(registry_s
     os.chmod(key_file, 0o644)
     with pytest.raises(Exception, match="can be read by other users"):
         BentoMLHook().load("flight_delay", version)
+
+
+def test_the_model_server_environment_carries_the_connection_key(registry_state, monkeypatch):
+    from airflow_mlops.hooks.bentoml import registry_key_env, registry_signing_key
+
+    assert registry_key_env() == {}  # embedded default: the server finds the key file in its state folder
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MLOPS_REGISTRY", json.dumps({"conn_type": "generic", "password": "k" * 40})
+    )
+    env = registry_key_env()
+    assert list(env) == ["AIRFLOW_CONN_MLOPS_REGISTRY"]
+    monkeypatch.setenv("AIRFLOW_CONN_MLOPS_REGISTRY", env["AIRFLOW_CONN_MLOPS_REGISTRY"])
+    assert registry_signing_key() == b"k" * 40
