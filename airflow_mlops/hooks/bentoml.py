@@ -341,13 +341,21 @@ class BentoMLHook(BaseHook):
         version = "v" + content[:16]
         tag = f"{check_model_name(name)}:{version}"
         with self.locked(name) as index:
-            if version in index["versions"]:
-                self.log.info(
-                    "Model %s is already registered (same content); stage %s",
-                    tag,
-                    index["versions"][version]["stage"],
-                )
-                return index["versions"][version]
+            existing = index["versions"].get(version)
+            if existing is not None:
+                try:
+                    self.verify_record(name, existing)
+                except ModelIntegrityError as err:
+                    # registering the content again replaces a record nobody can trust (edited, or from
+                    # before records were signed), and the model store's copy that came with it
+                    self.log.warning("Replacing the registry record of %s: %s", tag, err.problem)
+                    with contextlib.suppress(bentoml.exceptions.NotFound):
+                        self.model_store.delete(tag)
+                else:
+                    self.log.info(
+                        "Model %s is already registered (same content); stage %s", tag, existing["stage"]
+                    )
+                    return existing
             try:
                 self.model_store.get(tag)
             except bentoml.exceptions.NotFound:

@@ -38,7 +38,7 @@ PLAIN_TYPES = frozenset(
     {"builtins.slice", "builtins.complex", "builtins.bytes", "builtins.bytearray", "builtins.frozenset"}
 )
 #: module prefixes whose *classes* (never functions) are checked further by :func:`_allowed_class`
-_CLASS_MODULES = ("sklearn.", "numpy", "scipy.sparse")
+_CLASS_MODULES = ("sklearn", "numpy", "scipy.sparse")
 
 
 class UntrustedModelError(MLOpsInputError):
@@ -149,7 +149,7 @@ def read_description(model_dir: Path) -> dict[str, Any]:
 def _resolve(name: str) -> Any:
     """The object a dotted type name refers to, importing only modules of scikit-learn, NumPy or SciPy."""
     module_name, _, attr = name.rpartition(".")
-    if not module_name.startswith(_CLASS_MODULES) and module_name not in ("numpy", "sklearn"):
+    if not any(module_name == m or module_name.startswith(f"{m}.") for m in _CLASS_MODULES):
         return None
     try:
         obj: Any = importlib.import_module(module_name)

@@ -146,7 +146,8 @@ def test_a_record_edited_without_the_key_is_refused_before_load(registry_state, 
     frame = _frame()
     model = LogisticRegression().fit(frame[["distance"]], np.arange(len(frame)) % 2)
     hook = BentoMLHook()
-    version = hook.register("flight_delay", _model_dir(tmp_path / "m", model), {})["version"]
+    folder = _model_dir(tmp_path / "m", model)
+    version = hook.register("flight_delay", folder, {})["version"]
     index_file = registry_state / "artifacts" / "registry" / "flight_delay" / "index.json"
     index = json.loads(index_file.read_text())
     index["versions"][version]["trusted_types"] = ["builtins.exec"]
@@ -161,6 +162,11 @@ def test_a_record_edited_without_the_key_is_refused_before_load(registry_state, 
             action()
         assert f"flight_delay:{version}" in str(refused.value)
         assert "register the version again" in refused.value.fix
+
+    # what the error says to do works: registering the same content again replaces the record
+    assert BentoMLHook().register("flight_delay", folder, {})["version"] == version
+    reloaded = BentoMLHook().load("flight_delay", version).model
+    assert reloaded.predict(_frame(4)[["distance"]]).shape == (4,)
 
 
 def test_the_embedded_key_is_private_and_a_connection_key_replaces_it(registry_state, monkeypatch, tmp_path):
