@@ -886,4 +886,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run as the importable module, not as __main__: the Tune callbacks reach this module's state by name
+    sys.exit(importlib.import_module("airflow_mlops.ml.search").main())
