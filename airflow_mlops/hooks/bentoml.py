@@ -176,6 +176,8 @@ class BentoMLHook(BaseHook):
     :param bentoml_conn_id: optional connection of type ``bentoml``; its password is the API key the
         Bento service requires from clients, its ``extra`` may set ``{"home": "/path"}`` for the
         BentoML home (default ``<state_dir>/bentoml``).
+    :param registry_conn_id: connection holding the key that signs registry records (password, or
+        ``signing_key`` in its extra); see :func:`registry_signing_key` for the embedded default.
     """
 
     conn_name_attr = "bentoml_conn_id"
