@@ -7,7 +7,11 @@ model twice gives the same version). Each version is also exported to the artifa
 
 Stages (``candidate``, ``production``, ``archived``, ``rejected``) and every promotion decision live in
 the registry index ``<artifact_root>/registry/<name>/index.json``, written atomically under a lock.
-Loading a model checks the sha256 recorded at registration first and refuses a mismatch.
+
+Each version's record carries ``record_hmac``: an HMAC-SHA256, under the registry signing key
+(:func:`registry_signing_key`), of what decides which code and data get loaded (file hashes, export,
+the skops types trusted for it, the signature). Loading a model verifies that HMAC, then the files'
+sha256, then loads the skops file trusting exactly the recorded types; any mismatch is refused.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import os
 import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -27,14 +33,31 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseHook
 
 from airflow_mlops.artifacts import ArtifactStore, as_path, sha256_of, staged
-from airflow_mlops.exceptions import MLOpsError, MLOpsInputError
+from airflow_mlops.exceptions import MLOpsConfigError, MLOpsError, MLOpsInputError
 
 if TYPE_CHECKING:
+    from airflow_mlops.config import MLOpsSettings
     from airflow_mlops.ml.model_io import Predictor
     from airflow_mlops.ml.signature import ModelSignature
 
 STAGES = ("candidate", "production", "archived", "rejected")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+#: Airflow connection holding the registry signing key (its password, or ``signing_key`` in its extra)
+REGISTRY_CONN_ID = "mlops_registry"
+#: the embedded default's key file in the state folder, created at first use (mode 0600)
+KEY_FILE = "registry-signing.key"
+#: fields of a version record covered by ``record_hmac`` (``stage`` and ``decisions`` change later)
+SIGNED_FIELDS = (
+    "tag",
+    "version",
+    "registered_at",
+    "model_format",
+    "files_sha256",
+    "export_uri",
+    "export_sha256",
+    "trusted_types",
+    "signature",
+)
 
 
 class ModelRegistryError(MLOpsError):
@@ -42,7 +65,96 @@ class ModelRegistryError(MLOpsError):
 
 
 class ModelIntegrityError(ModelRegistryError, MLOpsInputError):
-    """A model file does not match the sha256 recorded when it was registered; it is never loaded."""
+    """A model file does not match the sha256 recorded when it was registered, or the record's HMAC
+    does not verify; it is never loaded."""
+
+
+def registry_signing_key(settings: MLOpsSettings | None = None, conn_id: str = REGISTRY_CONN_ID) -> bytes:
+    """The key that signs registry records (and, derived from it, Ray Tune's saved state).
+
+    From the Airflow connection ``conn_id`` (password, or ``signing_key`` in its extra). Without that
+    connection, and only when the artifact store is local (``file://``, the embedded default), from
+    ``<state_dir>/registry-signing.key``, created at first use with mode 0600. A remote artifact store
+    (several machines) requires the connection: a key per machine could not verify the others' records.
+
+    :raises MLOpsConfigError: the connection has no key, or is missing with a remote artifact store.
+    """
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    from airflow_mlops.config import load_settings
+
+    settings = settings or load_settings()
+    try:
+        conn = BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        conn = None
+    if conn is not None:
+        key = conn.password or (conn.extra_dejson or {}).get("signing_key")
+        if not key:
+            raise MLOpsConfigError(
+                f"Airflow connection {conn_id!r} has no registry signing key.",
+                fix='set its password (or extra {"signing_key": ...}) to a long random secret, e.g. '
+                "`python -c 'import secrets; print(secrets.token_hex(32))'`.",
+            )
+        return str(key).encode()
+    if settings.artifact_scheme != "file":
+        raise MLOpsConfigError(
+            f"the registry signing key connection {conn_id!r} does not exist, and the artifact store "
+            f"{settings.artifact_root!r} is shared by several machines.",
+            fix=f"create connection {conn_id!r} (type generic) with a long random secret as its password "
+            f"on every worker and model server, e.g. AIRFLOW_CONN_{conn_id.upper()}="
+            '\'{"conn_type": "generic", "password": "<secret>"}\'.',
+        )
+    return _local_key(settings.state_dir / KEY_FILE)
+
+
+def registry_key_env(conn_id: str = REGISTRY_CONN_ID) -> dict[str, str]:
+    """What a process started from a task (the model server) needs in its environment to verify registry
+    records: ``AIRFLOW_CONN_<CONN_ID>`` holding the signing key when connection ``conn_id`` exists,
+    nothing otherwise (the embedded default's key file is found through ``AIRFLOW__MLOPS__STATE_DIR``)."""
+    import json
+
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        conn = BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        return {}
+    key = conn.password or (conn.extra_dejson or {}).get("signing_key")
+    if not key:
+        return {}
+    return {f"AIRFLOW_CONN_{conn_id.upper()}": json.dumps({"conn_type": "generic", "password": key})}
+
+
+def _local_key(path: Path) -> bytes:
+    """The key in ``path``, created (random, mode 0600) when missing; refused when others may read it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise MLOpsConfigError(
+            f"the registry signing key {str(path)!r} can be read by other users (mode {mode:o}).",
+            fix=f"chmod 600 {path}, or configure the key in Airflow connection {REGISTRY_CONN_ID!r}.",
+        )
+    key = path.read_text().strip()
+    if len(key) < 32:
+        raise MLOpsConfigError(
+            f"the registry signing key {str(path)!r} is empty or too short.",
+            fix="delete it so a new one is generated (records signed with the old key must then be "
+            f"registered again), or configure the key in Airflow connection {REGISTRY_CONN_ID!r}.",
+        )
+    return key.encode()
+
+
+def signed_payload(name: str, record: dict[str, Any]) -> dict[str, Any]:
+    """What ``record_hmac`` covers: the model name and the record's :data:`SIGNED_FIELDS`."""
+    return {"model": name, **{k: record.get(k) for k in SIGNED_FIELDS}}
 
 
 def _now() -> str:
@@ -64,6 +176,8 @@ class BentoMLHook(BaseHook):
     :param bentoml_conn_id: optional connection of type ``bentoml``; its password is the API key the
         Bento service requires from clients, its ``extra`` may set ``{"home": "/path"}`` for the
         BentoML home (default ``<state_dir>/bentoml``).
+    :param registry_conn_id: connection holding the key that signs registry records (password, or
+        ``signing_key`` in its extra); see :func:`registry_signing_key` for the embedded default.
     """
 
     conn_name_attr = "bentoml_conn_id"
@@ -71,9 +185,12 @@ class BentoMLHook(BaseHook):
     conn_type = "bentoml"
     hook_name = "BentoML"
 
-    def __init__(self, bentoml_conn_id: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, bentoml_conn_id: str | None = None, registry_conn_id: str = REGISTRY_CONN_ID, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.bentoml_conn_id = bentoml_conn_id
+        self.registry_conn_id = registry_conn_id
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
@@ -103,6 +220,37 @@ class BentoMLHook(BaseHook):
         path = self.home / "models"
         path.mkdir(parents=True, exist_ok=True)
         return ModelStore(path)
+
+    @cached_property
+    def signing_key(self) -> bytes:
+        """The registry signing key (see :func:`registry_signing_key`)."""
+        return registry_signing_key(self.store.settings, self.registry_conn_id)
+
+    def sign_record(self, name: str, record: dict[str, Any]) -> dict[str, Any]:
+        """``record`` with its ``record_hmac`` set."""
+        from airflow_mlops.ml.signing import sign
+
+        record["record_hmac"] = sign(self.signing_key, signed_payload(name, record))
+        return record
+
+    def verify_record(self, name: str, record: dict[str, Any]) -> dict[str, Any]:
+        """``record`` when its ``record_hmac`` verifies under the signing key.
+
+        :raises ModelIntegrityError: naming the version; the record was written without the key (edited
+            in the index, or registered before records were signed) or under another key.
+        """
+        from airflow_mlops.ml.signing import verify
+
+        if verify(self.signing_key, signed_payload(name, record), record.get("record_hmac")):
+            return record
+        tag = record.get("tag") or f"{name}:{record.get('version')}"
+        why = "is not signed" if not record.get("record_hmac") else "has a signature that does not verify"
+        raise ModelIntegrityError(
+            f"the registry record of {tag} {why}: it was written without the registry signing key "
+            "(edited in the index, or by an older release) or under another key; refusing to load it.",
+            fix=f"register the version again from its training run (RegisterModelOperator); if the key "
+            f"changed, give every worker and model server the same key in connection {self.registry_conn_id!r}.",
+        )
 
     @property
     def api_key(self) -> str | None:
@@ -155,7 +303,7 @@ class BentoMLHook(BaseHook):
                 f"model {name!r} has no production version, and no version was named.",
                 fix="promote a version first, or name the version to serve.",
             )
-        return version, self.version_record(index, version)
+        return version, self.verify_record(name, self.version_record(index, version))
 
     def signature(self, name: str, version: str) -> ModelSignature:
         """The signature recorded when ``name:version`` was registered.
@@ -165,7 +313,7 @@ class BentoMLHook(BaseHook):
         """
         from airflow_mlops.ml.signature import signature_of
 
-        record = self.version_record(self.read_index(name), version)
+        record = self.verify_record(name, self.version_record(self.read_index(name), version))
         return signature_of(record, tag=record.get("tag"))
 
     def version_record(self, index: dict[str, Any], version: str) -> dict[str, Any]:
@@ -183,22 +331,33 @@ class BentoMLHook(BaseHook):
         """Import ``model_dir`` (model file + model.json) as a ``candidate``; idempotent per content."""
         import bentoml
 
-        from airflow_mlops.ml.model_io import read_description
+        from airflow_mlops.ml.model_io import model_trusted_types, read_description
 
         description = read_description(model_dir)
+        trusted_types: list[str] = []
+        if description.get("format") == "skops":  # refuse a file that could run code before storing it
+            trusted_types = model_trusted_types(Path(model_dir) / str(description.get("model_file", "")))
         files = sorted(p.name for p in Path(model_dir).iterdir() if p.is_file())
         digests = {f: sha256_of(Path(model_dir) / f) for f in files}
         content = hashlib.sha256("".join(f"{f}:{digests[f]};" for f in files).encode()).hexdigest()
         version = "v" + content[:16]
         tag = f"{check_model_name(name)}:{version}"
         with self.locked(name) as index:
-            if version in index["versions"]:
-                self.log.info(
-                    "Model %s is already registered (same content); stage %s",
-                    tag,
-                    index["versions"][version]["stage"],
-                )
-                return index["versions"][version]
+            existing = index["versions"].get(version)
+            if existing is not None:
+                try:
+                    self.verify_record(name, existing)
+                except ModelIntegrityError as err:
+                    # registering the content again replaces a record nobody can trust (edited, or from
+                    # before records were signed), and the model store's copy that came with it
+                    self.log.warning("Replacing the registry record of %s: %s", tag, err.problem)
+                    with contextlib.suppress(bentoml.exceptions.NotFound):
+                        self.model_store.delete(tag)
+                else:
+                    self.log.info(
+                        "Model %s is already registered (same content); stage %s", tag, existing["stage"]
+                    )
+                    return existing
             try:
                 self.model_store.get(tag)
             except bentoml.exceptions.NotFound:
@@ -220,9 +379,10 @@ class BentoMLHook(BaseHook):
                 "model_format": description.get("format"),
                 "export_uri": export["uri"],
                 "export_sha256": export["sha256"],
+                "trusted_types": trusted_types,
                 **_json_safe(metadata),
             }
-            index["versions"][version] = record
+            index["versions"][version] = self.sign_record(name, record)
             index["history"].append({"at": _now(), "action": "register", "version": version})
         return record
 
@@ -241,11 +401,12 @@ class BentoMLHook(BaseHook):
     def model_dir(self, name: str, version: str, record: dict[str, Any] | None = None) -> Path:
         """The local folder of a registered version, imported from its export when missing here.
 
-        :raises ModelIntegrityError: a file differs from the sha256 recorded at registration.
+        :raises ModelIntegrityError: the record's HMAC does not verify, or a file differs from the sha256
+            recorded at registration.
         """
         import bentoml
 
-        record = record or self.version_record(self.read_index(name), version)
+        record = self.verify_record(name, record or self.version_record(self.read_index(name), version))
         tag = record["tag"]
         try:
             model = self.model_store.get(tag)
@@ -275,10 +436,18 @@ class BentoMLHook(BaseHook):
         return folder
 
     def load(self, name: str, version: str) -> Predictor:
-        """Load a registered version after checking its sha256."""
+        """Load a registered version after verifying its record's HMAC and its files' sha256, trusting
+        exactly the skops types recorded at registration.
+
+        :raises ModelIntegrityError: a record or file changed since registration.
+        :raises UntrustedModelError: the file needs a type that was not recorded or is not allowed.
+        """
         from airflow_mlops.ml.model_io import load_model_dir
 
-        return load_model_dir(self.model_dir(name, version))
+        record = self.verify_record(name, self.version_record(self.read_index(name), version))
+        folder = self.model_dir(name, version, record)
+        trusted = record.get("trusted_types") if record.get("model_format") == "skops" else None
+        return load_model_dir(folder, trusted_types=trusted if trusted is not None else [])
 
 
 def _json_safe(metadata: dict[str, Any]) -> dict[str, Any]:

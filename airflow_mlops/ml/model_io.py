@@ -1,14 +1,28 @@
 """Load a model directory written by the tuning stage, without executing code from the file.
 
 A model directory holds ``model.json`` (format, model file, task, label, classes, features, categories)
-and the model file itself: a skops file for scikit-learn pipelines (loaded with an allowlist of scikit-learn,
-NumPy and SciPy types, never pickle) or LightGBM's native text model. Callers check the file's
-sha256 before loading (see :class:`airflow_mlops.hooks.bentoml.BentoMLHook`).
+and the model file itself: a skops file for scikit-learn pipelines or LightGBM's native text model
+(never pickle).
+
+A skops file names the types it needs. skops itself trusts plain data, NumPy/SciPy ufuncs and public
+scikit-learn estimators; every other type it lists must be on this module's allow-list
+(:func:`refused_skops_types`): scikit-learn classes, NumPy scalar/dtype/array/random-state classes,
+SciPy sparse matrices, and ``functools.partial`` only around scikit-learn's own ``check_array``.
+Functions, methods and ``operator`` callables are never allowed: they are how a crafted file runs
+code (``FunctionTransformer(func=builtins.exec)`` runs at ``predict``). The registry records the exact
+list at registration (:func:`model_trusted_types`) and :func:`load_model_dir` passes exactly that list
+to ``skops.io.load``; a file needing anything else is refused before any of its objects is built.
+The registry also checks the file's sha256 and the record's HMAC before loading (see
+:class:`airflow_mlops.hooks.bentoml.BentoMLHook`).
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
+import zipfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,12 +30,19 @@ from typing import Any
 from airflow_mlops.exceptions import MLOpsInputError
 
 MODEL_DESCRIPTION = "model.json"
-#: module prefixes whose types a skops model file may contain
-TRUSTED_SKOPS_MODULES = ("sklearn.", "numpy", "scipy.", "builtins", "collections")
-#: single types a skops model file may contain besides those modules: HistGradientBoosting with
-#: categorical features keeps ``functools.partial(sklearn.utils.validation.check_array, ...)``; skops
-#: lists the wrapped function as a type of its own, so it is checked against the modules above too
-TRUSTED_SKOPS_TYPES = ("functools.partial",)
+#: functions a skops model file may reference, only as the target of a ``functools.partial``:
+#: HistGradientBoosting with categorical features keeps ``partial(check_array, ...)`` in its preprocessor
+PARTIAL_TARGETS = frozenset({"sklearn.utils.validation.check_array"})
+#: plain data types of the standard library a model may hold beyond those skops trusts itself
+PLAIN_TYPES = frozenset(
+    {"builtins.slice", "builtins.complex", "builtins.bytes", "builtins.bytearray", "builtins.frozenset"}
+)
+#: module prefixes whose *classes* (never functions) are checked further by :func:`_allowed_class`
+_CLASS_MODULES = ("sklearn", "numpy", "scipy.sparse")
+
+
+class UntrustedModelError(MLOpsInputError):
+    """A model file needs a type that could run code when loaded or used; it is never loaded."""
 
 
 @dataclass
@@ -155,8 +176,109 @@ def read_description(model_dir: Path) -> dict[str, Any]:
         ) from err
 
 
-def load_model_dir(model_dir: Path | str) -> Predictor:
-    """Load the model in ``model_dir`` (skops or LightGBM text; no pickle)."""
+def _resolve(name: str) -> Any:
+    """The object a dotted type name refers to, importing only modules of scikit-learn, NumPy or SciPy."""
+    module_name, _, attr = name.rpartition(".")
+    if not any(module_name == m or module_name.startswith(f"{m}.") for m in _CLASS_MODULES):
+        return None
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _allowed_class(name: str) -> bool:
+    """Whether ``name`` is a class a model may hold: any scikit-learn class (estimators and their parts:
+    trees, losses, binners), NumPy scalar, dtype, array and random-state classes, SciPy sparse matrices."""
+    obj = _resolve(name)
+    if not inspect.isclass(obj):
+        return False  # functions, ufunc-like callables, unknown names
+    if name.startswith("sklearn."):
+        return obj.__module__.startswith("sklearn.")
+    if name.startswith("numpy"):
+        import numpy as np
+
+        bases = (np.generic, np.dtype, np.ndarray, np.random.RandomState, np.random.Generator)
+        return issubclass(obj, bases) and not issubclass(obj, np.memmap)
+    from scipy import sparse
+
+    return issubclass(obj, (sparse.spmatrix, sparse.sparray))
+
+
+def refused_skops_types(types: Iterable[str]) -> list[str]:
+    """The types among ``types`` (as ``skops.io.get_untrusted_types`` names them) that a model may not
+    need: anything but the allow-list described in the module docstring."""
+    refused = []
+    for name in types:
+        if name in PLAIN_TYPES or name in PARTIAL_TARGETS or name == "functools.partial":
+            continue
+        if not _allowed_class(name):
+            refused.append(name)
+    return refused
+
+
+def _partial_targets(model_file: Path) -> list[str]:
+    """What each ``functools.partial`` in the skops file wraps, read from the file's schema."""
+    with zipfile.ZipFile(model_file) as archive:
+        schema = json.loads(archive.read("schema.json"))
+    targets: list[str] = []
+    stack: list[Any] = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("__loader__") == "PartialNode" or (
+                node.get("__module__") == "functools" and node.get("__class__") == "partial"
+            ):
+                func = (node.get("content") or {}).get("func") or {}
+                named = f"{func.get('__module__')}.{func.get('__class__')}"
+                targets.append(named if func.get("__loader__") == "FunctionNode" else f"<{named} object>")
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return targets
+
+
+def model_trusted_types(model_file: Path | str) -> list[str]:
+    """The exact types beyond skops' own defaults that ``model_file`` needs, after checking each against
+    the allow-list; this is what the registry records and what loading passes as ``trusted``.
+
+    :raises UntrustedModelError: naming each refused type (nothing of the file is built).
+    """
+    import skops.io as sio
+
+    model_file = Path(model_file)
+    try:
+        needed = sorted(sio.get_untrusted_types(file=model_file))
+    except Exception as err:  # not a zip, no schema, unknown protocol
+        raise UntrustedModelError(
+            f"model file {str(model_file)!r} is not a readable skops file ({type(err).__name__}: {err}).",
+            fix="register models written by RayTuneOperator (skops.io.dump of a scikit-learn pipeline).",
+        ) from err
+    refused = refused_skops_types(needed)
+    if "functools.partial" in needed:
+        refused += [t for t in _partial_targets(model_file) if t not in PARTIAL_TARGETS]
+    if refused:
+        raise UntrustedModelError(
+            f"model file {str(model_file)!r} needs types that can run code or are not on the model "
+            f"allow-list: {sorted(set(refused))}; refusing it before anything in it is built.",
+            fix="save models made only of scikit-learn estimators and NumPy/SciPy data (no functions such "
+            "as FunctionTransformer(func=...), no other libraries), or LightGBM's text format; the "
+            "built-in trainables always do.",
+        )
+    return needed
+
+
+def load_model_dir(model_dir: Path | str, trusted_types: Sequence[str] | None = None) -> Predictor:
+    """Load the model in ``model_dir`` (skops or LightGBM text; no pickle).
+
+    :param trusted_types: for a skops file, the types recorded at registration; the file must need no
+        other, and each must still be on the allow-list. None (a model outside the registry): the types
+        the file needs, checked against the allow-list.
+    :raises UntrustedModelError: the file needs a type that is not recorded or not allowed.
+    """
     model_dir = Path(model_dir)
     description = read_description(model_dir)
     model_format = description.get("format")
@@ -164,16 +286,23 @@ def load_model_dir(model_dir: Path | str) -> Predictor:
     if model_format == "skops":
         import skops.io as sio
 
-        untrusted = sio.get_untrusted_types(file=model_file)
-        refused = [
-            t for t in untrusted if not t.startswith(TRUSTED_SKOPS_MODULES) and t not in TRUSTED_SKOPS_TYPES
-        ]
-        if refused:
-            raise MLOpsInputError(
-                f"model file {str(model_file)!r} contains types outside scikit-learn/NumPy/SciPy: {refused}.",
-                fix="refusing to load it; retrain with a built-in trainable.",
-            )
-        model = sio.load(model_file, trusted=untrusted)
+        needed = model_trusted_types(model_file)
+        if trusted_types is not None:
+            unrecorded = sorted(set(needed) - set(trusted_types))
+            if unrecorded:
+                raise UntrustedModelError(
+                    f"model file {str(model_file)!r} needs types {unrecorded} that were not recorded when it "
+                    "was registered; refusing to load it.",
+                    fix="the file was replaced after registration: re-register the model from its training run.",
+                )
+            refused = refused_skops_types(trusted_types)
+            if refused:
+                raise UntrustedModelError(
+                    f"the registry record of {str(model_file)!r} trusts types {refused} that are not on the "
+                    "model allow-list; refusing to load it.",
+                    fix="re-register the model from its training run.",
+                )
+        model = sio.load(model_file, trusted=list(needed if trusted_types is None else trusted_types))
     elif model_format == "lightgbm":
         import lightgbm as lgb
 

@@ -5,6 +5,14 @@ Tune keeps its experiment state and the trials' checkpoints under ``spec.storage
 store. When that folder already holds an experiment (the task was killed and Airflow retried it), the
 search resumes with ``Tuner.restore``: completed trials keep their results and are not run again.
 
+``Tuner.restore`` unpickles that state, so it is resumed only when it is the state this search wrote:
+while Tune runs, the driver signs (HMAC-SHA256, key from ``MLOPS_TUNE_STATE_KEY`` or the caller) the
+sha256 of every file it stages for the experiment folder, in ``<storage>/search.manifest.json``, right
+after each of Tune's own snapshots. Before resuming, every ``.pkl`` and ``.json`` file of the stored
+experiment (checkpoint folders aside: Tune does not unpickle them) must be one the manifest signs. State
+that does not verify, or any state when there is no key, is moved aside to ``search.refused-<time>`` and
+the search starts fresh, with a warning in the log.
+
 Outputs, all under ``spec.output_uri`` and written atomically: ``model/<model file>`` with its
 ``.sha256`` and ``model.json`` beside it, ``trials.csv`` (one row per trial), ``trials.png`` (metric
 over time per trial) and ``result.json`` (what the operator returns).
@@ -27,6 +35,13 @@ log = logging.getLogger("airflow_mlops.tuning")
 
 BUILTIN_MODULE = "airflow_mlops.ml.trainables"
 EXPERIMENT = "search"
+#: environment variable carrying the tune-state key (hex) into a Ray Job
+STATE_KEY_ENV = "MLOPS_TUNE_STATE_KEY"
+#: the signed manifest of the experiment's files, beside the experiment folder
+MANIFEST = f"{EXPERIMENT}.manifest.json"
+#: per experiment folder: the key and the hashes signed so far. Module state, never an attribute of the
+#: Tune callback: Tune pickles its callbacks into the state it stores.
+_SIGNERS: dict[str, dict[str, Any]] = {}
 
 
 @dataclass
@@ -328,11 +343,199 @@ def _local_or_uri(uri: str) -> str:
     return uri[len("file://") :] if uri.startswith("file://") else uri
 
 
+# ------------------------------------------------------------------------------------- signed state
+
+
+def _fs(uri: str) -> tuple[Any, str]:
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(uri)
+
+
+def _checked(relpath: str) -> bool:
+    """Whether Tune may deserialize ``relpath`` on restore: its ``.pkl`` and ``.json`` files outside the
+    trials' checkpoint folders (those hold the model files, read as data and checked at registration)."""
+    parts = relpath.split("/")
+    return relpath.endswith((".pkl", ".json")) and not any(p.startswith("checkpoint_") for p in parts)
+
+
+def _stored_files(experiment: str) -> dict[str, str]:
+    """``{relative path: sha256}`` of the checked files of the stored experiment."""
+    import hashlib
+
+    import pyarrow.fs as pafs
+
+    fs, root = _fs(experiment)
+    files = {}
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
+        relpath = info.path[len(root) :].lstrip("/")
+        if info.type == pafs.FileType.File and _checked(relpath):
+            with fs.open_input_stream(info.path) as handle:
+                files[relpath] = hashlib.sha256(handle.readall()).hexdigest()
+    return files
+
+
+def _manifest_payload(experiment: str, files: dict[str, list[str]]) -> dict[str, Any]:
+    return {"experiment": experiment.rstrip("/"), "files": files}
+
+
+def _read_manifest(experiment: str, key: bytes) -> dict[str, list[str]] | None:
+    """The signed hashes of ``experiment``, None when the manifest is missing or does not verify."""
+    from airflow_mlops.ml.signing import verify
+
+    fs, root = _fs(experiment)
+    path = f"{root.rstrip('/')}.manifest.json"
+    try:
+        with fs.open_input_stream(path) as handle:
+            manifest = json.loads(handle.readall())
+    except (OSError, ValueError):
+        return None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not verify(
+        key, _manifest_payload(experiment, files), manifest.get("hmac")
+    ):
+        return None
+    return files
+
+
+def _write_manifest(experiment: str, key: bytes, files: dict[str, list[str]]) -> None:
+    from airflow_mlops.ml.signing import sign
+
+    fs, root = _fs(experiment)
+    path = f"{root.rstrip('/')}.manifest.json"
+    body = {"files": files, "hmac": sign(key, _manifest_payload(experiment, files))}
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with fs.open_output_stream(temporary) as handle:
+        handle.write(json.dumps(body, sort_keys=True).encode())
+    fs.move(temporary, path)
+
+
+def sign_staged_state(experiment: str, staging: str) -> None:
+    """Add the sha256 of every checked file Tune staged in ``staging`` (the driver's private folder it
+    syncs to ``experiment``) to the signed manifest; called right after each of Tune's snapshots."""
+    import hashlib
+
+    signer = _SIGNERS.get(experiment.rstrip("/"))
+    if signer is None or not os.path.isdir(staging):
+        return
+    signer["staging"] = staging
+    seen: dict[str, tuple[int, int]] = signer["seen"]
+    changed = False
+    for folder, _, names in os.walk(staging):
+        for name in names:
+            full = os.path.join(folder, name)
+            relpath = os.path.relpath(full, staging).replace(os.sep, "/")
+            if not _checked(relpath) or relpath.startswith("tmp-") or "/tmp-" in relpath:
+                continue
+            try:
+                stat = os.stat(full)
+                if seen.get(relpath) == (stat.st_size, stat.st_mtime_ns):
+                    continue
+                with open(full, "rb") as handle:
+                    digest = hashlib.sha256(handle.read()).hexdigest()
+            except OSError:
+                continue  # replaced while we looked: the next snapshot signs it
+            seen[relpath] = (stat.st_size, stat.st_mtime_ns)
+            known = signer["files"].setdefault(relpath, [])
+            if digest not in known:
+                known.append(digest)
+                del known[:-8]  # the storage copy may lag the staged file by a snapshot or two
+                changed = True
+    if changed:
+        _write_manifest(experiment, signer["key"], signer["files"])
+
+
+def sign_tuner_file(experiment: str) -> None:
+    """Sign ``tuner.pkl``, which Tune writes straight to storage (not through the staging folder) when a
+    new ``Tuner`` is built, in this process, just before this is called."""
+    import hashlib
+
+    signer = _SIGNERS.get(experiment.rstrip("/"))
+    if signer is None:
+        return
+    fs, root = _fs(experiment)
+    with fs.open_input_stream(f"{root.rstrip('/')}/tuner.pkl") as handle:
+        digest = hashlib.sha256(handle.readall()).hexdigest()
+    signer["files"]["tuner.pkl"] = [digest]
+    _write_manifest(experiment, signer["key"], signer["files"])
+
+
+def _signing_callback(experiment: str):
+    """A Tune callback that signs the staged state after each snapshot (Tune snapshots inside ``step``,
+    just before ``on_step_end``). It holds only the experiment's path: Tune pickles it into the state."""
+    from ray import tune
+
+    class SignState(tune.Callback):
+        def __init__(self) -> None:
+            self.experiment = experiment
+            self.staging: str | None = None
+
+        def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+            if self.staging is None:
+                for trial in trials:
+                    storage = getattr(trial, "storage", None)
+                    if storage is not None:
+                        self.staging = storage.experiment_driver_staging_path
+                        break
+            if self.staging:
+                from airflow_mlops.ml import search
+
+                search.sign_staged_state(self.experiment, self.staging)
+
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
+            self.on_step_end(0, trials)
+
+    return SignState()
+
+
+def verified_state(experiment: str, key: bytes | None) -> bool:
+    """Whether ``experiment`` holds state this search signed and can be resumed. State that does not
+    verify (or any state, without a key) is moved aside, logged, so the search starts fresh."""
+    from ray import tune
+
+    if not tune.Tuner.can_restore(experiment):
+        return False
+    problem = None
+    if key is None:
+        problem = "no tune-state key is configured, so its origin cannot be checked"
+    else:
+        signed = _read_manifest(experiment, key)
+        if signed is None:
+            problem = f"its manifest {MANIFEST} is missing or its signature does not verify"
+        else:
+            stored = _stored_files(experiment)
+            unsigned = sorted(p for p, digest in stored.items() if digest not in signed.get(p, []))
+            if unsigned:
+                problem = f"files {unsigned[:5]} differ from what this search wrote"
+            else:
+                _SIGNERS[experiment.rstrip("/")]["files"].update({p: list(v) for p, v in signed.items()})
+    if problem is None:
+        return True
+    fs, root = _fs(experiment)
+    aside = f"{root.rstrip('/')}.refused-{int(time.time())}"
+    log.warning(
+        "Not resuming the search from %s: %s. Tune would unpickle it, so it is moved to %s and the search "
+        "starts fresh (completed trials run again).",
+        experiment,
+        problem,
+        aside,
+    )
+    try:
+        fs.move(root, aside)
+    except OSError:
+        fs.delete_dir(root)
+    return False
+
+
 # ------------------------------------------------------------------------------------------- search
 
 
-def run_search(spec: SearchSpec, fn: Any, data: Any) -> dict[str, Any]:
-    """Run (or resume) the search on the Ray that is initialised, write the outputs, return the result."""
+def run_search(spec: SearchSpec, fn: Any, data: Any, state_key: bytes | None = None) -> dict[str, Any]:
+    """Run (or resume) the search on the Ray that is initialised, write the outputs, return the result.
+
+    :param state_key: the key signing the saved Tune state (default: ``MLOPS_TUNE_STATE_KEY``, hex); without
+        one the state is never resumed.
+    """
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -354,7 +557,11 @@ def run_search(spec: SearchSpec, fn: Any, data: Any) -> dict[str, Any]:
     storage = _local_or_uri(spec.storage_path)
     experiment = f"{storage.rstrip('/')}/{EXPERIMENT}"
 
-    resumed = tune.Tuner.can_restore(experiment)
+    if state_key is None and os.environ.get(STATE_KEY_ENV):
+        state_key = bytes.fromhex(os.environ[STATE_KEY_ENV])
+    if state_key is not None:
+        _SIGNERS[experiment.rstrip("/")] = {"key": state_key, "files": {}, "seen": {}}
+    resumed = verified_state(experiment, state_key)
     if resumed:
         log.info("Resuming the search from %s (a previous try was interrupted)", experiment)
         tuner = tune.Tuner.restore(
@@ -381,10 +588,14 @@ def run_search(spec: SearchSpec, fn: Any, data: Any) -> dict[str, Any]:
                 name=EXPERIMENT,
                 storage_path=storage,
                 verbose=0,
-                callbacks=[_progress_callback(spec.progress_interval, spec.metric, spec.mode)],
+                callbacks=[
+                    _progress_callback(spec.progress_interval, spec.metric, spec.mode),
+                    _signing_callback(experiment),
+                ],
                 failure_config=tune.FailureConfig(max_failures=0),
             ),
         )
+        sign_tuner_file(experiment)
     log.info(
         "Tuning %s on %d train / %d validation rows: %d samples, metric %s (%s)",
         spec.trainable,
@@ -394,7 +605,13 @@ def run_search(spec: SearchSpec, fn: Any, data: Any) -> dict[str, Any]:
         spec.metric,
         spec.mode,
     )
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+        staging = _SIGNERS.get(experiment.rstrip("/"), {}).get("staging")
+        if staging:  # Tune's final snapshot comes after its last step
+            sign_staged_state(experiment, staging)
+    finally:
+        _SIGNERS.pop(experiment.rstrip("/"), None)
     return write_outputs(
         spec, grid, data, resumed=resumed, started_wall=started_wall, elapsed=time.monotonic() - started
     )
@@ -669,4 +886,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run as the importable module, not as __main__: the Tune callbacks reach this module's state by name
+    sys.exit(importlib.import_module("airflow_mlops.ml.search").main())

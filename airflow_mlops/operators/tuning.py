@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.configuration import conf
 
-from airflow_mlops.exceptions import MLOpsArgumentError, TuningError
+from airflow_mlops.exceptions import MLOpsArgumentError, MLOpsConfigError, TuningError
 from airflow_mlops.hooks.ray import TERMINAL_JOB_STATES, RayHook, merge_runtime_env
 from airflow_mlops.triggers.ray import RayJobTrigger
 
@@ -224,17 +224,33 @@ class RayTuneOperator(BaseOperator):
             if self.deferrable:
                 self.log.info("deferrable=True has no effect on local Ray: the search runs in this task")
             with self.hook.local_ray():
-                return run_search(spec, fn, data)
+                return run_search(spec, fn, data, state_key=self._state_key(spec))
         return self._submit(context, spec, fn)
 
-    def _runtime_env(self, fn: Any) -> dict[str, Any]:
+    def _state_key(self, spec: SearchSpec) -> bytes | None:
+        """The key signing this search's saved Tune state, derived from the registry signing key for this
+        search's state folder alone; None (a retry starts fresh) when no registry key is configured."""
+        from airflow_mlops.hooks.bentoml import registry_signing_key
+        from airflow_mlops.ml.signing import derive
+
+        try:
+            return derive(registry_signing_key(), f"tune-state:{spec.storage_path}")
+        except MLOpsConfigError as err:
+            self.log.warning("A retry of this search will start fresh, not resume: %s", err)
+            return None
+
+    def _runtime_env(self, fn: Any, state_key: bytes | None = None) -> dict[str, Any]:
         import airflow_mlops
 
         modules = [os.path.dirname(airflow_mlops.__file__)]
         extra = _package_dir(fn.__module__)
         if extra and extra not in modules:
             modules.append(extra)
-        env = {"py_modules": modules, "env_vars": {"PYTHONUNBUFFERED": "1"}}
+        env: dict[str, Any] = {"py_modules": modules, "env_vars": {"PYTHONUNBUFFERED": "1"}}
+        if state_key:  # scoped to this search's state: it can forge nothing else
+            from airflow_mlops.ml.search import STATE_KEY_ENV
+
+            env["env_vars"][STATE_KEY_ENV] = state_key.hex()
         return self.hook.runtime_env(merge_runtime_env(env, self.runtime_env))
 
     def _submit(self, context: Context, spec: SearchSpec, fn: Any) -> dict[str, Any]:
@@ -249,7 +265,7 @@ class RayTuneOperator(BaseOperator):
         result_uri = str(as_path(spec.output_uri) / "result.json")
         self._job_id = self.hook.submit_job(
             f"python -m airflow_mlops.ml.search {shlex.quote(str(spec_path))}",
-            runtime_env=self._runtime_env(fn),
+            runtime_env=self._runtime_env(fn, self._state_key(spec)),
             submission_id=job_id,
             metadata={"dag_id": ti.dag_id, "task_id": ti.task_id, "run_id": ti.run_id},
         )

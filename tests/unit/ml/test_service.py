@@ -254,11 +254,14 @@ def test_the_schema_is_the_registered_versions_signature(tmp_path, monkeypatch):
 
     monkeypatch.setenv("AIRFLOW__MLOPS__STATE_DIR", str(tmp_path))
     signature = _signature()
-    versions = {
-        "v1": {"tag": "w:v1", "version": "v1", "signature": signature.model_dump(mode="json")},
-        "v2": {"tag": "w:v2", "version": "v2"},
+    hook = BentoMLHook()
+    versions = {  # records signed as registration signs them
+        "v1": hook.sign_record(
+            "w", {"tag": "w:v1", "version": "v1", "signature": signature.model_dump(mode="json")}
+        ),
+        "v2": hook.sign_record("w", {"tag": "w:v2", "version": "v2"}),
     }
-    BentoMLHook().write_index("w", {"model": "w", "production": "v1", "versions": versions, "history": []})
+    hook.write_index("w", {"model": "w", "production": "v1", "versions": versions, "history": []})
     monkeypatch.setenv("MLOPS_SERVE_MODEL", "w")
     served = served_schema(ServeSettings.from_env())
     assert served.error is None and served.version == "v1" and served.signature == signature
