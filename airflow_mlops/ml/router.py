@@ -108,21 +108,26 @@ class RouterApp:
             await self._reply(send, 503, b'{"error": "no backend is deployed behind this address yet."}')
             return
         for attempt in range(2):
-            self.inflight[backend] += 1
+            # charged to the backend the request is sent to, and given back to that same backend: a retry
+            # below moves to another backend, and the drain of the old one waits on this count
+            sent_to = backend
+            self.inflight[sent_to] += 1
             try:
-                response = await self.client(backend).request(
+                response = await self.client(sent_to).request(
                     scope["method"], target, content=body, headers=headers
                 )
             except httpx.ConnectError:
                 # the backend went away; if a switch happened meanwhile, the new one answers instead
                 newer = self.routes.current().get("active")
-                if attempt == 0 and newer and newer != backend:
+                if attempt == 0 and newer and newer != sent_to:
                     backend = newer
                     continue
                 await self._reply(send, 502, b'{"error": "the active backend does not accept connections."}')
                 return
             finally:
-                self.inflight[backend] -= 1
+                self.inflight[sent_to] -= 1
+                if not self.inflight[sent_to]:
+                    del self.inflight[sent_to]
             break
         self.served += 1
         out_headers = [
