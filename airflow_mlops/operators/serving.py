@@ -642,6 +642,11 @@ class BentoDeployOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         return self.deploy(self.resolve(), action="deploy", context=context)
 
+    @staticmethod
+    def run_key(context: Context) -> str:
+        """``<dag_id>/<run_id>/<task_id>``: which task run made a history entry (a rerun recognises its own)."""
+        return f"{context['ti'].dag_id}/{context['run_id']}/{context['ti'].task_id}"
+
     def deploy(self, what: dict[str, Any], *, action: str, context: Context) -> dict[str, Any]:
         with self.local.locked(self.deployment) as state:
             router = self.local.ensure_router(state, int(self.port))
@@ -680,9 +685,11 @@ class BentoDeployOperator(BaseOperator):
         if self.deferrable:
             from airflow_mlops.triggers.serving import BentoEndpointTrigger
 
+            # the resumed task is a new instance: what complete() records travels in next_kwargs
             self.defer(
                 trigger=BentoEndpointTrigger(url=pending["url"], timeout=float(self.ready_timeout)),
                 method_name="execute_complete",
+                kwargs={"run_key": self.run_key(context)},
                 timeout=timedelta(seconds=float(self.ready_timeout) + 120),
             )
         from airflow_mlops.sensors.serving import probe
@@ -692,16 +699,24 @@ class BentoDeployOperator(BaseOperator):
         while True:
             ready, seen = probe(pending["url"])
             if ready:
-                return self.complete({"status": "ready", "url": pending["url"]})
-            if time.monotonic() > deadline or not process_alive(pending["pid"]):
-                return self.complete({"status": "timeout", "url": pending["url"], "message": seen})
+                return self.complete(
+                    {"status": "ready", "url": pending["url"]}, run_key=self.run_key(context)
+                )
+            if time.monotonic() > deadline or not process_alive(pending):
+                return self.complete(
+                    {"status": "timeout", "url": pending["url"], "message": seen},
+                    run_key=self.run_key(context),
+                )
             time.sleep(0.5)
 
-    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
-        return self.complete(event)
+    def execute_complete(
+        self, context: Context, event: dict[str, Any], run_key: str | None = None
+    ) -> dict[str, Any]:
+        return self.complete(event, run_key=run_key or self.run_key(context))
 
-    def complete(self, event: dict[str, Any]) -> dict[str, Any]:
-        """Switch to the pending version if it became ready (state read from the state file and the event)."""
+    def complete(self, event: dict[str, Any], run_key: str | None = None) -> dict[str, Any]:
+        """Switch to the pending version if it became ready (state read from the state file and the event);
+        the history entry records ``run_key``, the task run that made it."""
         with self.local.locked(self.deployment) as state:
             pending = state.get("pending")
             if not pending or pending["url"] != event.get("url"):
@@ -737,6 +752,7 @@ class BentoDeployOperator(BaseOperator):
                     "version": pending["version"],
                     "bento": pending.get("bento"),
                     "previous_version": old["version"] if old else None,
+                    "run_key": run_key,
                 }
             )
             self.log.info(
@@ -773,7 +789,7 @@ class BentoRollbackOperator(BentoDeployOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         state = self.local.read_state(self.deployment)
-        run_key = f"{context['ti'].dag_id}/{context['run_id']}/{context['ti'].task_id}"
+        run_key = self.run_key(context)
         last = state["history"][-1] if state["history"] else {}
         if last.get("action") == "rollback" and last.get("run_key") == run_key and state.get("active"):
             self.log.info("This task already rolled back to %s", state["active"]["version"])
@@ -791,12 +807,9 @@ class BentoRollbackOperator(BentoDeployOperator):
         index = self.hook.read_index(self.model_name)
         check_signature(self.hook.version_record(index, previous["version"]), previous["version"])
         self.hook.model_dir(self.model_name, previous["version"])
-        result = self.deploy(
+        # complete() records the run key with the rollback, also when the task resumes after deferring
+        return self.deploy(
             {"version": previous["version"], "bento": previous.get("bento")},
             action="rollback",
             context=context,
         )
-        with self.local.locked(self.deployment) as state:
-            if state["history"] and state["history"][-1].get("action") == "rollback":
-                state["history"][-1]["run_key"] = run_key
-        return result
