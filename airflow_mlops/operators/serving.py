@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -285,24 +286,81 @@ class BentoBuildOperator(BaseOperator):
 
 # ---------------------------------------------------------------------------------------------- processes
 _CHILDREN: dict[int, subprocess.Popen] = {}
+log = logging.getLogger(__name__)
+
+#: a process given as its pid (a child of this process), or as a record holding ``pid`` and the
+#: ``process`` identity :func:`identify` took when it started (a backend or router of the state file)
+ProcessRef = int | dict[str, Any] | None
+NO_PROCESS = "no process recorded"
 
 
-def process_alive(pid: int | None) -> bool:
-    """Whether ``pid`` runs (a child of ours that exited, not yet reaped, does not)."""
+def identify(pid: int) -> dict[str, Any] | None:
+    """``{"pid", "create_time", "cmdline"}`` of a running process, recorded when we start it so that a later
+    stop can tell it from another process that got the same pid after it exited; None when it is gone."""
     import psutil
 
+    try:
+        process = psutil.Process(pid)
+        return {"pid": pid, "create_time": process.create_time(), "cmdline": process.cmdline()}
+    except psutil.Error:
+        return None
+
+
+def _verified(ref: ProcessRef) -> tuple[Any, str]:
+    """``(psutil.Process, "")`` when ``ref`` still names the process it was recorded for, else
+    ``(None, why not)``. A pid alone is trusted only for a child of this process not yet reaped (its pid
+    cannot have been given to another process); a record only when start time and command line match."""
+    import psutil
+
+    if isinstance(ref, dict):
+        pid, identity = ref.get("pid"), ref.get("process")
+    else:
+        pid, identity = ref, None
     if not pid:
-        return False
-    if pid in _CHILDREN and _CHILDREN[pid].poll() is not None:
+        return None, NO_PROCESS
+    try:
+        process = psutil.Process(int(pid))
+        if identity is None:
+            child = _CHILDREN.get(int(pid))
+            if isinstance(ref, dict) or (child is None and process.ppid() != os.getpid()):
+                return None, (
+                    f"pid {pid} was recorded without the identity of its process (start time, command "
+                    "line), so it cannot be told apart from another process that got the same pid"
+                )
+            if child is not None and child.poll() is not None:
+                return None, f"pid {pid} has exited"
+            return process, ""
+        same_start = abs(process.create_time() - float(identity.get("create_time") or 0)) < 0.01
+        if not same_start or process.cmdline() != identity.get("cmdline"):
+            return None, (
+                f"pid {pid} now belongs to another process ({' '.join(process.cmdline())[:200]!r}, started "
+                f"{datetime.fromtimestamp(process.create_time(), UTC).isoformat()}); the recorded one "
+                f"({' '.join(identity.get('cmdline') or [])[:200]!r}) has exited"
+            )
+        return process, ""
+    except psutil.NoSuchProcess:
+        return None, f"pid {pid} has exited"
+    except psutil.Error as err:
+        return None, f"pid {pid} cannot be inspected ({type(err).__name__})"
+
+
+def process_alive(ref: ProcessRef) -> bool:
+    """Whether the process ``ref`` names runs (a child of ours that exited, not yet reaped, does not; nor
+    does another process that got a recorded pid)."""
+    import psutil
+
+    process, _ = _verified(ref)
+    if process is None:
         return False
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return process.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
 
 
 def start_detached(command: list[str], env: dict[str, str], log_path: Path) -> int:
-    """Start ``command`` in its own session (it outlives the task), output appended to ``log_path``."""
+    """Start ``command`` in its own session (it outlives the task), output appended to ``log_path``.
+    Record its :func:`identify` with the pid wherever it is kept for a later :func:`stop_tree`."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
         process = subprocess.Popen(
@@ -318,17 +376,23 @@ def start_detached(command: list[str], env: dict[str, str], log_path: Path) -> i
     return process.pid
 
 
-def stop_tree(pid: int | None, timeout: float = 30.0) -> None:
+def stop_tree(ref: ProcessRef, timeout: float = 30.0) -> bool:
     """Stop a process and everything it started: SIGTERM (graceful), then SIGKILL after ``timeout``.
 
-    ``bentoml serve`` runs its workers in sessions of their own, so they are collected before the stop.
+    The process is checked first (:func:`_verified`): a pid that now belongs to another process is never
+    signalled; a warning says which pid was left alone and why. ``bentoml serve`` runs its workers in
+    sessions of their own, so they are collected before the stop. Returns whether something was stopped.
     """
     import psutil
 
-    if not pid:
-        return
+    pid = ref.get("pid") if isinstance(ref, dict) else ref
+    root, why = _verified(ref)
+    if root is None:
+        if why not in (NO_PROCESS, f"pid {pid} has exited"):
+            log.warning("Not stopping pid %s: %s. Nothing was signalled.", pid, why)
+        _CHILDREN.pop(int(pid or 0), None)
+        return False
     try:
-        root = psutil.Process(pid)
         tree = [root, *root.children(recursive=True)]
     except psutil.Error:
         tree = []
@@ -340,10 +404,11 @@ def stop_tree(pid: int | None, timeout: float = 30.0) -> None:
         with contextlib.suppress(psutil.Error):
             process.kill()
     psutil.wait_procs(alive, timeout=5)
-    child = _CHILDREN.pop(pid, None)
+    child = _CHILDREN.pop(int(pid), None)
     if child is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(timeout=5)
+    return True
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -422,7 +487,7 @@ class LocalDeploymentTarget(DeploymentTarget):
     def router_status(self, router: dict[str, Any] | None) -> dict[str, Any] | None:
         import httpx
 
-        if not router or not process_alive(router.get("pid")):
+        if not router or not process_alive(router):
             return None
         try:
             response = httpx.get(router["url"] + "/__router__", timeout=5)
@@ -433,7 +498,7 @@ class LocalDeploymentTarget(DeploymentTarget):
     def ensure_router(self, state: dict[str, Any], port: int) -> dict[str, Any]:
         if self.router_status(state.get("router")):
             return state["router"]
-        stop_tree((state.get("router") or {}).get("pid"), timeout=5)
+        stop_tree(state.get("router"), timeout=5)
         routes = self.routes_path(state["name"])
         if not routes.exists():
             _write_json_atomic(routes, {"active": None, "generation": 0})
@@ -442,11 +507,11 @@ class LocalDeploymentTarget(DeploymentTarget):
             serving_env(self.hook),
             self.folder / "logs" / f"{state['name']}-router.log",
         )
-        router = {"pid": pid, "port": port, "url": f"http://127.0.0.1:{port}"}
+        router = {"pid": pid, "process": identify(pid), "port": port, "url": f"http://127.0.0.1:{port}"}
         deadline = time.monotonic() + 30
         while not self.router_status(router):
-            if time.monotonic() > deadline or not process_alive(pid):
-                stop_tree(pid, timeout=5)
+            if time.monotonic() > deadline or not process_alive(router):
+                stop_tree(router, timeout=5)
                 raise ServingError(
                     f"the router of deployment {state['name']!r} did not start on port {port}.",
                     fix=f"free the port or choose another one; see {self.folder / 'logs'}.",
@@ -477,6 +542,7 @@ class LocalDeploymentTarget(DeploymentTarget):
         return {
             **spec,
             "pid": pid,
+            "process": identify(pid),  # checked before any later stop: the pid may be another's by then
             "port": port,
             "url": f"http://127.0.0.1:{port}",
             "log": str(log_path),
@@ -514,21 +580,21 @@ class LocalDeploymentTarget(DeploymentTarget):
             status = self.router_status(router) or {"inflight": {}}
             quiet = quiet + 1 if not status["inflight"].get(backend["url"]) else 0
             time.sleep(0.05)
-        stop_tree(backend.get("pid"), timeout=self.drain_timeout)
+        stop_tree(backend, timeout=self.drain_timeout)
 
     def backend_ready(self, backend: dict[str, Any] | None) -> bool:
         from airflow_mlops.sensors.serving import probe
 
-        return bool(backend) and process_alive(backend.get("pid")) and probe(backend["url"])[0]
+        return bool(backend) and process_alive(backend) and probe(backend["url"])[0]
 
     def teardown(self, deployment: str) -> None:
         """Stop everything of a deployment (router, live and pending versions); its history is kept."""
         with self.locked(deployment) as state:
             for key in ("pending", "active"):
-                stop_tree((state.get(key) or {}).get("pid"), timeout=15)
+                stop_tree(state.get(key), timeout=15)
                 if state.get(key):
                     state[key]["pid"] = None
-            stop_tree((state.get("router") or {}).get("pid"), timeout=15)
+            stop_tree(state.get("router"), timeout=15)
             state["router"] = None
             state["history"].append({"at": _now(), "action": "teardown"})
 
@@ -661,7 +727,7 @@ class BentoDeployOperator(BaseOperator):
                     "Version %s is already live at %s; nothing to do", active["version"], router["url"]
                 )
                 return self._result(state, switched=False)
-            stop_tree((state.get("pending") or {}).get("pid"), timeout=10)
+            stop_tree(state.get("pending"), timeout=10)
             spec = {
                 "deployment": self.deployment,
                 "model": self.model_name,
@@ -726,7 +792,7 @@ class BentoDeployOperator(BaseOperator):
                     fix="rerun the deploy task.",
                 )
             if event.get("status") != "ready":
-                stop_tree(pending["pid"], timeout=10)
+                stop_tree(pending, timeout=10)
                 state["pending"] = None
                 state["history"].append(
                     {"at": _now(), "action": f"{pending['action']}-failed", "version": pending["version"]}
