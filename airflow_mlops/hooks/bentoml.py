@@ -108,6 +108,13 @@ class BentoMLHook(BaseHook):
     def api_key(self) -> str | None:
         return self.connection.password if self.connection else None
 
+    def server_environment(self) -> dict[str, str]:
+        """Extension point: variables the model server needs for the registry beyond what
+        :func:`~airflow_mlops.operators.serving.serving_env` gives it (e.g. the connection of the key that
+        verifies signed registry records, as ``AIRFLOW_CONN_<ID>``). The worker's other variables never reach
+        the server; whatever the registry needs there is returned here. None today."""
+        return {}
+
     def test_connection(self) -> tuple[bool, str]:
         try:
             self.model_store.list()

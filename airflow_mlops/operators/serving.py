@@ -27,7 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from pathlib import Path
@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 from airflow.sdk.configuration import conf
+from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_mlops.exceptions import MLOpsArgumentError, ServingError
 from airflow_mlops.hooks.bentoml import BentoMLHook, ModelRegistryError, check_model_name
@@ -88,32 +89,148 @@ def docker_available() -> bool:
         return False
 
 
-#: the metadata-DB URL Airflow gives task processes to block database access from task code
-BLOCKED_DB_URL = "airflow-db-not-allowed:"
+#: Variables the model server, its build and the router inherit from the worker; a trailing ``*`` matches a
+#: prefix. Everything else (Airflow's JWT secret and fernet key, the metadata-DB URL, other connections,
+#: cloud keys) stays with the worker. ``[mlops] serving_env_allow`` adds names (docs/security.md).
+SERVING_ENV_ALLOW: tuple[str, ...] = (
+    # the process itself: where programs, the user's home, the locale and the time zone are
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LANGUAGE",
+    "LC_*",
+    "TZ",
+    "TMPDIR",
+    # Python and the virtualenv the worker runs in
+    "PYTHONPATH",
+    "VIRTUAL_ENV",
+    "PYTHONDONTWRITEBYTECODE",
+    "PYTHONPYCACHEPREFIX",
+    "PYTHONUNBUFFERED",
+    # threads of the numeric libraries
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    # the installation's configuration file (the server reads [mlops] and [logging] from it)
+    "AIRFLOW_HOME",
+    "AIRFLOW_CONFIG",
+    # our own settings and the variables a Feast repository of ours names
+    "AIRFLOW__MLOPS__*",
+    "AIRFLOW_MLOPS_*",
+    "MLOPS_*",
+    # BentoML's own settings (not BentoCloud's tokens)
+    "BENTOML_HOME",
+    "BENTOML_CONFIG",
+    "BENTOML_CONFIG_OPTIONS",
+    "BENTOML_DO_NOT_TRACK",
+    "BENTOML_DEBUG",
+    "BENTOML_QUIET",
+    # proxies and the certificates to trust
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "ALL_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "all_proxy",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+)
+
+#: Cloud variables passed only when the artifact store is on that cloud: the server reads the registry and
+#: writes the prediction log there, through the ``[mlops] artifact_conn_id`` connection, which may rely on
+#: the ambient credentials of the worker (a profile, a web-identity token, a key file).
+CLOUD_ENV_FOR_SCHEME: dict[str, tuple[str, ...]] = {
+    "s3": ("AWS_*",),
+    "gs": ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT", "CLOUDSDK_*"),
+    "gcs": ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT", "CLOUDSDK_*"),
+}
 
 
-def serving_env(hook: BentoMLHook, **serve: str | None) -> dict[str, str]:
-    """Environment of a ``bentoml`` subprocess: BentoML home inside the state folder, no usage tracking,
-    the ``[mlops]`` locations, and ``MLOPS_SERVE_<KEY>`` for each non-empty ``serve`` entry."""
+def _allowed(name: str, patterns: Iterable[str]) -> bool:
+    return any(name.startswith(p[:-1]) if p.endswith("*") else name == p for p in patterns)
+
+
+def _feast_variables(feast_repo: str | None) -> list[str]:
+    """The ``${VAR}`` names the served Feast repository's ``feature_store.yaml`` uses (the server fills them
+    in when it opens the online store, so it needs them)."""
+    if not feast_repo:
+        return []
+    from airflow_mlops.hooks.feast import _VAR, FEATURE_STORE_YAML
+
+    try:
+        return _VAR.findall((Path(feast_repo) / FEATURE_STORE_YAML).read_text())
+    except OSError:
+        return []
+
+
+def serving_env(
+    hook: BentoMLHook, connections: Iterable[str | None] = (), **serve: str | None
+) -> dict[str, str]:
+    """Environment of a ``bentoml`` subprocess or the router: only what it needs, never the worker's whole
+    environment.
+
+    It holds the variables of :data:`SERVING_ENV_ALLOW` and ``[mlops] serving_env_allow`` found in the
+    worker's environment, the cloud variables of the artifact store's scheme (:data:`CLOUD_ENV_FOR_SCHEME`),
+    the variables the served Feast repository names, BentoML home inside the state folder with usage
+    tracking off, the ``[mlops]`` settings, the request limits, ``MLOPS_SERVE_<KEY>`` for each non-empty
+    ``serve`` entry, and each connection the server uses (``bentoml_conn_id``, ``feast_conn_id``, the
+    artifact store's, ``connections``, :meth:`BentoMLHook.server_environment`) as ``AIRFLOW_CONN_<ID>``, so
+    the server reads them without access to Airflow's metadata database or secrets backend.
+    """
+    from airflow_mlops.config import load_serving_settings
+
     settings = hook.store.settings
-    env = {
-        **os.environ,
-        "BENTOML_HOME": str(hook.home),
-        "BENTOML_DO_NOT_TRACK": "True",
-        "AIRFLOW__MLOPS__STATE_DIR": str(settings.state_dir),
-        "AIRFLOW__MLOPS__ARTIFACT_ROOT": settings.artifact_root,
-    }
+    limits = load_serving_settings()
+    allow = [*SERVING_ENV_ALLOW, *limits.env_allow, *CLOUD_ENV_FOR_SCHEME.get(settings.artifact_scheme, ())]
+    allow += _feast_variables(serve.get("feast_repo"))
+    env = {name: value for name, value in os.environ.items() if _allowed(name, allow)}
+    env.update(
+        {
+            "BENTOML_HOME": str(hook.home),
+            "BENTOML_DO_NOT_TRACK": "True",
+            "AIRFLOW__MLOPS__STATE_DIR": str(settings.state_dir),
+            "AIRFLOW__MLOPS__ARTIFACT_ROOT": settings.artifact_root,
+            "AIRFLOW__MLOPS__OFFLINE_ROOT": settings.offline_root,
+            "AIRFLOW__MLOPS__LANDING_ROOT": settings.landing_root,
+            "MLOPS_SERVE_MAX_ROWS": str(limits.max_rows),
+            "MLOPS_SERVE_MAX_BODY_BYTES": str(limits.max_body_bytes),
+        }
+    )
     if settings.artifact_conn_id:
         env["AIRFLOW__MLOPS__ARTIFACT_CONN_ID"] = settings.artifact_conn_id
-    # A task process runs with the metadata DB blocked (Airflow sets these to an unparseable URL); the
-    # bentoml processes import Airflow's configuration too, so give them the installation's own setting.
-    for key in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CORE__SQL_ALCHEMY_CONN"):
-        if env.get(key, "").startswith(BLOCKED_DB_URL):
-            del env[key]
     for key, value in serve.items():
         if value:
             env[f"MLOPS_SERVE_{key.upper()}"] = str(value)
+    conn_ids = {serve.get("bentoml_conn_id"), serve.get("feast_conn_id"), settings.artifact_conn_id}
+    for conn_id in sorted(c for c in {*conn_ids, *connections} if c):
+        env[f"AIRFLOW_CONN_{conn_id.upper()}"] = hook.get_connection(conn_id).as_json()
+    env.update(hook.server_environment())
     return env
+
+
+def check_api_key(hook: BentoMLHook) -> None:
+    """Refuse to serve with an API key configured (a ``bentoml`` connection) but empty: the service would
+    answer anyone, silently.
+
+    :raises ServingAuthError: naming the connection and the two ways out.
+    """
+    if hook.bentoml_conn_id and not (hook.api_key or "").strip():
+        raise ServingAuthError(
+            f"connection {hook.bentoml_conn_id!r} sets the served endpoint's API key, but its password is "
+            "empty: the endpoint would answer requests without any key.",
+            fix=f"set the password of connection {hook.bentoml_conn_id!r} to the API key clients must send, "
+            "or deploy without bentoml_conn_id to serve without an API key on purpose.",
+        )
+
+
+class ServingAuthError(ServingError, AirflowFailException):
+    """Serving was configured with an API key that is empty; nothing is started (retrying cannot help)."""
 
 
 def check_signature(record: dict[str, Any], version: str) -> None:
@@ -301,7 +418,11 @@ def identify(pid: int) -> dict[str, Any] | None:
 
     try:
         process = psutil.Process(pid)
-        return {"pid": pid, "create_time": process.create_time(), "cmdline": process.cmdline()}
+        cmdline, deadline = process.cmdline(), time.monotonic() + 2
+        while not cmdline and time.monotonic() < deadline:  # read right after exec, it can still be empty
+            time.sleep(0.01)
+            cmdline = process.cmdline()
+        return {"pid": pid, "create_time": process.create_time(), "cmdline": cmdline}
     except psutil.Error:
         return None
 
@@ -714,6 +835,7 @@ class BentoDeployOperator(BaseOperator):
         return f"{context['ti'].dag_id}/{context['run_id']}/{context['ti'].task_id}"
 
     def deploy(self, what: dict[str, Any], *, action: str, context: Context) -> dict[str, Any]:
+        check_api_key(self.hook)  # before anything starts: an empty key must not mean "no auth"
         with self.local.locked(self.deployment) as state:
             router = self.local.ensure_router(state, int(self.port))
             active = state.get("active")
