@@ -412,8 +412,12 @@ NO_PROCESS = "no process recorded"
 
 
 def identify(pid: int) -> dict[str, Any] | None:
-    """``{"pid", "create_time", "cmdline"}`` of a running process, recorded when we start it so that a later
-    stop can tell it from another process that got the same pid after it exited; None when it is gone."""
+    """``{"pid", "create_time", "exe", "cmdline"}`` of a running process, recorded when we start it so that a
+    later stop can tell it from another process that got the same pid after it exited; None when it is gone.
+
+    A later check compares the start time and the executable, not the command line: ``bentoml serve``'s
+    process manager (circus) retitles itself with ``setproctitle`` once it runs, which rewrites what
+    ``/proc/<pid>/cmdline`` shows. The command line is kept to name the process in messages."""
     import psutil
 
     try:
@@ -422,7 +426,7 @@ def identify(pid: int) -> dict[str, Any] | None:
         while not cmdline and time.monotonic() < deadline:  # read right after exec, it can still be empty
             time.sleep(0.01)
             cmdline = process.cmdline()
-        return {"pid": pid, "create_time": process.create_time(), "cmdline": cmdline}
+        return {"pid": pid, "create_time": process.create_time(), "exe": process.exe(), "cmdline": cmdline}
     except psutil.Error:
         return None
 
@@ -430,7 +434,7 @@ def identify(pid: int) -> dict[str, Any] | None:
 def _verified(ref: ProcessRef) -> tuple[Any, str]:
     """``(psutil.Process, "")`` when ``ref`` still names the process it was recorded for, else
     ``(None, why not)``. A pid alone is trusted only for a child of this process not yet reaped (its pid
-    cannot have been given to another process); a record only when start time and command line match."""
+    cannot have been given to another process); a record only when start time and executable match."""
     import psutil
 
     if isinstance(ref, dict):
@@ -452,7 +456,7 @@ def _verified(ref: ProcessRef) -> tuple[Any, str]:
                 return None, f"pid {pid} has exited"
             return process, ""
         same_start = abs(process.create_time() - float(identity.get("create_time") or 0)) < 0.01
-        if not same_start or process.cmdline() != identity.get("cmdline"):
+        if not same_start or process.exe() != identity.get("exe"):
             return None, (
                 f"pid {pid} now belongs to another process ({' '.join(process.cmdline())[:200]!r}, started "
                 f"{datetime.fromtimestamp(process.create_time(), UTC).isoformat()}); the recorded one "

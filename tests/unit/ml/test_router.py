@@ -127,3 +127,44 @@ async def _run(routes: Path, steps: list[tuple[str, int]], finish_with: str) -> 
     for request in requests:
         status, _ = request.result()
         assert status in (200, 502)
+
+
+def test_the_router_refuses_a_body_over_the_limit_before_forwarding_it(tmp_path):
+    from airflow_mlops.config import DEFAULT_SERVING_MAX_BODY_BYTES
+    from airflow_mlops.ml import router
+
+    assert router.DEFAULT_SERVING_MAX_BODY_BYTES == DEFAULT_SERVING_MAX_BODY_BYTES
+    routes = tmp_path / "routes.json"
+    _route(routes, BACKENDS[0], 1)
+    app = RouterApp(str(routes), max_body_bytes=100)
+    backends = Backends()
+    app.clients = {b: httpx.AsyncClient(base_url=b, transport=backends.transport(b)) for b in BACKENDS}
+
+    async def post(chunks: list[bytes], headers: list) -> tuple[int, dict]:
+        sent: list[dict] = []
+        parts = iter(chunks)
+
+        async def receive() -> dict:
+            part = next(parts, b"")
+            return {"type": "http.request", "body": part, "more_body": part != b""}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/predict",
+            "query_string": b"",
+            "headers": headers,
+        }
+        await app(scope, receive, send)
+        return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+
+    status, body = asyncio.run(post([b"x" * 60] * 2, [(b"content-length", b"120")]))
+    assert (
+        status == 413 and "limit of 100 bytes" in body["error"] and "serving_max_body_bytes" in body["error"]
+    )
+    status, body = asyncio.run(post([b"x" * 60] * 5, []))  # chunked: no Content-Length
+    assert status == 413 and "limit of 100 bytes" in body["error"]
+    assert backends.holding == [], "nothing was forwarded"

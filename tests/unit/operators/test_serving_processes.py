@@ -5,6 +5,7 @@ is checked against the identity recorded when it started (start time and command
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -70,14 +71,19 @@ def test_a_pid_recorded_without_its_identity_is_never_signalled(tmp_path, monkey
     assert "recorded without the identity of its process" in caplog.text
 
 
-def test_the_recorded_process_itself_is_stopped_with_its_children(tmp_path):
-    code = "import subprocess, time; subprocess.Popen(['sleep', '120']); time.sleep(120)"
-    pid = start_detached([sys.executable, "-c", code], {}, tmp_path / "server.log")
+def test_the_recorded_process_itself_is_stopped_with_its_children_also_when_it_retitled_itself(tmp_path):
+    # as bentoml serve's process manager (circus) does with setproctitle once it runs
+    code = (
+        "import setproctitle, subprocess, time; time.sleep(0.5); setproctitle.setproctitle('circusd-arbiter');"
+        "subprocess.Popen(['sleep', '120']); time.sleep(120)"
+    )
+    pid = start_detached([sys.executable, "-c", code], dict(os.environ), tmp_path / "server.log")
     record = {"pid": pid, "process": identify(pid)}
     deadline = time.monotonic() + 10
-    while not psutil.Process(pid).children() and time.monotonic() < deadline:
+    while not psutil.Process(pid).children() and time.monotonic() < deadline:  # once it has retitled
         time.sleep(0.05)
     children = psutil.Process(pid).children()
+    assert psutil.Process(pid).cmdline() != record["process"]["cmdline"]
     assert children and process_alive(record)
     assert stop_tree(record, timeout=5)
     assert not process_alive(record)
