@@ -290,7 +290,7 @@ def test_requests_over_the_limits_get_a_413_naming_the_limit_and_its_setting(liv
         f"limit of {MAX_ROWS} rows" in answer.json()["error"] and "serving_max_rows" in answer.json()["error"]
     )
     assert live.client.post("/predict_batch", json={"rows": rows[:MAX_ROWS]}).status_code == 200
-    big = {"rows": rows * 8}  # over the body limit: refused before it is read
+    big = {"rows": rows * 12}  # over the body limit: refused before it is read
     assert len(json.dumps(big)) > MAX_BODY
     for url in (live.url, live.target.read_state(MODEL)["active"]["url"]):  # the stable address, the server
         answer = httpx.post(url + "/predict_batch", json=big, headers=HEADERS, timeout=30)
