@@ -748,7 +748,8 @@ class BentoDeployOperator(BaseOperator):
     :param port: port of the stable address (local target).
     :param feast_repo_path: Feast repository for online features (templated).
     :param feast_conn_id: optional ``feast`` connection of the online store.
-    :param bentoml_conn_id: optional ``bentoml`` connection; its password becomes the endpoint's API key.
+    :param bentoml_conn_id: optional ``bentoml`` connection; its password becomes the endpoint's API key
+        (an empty password fails the task before anything starts: :class:`ServingAuthError`).
     :param ready_timeout: seconds the new version may take to become ready.
     :param drain_timeout: seconds to wait for the old version's requests in flight.
     :param serve_env: extra environment for the server (e.g. ``MLOPS_SERVE_LOG_FLUSH_SECONDS``).
