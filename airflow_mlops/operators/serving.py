@@ -449,8 +449,8 @@ def _verified(ref: ProcessRef) -> tuple[Any, str]:
             child = _CHILDREN.get(int(pid))
             if isinstance(ref, dict) or (child is None and process.ppid() != os.getpid()):
                 return None, (
-                    f"pid {pid} was recorded without the identity of its process (start time, command "
-                    "line), so it cannot be told apart from another process that got the same pid"
+                    f"pid {pid} was recorded without the identity of its process (start time, executable), "
+                    "so it cannot be told apart from another process that got the same pid"
                 )
             if child is not None and child.poll() is not None:
                 return None, f"pid {pid} has exited"
