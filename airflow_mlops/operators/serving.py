@@ -170,7 +170,11 @@ def _feast_variables(feast_repo: str | None) -> list[str]:
 
 
 def serving_env(
-    hook: BentoMLHook, connections: Iterable[str | None] = (), **serve: str | None
+    hook: BentoMLHook,
+    connections: Iterable[str | None] = (),
+    *,
+    store_access: bool = True,
+    **serve: str | None,
 ) -> dict[str, str]:
     """Environment of a ``bentoml`` subprocess or the router: only what it needs, never the worker's whole
     environment.
@@ -181,13 +185,17 @@ def serving_env(
     tracking off, the ``[mlops]`` settings, the request limits, ``MLOPS_SERVE_<KEY>`` for each non-empty
     ``serve`` entry, and each connection the server uses (``bentoml_conn_id``, ``feast_conn_id``, the
     artifact store's, ``connections``, :meth:`BentoMLHook.server_environment`) as ``AIRFLOW_CONN_<ID>``, so
-    the server reads them without access to Airflow's metadata database or secrets backend.
+    the server reads them without access to Airflow's metadata database or secrets backend. With
+    ``store_access=False`` (the router, which only forwards requests) neither connections nor cloud
+    variables are passed.
     """
     from airflow_mlops.config import load_serving_settings
 
     settings = hook.store.settings
     limits = load_serving_settings()
-    allow = [*SERVING_ENV_ALLOW, *limits.env_allow, *CLOUD_ENV_FOR_SCHEME.get(settings.artifact_scheme, ())]
+    allow = [*SERVING_ENV_ALLOW, *limits.env_allow]
+    if store_access:
+        allow += CLOUD_ENV_FOR_SCHEME.get(settings.artifact_scheme, ())
     allow += _feast_variables(serve.get("feast_repo"))
     env = {name: value for name, value in os.environ.items() if _allowed(name, allow)}
     env.update(
@@ -208,6 +216,8 @@ def serving_env(
         if value:
             env[f"MLOPS_SERVE_{key.upper()}"] = str(value)
     conn_ids = {serve.get("bentoml_conn_id"), serve.get("feast_conn_id"), settings.artifact_conn_id}
+    if not store_access:
+        return env
     for conn_id in sorted(c for c in {*conn_ids, *connections} if c):
         env[f"AIRFLOW_CONN_{conn_id.upper()}"] = hook.get_connection(conn_id).as_json()
     env.update(hook.server_environment())
@@ -629,7 +639,7 @@ class LocalDeploymentTarget(DeploymentTarget):
             _write_json_atomic(routes, {"active": None, "generation": 0})
         pid = start_detached(
             [sys.executable, "-m", "airflow_mlops.ml.router", "--port", str(port), "--routes", str(routes)],
-            serving_env(self.hook),
+            serving_env(self.hook, store_access=False),  # it only forwards requests
             self.folder / "logs" / f"{state['name']}-router.log",
         )
         router = {"pid": pid, "process": identify(pid), "port": port, "url": f"http://127.0.0.1:{port}"}

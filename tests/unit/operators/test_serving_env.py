@@ -66,6 +66,8 @@ def test_cloud_variables_only_for_an_artifact_store_on_that_cloud(worker_env, mo
     env = serving_env(BentoMLHook(), model="m")
     assert env["AWS_SECRET_ACCESS_KEY"] == "aws-secret-value" and "AIRFLOW_CONN_STORE" in env
     assert "AIRFLOW__CORE__FERNET_KEY" not in env and "GITHUB_TOKEN" not in env
+    router = serving_env(BentoMLHook(), store_access=False)  # it only forwards requests
+    assert not [k for k in router if k.startswith(("AWS_", "AIRFLOW_CONN_"))]
 
 
 def test_the_setting_extends_the_allow_list_by_name_and_prefix(worker_env, monkeypatch):
