@@ -129,6 +129,49 @@ def _ray_num_cpus() -> int | None:
     return int(raw)
 
 
+#: defaults of the model server's request limits (``[mlops] serving_max_rows`` / ``serving_max_body_bytes``)
+DEFAULT_SERVING_MAX_ROWS = 5000
+DEFAULT_SERVING_MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """``[mlops]`` settings of the model server a deploy starts.
+
+    :param max_rows: most rows one ``/predict_batch`` request may carry (more: HTTP 413).
+    :param max_body_bytes: largest request body the server reads (more: HTTP 413).
+    :param env_allow: further environment variables (names, or prefixes ending in ``*``) the server and the
+        router inherit from the worker, beyond the built-in allow-list (``docs/security.md``).
+    """
+
+    max_rows: int = DEFAULT_SERVING_MAX_ROWS
+    max_body_bytes: int = DEFAULT_SERVING_MAX_BODY_BYTES
+    env_allow: tuple[str, ...] = ()
+
+
+def load_serving_settings() -> ServingSettings:
+    """Read ``[mlops] serving_max_rows``, ``serving_max_body_bytes`` and ``serving_env_allow`` (no I/O).
+
+    :raises MLOpsConfigError: a limit that is not a positive whole number.
+    """
+    limits = {}
+    for key, default in (
+        ("serving_max_rows", DEFAULT_SERVING_MAX_ROWS),
+        ("serving_max_body_bytes", DEFAULT_SERVING_MAX_BODY_BYTES),
+    ):
+        raw = _option(key)
+        if raw and (not raw.isdigit() or int(raw) < 1):
+            raise MLOpsConfigError(
+                f"[mlops] {key} must be a whole number of at least 1, got {raw!r}.",
+                fix=f"set AIRFLOW__MLOPS__{key.upper()} to e.g. {default}, or leave it empty for that default.",
+            )
+        limits[key] = int(raw) if raw else default
+    allow = tuple(v.strip() for v in _option("serving_env_allow").replace("\n", ",").split(",") if v.strip())
+    return ServingSettings(
+        max_rows=limits["serving_max_rows"], max_body_bytes=limits["serving_max_body_bytes"], env_allow=allow
+    )
+
+
 def check_settings(settings: MLOpsSettings) -> None:
     """Verify that the settings can be used on this worker: folders writable, connections present.
 

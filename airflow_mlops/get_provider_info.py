@@ -170,6 +170,24 @@ def get_provider_info() -> dict[str, Any]:
                         "2",
                         "",
                     ),
+                    "serving_max_rows": _option(
+                        "Most rows one /predict_batch request to a served model may carry (more: HTTP 413). "
+                        "Empty means 5000.",
+                        "5000",
+                        "",
+                    ),
+                    "serving_max_body_bytes": _option(
+                        "Largest request body a served model (and its router) reads (more: HTTP 413). Empty "
+                        "means 8388608 (8 MiB).",
+                        "8388608",
+                        "",
+                    ),
+                    "serving_env_allow": _option(
+                        "Further environment variables the model server and router inherit from the worker, "
+                        "comma-separated, a trailing * for a prefix (see docs/security.md).",
+                        "CORP_*, LD_LIBRARY_PATH",
+                        "",
+                    ),
                 },
             }
         },

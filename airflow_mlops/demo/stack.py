@@ -66,6 +66,22 @@ class AirflowRunFailed(AirflowStackError):
     """A DAG run ended ``failed``; the message carries the failed tasks and their log tails."""
 
 
+def exit_code(process: subprocess.Popen) -> int | None:
+    """The exit code of a component that has exited, None while it runs, WITHOUT reaping it: until it is
+    reaped its pid, which is also its process group's id, cannot be given to another process, so the
+    ``os.killpg`` that stops what is left of the group can never reach another process's group
+    (``Popen.poll`` would reap it and open that window)."""
+    if process.returncode is not None:
+        return process.returncode
+    try:
+        info = os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:  # reaped elsewhere
+        return process.poll()
+    if info is None:
+        return None
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+
 def _tail(path: Path, chars: int = 2500) -> str:
     try:
         return path.read_text(errors="replace")[-chars:]
@@ -212,23 +228,26 @@ class AirflowStack:
         if not self._running:
             return
         for name, process in list(self.processes.items()):
-            if process.poll() is None:
+            code = exit_code(process)
+            if code is None:
                 continue
             log_file = self.logs / f"{name}.log"
             done = self.restarts.get(name, 0)
             if done >= self.max_restarts:
                 self._running = False
                 raise AirflowStackError(
-                    f"airflow {name} exited with code {process.returncode}, after {done} restarts.\n"
+                    f"airflow {name} exited with code {code}, after {done} restarts.\n"
                     f"{log_file}:\n{_tail(log_file)}",
                     fix="read the log above; run `make demo` again to continue from the state reached.",
                 )
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)  # what is left of it (executor workers)
+                # what is left of it (executor workers); its pid, the group's id, is still held (not reaped)
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()  # reaped only now: from here on the pid may be given to another process
             self.restarts[name] = done + 1
             self._launch(name)
             message = (
-                f"airflow {name} exited with code {process.returncode} ({_last_error(log_file)}); "
+                f"airflow {name} exited with code {code} ({_last_error(log_file)}); "
                 f"started it again ({done + 1} of at most {self.max_restarts})"
             )
             if self.announce is not None:
@@ -238,9 +257,9 @@ class AirflowStack:
 
     def _healthy(self) -> bool:
         for name, process in self.processes.items():
-            if process.poll() is not None:
+            if (code := exit_code(process)) is not None:
                 raise AirflowStackError(
-                    f"airflow {name} exited with code {process.returncode} while starting.\n"
+                    f"airflow {name} exited with code {code} while starting.\n"
                     f"{self.logs / f'{name}.log'}:\n{_tail(self.logs / f'{name}.log')}",
                     fix="read the log above; a port in use or an unmigrated database are the usual causes.",
                 )

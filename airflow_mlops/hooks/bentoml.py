@@ -256,6 +256,14 @@ class BentoMLHook(BaseHook):
     def api_key(self) -> str | None:
         return self.connection.password if self.connection else None
 
+    def server_environment(self) -> dict[str, str]:
+        """Variables the model server needs for the registry beyond what
+        :func:`~airflow_mlops.operators.serving.serving_env` gives it: the connection of the key that
+        verifies signed registry records, as ``AIRFLOW_CONN_<ID>`` (:func:`registry_key_env`), when it
+        exists; the embedded default's key file is found through ``AIRFLOW__MLOPS__STATE_DIR``. The worker's
+        other variables never reach the server."""
+        return registry_key_env(self.registry_conn_id)
+
     def test_connection(self) -> tuple[bool, str]:
         try:
             self.model_store.list()

@@ -24,6 +24,10 @@ import httpx
 
 log = logging.getLogger(__name__)
 
+#: ``[mlops] serving_max_body_bytes``'s default (the deployer passes the setting as
+#: ``MLOPS_SERVE_MAX_BODY_BYTES``); not imported from the config so that the router does not import Airflow
+DEFAULT_SERVING_MAX_BODY_BYTES = 8 * 1024 * 1024
+
 STATUS_PATH = "/__router__"
 #: headers that describe one connection, not the message; never forwarded
 HOP_BY_HOP = frozenset(
@@ -69,8 +73,11 @@ class RouterApp:
     :param routes_path: the routes file the deployer writes.
     """
 
-    def __init__(self, routes_path: str) -> None:
+    def __init__(self, routes_path: str, max_body_bytes: int | None = None) -> None:
         self.routes = Routes(routes_path)
+        self.max_body_bytes = max_body_bytes or int(
+            os.environ.get("MLOPS_SERVE_MAX_BODY_BYTES") or DEFAULT_SERVING_MAX_BODY_BYTES
+        )
         self.inflight: Counter[str] = Counter()
         self.served = 0
         self.clients: dict[str, httpx.AsyncClient] = {}
@@ -93,12 +100,20 @@ class RouterApp:
         if scope["path"] == STATUS_PATH:
             await self._status(send)
             return
-        body = b""
-        more = True
+        # the body is buffered to be forwarded: never more of it than the servers behind would take
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+        chunks: list[bytes] = []
+        size = int(length) if length.isdigit() else 0
+        more = size <= self.max_body_bytes
         while more:
             message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+            chunks.append(message.get("body", b""))
+            size += 0 if length else len(chunks[-1])
+            more = message.get("more_body", False) and size <= self.max_body_bytes
+        if size > self.max_body_bytes:
+            await self._reply(send, 413, json.dumps({"error": self.too_large}).encode())
+            return
+        body = b"".join(chunks)
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in HOP_BY_HOP]
         target = scope["path"] + (
             ("?" + scope["query_string"].decode("latin-1")) if scope["query_string"] else ""
@@ -108,21 +123,26 @@ class RouterApp:
             await self._reply(send, 503, b'{"error": "no backend is deployed behind this address yet."}')
             return
         for attempt in range(2):
-            self.inflight[backend] += 1
+            # charged to the backend the request is sent to, and given back to that same backend: a retry
+            # below moves to another backend, and the drain of the old one waits on this count
+            sent_to = backend
+            self.inflight[sent_to] += 1
             try:
-                response = await self.client(backend).request(
+                response = await self.client(sent_to).request(
                     scope["method"], target, content=body, headers=headers
                 )
             except httpx.ConnectError:
                 # the backend went away; if a switch happened meanwhile, the new one answers instead
                 newer = self.routes.current().get("active")
-                if attempt == 0 and newer and newer != backend:
+                if attempt == 0 and newer and newer != sent_to:
                     backend = newer
                     continue
                 await self._reply(send, 502, b'{"error": "the active backend does not accept connections."}')
                 return
             finally:
-                self.inflight[backend] -= 1
+                self.inflight[sent_to] -= 1
+                if not self.inflight[sent_to]:
+                    del self.inflight[sent_to]
             break
         self.served += 1
         out_headers = [
@@ -134,6 +154,14 @@ class RouterApp:
         out_headers.append((b"x-mlops-backend", backend.encode("latin-1")))
         await send({"type": "http.response.start", "status": response.status_code, "headers": out_headers})
         await send({"type": "http.response.body", "body": response.content})
+
+    @property
+    def too_large(self) -> str:
+        return (
+            f"the request body is larger than the service's limit of {self.max_body_bytes} bytes "
+            "([mlops] serving_max_body_bytes, MLOPS_SERVE_MAX_BODY_BYTES on the server); send fewer rows per "
+            "request."
+        )
 
     async def _status(self, send: Any) -> None:
         routes = self.routes.current()

@@ -24,6 +24,9 @@ libraries at module level. What it serves comes from the environment, which
     already records every answered request, and writing a line per request took a fifth of the event
     loop's time at 700 requests/s (measured with py-spy on ``benchmarks/bench_serving.py``), which showed
     in the p99 latency.
+``MLOPS_SERVE_MAX_ROWS`` / ``MLOPS_SERVE_MAX_BODY_BYTES``
+    most rows of one ``/predict_batch`` request and largest request body (defaults 5000 rows, 8 MiB; the
+    deployer sets them from ``[mlops] serving_max_rows`` / ``serving_max_body_bytes``); beyond: HTTP 413.
 
 The request and answer schemas are the model's own: when the module is imported it reads the served
 version's registry record and its :class:`~airflow_mlops.ml.signature.ModelSignature`, and builds ``Row``
@@ -63,16 +66,18 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Generic, Protocol, TypeVar
+from http import HTTPStatus
+from typing import Annotated, Any, Generic, Protocol, TypeVar
 
 import bentoml
-from bentoml.exceptions import ServiceUnavailable
-from pydantic import BaseModel
+from bentoml.exceptions import BentoMLException, ServiceUnavailable
+from pydantic import BaseModel, BeforeValidator, Field
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from airflow_mlops.config import DEFAULT_SERVING_MAX_BODY_BYTES, DEFAULT_SERVING_MAX_ROWS
 from airflow_mlops.exceptions import FeatureStoreError, MLOpsError
 from airflow_mlops.ml.prediction_log import PredictionLogWriter, make_record
 from airflow_mlops.ml.signature import (
@@ -197,6 +202,8 @@ class ServeSettings:
     flush_seconds: float = 5.0
     model_threads: int = 1
     access_log: bool = False
+    max_rows: int = DEFAULT_SERVING_MAX_ROWS
+    max_body_bytes: int = DEFAULT_SERVING_MAX_BODY_BYTES
 
     @classmethod
     def from_env(cls) -> ServeSettings:
@@ -213,6 +220,10 @@ class ServeSettings:
             model_threads=max(1, int(env.get("MLOPS_SERVE_MODEL_THREADS") or 1)),
             access_log=(env.get("MLOPS_SERVE_ACCESS_LOG") or "").strip().lower()
             in ("1", "true", "yes", "on"),
+            max_rows=max(1, int(env.get("MLOPS_SERVE_MAX_ROWS") or DEFAULT_SERVING_MAX_ROWS)),
+            max_body_bytes=max(
+                1, int(env.get("MLOPS_SERVE_MAX_BODY_BYTES") or DEFAULT_SERVING_MAX_BODY_BYTES)
+            ),
         )
 
 
@@ -233,6 +244,8 @@ class ServingState:
     loaded: LoadedModel | None = None
     error: str | None = None
     api_key: str | None = None
+    #: an API key was configured (a ``bentoml`` connection): requests need it even when it came back empty
+    auth_required: bool = False
     unavailable: str | None = None
     unavailable_at: float = 0.0
 
@@ -305,6 +318,23 @@ Row = SCHEMA.request
 Answer = SCHEMA.response
 
 
+class RequestTooLarge(BentoMLException):
+    """A request over one of the service's limits; :class:`GuardMiddleware` answers it with a 413 naming it."""
+
+    error_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+def _count_rows(rows: Any) -> Any:
+    """Refuse a ``/predict_batch`` request of more than ``max_rows`` rows before any row is validated."""
+    if isinstance(rows, list) and len(rows) > SETTINGS.max_rows:
+        raise RequestTooLarge(f"{len(rows)} rows")
+    return rows
+
+
+#: the rows of one /predict_batch request, at most ``max_rows`` (counted before they are validated)
+BatchRows = Annotated[list[Row], BeforeValidator(_count_rows), Field(max_length=SETTINGS.max_rows)]
+
+
 def load_model(settings: ServeSettings, schema: ServedSchema) -> LoadedModel:
     """Load the version whose schema is served through the registry (sha256 checked) and prepare its
     feature lookup.
@@ -372,8 +402,23 @@ def warm_up_row(signature: ModelSignature) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------- ASGI pieces
+def too_large(limit: str, settings: ServeSettings) -> str:
+    """The body of a 413: which limit, its value, and the setting that sets it."""
+    if limit == "body":
+        return (
+            f"the request body is larger than the service's limit of {settings.max_body_bytes} bytes "
+            "([mlops] serving_max_body_bytes, MLOPS_SERVE_MAX_BODY_BYTES on the server); send fewer rows per request."
+        )
+    return (
+        f"the request carries more than the service's limit of {settings.max_rows} rows per /predict_batch "
+        "request ([mlops] serving_max_rows, MLOPS_SERVE_MAX_ROWS on the server); split it into smaller requests."
+    )
+
+
 class GuardMiddleware:
-    """Checks the API key (when one is configured) and gives every 503 a body that says why."""
+    """Checks the API key (when one is configured) and the request body's size (``Content-Length`` before
+    anything is read; a body without it is counted as it arrives), answers a request over a limit with a 413
+    naming the limit and its setting, and gives every 503 a body that says why."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -382,7 +427,7 @@ class GuardMiddleware:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        if STATE.api_key and not self._authorized(scope):
+        if (STATE.api_key or STATE.auth_required) and not self._authorized(scope):
             response = JSONResponse(
                 {"error": "missing or wrong API key; send 'Authorization: Bearer <key>' or 'X-API-Key'."},
                 status_code=401,
@@ -390,15 +435,36 @@ class GuardMiddleware:
             )
             await response(scope, receive, send)
             return
+        limit = SETTINGS.max_body_bytes
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        over = ""
+        if length is not None and length.isdigit() and int(length) > limit:
+            await JSONResponse({"error": too_large("body", SETTINGS)}, status_code=413)(scope, receive, send)
+            return
+        if length is None:  # e.g. chunked: count the body as it arrives
+            inner, seen = receive, 0
+
+            async def receive() -> dict:
+                nonlocal seen, over
+                message = await inner()
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    over = "body"
+                    raise RequestTooLarge("body")
+                return message
+
         replaced = False
 
         async def send_with_reason(message: dict) -> None:
             nonlocal replaced
-            if message["type"] == "http.response.start" and message["status"] == 503:
+            if message["type"] == "http.response.start" and message["status"] in (503, 413):
                 replaced = True
-                response = JSONResponse(
-                    {"error": STATE.reason()}, status_code=503, headers={"Retry-After": "1"}
-                )
+                if message["status"] == 413:
+                    response = JSONResponse({"error": too_large(over or "rows", SETTINGS)}, status_code=413)
+                else:
+                    response = JSONResponse(
+                        {"error": STATE.reason()}, status_code=503, headers={"Retry-After": "1"}
+                    )
                 await response(scope, receive, send)
                 return
             if replaced:
@@ -411,7 +477,7 @@ class GuardMiddleware:
     def _authorized(scope: dict) -> bool:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
-        return hmac.compare_digest(given.encode(), (STATE.api_key or "").encode())
+        return bool(STATE.api_key) and hmac.compare_digest(given.encode(), (STATE.api_key or "").encode())
 
 
 async def _ready(_: Request) -> JSONResponse:
@@ -711,6 +777,12 @@ class ModelService:
         self.settings = SETTINGS
         STATE.model = self.settings.model
         STATE.api_key = BentoMLHook(bentoml_conn_id=self.settings.bentoml_conn_id).api_key
+        if self.settings.bentoml_conn_id and not STATE.api_key:  # never "no key" means "no auth"
+            STATE.auth_required = True
+            STATE.error = (
+                f"connection {self.settings.bentoml_conn_id!r} sets the API key, but its password is empty; "
+                "set it (the deploy task refuses this too)."
+            )
         self.prediction_log = PredictionLogWriter(
             self.settings.model or "unknown", self.settings.flush_rows, self.settings.flush_seconds
         )
@@ -803,7 +875,7 @@ class ModelService:
         return [Answer(**answer, model=loaded.name, model_version=loaded.version) for answer in task_answers]
 
     @bentoml.api(batchable=True, max_batch_size=1024, max_latency_ms=10000)
-    async def predict_batch(self, rows: list[Row]) -> list[Answer]:
+    async def predict_batch(self, rows: BatchRows) -> list[Answer]:
         """The model's answers for a list of rows (adaptive batching merges concurrent requests)."""
         self._require_model()
         return await asyncio.get_running_loop().run_in_executor(

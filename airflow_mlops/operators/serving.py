@@ -21,12 +21,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from pathlib import Path
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 from airflow.sdk.configuration import conf
+from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_mlops.exceptions import MLOpsArgumentError, ServingError
 from airflow_mlops.hooks.bentoml import BentoMLHook, ModelRegistryError, check_model_name
@@ -87,32 +89,158 @@ def docker_available() -> bool:
         return False
 
 
-#: the metadata-DB URL Airflow gives task processes to block database access from task code
-BLOCKED_DB_URL = "airflow-db-not-allowed:"
+#: Variables the model server, its build and the router inherit from the worker; a trailing ``*`` matches a
+#: prefix. Everything else (Airflow's JWT secret and fernet key, the metadata-DB URL, other connections,
+#: cloud keys) stays with the worker. ``[mlops] serving_env_allow`` adds names (docs/security.md).
+SERVING_ENV_ALLOW: tuple[str, ...] = (
+    # the process itself: where programs, the user's home, the locale and the time zone are
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LANGUAGE",
+    "LC_*",
+    "TZ",
+    "TMPDIR",
+    # Python and the virtualenv the worker runs in
+    "PYTHONPATH",
+    "VIRTUAL_ENV",
+    "PYTHONDONTWRITEBYTECODE",
+    "PYTHONPYCACHEPREFIX",
+    "PYTHONUNBUFFERED",
+    # threads of the numeric libraries
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    # the installation's configuration file (the server reads [mlops] and [logging] from it)
+    "AIRFLOW_HOME",
+    "AIRFLOW_CONFIG",
+    # our own settings and the variables a Feast repository of ours names
+    "AIRFLOW__MLOPS__*",
+    "AIRFLOW_MLOPS_*",
+    "MLOPS_*",
+    # BentoML's own settings (not BentoCloud's tokens)
+    "BENTOML_HOME",
+    "BENTOML_CONFIG",
+    "BENTOML_CONFIG_OPTIONS",
+    "BENTOML_DO_NOT_TRACK",
+    "BENTOML_DEBUG",
+    "BENTOML_QUIET",
+    # proxies and the certificates to trust
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "ALL_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "all_proxy",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+)
+
+#: Cloud variables passed only when the artifact store is on that cloud: the server reads the registry and
+#: writes the prediction log there, through the ``[mlops] artifact_conn_id`` connection, which may rely on
+#: the ambient credentials of the worker (a profile, a web-identity token, a key file).
+CLOUD_ENV_FOR_SCHEME: dict[str, tuple[str, ...]] = {
+    "s3": ("AWS_*",),
+    "gs": ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT", "CLOUDSDK_*"),
+    "gcs": ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT", "CLOUDSDK_*"),
+}
 
 
-def serving_env(hook: BentoMLHook, **serve: str | None) -> dict[str, str]:
-    """Environment of a ``bentoml`` subprocess: BentoML home inside the state folder, no usage tracking,
-    the ``[mlops]`` locations, and ``MLOPS_SERVE_<KEY>`` for each non-empty ``serve`` entry."""
+def _allowed(name: str, patterns: Iterable[str]) -> bool:
+    return any(name.startswith(p[:-1]) if p.endswith("*") else name == p for p in patterns)
+
+
+def _feast_variables(feast_repo: str | None) -> list[str]:
+    """The ``${VAR}`` names the served Feast repository's ``feature_store.yaml`` uses (the server fills them
+    in when it opens the online store, so it needs them)."""
+    if not feast_repo:
+        return []
+    from airflow_mlops.hooks.feast import _VAR, FEATURE_STORE_YAML
+
+    try:
+        return _VAR.findall((Path(feast_repo) / FEATURE_STORE_YAML).read_text())
+    except OSError:
+        return []
+
+
+def serving_env(
+    hook: BentoMLHook,
+    connections: Iterable[str | None] = (),
+    *,
+    store_access: bool = True,
+    **serve: str | None,
+) -> dict[str, str]:
+    """Environment of a ``bentoml`` subprocess or the router: only what it needs, never the worker's whole
+    environment.
+
+    It holds the variables of :data:`SERVING_ENV_ALLOW` and ``[mlops] serving_env_allow`` found in the
+    worker's environment, the cloud variables of the artifact store's scheme (:data:`CLOUD_ENV_FOR_SCHEME`),
+    the variables the served Feast repository names, BentoML home inside the state folder with usage
+    tracking off, the ``[mlops]`` settings, the request limits, ``MLOPS_SERVE_<KEY>`` for each non-empty
+    ``serve`` entry, and each connection the server uses (``bentoml_conn_id``, ``feast_conn_id``, the
+    artifact store's, ``connections``, :meth:`BentoMLHook.server_environment`) as ``AIRFLOW_CONN_<ID>``, so
+    the server reads them without access to Airflow's metadata database or secrets backend. With
+    ``store_access=False`` (the router, which only forwards requests) neither connections nor cloud
+    variables are passed.
+    """
+    from airflow_mlops.config import load_serving_settings
+
     settings = hook.store.settings
-    env = {
-        **os.environ,
-        "BENTOML_HOME": str(hook.home),
-        "BENTOML_DO_NOT_TRACK": "True",
-        "AIRFLOW__MLOPS__STATE_DIR": str(settings.state_dir),
-        "AIRFLOW__MLOPS__ARTIFACT_ROOT": settings.artifact_root,
-    }
+    limits = load_serving_settings()
+    allow = [*SERVING_ENV_ALLOW, *limits.env_allow]
+    if store_access:
+        allow += CLOUD_ENV_FOR_SCHEME.get(settings.artifact_scheme, ())
+    allow += _feast_variables(serve.get("feast_repo"))
+    env = {name: value for name, value in os.environ.items() if _allowed(name, allow)}
+    env.update(
+        {
+            "BENTOML_HOME": str(hook.home),
+            "BENTOML_DO_NOT_TRACK": "True",
+            "AIRFLOW__MLOPS__STATE_DIR": str(settings.state_dir),
+            "AIRFLOW__MLOPS__ARTIFACT_ROOT": settings.artifact_root,
+            "AIRFLOW__MLOPS__OFFLINE_ROOT": settings.offline_root,
+            "AIRFLOW__MLOPS__LANDING_ROOT": settings.landing_root,
+            "MLOPS_SERVE_MAX_ROWS": str(limits.max_rows),
+            "MLOPS_SERVE_MAX_BODY_BYTES": str(limits.max_body_bytes),
+        }
+    )
     if settings.artifact_conn_id:
         env["AIRFLOW__MLOPS__ARTIFACT_CONN_ID"] = settings.artifact_conn_id
-    # A task process runs with the metadata DB blocked (Airflow sets these to an unparseable URL); the
-    # bentoml processes import Airflow's configuration too, so give them the installation's own setting.
-    for key in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CORE__SQL_ALCHEMY_CONN"):
-        if env.get(key, "").startswith(BLOCKED_DB_URL):
-            del env[key]
     for key, value in serve.items():
         if value:
             env[f"MLOPS_SERVE_{key.upper()}"] = str(value)
+    conn_ids = {serve.get("bentoml_conn_id"), serve.get("feast_conn_id"), settings.artifact_conn_id}
+    if not store_access:
+        return env
+    for conn_id in sorted(c for c in {*conn_ids, *connections} if c):
+        env[f"AIRFLOW_CONN_{conn_id.upper()}"] = hook.get_connection(conn_id).as_json()
+    env.update(hook.server_environment())
     return env
+
+
+def check_api_key(hook: BentoMLHook) -> None:
+    """Refuse to serve with an API key configured (a ``bentoml`` connection) but empty: the service would
+    answer anyone, silently.
+
+    :raises ServingAuthError: naming the connection and the two ways out.
+    """
+    if hook.bentoml_conn_id and not (hook.api_key or "").strip():
+        raise ServingAuthError(
+            f"connection {hook.bentoml_conn_id!r} sets the served endpoint's API key, but its password is "
+            "empty: the endpoint would answer requests without any key.",
+            fix=f"set the password of connection {hook.bentoml_conn_id!r} to the API key clients must send, "
+            "or deploy without bentoml_conn_id to serve without an API key on purpose.",
+        )
+
+
+class ServingAuthError(ServingError, AirflowFailException):
+    """Serving was configured with an API key that is empty; nothing is started (retrying cannot help)."""
 
 
 def check_signature(record: dict[str, Any], version: str) -> None:
@@ -285,24 +413,89 @@ class BentoBuildOperator(BaseOperator):
 
 # ---------------------------------------------------------------------------------------------- processes
 _CHILDREN: dict[int, subprocess.Popen] = {}
+log = logging.getLogger(__name__)
+
+#: a process given as its pid (a child of this process), or as a record holding ``pid`` and the
+#: ``process`` identity :func:`identify` took when it started (a backend or router of the state file)
+ProcessRef = int | dict[str, Any] | None
+NO_PROCESS = "no process recorded"
 
 
-def process_alive(pid: int | None) -> bool:
-    """Whether ``pid`` runs (a child of ours that exited, not yet reaped, does not)."""
+def identify(pid: int) -> dict[str, Any] | None:
+    """``{"pid", "create_time", "exe", "cmdline"}`` of a running process, recorded when we start it so that a
+    later stop can tell it from another process that got the same pid after it exited; None when it is gone.
+
+    A later check compares the start time and the executable, not the command line: ``bentoml serve``'s
+    process manager (circus) retitles itself with ``setproctitle`` once it runs, which rewrites what
+    ``/proc/<pid>/cmdline`` shows. The command line is kept to name the process in messages."""
     import psutil
 
+    try:
+        process = psutil.Process(pid)
+        cmdline, deadline = process.cmdline(), time.monotonic() + 2
+        while not cmdline and time.monotonic() < deadline:  # read right after exec, it can still be empty
+            time.sleep(0.01)
+            cmdline = process.cmdline()
+        return {"pid": pid, "create_time": process.create_time(), "exe": process.exe(), "cmdline": cmdline}
+    except psutil.Error:
+        return None
+
+
+def _verified(ref: ProcessRef) -> tuple[Any, str]:
+    """``(psutil.Process, "")`` when ``ref`` still names the process it was recorded for, else
+    ``(None, why not)``. A pid alone is trusted only for a child of this process not yet reaped (its pid
+    cannot have been given to another process); a record only when start time and executable match."""
+    import psutil
+
+    if isinstance(ref, dict):
+        pid, identity = ref.get("pid"), ref.get("process")
+    else:
+        pid, identity = ref, None
     if not pid:
-        return False
-    if pid in _CHILDREN and _CHILDREN[pid].poll() is not None:
+        return None, NO_PROCESS
+    try:
+        process = psutil.Process(int(pid))
+        if identity is None:
+            child = _CHILDREN.get(int(pid))
+            if isinstance(ref, dict) or (child is None and process.ppid() != os.getpid()):
+                return None, (
+                    f"pid {pid} was recorded without the identity of its process (start time, executable), "
+                    "so it cannot be told apart from another process that got the same pid"
+                )
+            if child is not None and child.poll() is not None:
+                return None, f"pid {pid} has exited"
+            return process, ""
+        same_start = abs(process.create_time() - float(identity.get("create_time") or 0)) < 0.01
+        if not same_start or process.exe() != identity.get("exe"):
+            return None, (
+                f"pid {pid} now belongs to another process ({' '.join(process.cmdline())[:200]!r}, started "
+                f"{datetime.fromtimestamp(process.create_time(), UTC).isoformat()}); the recorded one "
+                f"({' '.join(identity.get('cmdline') or [])[:200]!r}) has exited"
+            )
+        return process, ""
+    except psutil.NoSuchProcess:
+        return None, f"pid {pid} has exited"
+    except psutil.Error as err:
+        return None, f"pid {pid} cannot be inspected ({type(err).__name__})"
+
+
+def process_alive(ref: ProcessRef) -> bool:
+    """Whether the process ``ref`` names runs (a child of ours that exited, not yet reaped, does not; nor
+    does another process that got a recorded pid)."""
+    import psutil
+
+    process, _ = _verified(ref)
+    if process is None:
         return False
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return process.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
 
 
 def start_detached(command: list[str], env: dict[str, str], log_path: Path) -> int:
-    """Start ``command`` in its own session (it outlives the task), output appended to ``log_path``."""
+    """Start ``command`` in its own session (it outlives the task), output appended to ``log_path``.
+    Record its :func:`identify` with the pid wherever it is kept for a later :func:`stop_tree`."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
         process = subprocess.Popen(
@@ -318,17 +511,23 @@ def start_detached(command: list[str], env: dict[str, str], log_path: Path) -> i
     return process.pid
 
 
-def stop_tree(pid: int | None, timeout: float = 30.0) -> None:
+def stop_tree(ref: ProcessRef, timeout: float = 30.0) -> bool:
     """Stop a process and everything it started: SIGTERM (graceful), then SIGKILL after ``timeout``.
 
-    ``bentoml serve`` runs its workers in sessions of their own, so they are collected before the stop.
+    The process is checked first (:func:`_verified`): a pid that now belongs to another process is never
+    signalled; a warning says which pid was left alone and why. ``bentoml serve`` runs its workers in
+    sessions of their own, so they are collected before the stop. Returns whether something was stopped.
     """
     import psutil
 
-    if not pid:
-        return
+    pid = ref.get("pid") if isinstance(ref, dict) else ref
+    root, why = _verified(ref)
+    if root is None:
+        if why not in (NO_PROCESS, f"pid {pid} has exited"):
+            log.warning("Not stopping pid %s: %s. Nothing was signalled.", pid, why)
+        _CHILDREN.pop(int(pid or 0), None)
+        return False
     try:
-        root = psutil.Process(pid)
         tree = [root, *root.children(recursive=True)]
     except psutil.Error:
         tree = []
@@ -340,10 +539,11 @@ def stop_tree(pid: int | None, timeout: float = 30.0) -> None:
         with contextlib.suppress(psutil.Error):
             process.kill()
     psutil.wait_procs(alive, timeout=5)
-    child = _CHILDREN.pop(pid, None)
+    child = _CHILDREN.pop(int(pid), None)
     if child is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(timeout=5)
+    return True
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -422,7 +622,7 @@ class LocalDeploymentTarget(DeploymentTarget):
     def router_status(self, router: dict[str, Any] | None) -> dict[str, Any] | None:
         import httpx
 
-        if not router or not process_alive(router.get("pid")):
+        if not router or not process_alive(router):
             return None
         try:
             response = httpx.get(router["url"] + "/__router__", timeout=5)
@@ -433,20 +633,20 @@ class LocalDeploymentTarget(DeploymentTarget):
     def ensure_router(self, state: dict[str, Any], port: int) -> dict[str, Any]:
         if self.router_status(state.get("router")):
             return state["router"]
-        stop_tree((state.get("router") or {}).get("pid"), timeout=5)
+        stop_tree(state.get("router"), timeout=5)
         routes = self.routes_path(state["name"])
         if not routes.exists():
             _write_json_atomic(routes, {"active": None, "generation": 0})
         pid = start_detached(
             [sys.executable, "-m", "airflow_mlops.ml.router", "--port", str(port), "--routes", str(routes)],
-            serving_env(self.hook),
+            serving_env(self.hook, store_access=False),  # it only forwards requests
             self.folder / "logs" / f"{state['name']}-router.log",
         )
-        router = {"pid": pid, "port": port, "url": f"http://127.0.0.1:{port}"}
+        router = {"pid": pid, "process": identify(pid), "port": port, "url": f"http://127.0.0.1:{port}"}
         deadline = time.monotonic() + 30
         while not self.router_status(router):
-            if time.monotonic() > deadline or not process_alive(pid):
-                stop_tree(pid, timeout=5)
+            if time.monotonic() > deadline or not process_alive(router):
+                stop_tree(router, timeout=5)
                 raise ServingError(
                     f"the router of deployment {state['name']!r} did not start on port {port}.",
                     fix=f"free the port or choose another one; see {self.folder / 'logs'}.",
@@ -477,6 +677,7 @@ class LocalDeploymentTarget(DeploymentTarget):
         return {
             **spec,
             "pid": pid,
+            "process": identify(pid),  # checked before any later stop: the pid may be another's by then
             "port": port,
             "url": f"http://127.0.0.1:{port}",
             "log": str(log_path),
@@ -514,21 +715,21 @@ class LocalDeploymentTarget(DeploymentTarget):
             status = self.router_status(router) or {"inflight": {}}
             quiet = quiet + 1 if not status["inflight"].get(backend["url"]) else 0
             time.sleep(0.05)
-        stop_tree(backend.get("pid"), timeout=self.drain_timeout)
+        stop_tree(backend, timeout=self.drain_timeout)
 
     def backend_ready(self, backend: dict[str, Any] | None) -> bool:
         from airflow_mlops.sensors.serving import probe
 
-        return bool(backend) and process_alive(backend.get("pid")) and probe(backend["url"])[0]
+        return bool(backend) and process_alive(backend) and probe(backend["url"])[0]
 
     def teardown(self, deployment: str) -> None:
         """Stop everything of a deployment (router, live and pending versions); its history is kept."""
         with self.locked(deployment) as state:
             for key in ("pending", "active"):
-                stop_tree((state.get(key) or {}).get("pid"), timeout=15)
+                stop_tree(state.get(key), timeout=15)
                 if state.get(key):
                     state[key]["pid"] = None
-            stop_tree((state.get("router") or {}).get("pid"), timeout=15)
+            stop_tree(state.get("router"), timeout=15)
             state["router"] = None
             state["history"].append({"at": _now(), "action": "teardown"})
 
@@ -557,7 +758,8 @@ class BentoDeployOperator(BaseOperator):
     :param port: port of the stable address (local target).
     :param feast_repo_path: Feast repository for online features (templated).
     :param feast_conn_id: optional ``feast`` connection of the online store.
-    :param bentoml_conn_id: optional ``bentoml`` connection; its password becomes the endpoint's API key.
+    :param bentoml_conn_id: optional ``bentoml`` connection; its password becomes the endpoint's API key
+        (an empty password fails the task before anything starts: :class:`ServingAuthError`).
     :param ready_timeout: seconds the new version may take to become ready.
     :param drain_timeout: seconds to wait for the old version's requests in flight.
     :param serve_env: extra environment for the server (e.g. ``MLOPS_SERVE_LOG_FLUSH_SECONDS``).
@@ -642,7 +844,13 @@ class BentoDeployOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         return self.deploy(self.resolve(), action="deploy", context=context)
 
+    @staticmethod
+    def run_key(context: Context) -> str:
+        """``<dag_id>/<run_id>/<task_id>``: which task run made a history entry (a rerun recognises its own)."""
+        return f"{context['ti'].dag_id}/{context['run_id']}/{context['ti'].task_id}"
+
     def deploy(self, what: dict[str, Any], *, action: str, context: Context) -> dict[str, Any]:
+        check_api_key(self.hook)  # before anything starts: an empty key must not mean "no auth"
         with self.local.locked(self.deployment) as state:
             router = self.local.ensure_router(state, int(self.port))
             active = state.get("active")
@@ -656,7 +864,7 @@ class BentoDeployOperator(BaseOperator):
                     "Version %s is already live at %s; nothing to do", active["version"], router["url"]
                 )
                 return self._result(state, switched=False)
-            stop_tree((state.get("pending") or {}).get("pid"), timeout=10)
+            stop_tree(state.get("pending"), timeout=10)
             spec = {
                 "deployment": self.deployment,
                 "model": self.model_name,
@@ -680,9 +888,11 @@ class BentoDeployOperator(BaseOperator):
         if self.deferrable:
             from airflow_mlops.triggers.serving import BentoEndpointTrigger
 
+            # the resumed task is a new instance: what complete() records travels in next_kwargs
             self.defer(
                 trigger=BentoEndpointTrigger(url=pending["url"], timeout=float(self.ready_timeout)),
                 method_name="execute_complete",
+                kwargs={"run_key": self.run_key(context)},
                 timeout=timedelta(seconds=float(self.ready_timeout) + 120),
             )
         from airflow_mlops.sensors.serving import probe
@@ -692,16 +902,24 @@ class BentoDeployOperator(BaseOperator):
         while True:
             ready, seen = probe(pending["url"])
             if ready:
-                return self.complete({"status": "ready", "url": pending["url"]})
-            if time.monotonic() > deadline or not process_alive(pending["pid"]):
-                return self.complete({"status": "timeout", "url": pending["url"], "message": seen})
+                return self.complete(
+                    {"status": "ready", "url": pending["url"]}, run_key=self.run_key(context)
+                )
+            if time.monotonic() > deadline or not process_alive(pending):
+                return self.complete(
+                    {"status": "timeout", "url": pending["url"], "message": seen},
+                    run_key=self.run_key(context),
+                )
             time.sleep(0.5)
 
-    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
-        return self.complete(event)
+    def execute_complete(
+        self, context: Context, event: dict[str, Any], run_key: str | None = None
+    ) -> dict[str, Any]:
+        return self.complete(event, run_key=run_key or self.run_key(context))
 
-    def complete(self, event: dict[str, Any]) -> dict[str, Any]:
-        """Switch to the pending version if it became ready (state read from the state file and the event)."""
+    def complete(self, event: dict[str, Any], run_key: str | None = None) -> dict[str, Any]:
+        """Switch to the pending version if it became ready (state read from the state file and the event);
+        the history entry records ``run_key``, the task run that made it."""
         with self.local.locked(self.deployment) as state:
             pending = state.get("pending")
             if not pending or pending["url"] != event.get("url"):
@@ -711,7 +929,7 @@ class BentoDeployOperator(BaseOperator):
                     fix="rerun the deploy task.",
                 )
             if event.get("status") != "ready":
-                stop_tree(pending["pid"], timeout=10)
+                stop_tree(pending, timeout=10)
                 state["pending"] = None
                 state["history"].append(
                     {"at": _now(), "action": f"{pending['action']}-failed", "version": pending["version"]}
@@ -737,6 +955,7 @@ class BentoDeployOperator(BaseOperator):
                     "version": pending["version"],
                     "bento": pending.get("bento"),
                     "previous_version": old["version"] if old else None,
+                    "run_key": run_key,
                 }
             )
             self.log.info(
@@ -773,7 +992,7 @@ class BentoRollbackOperator(BentoDeployOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         state = self.local.read_state(self.deployment)
-        run_key = f"{context['ti'].dag_id}/{context['run_id']}/{context['ti'].task_id}"
+        run_key = self.run_key(context)
         last = state["history"][-1] if state["history"] else {}
         if last.get("action") == "rollback" and last.get("run_key") == run_key and state.get("active"):
             self.log.info("This task already rolled back to %s", state["active"]["version"])
@@ -791,12 +1010,9 @@ class BentoRollbackOperator(BentoDeployOperator):
         index = self.hook.read_index(self.model_name)
         check_signature(self.hook.version_record(index, previous["version"]), previous["version"])
         self.hook.model_dir(self.model_name, previous["version"])
-        result = self.deploy(
+        # complete() records the run key with the rollback, also when the task resumes after deferring
+        return self.deploy(
             {"version": previous["version"], "bento": previous.get("bento")},
             action="rollback",
             context=context,
         )
-        with self.local.locked(self.deployment) as state:
-            if state["history"] and state["history"][-1].get("action") == "rollback":
-                state["history"][-1]["run_key"] = run_key
-        return result

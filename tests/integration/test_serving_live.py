@@ -49,6 +49,14 @@ MODEL = "serving_it"
 API_KEY = "it-api-key-123"
 CONN = "bentoml_serving_it"
 HEADERS = {"X-API-Key": API_KEY}
+WORKER_SECRETS = {
+    "AIRFLOW__API_AUTH__JWT_SECRET": "it-jwt-secret-4b1d",
+    "AIRFLOW__CORE__FERNET_KEY": "it-fernet-key-9c2e",
+    "AWS_SECRET_ACCESS_KEY": "it-aws-secret-7f3a",
+    "AIRFLOW_CONN_WAREHOUSE": "postgresql://etl:it-warehouse-password-1e8@db/warehouse",
+}
+MAX_ROWS = 100
+MAX_BODY = 64 * 1024
 
 
 def _context(task_id: str = "deploy", run_id: str = "manual__1") -> dict:
@@ -86,6 +94,10 @@ def live(tmp_path_factory):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("AIRFLOW__MLOPS__STATE_DIR", str(tmp_path_factory.mktemp("serving-state")))
         env.setenv(f"AIRFLOW_CONN_{CONN.upper()}", json.dumps({"conn_type": "bentoml", "password": API_KEY}))
+        for name, value in WORKER_SECRETS.items():  # what an Airflow worker has in its environment
+            env.setenv(name, value)
+        env.setenv("AIRFLOW__MLOPS__SERVING_MAX_ROWS", str(MAX_ROWS))
+        env.setenv("AIRFLOW__MLOPS__SERVING_MAX_BODY_BYTES", str(MAX_BODY))
         yield from _live(tmp_path_factory.mktemp("serving-models"))
 
 
@@ -247,6 +259,60 @@ def test_fuzzing_the_openapi_finds_no_server_error(live):
 def test_the_server_still_answers_after_fuzzing(live):
     answer = live.client.post("/predict", json={"row": _flights(1)[0]})
     assert answer.status_code == 200 and answer.json()["model_version"] == live.versions["a"]
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+def test_the_workers_secrets_are_not_in_the_server_or_router_environment(live):
+    state = live.target.read_state(MODEL)
+    server = psutil.Process(state["active"]["pid"])
+    processes = [server, *server.children(recursive=True), psutil.Process(state["router"]["pid"])]
+    assert len(processes) >= 3, "the server, its worker(s) and the router"
+    for process in processes:
+        environ = _environ(process.pid)
+        leaked = {k for k, v in environ.items() if any(s in v for s in WORKER_SECRETS.values())}
+        assert not leaked, f"{' '.join(process.cmdline())[:120]} has {sorted(leaked)}"
+        assert not set(WORKER_SECRETS) & set(environ)
+    server_env = _environ(server.pid)
+    assert server_env["MLOPS_SERVE_MODEL"] == MODEL and server_env["BENTOML_DO_NOT_TRACK"] == "True"
+    # the one secret it needs, the API key, comes in its own connection
+    assert API_KEY in server_env[f"AIRFLOW_CONN_{CONN.upper()}"]
+
+
+def test_requests_over_the_limits_get_a_413_naming_the_limit_and_its_setting(live):
+    rows = (_flights(50, seed=7) * 3)[: MAX_ROWS + 1]
+    answer = live.client.post("/predict_batch", json={"rows": rows})
+    assert answer.status_code == 413, answer.text
+    assert (
+        f"limit of {MAX_ROWS} rows" in answer.json()["error"] and "serving_max_rows" in answer.json()["error"]
+    )
+    assert live.client.post("/predict_batch", json={"rows": rows[:MAX_ROWS]}).status_code == 200
+    big = {"rows": rows * 12}  # over the body limit: refused before it is read
+    assert len(json.dumps(big)) > MAX_BODY
+    for url in (live.url, live.target.read_state(MODEL)["active"]["url"]):  # the stable address, the server
+        answer = httpx.post(url + "/predict_batch", json=big, headers=HEADERS, timeout=30)
+        assert answer.status_code == 413, answer.text
+        assert f"limit of {MAX_BODY} bytes" in answer.json()["error"]
+        assert "serving_max_body_bytes" in answer.json()["error"]
+
+    def chunks():  # no Content-Length: counted as it arrives
+        body = json.dumps(big).encode()
+        for i in range(0, len(body), 8192):
+            yield body[i : i + 8192]
+
+    backend = live.target.read_state(MODEL)["active"]["url"]
+    answer = httpx.post(
+        backend + "/predict_batch",
+        content=chunks(),
+        headers={**HEADERS, "Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert answer.status_code == 413 and "serving_max_body_bytes" in answer.json()["error"], answer.text
+    single = live.client.post("/predict", json={"row": rows[0]})
+    assert single.status_code == 200, "the server keeps serving"
 
 
 def test_deploying_the_live_version_again_does_nothing(live):

@@ -41,12 +41,12 @@ def start_backends(specs: list[dict[str, Any]], timeout: float = 240) -> list[di
                 else ""
             )
             assert not body.get("error"), f"{backend['model']} is not served: {body['error']}\n{log}"
-            assert process_alive(backend["pid"]), f"{backend['model']} died:\n{log}"
+            assert process_alive(backend), f"{backend['model']} died:\n{log}"
             assert time.monotonic() < deadline, f"{backend['model']} not ready in {timeout} s:\n{log}"
             time.sleep(0.5)
     except BaseException:
         for backend in backends:
-            stop_tree(backend["pid"], timeout=15)
+            stop_tree(backend, timeout=15)
         raise
     return backends
 
@@ -55,4 +55,4 @@ def stop_backends(backends: list[dict[str, Any]]) -> None:
     from airflow_mlops.operators.serving import stop_tree
 
     for backend in backends:
-        stop_tree(backend["pid"], timeout=15)
+        stop_tree(backend, timeout=15)

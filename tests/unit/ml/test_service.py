@@ -279,3 +279,13 @@ def test_the_warm_up_row_is_a_valid_request_of_the_signature():
     signature = _signature()
     row = warm_up_row(signature)
     assert request_model(signature, "w").model_validate(row).model_dump() == row
+
+
+def test_a_configured_but_empty_api_key_refuses_every_request_instead_of_none(monkeypatch):
+    from airflow_mlops.ml import service
+
+    monkeypatch.setattr(service, "STATE", service.ServingState(api_key="", auth_required=True))
+    status, body = asyncio.run(_asgi_call(service.GuardMiddleware(_answering())))
+    assert status == 401 and b"API key" in body
+    monkeypatch.setattr(service, "STATE", service.ServingState(api_key=None))  # no key configured: open
+    assert asyncio.run(_asgi_call(service.GuardMiddleware(_answering())))[0] == 200

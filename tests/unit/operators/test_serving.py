@@ -9,7 +9,12 @@ import pytest
 from airflow.sdk.exceptions import TaskDeferred
 
 from airflow_mlops.exceptions import MLOpsArgumentError, ServingError
-from airflow_mlops.operators.serving import BentoBuildOperator, BentoDeployOperator, LocalDeploymentTarget
+from airflow_mlops.operators.serving import (
+    BentoBuildOperator,
+    BentoDeployOperator,
+    BentoRollbackOperator,
+    LocalDeploymentTarget,
+)
 from airflow_mlops.sensors.serving import BentoEndpointSensor
 from airflow_mlops.triggers.serving import BentoEndpointTrigger
 
@@ -117,3 +122,52 @@ def test_a_version_without_a_signature_is_refused_before_anything_starts(tmp_pat
     assert not (tmp_path / "deployments").exists() or not list((tmp_path / "deployments").glob("*.json"))
     with pytest.raises(SignatureError, match="version 'v1' cannot be served"):
         BentoBuildOperator(task_id="b", model_name="m").execute(_context())
+
+
+def test_a_rerun_after_a_deferred_rollback_does_not_flip_back(tmp_path, monkeypatch):
+    """The rollback defers while the previous version starts; the resumed task (a new instance) records
+    its run key, so clearing and rerunning the same task run keeps the rolled-back version live."""
+    from airflow_mlops.operators import serving
+
+    monkeypatch.setenv("AIRFLOW__MLOPS__STATE_DIR", str(tmp_path))
+    router = {"url": "http://127.0.0.1:3000", "pid": None, "port": 3000}
+    live = {"active": None}
+
+    def start(self, spec):
+        url = f"http://127.0.0.1:{4000 + len(spec['version'])}{spec['version'][-1]}"
+        return {**spec, "url": url, "pid": None, "port": 0, "log": None, "started_at": "now"}
+
+    def switch(self, deployment, backend, router):
+        live["active"] = backend["url"]
+
+    monkeypatch.setattr(serving, "check_signature", lambda record, version: None)
+    monkeypatch.setattr(serving.BentoMLHook, "read_index", lambda self, name: {"model": name, "versions": {}})
+    monkeypatch.setattr(serving.BentoMLHook, "version_record", lambda self, index, version: {})
+    monkeypatch.setattr(serving.BentoMLHook, "model_dir", lambda self, name, version, record=None: tmp_path)
+    monkeypatch.setattr(LocalDeploymentTarget, "ensure_router", lambda self, state, port: router)
+    monkeypatch.setattr(LocalDeploymentTarget, "start", start)
+    monkeypatch.setattr(LocalDeploymentTarget, "switch", switch)
+    monkeypatch.setattr(LocalDeploymentTarget, "drain_and_stop", lambda self, backend, router: None)
+    monkeypatch.setattr(LocalDeploymentTarget, "backend_ready", lambda self, backend: True)
+    monkeypatch.setattr(
+        LocalDeploymentTarget, "router_status", lambda self, router: {"active": live["active"]}
+    )
+    target = LocalDeploymentTarget(serving.BentoMLHook())
+    with target.locked("m") as state:
+        state["router"] = router
+        state["previous"] = {"url": "http://127.0.0.1:1", "version": "v1", "pid": None, "bento": None}
+        state["active"] = {"url": "http://127.0.0.1:2", "version": "v2", "pid": None, "bento": None}
+        live["active"] = state["active"]["url"]
+
+    def rollback():
+        return BentoRollbackOperator(task_id="t", model_name="m", deferrable=True)
+
+    with pytest.raises(TaskDeferred) as deferred:
+        rollback().execute(_context())
+    event = {"status": "ready", "url": target.read_state("m")["pending"]["url"]}
+    done = rollback().execute_complete(_context(), event, **(deferred.value.kwargs or {}))
+    assert done["version"] == "v1" and done["switched"]
+    # the task is cleared and runs again (same run): nothing changes
+    again = rollback().execute(_context())
+    assert again["version"] == "v1" and again["switched"] is False
+    assert target.read_state("m")["active"]["version"] == "v1"
