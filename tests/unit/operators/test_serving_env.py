@@ -105,3 +105,14 @@ def test_an_empty_api_key_refuses_the_deploy_before_anything_starts(worker_env, 
     ):
         op.execute({"run_id": "r", "ti": mock.Mock(dag_id="d", task_id="d")})
     started.assert_not_called()
+
+
+def test_the_registry_signing_key_reaches_the_server_and_not_the_router(worker_env, monkeypatch):
+    # without the connection (embedded default) the server finds the key file through the state folder
+    assert not [k for k in serving_env(BentoMLHook(), model="m") if k.startswith("AIRFLOW_CONN_")]
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MLOPS_REGISTRY", json.dumps({"conn_type": "generic", "password": "registry-key"})
+    )
+    env = serving_env(BentoMLHook(), model="m")
+    assert Connection.from_json(env["AIRFLOW_CONN_MLOPS_REGISTRY"]).password == "registry-key"
+    assert "AIRFLOW_CONN_MLOPS_REGISTRY" not in serving_env(BentoMLHook(), store_access=False)
