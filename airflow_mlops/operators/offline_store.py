@@ -3,8 +3,8 @@
 The offline store holds the validated tables the feature store and training read. A partition is one
 parquet file, written atomically. Several batches may carry rows of the same day (late rows, batches
 cut at other hours than the partition's day): each batch's rows of a day are kept as that batch's
-*contribution* (``<table>/_batches/<partition>/<batch>.parquet``, hidden from readers by the leading
-``_``), and the partition is rebuilt from all of them. A rerun of a batch replaces its own contribution
+*contribution* (``<offline_root>/_batches/<table>/<partition>/<batch>.parquet``, beside the tables),
+and the partition is rebuilt from all of them. A rerun of a batch replaces its own contribution
 (never duplicates, and rows a corrected batch no longer has go), rows of the other batches stay, and
 a failed run leaves the previous content in place.
 """
@@ -32,8 +32,9 @@ if TYPE_CHECKING:
     from airflow.sdk import Context, ObjectStoragePath
 
 PARTITION_FILE = "part-0.parquet"
-#: folder under a table holding each batch's rows of each partition (the leading ``_`` hides it from
-#: pyarrow / pandas dataset readers)
+#: folder under the offline root holding each batch's rows of each partition,
+#: ``_batches/<table>/<partition>/<batch>.parquet``: beside the tables, not in them, so whoever lists or
+#: reads a table sees its partitions only
 CONTRIBUTIONS = "_batches"
 #: the name of the rows a partition held before its batches were recorded (sorts before any batch)
 EARLIER = "!earlier"
@@ -148,6 +149,7 @@ class OfflinePartitionWriteOperator(BaseOperator):
         source = as_path(resolve_uri(self.source_uri, settings.landing_root))
         root = resolve_uri(self.offline_root or settings.offline_root, settings.offline_root)
         table_root = as_path(root).joinpath(safe_segment(self.table))
+        batches_root = as_path(root).joinpath(CONTRIBUTIONS, safe_segment(self.table))
 
         table = read_parquet_batch(source)
         parts = self._split(table, source) if self.partition_column else {self.partition: table}
@@ -158,9 +160,9 @@ class OfflinePartitionWriteOperator(BaseOperator):
         merged = {}
         # every partition merged before anything is written: a batch refused for one day changes no day
         for name, part in parts.items():
-            contributions = table_root.joinpath(CONTRIBUTIONS, safe_segment(name))
-            where = str(table_root.joinpath(safe_segment(name)))
-            merged[name] = (contributions, self._merge(contributions, batch, part, keys, where))
+            contributions = batches_root.joinpath(safe_segment(name))
+            published = table_root.joinpath(safe_segment(name), PARTITION_FILE)
+            merged[name] = (contributions, self._merge(contributions, published, batch, part, keys))
         written = []
         for name, part in parts.items():
             contributions, rows = merged[name]
@@ -196,7 +198,12 @@ class OfflinePartitionWriteOperator(BaseOperator):
         return result
 
     def _merge(
-        self, contributions: ObjectStoragePath, batch: str, part: Any, keys: Sequence[str] | None, where: str
+        self,
+        contributions: ObjectStoragePath,
+        published: ObjectStoragePath,
+        batch: str,
+        part: Any,
+        keys: Sequence[str] | None,
     ) -> Any:
         """The partition's rows with ``part`` as this batch's contribution: every batch's contribution
         merged (see :func:`merge_contributions`); the caller writes ``part`` and the result."""
@@ -204,7 +211,6 @@ class OfflinePartitionWriteOperator(BaseOperator):
 
         own = contributions.joinpath(f"{batch}.parquet")
         others = []
-        published = contributions.parent.parent.joinpath(contributions.name, PARTITION_FILE)
         if not contributions.exists() and published.exists():
             # a partition written before batches were recorded: its rows are kept as the first batch's
             with published.open("rb") as handle:
@@ -216,7 +222,7 @@ class OfflinePartitionWriteOperator(BaseOperator):
                 if path.name.endswith(".parquet") and not path.name.startswith(".") and path.name != own.name:
                     with path.open("rb") as handle:
                         others.append((path.name.removesuffix(".parquet"), pq.read_table(handle)))
-        return merge_contributions([*others, (batch, part)], keys, f"partition {where!r}")
+        return merge_contributions([*others, (batch, part)], keys, f"partition {str(published.parent)!r}")
 
     def _split(self, table: Any, source: ObjectStoragePath) -> dict[str, Any]:
         """One sub-table per local day of ``partition_column``, in day order."""
