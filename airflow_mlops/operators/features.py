@@ -351,10 +351,18 @@ class FeaturePendingDaysOperator(BaseOperator):
         conf = (getattr(dag_run, "conf", None) or {}) if dag_run is not None else {}
         forced: list[str] = []
         if conf.get("day"):
-            first, last = (
-                date.fromisoformat(str(conf["day"])),
-                date.fromisoformat(str(conf.get("last_day") or conf["day"])),
-            )
+            try:
+                first = date.fromisoformat(str(conf["day"]))
+                last = date.fromisoformat(str(conf.get("last_day") or conf["day"]))
+            except ValueError:
+                raise MLOpsArgumentError(
+                    f"the run's conf {conf!r} has a 'day' or 'last_day' that is not a YYYY-MM-DD date.",
+                    fix='trigger it with conf {"day": "YYYY-MM-DD", "last_day": "YYYY-MM-DD"}.',
+                ) from None
+            if last < first:
+                raise MLOpsArgumentError(
+                    f"the run's conf has last_day {last} before day {first}.", fix="swap them."
+                )
             forced = [(first + timedelta(days=i)).isoformat() for i in range((last - first).days + 1)]
         days = sorted(set(pending) | set(forced))
         if not days:

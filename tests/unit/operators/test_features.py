@@ -441,6 +441,8 @@ def test_a_day_republished_with_other_rows_is_due_again_and_an_identical_rewrite
     # a manual run rebuilds the days of its conf even when they are materialized
     window, _ = _features_run(offline, "two", [], conf={"day": "2013-03-08"})
     assert window["days"] == ["2013-03-08"]
+    with pytest.raises(MLOpsArgumentError, match="not a YYYY-MM-DD date"):
+        _features_run(offline, "two", [], conf={"day": "8 March"})
 
 
 def test_a_failed_run_records_nothing_and_days_published_during_a_run_are_reported(tmp_path):
