@@ -221,48 +221,14 @@ class Story:
                 f"      ! {run['dag_run_id']}: {api.failure_report(dags.ingest, run['dag_run_id'])[-600:]}"
             )
         t0 = time.monotonic()
+        # every published day is materialized by these runs, also when Airflow left the last events of
+        # the burst unqueued: each run takes the days not yet materialized, and one that sees days
+        # published while it ran queues a follow-up run (flights_features' follow_up task)
         feature_runs = self._settle(dags.features, timeout=900)
-        self._features_cover(first, min(last, plan.last_day))
         self.say(
             f"      {dags.features} caught up ({len(feature_runs)} runs so far) after {time.monotonic() - t0:.0f} s"
         )
         return runs
-
-    def _features_cover(self, first: str, last: str) -> None:
-        """Make sure the features DAG processed every published day of [first, last].
-
-        Airflow 3.3 can leave the last offline-store events of a burst without a queued run of the
-        features DAG (an event committed while the run it would join is being created waits for the
-        next event); the demo then runs the features DAG by hand for the days it missed, as an operator
-        would.
-        """
-        from airflow_mlops.config import load_settings
-
-        root = Path(load_settings().offline_root.removeprefix("file://"))
-        day, end = date.fromisoformat(first), date.fromisoformat(last)
-        missing = []
-        while day <= end:
-            published = (root / "flights" / f"date={day}").exists()
-            if published and not (root / "flights_labelled" / f"date={day}").exists():
-                missing.append(day.isoformat())
-            day += timedelta(days=1)
-        if not missing:
-            return
-        self.say(
-            f"      {len(missing)} published days ({missing[0]} .. {missing[-1]}) have no features run queued "
-            f"(Airflow left the last events of the burst unqueued): running {self.dags.features} for them by hand"
-        )
-        run_id = self._api.trigger(
-            self.dags.features,
-            run_id=f"catch_up_{missing[0]}_{int(time.time())}",
-            conf={"day": missing[0], "last_day": missing[-1]},
-        )["dag_run_id"]
-        run = self._wait_run(self.dags.features, run_id, timeout=900)
-        if run["state"] != "success":
-            raise DemoFailed(
-                f"{self.dags.features} run {run_id} failed.\n{self._api.failure_report(self.dags.features, run_id)}",
-                fix="see the run in the Airflow UI (`make ui`), fix the cause and run `make demo` again.",
-            )
 
     def train_by_hand(self) -> dict[str, Any]:
         api, dags, conf = self._api, self.dags, self.plan.train_conf

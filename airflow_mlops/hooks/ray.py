@@ -329,9 +329,36 @@ class RayHook(BaseHook):
     def get_job_logs(self, job_id: str) -> str:
         return self.job_client.get_job_logs(job_id)
 
-    def stop_job(self, job_id: str) -> bool:
-        """Ask the cluster to stop the job; False when it had already ended."""
-        return bool(self.job_client.stop_job(job_id))
+    def stop_job(self, job_id: str, wait: float | None = None) -> bool:
+        """Ask the cluster to stop the job; False when it had already ended.
+
+        :param wait: seconds to wait until the job has reached a terminal state (then it writes no more
+            to its outputs); None returns at once.
+        :raises RayClusterError: the job is still running after ``wait`` seconds.
+        """
+        import time
+
+        stopped = bool(self.job_client.stop_job(job_id))
+        if wait is None:
+            return stopped
+        deadline = time.monotonic() + wait
+        while (status := self.get_job_status(job_id)) not in TERMINAL_JOB_STATES:
+            if time.monotonic() > deadline:
+                raise RayClusterError(
+                    f"Ray Job {job_id} on {self.address} is still {status} {wait:.0f} s after it was asked to stop.",
+                    fix=f"stop it (`ray job stop {job_id}`), then clear the task.",
+                )
+            time.sleep(0.5)
+        return stopped
+
+    def jobs_with_prefix(self, prefix: str) -> dict[str, str]:
+        """``{submission id: status}`` of the cluster's jobs whose submission id starts with ``prefix``."""
+        jobs = {}
+        for job in self.job_client.list_jobs():
+            submission_id = getattr(job, "submission_id", None) or ""
+            if submission_id.startswith(prefix):
+                jobs[submission_id] = str(getattr(job.status, "value", job.status))
+        return jobs
 
 
 class RayJobsApi:
@@ -381,3 +408,13 @@ class RayJobsApi:
     async def logs(self, job_id: str) -> str:
         """The job's driver log so far."""
         return str((await self._get(job_id, "/logs")).get("logs") or "")
+
+    async def stop(self, job_id: str) -> bool:
+        """Ask the cluster to stop the job (``POST /api/jobs/<id>/stop``); False when it had ended."""
+        from urllib.parse import quote
+
+        answer = await self._client.post(f"/api/jobs/{quote(job_id, safe='')}/stop")
+        if answer.status_code == 404:
+            return False
+        answer.raise_for_status()
+        return bool(answer.json().get("stopped"))

@@ -34,7 +34,7 @@ Parsing imports only Airflow, pydantic, PyYAML and the operator modules (none of
 from __future__ import annotations
 
 import functools
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,9 @@ from airflow.timetables.interval import CronDataIntervalTimetable, DeltaDataInte
 from airflow_mlops.exceptions import MLOpsArgumentError
 from airflow_mlops.lifecycle.spec import LifecycleSpec, LifecycleSpecError, Step, load_spec
 
-#: Jinja for the features DAG's window macro; ``{{ window.first }}`` in a step's args becomes this
-FEATURE_WINDOW = "feature_window(triggering_asset_events, dag_run)"
+#: Jinja for the features run's window (the XCom of its first task, ``feature_window``, which decides
+#: the days due); ``{{ window.first }}`` in a step's args becomes this
+FEATURE_WINDOW = "ti.xcom_pull(task_ids='feature_window')"
 TRAIN_WINDOW = "train_window(params, triggering_asset_events)"
 #: the last day of the data interval (the interval's only day for a daily schedule)
 LAST_DAY = "{{ (data_interval_end - macros.timedelta(days=1)) | ds }}"
@@ -75,11 +76,14 @@ def feature_window(
 
     The days are the partitions named by the triggering offline-store events (``extra.partitions`` or
     ``extra.partition`` = ``date=YYYY-MM-DD``), else the run's conf ``{"day": ..., "last_day": ...}``.
+    For hand-written DAGs; the factory's features DAG decides its days in its first task instead
+    (:class:`~airflow_mlops.operators.features.FeaturePendingDaysOperator`: every published day not yet
+    materialized, so an event Airflow never queued delays nothing past the next run).
 
     :return: ``first`` and ``last`` day, ``start`` (local midnight of the first day) and ``end`` (local
         midnight after the last day plus ``available_after_hours``), ISO in UTC.
     """
-    from zoneinfo import ZoneInfo
+    from airflow_mlops.operators.features import day_window
 
     days = sorted(
         {
@@ -99,16 +103,12 @@ def feature_window(
             "triggered it and its conf has no 'day'.",
             fix='trigger it with conf {"day": "YYYY-MM-DD"} or let the ingest DAG trigger it.',
         )
-    zone = ZoneInfo(timezone)
-    first, last = date.fromisoformat(days[0]), date.fromisoformat(days[-1])
-    start = datetime.combine(first, time(), zone)
-    end = datetime.combine(last + timedelta(days=1), time(), zone) + timedelta(hours=available_after_hours)
-    return {
-        "first": first.isoformat(),
-        "last": last.isoformat(),
-        "start": start.astimezone(UTC).isoformat(),
-        "end": end.astimezone(UTC).isoformat(),
-    }
+    return day_window(
+        date.fromisoformat(days[0]),
+        date.fromisoformat(days[-1]),
+        timezone=timezone,
+        available_after_hours=available_after_hours,
+    )
 
 
 def train_window(params: Any, triggering_asset_events: Any) -> dict[str, str]:
@@ -271,8 +271,22 @@ and idempotently, and the `{spec.offline_asset_name}` Asset receives an event wi
     return dag
 
 
+def _published_meanwhile(recorded: dict[str, Any]) -> bool:
+    """Whether days were published while a features run ran (its follow-up run processes them)."""
+    return bool((recorded or {}).get("published_meanwhile"))
+
+
 def features_dag(spec: LifecycleSpec) -> DAG:
-    from airflow_mlops.operators.features import FeastApplyOperator, FeastMaterializeOperator
+    from airflow.providers.standard.operators.python import ShortCircuitOperator
+    from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+
+    from airflow_mlops.operators.features import (
+        PENDING_TASK,
+        FeastApplyOperator,
+        FeastMaterializeOperator,
+        FeatureDaysRecordOperator,
+        FeaturePendingDaysOperator,
+    )
 
     features = spec.features
     repo = str(spec.resolve(features.repo))
@@ -296,12 +310,22 @@ def features_dag(spec: LifecycleSpec) -> DAG:
         tags=["mlops", *spec.tags, "features"],
         doc_md=f"""Features for model **{spec.model}** (spec `{spec.source}`, Feast repository `{repo}`).
 
-Runs when `{spec.offline_asset_name}` receives events, for the days they name (a manual run takes
-`{{"day": "YYYY-MM-DD", "last_day": "YYYY-MM-DD"}}` as conf). The preparation steps
-({", ".join(s.task_id for s in features.steps) or "none"}) write the feature source tables, `feast_apply`
-registers the repository, and the materialize tasks load the days' feature values into the online store.
+Runs when `{spec.offline_asset_name}` receives events. `{PENDING_TASK}` decides the days: every day
+published in `{spec.ingest.table}` and not yet materialized at its current data version, whatever the
+events name (an event Airflow merged or never queued delays nothing past the next run; nothing due skips
+the run). A manual run's conf `{{"day": "YYYY-MM-DD", "last_day": "YYYY-MM-DD"}}` adds days to rebuild.
+The preparation steps ({", ".join(s.task_id for s in features.steps) or "none"}) write the feature source
+tables, `feast_apply` registers the repository, the materialize tasks load the days' feature values into
+the online store, and `record_materialized` records the days with their data versions; days published
+while the run ran start a follow-up run (`follow_up`).
 """,
     ) as dag:
+        pending = FeaturePendingDaysOperator(
+            task_id=PENDING_TASK,
+            table=spec.ingest.table,
+            timezone=spec.ingest.batch_timezone,
+            available_after_hours=features.available_after_hours,
+        )
         steps = [_step_task(spec, step, f"features.steps[{i}]") for i, step in enumerate(features.steps)]
         apply = FeastApplyOperator(task_id="feast_apply", repo_path=repo)
         loads = []
@@ -317,12 +341,23 @@ registers the repository, and the materialize tasks load the days' feature value
                 )
             )
         if steps:
-            steps >> apply
+            pending >> steps >> apply
+        else:
+            pending >> apply
         # one after the other: materializations write the Feast file registry (a race leaves views
         # "MATERIALIZING" or entities missing for the training sets)
         apply >> loads[0]
         for before, after in zip(loads, loads[1:], strict=False):
             before >> after
+        record = FeatureDaysRecordOperator(
+            task_id="record_materialized", window=pending.output, table=spec.ingest.table
+        )
+        meanwhile = ShortCircuitOperator(
+            task_id="published_meanwhile", python_callable=_published_meanwhile, op_args=[record.output]
+        )
+        # its own next run, queued behind this one (max_active_runs=1): no published day waits for an event
+        follow_up = TriggerDagRunOperator(task_id="follow_up", trigger_dag_id=spec.dag_id("features"))
+        loads[-1] >> record >> meanwhile >> follow_up
     return dag
 
 

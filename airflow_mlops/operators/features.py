@@ -8,8 +8,9 @@ replaces what it wrote. Feast and pandas are imported inside ``execute()`` only.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -171,6 +172,273 @@ class FeatureSourceSnapshotOperator(BaseOperator):
         result = _write_parquet(pa.Table.from_pandas(frame, preserve_index=False), target)
         self.log.info("Published %d rows of %s as feature source %s", result["rows"], source, target)
         return {"table": self.table, **result}
+
+
+# ------------------------------------------------------------------------ days to materialize
+#: task id of the features DAG's first task (FeaturePendingDaysOperator); its XCom is the run's window
+PENDING_TASK = "feature_window"
+
+
+def day_window(first: date, last: date, *, timezone: str, available_after_hours: float) -> dict[str, str]:
+    """``first`` and ``last`` day, ``start`` (local midnight of the first day) and ``end`` (local
+    midnight after the last day plus ``available_after_hours``), ISO in UTC."""
+    from zoneinfo import ZoneInfo
+
+    zone = ZoneInfo(timezone)
+    start = datetime.combine(first, time(), zone)
+    end = datetime.combine(last + timedelta(days=1), time(), zone) + timedelta(hours=available_after_hours)
+    return {
+        "first": first.isoformat(),
+        "last": last.isoformat(),
+        "start": start.astimezone(UTC).isoformat(),
+        "end": end.astimezone(UTC).isoformat(),
+    }
+
+
+def _stat_key(path: ObjectStoragePath) -> str:
+    """A cheap fingerprint of a partition file that changes when the file is rewritten: the object
+    store's ETag / generation where there is one, else size, modification time and inode."""
+    info = dict(path.stat())
+    for key in ("ETag", "etag", "generation", "md5Hash"):
+        if info.get(key):
+            return f"{key}:{info[key]}"
+    return f"{info.get('size')}:{info.get('mtime')}:{info.get('ino')}"
+
+
+class MaterializedDays:
+    """Which days of an offline table a features DAG materialized, with the data version of each:
+    ``{"YYYY-MM-DD": {"sha256": ..., "stat": ...}}`` in one JSON file under the artifact root
+    (``_state/features/<key>.json``), written atomically. One features DAG writes it (its runs are
+    serialized by ``max_active_runs=1``).
+
+    :param key: the state's name, e.g. the features DAG id.
+    :param table: the offline-store table whose ``date=YYYY-MM-DD`` partitions are the published days.
+    :param offline_root: offline-store root; default ``[mlops] offline_root``.
+    """
+
+    def __init__(self, key: str, table: str, offline_root: str | None = None) -> None:
+        self.key = key
+        self.table = table
+        self.offline_root = offline_root
+
+    @cached_property
+    def store(self) -> ArtifactStore:
+        return ArtifactStore()
+
+    @cached_property
+    def path(self) -> ObjectStoragePath:
+        return self.store.path("_state", "features", f"{self.key}.json")
+
+    @cached_property
+    def table_root(self) -> ObjectStoragePath:
+        settings = self.store.settings
+        root = resolve_uri(self.offline_root or settings.offline_root, settings.offline_root)
+        return as_path(root).joinpath(safe_segment(self.table))
+
+    def recorded(self) -> dict[str, dict[str, str]]:
+        if not self.path.exists():
+            return {}
+        try:
+            return dict(json.loads(self.path.read_bytes())["days"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise MLOpsInputError(
+                f"the record of materialized days {str(self.path)!r} is not readable ({err}).",
+                fix="delete it: the next features run then materializes every published day again.",
+            ) from err
+
+    def record(self, versions: dict[str, dict[str, str]]) -> None:
+        days = {**self.recorded(), **versions}
+        self.store.write_json(self.path, {"table": self.table, "days": dict(sorted(days.items()))})
+
+    def published(self) -> dict[str, ObjectStoragePath]:
+        """``{day: partition file}`` of every published day of the table."""
+        if not self.table_root.exists():
+            return {}
+        days = {}
+        for folder in self.table_root.iterdir():
+            name = folder.name
+            if not name.startswith("date="):
+                continue
+            try:
+                day = date.fromisoformat(name.removeprefix("date=")).isoformat()
+            except ValueError:
+                continue
+            part = folder.joinpath(PARTITION_FILE)
+            if part.exists():
+                days[day] = part
+        return dict(sorted(days.items()))
+
+    def pending(self) -> tuple[list[str], dict[str, dict[str, str]]]:
+        """The published days not materialized at their current version, and the current version of
+        every published day (the sha256 is computed only for files whose fingerprint changed)."""
+        recorded = self.recorded()
+        pending, versions = [], {}
+        for day, part in self.published().items():
+            stat = _stat_key(part)
+            known = recorded.get(day) or {}
+            if known.get("stat") == stat:
+                versions[day] = known
+                continue
+            sha = sha256_of(part)
+            versions[day] = {"sha256": sha, "stat": stat}
+            if known.get("sha256") != sha:
+                pending.append(day)
+        return pending, versions
+
+
+def _days_named(context: Context) -> list[str]:
+    """Days named by the triggering offline-store events (``extra.partitions`` / ``extra.partition``)."""
+    events = context.get("triggering_asset_events") or {}
+    return sorted(
+        {
+            str(partition).removeprefix("date=")
+            for asset_events in events.values()
+            for event in asset_events
+            for partition in ((event.extra or {}).get("partitions") or [(event.extra or {}).get("partition")])
+            if partition
+        }
+    )
+
+
+class FeaturePendingDaysOperator(BaseOperator):
+    """Decide which days a features run processes: every day published in the offline table and not
+    yet materialized at its current data version (see :class:`MaterializedDays`), whatever the
+    triggering Asset events name. An event that Airflow merged into another run or never queued
+    therefore delays nothing past the next run, and a duplicate event does no work twice. A manual run's
+    conf ``{"day": "YYYY-MM-DD", "last_day": "YYYY-MM-DD"}`` adds those days even if they were
+    materialized (to rebuild them).
+
+    Returns the window ``first``, ``last`` (days), ``start``, ``end`` (ISO instants, see
+    :func:`day_window`), ``days`` (the days due) and ``versions`` (the data version of each published
+    day in [first, last], which :class:`FeatureDaysRecordOperator` records once the run succeeded).
+    With no day due, the task is skipped, and with it the run's other tasks.
+
+    :param table: the offline-store table the features are computed from (templated).
+    :param timezone: time zone of the days.
+    :param available_after_hours: hours after the local midnight ending the last day until which
+        its features are materialized (``end``).
+    :param state_key: name of the record of materialized days; default the DAG id.
+    :param offline_root: offline-store root; default ``[mlops] offline_root`` (templated).
+    """
+
+    template_fields: Sequence[str] = ("table", "offline_root")
+    ui_color = "#e8e0f8"
+
+    def __init__(
+        self,
+        *,
+        table: str,
+        timezone: str = "UTC",
+        available_after_hours: float = 0.0,
+        state_key: str | None = None,
+        offline_root: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.table = table
+        self.timezone = timezone
+        self.available_after_hours = available_after_hours
+        self.state_key = state_key
+        self.offline_root = offline_root
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        state = MaterializedDays(self.state_key or self.dag_id, self.table, self.offline_root)
+        pending, versions = state.pending()
+        named = _days_named(context)
+        dag_run = context.get("dag_run")
+        conf = (getattr(dag_run, "conf", None) or {}) if dag_run is not None else {}
+        forced: list[str] = []
+        if conf.get("day"):
+            try:
+                first = date.fromisoformat(str(conf["day"]))
+                last = date.fromisoformat(str(conf.get("last_day") or conf["day"]))
+            except ValueError:
+                raise MLOpsArgumentError(
+                    f"the run's conf {conf!r} has a 'day' or 'last_day' that is not a YYYY-MM-DD date.",
+                    fix='trigger it with conf {"day": "YYYY-MM-DD", "last_day": "YYYY-MM-DD"}.',
+                ) from None
+            if last < first:
+                raise MLOpsArgumentError(
+                    f"the run's conf has last_day {last} before day {first}.", fix="swap them."
+                )
+            forced = [(first + timedelta(days=i)).isoformat() for i in range((last - first).days + 1)]
+        days = sorted(set(pending) | set(forced))
+        if not days:
+            raise AirflowSkipException(
+                f"nothing to materialize: every published day of {self.table!r} "
+                f"({len(versions)}) is materialized at its current version (events named {named or 'none'})."
+            )
+        window = day_window(
+            date.fromisoformat(days[0]),
+            date.fromisoformat(days[-1]),
+            timezone=self.timezone,
+            available_after_hours=self.available_after_hours,
+        )
+        unnamed = sorted(set(pending) - set(named))
+        self.log.info(
+            "Days due: %s .. %s (%d): events named %s; published and not materialized without an event: %s",
+            days[0],
+            days[-1],
+            len(days),
+            named or "none",
+            unnamed or "none",
+        )
+        in_window = {d: v for d, v in versions.items() if window["first"] <= d <= window["last"]}
+        return {**window, "days": days, "named": named, "versions": in_window}
+
+
+class FeatureDaysRecordOperator(BaseOperator):
+    """Record the days a features run materialized, with their data version (the last task of the
+    run: a failed run records nothing, so its days stay due). Returns ``recorded`` (days) and
+    ``published_meanwhile``: days published or changed while the run ran, for a follow-up run.
+
+    :param window: the XCom of :class:`FeaturePendingDaysOperator` (templated / an XComArg).
+    :param table: the offline-store table (templated).
+    :param state_key: name of the record; default the DAG id.
+    :param offline_root: offline-store root; default ``[mlops] offline_root`` (templated).
+    """
+
+    template_fields: Sequence[str] = ("window", "table", "offline_root")
+    ui_color = "#e8e0f8"
+
+    def __init__(
+        self,
+        *,
+        window: Any,
+        table: str,
+        state_key: str | None = None,
+        offline_root: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.window = window
+        self.table = table
+        self.state_key = state_key
+        self.offline_root = offline_root
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        window = self.window
+        if isinstance(window, str):
+            window = json.loads(window)
+        if not isinstance(window, dict) or "versions" not in window:
+            raise MLOpsArgumentError(
+                f"task {self.task_id!r}: window {str(window)[:200]!r} is not the output of a "
+                "FeaturePendingDaysOperator.",
+                fix=f"pass window=<pending task>.output (the factory's task {PENDING_TASK!r}).",
+            )
+        state = MaterializedDays(self.state_key or self.dag_id, self.table, self.offline_root)
+        state.record(window["versions"])
+        meanwhile, _ = state.pending()
+        self.log.info(
+            "Recorded %d materialized day(s) %s .. %s; published meanwhile: %s",
+            len(window["versions"]),
+            window["first"],
+            window["last"],
+            meanwhile or "none",
+        )
+        return {"recorded": sorted(window["versions"]), "published_meanwhile": meanwhile}
 
 
 def _label_balance(labels: pd.Series, task: str, classes: list[Any]) -> dict[str, Any]:
@@ -482,7 +750,12 @@ class FeastTrainingDatasetOperator(_FeastOperator):
 
 
 __all__ = [
+    "PENDING_TASK",
     "FeastApplyOperator",
+    "FeatureDaysRecordOperator",
+    "FeaturePendingDaysOperator",
+    "MaterializedDays",
+    "day_window",
     "FeastMaterializeOperator",
     "FeastTrainingDatasetOperator",
     "FeatureSourceSnapshotOperator",

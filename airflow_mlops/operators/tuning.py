@@ -6,7 +6,6 @@ import hashlib
 import os
 import shlex
 import time
-import uuid
 from collections.abc import Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -24,6 +23,14 @@ if TYPE_CHECKING:
     from airflow_mlops.ml.search import SearchSpec
 
 OUTPUT_FOLDER = "tuning"
+
+
+def job_prefix(dag_id: str, run_id: str, task_id: str, map_index: int | None = -1) -> str:
+    """The submission-id prefix of a task instance's Ray Jobs (``mlops-tune-<hash>-``): the same for
+    every try, so a try finds the jobs of the earlier ones."""
+    index = -1 if map_index is None else map_index
+    key = hashlib.sha256(f"{dag_id}/{run_id}/{task_id}/{index}".encode()).hexdigest()[:16]
+    return f"mlops-tune-{key}-"
 
 
 def _package_dir(module_name: str) -> str | None:
@@ -54,6 +61,15 @@ class RayTuneOperator(BaseOperator):
 
     Tune's state lives in the artifact store under ``<dag>/<run>/<task>/tuning/tune_state``: a retry
     of a killed task resumes the search and does not run completed trials again.
+
+    On a cluster, the job's submission id is derived from the task instance
+    (``mlops-tune-<hash of dag, run, task, map index>-try<n>``), so one tune state never has two jobs:
+    before submitting, a try stops (and waits for) a job of an earlier try that still runs (its worker
+    died, or it was cleared while its trigger could not reach the cluster), and a try whose own job is
+    already there waits for that job instead of submitting another. Clearing the task or marking it
+    failed or succeeded stops the job: ``on_kill`` on the worker, the trigger's ``on_kill`` in the
+    triggerer while deferred. The job id and result URI travel in the trigger's event and in the
+    deferral's ``kwargs``, never in ``self``.
 
     Returns (XCom, JSON): ``best_config``, ``best_metric``, ``metric`` and ``mode``, ``task`` and
     ``classes``, ``model_uri`` + ``model_sha256`` +
@@ -259,28 +275,58 @@ class RayTuneOperator(BaseOperator):
         store = ArtifactStore()
         spec_path = as_path(spec.output_uri) / "spec.json"
         store.write_bytes(spec_path, spec.to_json().encode())
-        ti = context["ti"]
-        run_key = hashlib.sha256(f"{ti.dag_id}/{ti.run_id}/{ti.task_id}".encode()).hexdigest()[:10]
-        job_id = f"mlops-tune-{run_key}-try{getattr(ti, 'try_number', 0)}-{uuid.uuid4().hex[:6]}"
         result_uri = str(as_path(spec.output_uri) / "result.json")
-        self._job_id = self.hook.submit_job(
+        return self._start_job(
+            context,
             f"python -m airflow_mlops.ml.search {shlex.quote(str(spec_path))}",
+            result_uri,
             runtime_env=self._runtime_env(fn, self._state_key(spec)),
-            submission_id=job_id,
-            metadata={"dag_id": ti.dag_id, "task_id": ti.task_id, "run_id": ti.run_id},
         )
-        self.log.info("Submitted Ray Job %s to %s", self._job_id, self.hook.address)
+
+    #: seconds to wait for the job of an earlier try to stop before a new one is submitted
+    stop_wait_s: float = 120.0
+
+    def _start_job(
+        self, context: Context, entrypoint: str, result_uri: str, runtime_env: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Submit this try's job (or attach to it when it exists), once no other job of the task runs."""
+        ti = context["ti"]
+        prefix = job_prefix(ti.dag_id, ti.run_id, ti.task_id, getattr(ti, "map_index", -1))
+        job_id = f"{prefix}try{getattr(ti, 'try_number', 0) or 0}"
+        jobs = self.hook.jobs_with_prefix(prefix)
+        for other, status in sorted(jobs.items()):
+            if other != job_id and status not in TERMINAL_JOB_STATES:
+                # the same tune state: never two jobs writing it
+                self.log.warning("Ray Job %s of an earlier try is still %s: stopping it first", other, status)
+                self.hook.stop_job(other, wait=self.stop_wait_s)
+        self._job_id = job_id
+        if job_id in jobs:
+            self.log.info("Ray Job %s of this try exists (%s): waiting for it", job_id, jobs[job_id])
+        else:
+            self.hook.submit_job(
+                entrypoint,
+                runtime_env=runtime_env,
+                submission_id=job_id,
+                metadata={
+                    "dag_id": ti.dag_id,
+                    "task_id": ti.task_id,
+                    "run_id": ti.run_id,
+                    "map_index": str(getattr(ti, "map_index", -1)),
+                },
+            )
+            self.log.info("Submitted Ray Job %s to %s", job_id, self.hook.address)
         if self.deferrable:
             self.defer(
                 trigger=RayJobTrigger(
-                    job_id=self._job_id,
+                    job_id=job_id,
                     ray_conn_id=str(self.ray_conn_id),
                     result_uri=result_uri,
                     poll_interval=float(self.poll_interval),
                 ),
                 method_name="execute_complete",
+                kwargs={"job_id": job_id, "result_uri": result_uri},
             )
-        return self.execute_complete(context, self._wait(self._job_id, result_uri))
+        return self.execute_complete(context, self._wait(job_id, result_uri))
 
     def _wait(self, job_id: str, result_uri: str) -> dict[str, Any]:
         """Poll the job from the worker (non-deferrable), relaying its new log lines."""
@@ -305,10 +351,18 @@ class RayTuneOperator(BaseOperator):
             event["message"] = f"Ray Job {job_id} ended {status}. Last lines of its log:\n{logs[-4000:]}"
         return event
 
-    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
-        """Resume after the job ended; all state comes from ``event`` and the artifact store."""
+    def execute_complete(
+        self,
+        context: Context,
+        event: dict[str, Any],
+        job_id: str | None = None,
+        result_uri: str | None = None,
+    ) -> dict[str, Any]:
+        """Resume after the job ended; all state comes from ``event`` (and the deferral's ``job_id``,
+        ``result_uri``) and the artifact store, never from ``self``."""
         from airflow_mlops.artifacts import ArtifactStore
 
+        event = {"job_id": job_id, "result_uri": result_uri, **{k: v for k, v in event.items() if v}}
         if event.get("status") != "success":
             raise TuningError(
                 f"the tuning job failed: {event.get('message')}",

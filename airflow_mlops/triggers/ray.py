@@ -27,6 +27,12 @@ class RayJobTrigger(BaseTrigger):
     :param ray_conn_id: the ``ray`` connection of the cluster.
     :param result_uri: where the job writes its ``result.json`` (handed back in the event).
     :param poll_interval: seconds between two status requests.
+
+    When a user clears the deferred task or marks it failed or succeeded, Airflow (3.3+) calls
+    :meth:`on_kill` in the triggerer, which stops the job: ``BaseOperator.on_kill`` is not called for a
+    deferred task, and a job left running would keep writing into the tune state the next try uses.
+    :meth:`cleanup` (run on every exit, also when the triggerer restarts or hands the trigger to another
+    triggerer) leaves the job alone.
     """
 
     def __init__(self, job_id: str, ray_conn_id: str, result_uri: str, poll_interval: float = 10.0) -> None:
@@ -68,6 +74,17 @@ class RayJobTrigger(BaseTrigger):
         if message is not None:
             payload["message"] = message
         return TriggerEvent(payload)
+
+    async def on_kill(self) -> None:
+        """Stop the job: the user cleared the deferred task or marked it failed or succeeded."""
+        try:
+            api = await asyncio.to_thread(self._jobs_api)
+            async with api:
+                stopped = await api.stop(self.job_id)
+        except Exception as err:  # logged, never raised: the task's new state stands
+            self.log.warning("Could not stop Ray Job %s: %s: %s", self.job_id, type(err).__name__, err)
+            return
+        self.log.info("Ray Job %s %s", self.job_id, "stopped" if stopped else "had already ended")
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from airflow_mlops.hooks.ray import TERMINAL_JOB_STATES

@@ -50,3 +50,99 @@ def test_connections_use_types_the_providers_register():
     for key, value in _airflow_env().items():
         if key.startswith("AIRFLOW_CONN_"):
             assert json.loads(value)["conn_type"] in known, key
+
+
+# ------------------------------------------------------------------------------------ security
+SECRET_WORDS = ("PASSWORD", "SECRET", "FERNET", "TOKEN", "_KEY")
+
+
+def _ports(service: dict) -> list[tuple[str, str]]:
+    """(host address, container port) of each published port; no address means 0.0.0.0."""
+    published = []
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            published.append((port.get("host_ip", "0.0.0.0"), str(port["target"])))
+            continue
+        parts = str(port).split(":")
+        host = parts[0] if len(parts) == 3 else "0.0.0.0"
+        published.append((host, parts[-1]))
+    return published
+
+
+def test_internal_services_publish_no_port_and_the_others_only_on_localhost():
+    services = COMPOSE["services"]
+    # Ray's Jobs API runs code for whoever reaches it: the host sees it on this machine only
+    assert _ports(services["ray-head"]) == [("127.0.0.1", "8265")]
+    for name in ("redis", "postgres", "ray-worker"):
+        assert _ports(services[name]) == [], name
+    for name, service in services.items():
+        for host, port in _ports(service):
+            assert host == "127.0.0.1", f"{name} publishes {port} on {host}"
+
+
+def _environments():
+    for name, service in COMPOSE["services"].items():
+        env = service.get("environment") or {}
+        if isinstance(env, list):
+            env = dict(item.split("=", 1) for item in env)
+        yield name, env
+
+
+def test_no_secret_is_written_in_the_file():
+    for name, env in _environments():
+        for key, value in env.items():
+            if key.startswith("AIRFLOW_CONN_"):
+                conn = json.loads(value)
+                assert not conn.get("password"), f"{name}: {key} holds a password"
+                assert "secret" not in json.dumps(conn.get("extra", {})).lower(), f"{name}: {key}"
+            elif any(word in key.upper() for word in SECRET_WORDS):
+                # secrets come from files: Airflow's _CMD options, the images' _FILE variables
+                from_file = key.endswith(("_CMD", "_FILE")) or str(value).startswith("/run/secrets/")
+                assert from_file, f"{name}: {key}={value!r} is a literal secret"
+    # and no URL carries credentials
+    for name, env in _environments():
+        for key, value in env.items():
+            assert "@" not in str(value), f"{name}: {key}={value!r} carries credentials"
+
+
+def _run_secrets_init(folder) -> dict[str, str]:
+    import os
+    import subprocess
+    import sys
+
+    service = COMPOSE["services"]["secrets-init"]
+    command = service["command"]
+    assert command[:2] == ["python", "-c"]
+    env = {**os.environ, **service["environment"], "SECRETS_DIR": str(folder)}
+    subprocess.run([sys.executable, "-c", command[2]], env=env, check=True, timeout=60)
+    return {p.name: p.read_text() for p in folder.iterdir() if not p.name.startswith(".")}
+
+
+def test_secrets_are_generated_at_first_start_and_kept_on_the_next(tmp_path):
+    first = _run_secrets_init(tmp_path / "a")
+    again = _run_secrets_init(tmp_path / "a")
+    other = _run_secrets_init(tmp_path / "b")
+    assert again == first  # a restart keeps them (the database was initialised with them)
+    for name in ("postgres-password", "minio-password", "jwt-secret", "api-secret-key", "fernet-key"):
+        assert len(first[name]) >= 32 and first[name] != other[name], name
+    assert first["postgres-password"] in first["sql-alchemy-conn"]
+    assert first["postgres-password"] in first["celery-result-backend"]
+    assert first["minio-password"] in first["aws-credentials"]
+    assert len(json.loads(first["passwords.json"])["admin"]) >= 32
+    from cryptography.fernet import Fernet
+
+    Fernet(first["fernet-key"].encode())  # a valid key
+
+
+def test_every_secret_file_a_service_reads_is_generated(tmp_path):
+    generated = set(_run_secrets_init(tmp_path))
+    text = (ROOT / "docker-compose.yaml").read_text()
+    import re
+
+    read = set(re.findall(r"/run/secrets/mlops/([A-Za-z0-9_.-]+)", text))
+    assert read and read <= generated, read - generated
+    for name, service in COMPOSE["services"].items():
+        if "/run/secrets/mlops/" in json.dumps(service.get("environment", {})) + json.dumps(
+            service.get("entrypoint", "")
+        ):
+            assert any("secrets:/run/secrets/mlops" in v for v in service.get("volumes", [])), name

@@ -23,7 +23,6 @@ The blocks between ``[START howto_...]`` and ``[END howto_...]`` markers are the
 
 from __future__ import annotations
 
-import functools
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,7 +31,7 @@ from airflow.providers.standard.operators.python import PythonOperator
 from airflow.sdk import DAG, Asset, Param
 from airflow.timetables.interval import DeltaDataIntervalTimetable
 
-from airflow_mlops.lifecycle.factory import feature_window, train_window
+from airflow_mlops.lifecycle.factory import train_window
 from airflow_mlops.operators.drift import (
     DriftBaselineOperator,
     EvidentlyDriftOperator,
@@ -42,6 +41,8 @@ from airflow_mlops.operators.features import (
     FeastApplyOperator,
     FeastMaterializeOperator,
     FeastTrainingDatasetOperator,
+    FeatureDaysRecordOperator,
+    FeaturePendingDaysOperator,
 )
 from airflow_mlops.operators.offline_store import OfflinePartitionWriteOperator
 from airflow_mlops.operators.registry import PromoteModelOperator, RegisterModelOperator
@@ -135,12 +136,9 @@ with DAG(
     wait_for_batch >> validate_batch >> publish
 
 # ------------------------------------------------------------------------------------------ features
-# ``window(...)``: the days named by the triggering offline-store events (or the run's conf
-# {"day": ..., "last_day": ...}) and the interval to materialize for them.
-window = functools.partial(
-    feature_window, timezone="UTC", available_after_hours=0, dag_id="example_seattle_rain_features"
-)
-DAYS = "window(triggering_asset_events, dag_run)"
+# the days due (published and not yet materialized, whatever the events name; plus a manual run's conf
+# {"day": ..., "last_day": ...}) and the interval to materialize for them: the first task's XCom
+DAYS = "ti.xcom_pull(task_ids='days_due')"
 
 with DAG(
     dag_id="example_seattle_rain_features",
@@ -149,10 +147,17 @@ with DAG(
     start_date=START_DATE,
     catchup=False,
     max_active_runs=1,
-    user_defined_macros={"window": window},
     default_args=DEFAULT_ARGS,
     tags=["example", "seattle", "features"],
 ) as features_dag:
+    # [START howto_operator_feature_pending_days]
+    days_due = FeaturePendingDaysOperator(
+        task_id="days_due",
+        table="seattle_weather",  # its date=YYYY-MM-DD partitions are the published days
+        timezone="UTC",
+    )
+    # [END howto_operator_feature_pending_days]
+
     # the feature steps: plain functions of tests/lifecycle/seattle/seattle_features.py
     features = PythonOperator(
         task_id="daily_features",
@@ -184,7 +189,13 @@ with DAG(
     )
     # [END howto_operator_feast_materialize]
 
-    [features, labels] >> feast_apply >> materialize
+    # [START howto_operator_feature_days_record]
+    record = FeatureDaysRecordOperator(
+        task_id="record_materialized", window=days_due.output, table="seattle_weather"
+    )
+    # [END howto_operator_feature_days_record]
+
+    days_due >> [features, labels] >> feast_apply >> materialize >> record
 
 # ------------------------------------------------------------------------------------------ train
 with DAG(

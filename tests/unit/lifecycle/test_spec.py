@@ -43,7 +43,7 @@ def test_the_reference_spec_builds_four_wired_dags():
     assert features.task_dict["materialize_planes"].upstream_task_ids == {"materialize"}
     assert train.task_dict["retraining_gate"].data_time.endswith("['holdout_end'] }}")
     daily_stats = features.task_dict["daily_stats"]
-    assert daily_stats.start_day == "{{ feature_window(triggering_asset_events, dag_run).first }}"
+    assert daily_stats.start_day == "{{ ti.xcom_pull(task_ids='feature_window').first }}"
     assert [a.name for a in train.timetable.asset_condition.objects] == ["flight_delay_drift"]
     assert train.task_dict["retraining_gate"].cooldown_days == 60
     assert [t.task_id for t in train.task_dict["tune"].upstream_list] == ["training_set"]

@@ -355,10 +355,108 @@ def test_the_features_dag_processes_the_days_named_by_the_asset_events():
     with pytest.raises(MLOpsArgumentError, match="names no day"):
         window_of({}, SimpleNamespace(conf={}))
     assert {t.task_id for t in dag.tasks} == {
+        "feature_window",
         "publish_weather",
         "publish_planes",
         "daily_stats",
         "feast_apply",
         "materialize",
         "materialize_planes",
+        "record_materialized",
+        "published_meanwhile",
+        "follow_up",
     }
+    # the steps take their days from the run's first task, not from the events
+    assert dag.task_dict["daily_stats"].start_day == "{{ ti.xcom_pull(task_ids='feature_window').first }}"
+    assert dag.task_dict["feature_window"].downstream_task_ids == {
+        "publish_weather",
+        "publish_planes",
+        "daily_stats",
+        "record_materialized",  # it records the versions the first task saw
+    }
+    assert dag.task_dict["record_materialized"].upstream_task_ids == {"feature_window", "materialize_planes"}
+
+
+# ------------------------------------------------------------------ days due to a features run
+def _publish_days(offline: Path, days: list[str], rows: int = 3) -> None:
+    for day in days:
+        folder = offline / "flights" / f"date={day}"
+        folder.mkdir(parents=True, exist_ok=True)
+        flights = [("UA", "JFK", 10.0 + i, 5.0, False, 9, i) for i in range(rows)]
+        pq.write_table(_flights(day, flights), folder / "part-0.parquet")
+
+
+def _features_run(offline: Path, key: str, events_days: list[str], conf: dict | None = None):
+    """The two ends of a features run: the days due, then (the steps having run) their record."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from airflow_mlops.operators.features import FeatureDaysRecordOperator, FeaturePendingDaysOperator
+
+    events = {"flights_offline": [SimpleNamespace(extra={"partition": f"date={d}"}) for d in events_days]}
+    pending = FeaturePendingDaysOperator(
+        task_id="feature_window",
+        table="flights",
+        timezone="America/New_York",
+        available_after_hours=6,
+        state_key=key,
+        offline_root=str(offline),
+    )
+    context = _context(triggering_asset_events=events, dag_run=SimpleNamespace(conf=conf or {}))
+    try:
+        window = pending.execute(context)
+    except AirflowSkipException:
+        return None, None
+    record = FeatureDaysRecordOperator(
+        task_id="record_materialized",
+        window=window,
+        table="flights",
+        state_key=key,
+        offline_root=str(offline),
+    )
+    return window, record.execute(_context())
+
+
+def test_a_features_run_takes_every_published_day_not_yet_materialized_not_only_the_event_s(tmp_path):
+    offline = tmp_path / "offline"
+    _publish_days(offline, ["2013-03-08", "2013-03-09", "2013-03-10"])
+    # the events of 9 and 10 March were never queued (apache/airflow#56050): the run names 8 March only
+    window, recorded = _features_run(offline, "one", ["2013-03-08"])
+    assert window["days"] == ["2013-03-08", "2013-03-09", "2013-03-10"]
+    assert (window["first"], window["last"]) == ("2013-03-08", "2013-03-10")
+    assert window["end"] == "2013-03-11T10:00:00+00:00"  # 06:00 New York time after the last day
+    assert recorded == {"recorded": window["days"], "published_meanwhile": []}
+    # a second run with nothing new (a duplicate event) does nothing
+    assert _features_run(offline, "one", ["2013-03-10"]) == (None, None)
+
+
+def test_a_day_republished_with_other_rows_is_due_again_and_an_identical_rewrite_is_not(tmp_path):
+    offline = tmp_path / "offline"
+    _publish_days(offline, ["2013-03-08", "2013-03-09"])
+    _features_run(offline, "two", ["2013-03-08"])
+    _publish_days(offline, ["2013-03-09"])  # the same rows written again
+    assert _features_run(offline, "two", []) == (None, None)
+    _publish_days(offline, ["2013-03-09"], rows=5)  # a later batch added rows of 9 March
+    window, _ = _features_run(offline, "two", [])
+    assert window["days"] == ["2013-03-09"]
+    # a manual run rebuilds the days of its conf even when they are materialized
+    window, _ = _features_run(offline, "two", [], conf={"day": "2013-03-08"})
+    assert window["days"] == ["2013-03-08"]
+    with pytest.raises(MLOpsArgumentError, match="not a YYYY-MM-DD date"):
+        _features_run(offline, "two", [], conf={"day": "8 March"})
+
+
+def test_a_failed_run_records_nothing_and_days_published_during_a_run_are_reported(tmp_path):
+    from airflow_mlops.operators.features import FeatureDaysRecordOperator, FeaturePendingDaysOperator
+
+    offline = tmp_path / "offline"
+    _publish_days(offline, ["2013-03-08"])
+    common = {"table": "flights", "state_key": "three", "offline_root": str(offline)}
+    pending = FeaturePendingDaysOperator(task_id="feature_window", **common)
+    window = pending.execute(_context(triggering_asset_events={}, dag_run=SimpleNamespace(conf={})))
+    # the run's steps fail: record_materialized never runs, the next run takes the day again
+    assert pending.execute(_context(triggering_asset_events={}, dag_run=None))["days"] == ["2013-03-08"]
+    _publish_days(offline, ["2013-03-09"])  # published while the run ran
+    recorded = FeatureDaysRecordOperator(task_id="record_materialized", window=window, **common).execute(
+        _context()
+    )
+    assert recorded == {"recorded": ["2013-03-08"], "published_meanwhile": ["2013-03-09"]}

@@ -17,7 +17,7 @@ from airflow.sdk.exceptions import TaskDeferred
 from airflow_mlops.exceptions import MLOpsArgumentError, TuningError
 from airflow_mlops.hooks.ray import RayHook, bytecode_cache_env
 from airflow_mlops.ml.search_space import SearchSpaceError, grid_size, parse_search_space
-from airflow_mlops.operators.tuning import RayTuneOperator
+from airflow_mlops.operators.tuning import RayTuneOperator, job_prefix
 from airflow_mlops.triggers.ray import RayJobTrigger
 
 CONTEXT = {
@@ -125,7 +125,7 @@ def test_build_spec_places_tune_state_under_the_task_artifacts():
 def test_deferrable_on_a_cluster_defers_to_the_job_trigger():
     op = _op(ray_conn_id="ray_cluster", deferrable=True, poll_interval=3)
     hook = mock.MagicMock(is_local=False, address="http://head:8265")
-    hook.submit_job.return_value = "mlops-tune-abc"
+    hook.jobs_with_prefix.return_value = {}
     with (
         mock.patch.object(RayTuneOperator, "hook", hook),
         mock.patch("airflow_mlops.ml.search.prepare", return_value=(json.dumps, mock.MagicMock())),
@@ -134,18 +134,28 @@ def test_deferrable_on_a_cluster_defers_to_the_job_trigger():
             op.execute(CONTEXT)
     trigger = deferred.value.trigger
     assert isinstance(trigger, RayJobTrigger)
-    assert (
-        trigger.job_id == "mlops-tune-abc"
-        and trigger.ray_conn_id == "ray_cluster"
-        and trigger.poll_interval == 3
-    )
+    # the job's id is the task instance's: a later try finds it
+    job_id = job_prefix("d", "manual__2013-04-01T00:00:00+00:00", "tune", -1) + "try3"
+    assert trigger.job_id == job_id and trigger.ray_conn_id == "ray_cluster" and trigger.poll_interval == 3
     assert trigger.result_uri.endswith("/tune/tuning/result.json")
     assert deferred.value.method_name == "execute_complete"
+    # the deferral's state travels with it, not in the operator
+    assert deferred.value.kwargs == {"job_id": job_id, "result_uri": trigger.result_uri}
     entrypoint = hook.submit_job.call_args.args[0]
     assert entrypoint.startswith("python -m airflow_mlops.ml.search ") and entrypoint.endswith(
         "/tuning/spec.json"
     )
-    assert "-try3-" in hook.submit_job.call_args.kwargs["submission_id"]
+    assert hook.submit_job.call_args.kwargs["submission_id"] == job_id
+
+
+def test_job_ids_differ_per_task_instance_and_not_per_try():
+    assert job_prefix("d", "r", "tune", -1) == job_prefix("d", "r", "tune", None)
+    others = {
+        job_prefix("d", "r", "tune", 0),
+        job_prefix("d", "r2", "tune", -1),
+        job_prefix("d", "r", "t2", -1),
+    }
+    assert job_prefix("d", "r", "tune", -1) not in others and len(others) == 3
 
 
 def test_execute_complete_takes_everything_from_the_event(tmp_path):
