@@ -98,6 +98,12 @@ def test_no_secret_is_written_in_the_file():
             elif any(word in key.upper() for word in SECRET_WORDS):
                 # secrets come from files: Airflow's _CMD options, the images' _FILE variables
                 from_file = key.endswith(("_CMD", "_FILE")) or str(value).startswith("/run/secrets/")
+                # Airflow's secrets backend: a class, and the generated file it reads
+                backend = key == "AIRFLOW__SECRETS__BACKEND" and str(value).startswith("airflow.secrets.")
+                kwargs = key == "AIRFLOW__SECRETS__BACKEND_KWARGS" and all(
+                    str(v).startswith("/run/secrets/") for v in json.loads(value).values()
+                )
+                from_file = from_file or backend or kwargs
                 assert from_file, f"{name}: {key}={value!r} is a literal secret"
     # and no URL carries credentials
     for name, env in _environments():
@@ -132,6 +138,30 @@ def test_secrets_are_generated_at_first_start_and_kept_on_the_next(tmp_path):
     from cryptography.fernet import Fernet
 
     Fernet(first["fernet-key"].encode())  # a valid key
+
+
+def test_the_registry_signing_key_is_a_generated_connection_every_airflow_component_reads(tmp_path):
+    """The artifact root is on S3, so every worker and model server needs the same registry signing key
+    (connection mlops_registry); it is generated, read through Airflow's local-file secrets backend."""
+    generated = _run_secrets_init(tmp_path)
+    registry = json.loads(generated["connections.json"])["mlops_registry"]
+    assert registry["conn_type"] == "generic" and len(registry["password"]) >= 32
+    assert (
+        registry["password"]
+        != json.loads(_run_secrets_init(tmp_path / "b")["connections.json"])["mlops_registry"]["password"]
+    )
+    from airflow.secrets.local_filesystem import LocalFilesystemBackend
+
+    env = COMPOSE["x-airflow"]["environment"]
+    backend = env["AIRFLOW__SECRETS__BACKEND"]
+    assert backend == f"{LocalFilesystemBackend.__module__}.{LocalFilesystemBackend.__name__}"
+    path = json.loads(env["AIRFLOW__SECRETS__BACKEND_KWARGS"])["connections_file_path"]
+    (tmp_path / "secrets").mkdir(exist_ok=True)
+    copy = tmp_path / "secrets" / "connections.json"
+    copy.write_text(generated["connections.json"])
+    assert path == "/run/secrets/mlops/connections.json"
+    conn = LocalFilesystemBackend(connections_file_path=str(copy)).get_connection("mlops_registry")
+    assert conn.password == registry["password"]
 
 
 def test_every_secret_file_a_service_reads_is_generated(tmp_path):
