@@ -253,7 +253,7 @@ class BatchScoring(_Section):
         default_factory=list, description="input columns kept next to the answers besides the request fields"
     )
     joins: list[dict[str, Any]] = Field(default_factory=list)
-    parallel_min_rows: int = Field(default=500_000, ge=0, description="rows from which a run scores on Ray")
+    parallel_min_rows: int = Field(default=5_000_000, ge=0, description="rows from which a run scores on Ray")
     chunk_rows: int = Field(default=100_000, ge=1, description="rows per Ray task")
     start_date: date | None = Field(default=None, description="first scored day; default spec start_date")
 

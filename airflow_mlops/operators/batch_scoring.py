@@ -35,7 +35,9 @@ class BatchScoringOperator(BaseOperator):
 
     Windows of at least ``parallel_min_rows`` rows are scored by Ray tasks of ``chunk_rows`` rows each, on
     a Ray started inside the task (``ray_num_cpus`` CPUs); smaller ones in the task's own process, which
-    avoids Ray's start-up (about 15 s).
+    avoids Ray's start-up. The default (5 million rows) is about where the CPUs Ray adds pay for its start-up
+    on a worker of a few cores (``benchmarks/bench_delivery.py``: ~117,000 rows/s in the task's process
+    against ~25 s to start Ray here).
 
     Returns ``{"model", "version", "table", "output_table", "days", "partitions", "rows", "missing_days",
     "on_ray"}``; the Assets in ``outlets`` receive an event whose ``extra`` names the model, version,
@@ -85,7 +87,7 @@ class BatchScoringOperator(BaseOperator):
         carry_columns: Sequence[str] = (),
         feature_repo: str | None = None,
         feast_conn_id: str | None = None,
-        parallel_min_rows: int = 500_000,
+        parallel_min_rows: int = 5_000_000,
         chunk_rows: int = 100_000,
         ray_num_cpus: int | None = None,
         **kwargs: Any,
