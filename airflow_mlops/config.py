@@ -39,6 +39,10 @@ class MLOpsSettings:
         store cannot be written; past it the oldest are dropped and counted (see docs/monitoring.md).
     :param prediction_log_retention_days: prediction-log day partitions older than this many days are
         removed by the model server (0: keep every day).
+    :param quarantine_root: URI under which failed batches are kept (a relative ``quarantine_uri`` of
+        :class:`~airflow_mlops.operators.validation.GXValidateOperator` is taken under it); None: the
+        folder ``quarantine`` beside ``landing_root`` (see :attr:`quarantine`), so batches landed on an
+        object store are quarantined on that store, never on a worker's disk.
     """
 
     state_dir: Path
@@ -49,10 +53,23 @@ class MLOpsSettings:
     ray_num_cpus: int | None = None
     prediction_log_max_rows: int = 200_000
     prediction_log_retention_days: int = 0
+    quarantine_root: str | None = None
 
     @property
     def artifact_scheme(self) -> str:
         return urlsplit(self.artifact_root).scheme or "file"
+
+    @property
+    def quarantine(self) -> str:
+        """Where failed batches are kept: ``quarantine_root``, else ``quarantine`` beside ``landing_root``
+        (``s3://bucket/landing`` -> ``s3://bucket/quarantine``; the embedded default
+        ``<state_dir>/landing`` -> ``<state_dir>/quarantine``)."""
+        if self.quarantine_root:
+            return self.quarantine_root
+        parts = urlsplit(self.landing_root)
+        path = parts.path.rstrip("/")
+        parent = path[: path.rfind("/")] if "/" in path else ""
+        return parts._replace(path=f"{parent}/quarantine").geturl()
 
 
 def _option(key: str) -> str:
@@ -102,6 +119,7 @@ def load_settings() -> MLOpsSettings:
         ray_num_cpus=_ray_num_cpus(),
         prediction_log_max_rows=_whole_number("prediction_log_max_rows", 200_000, minimum=1),
         prediction_log_retention_days=_whole_number("prediction_log_retention_days", 0, minimum=0),
+        quarantine_root=_option("quarantine_root").rstrip("/") or None,
     )
 
 

@@ -170,6 +170,24 @@ def get_provider_info() -> dict[str, Any]:
                         "2",
                         "",
                     ),
+                    "quarantine_root": _option(
+                        "Where batches that fail validation are kept (a relative quarantine_uri is taken "
+                        "under it). Empty means the folder 'quarantine' beside landing_root, on the same store.",
+                        "s3://bucket/quarantine",
+                        "",
+                    ),
+                    "prediction_log_max_rows": _option(
+                        "Most prediction-log rows a model server keeps in memory while the store cannot be "
+                        "written; past it the oldest are dropped and counted. Empty means 200000.",
+                        "200000",
+                        "",
+                    ),
+                    "prediction_log_retention_days": _option(
+                        "Prediction-log day partitions older than this many days are removed by the model "
+                        "server. Empty or 0 keeps every day.",
+                        "90",
+                        "",
+                    ),
                     "serving_max_rows": _option(
                         "Most rows one /predict_batch request to a served model may carry (more: HTTP 413). "
                         "Empty means 5000.",

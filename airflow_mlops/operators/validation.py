@@ -430,7 +430,8 @@ class GXValidateOperator(BaseOperator):
     :param fail_on_failure: fail the task when the suite fails (the default); with False the summary is
         returned with ``success: false`` (the batch is still quarantined when ``quarantine_uri`` is set).
     :param quarantine_uri: folder a failed batch is moved to, with ``<file>.validation.json`` beside it; a
-        relative path is taken under ``<[mlops] state_dir>/quarantine``; None leaves a failed batch in
+        relative path is taken under ``[mlops] quarantine_root`` (default: ``quarantine`` beside
+        ``[mlops] landing_root``, so on the object store the batches landed on); None leaves a failed batch in
         place (templated).
     :param data_format: ``auto`` (by file suffix: ``.csv`` is CSV, anything else parquet), ``parquet``
         or ``csv``.
@@ -539,7 +540,7 @@ class GXValidateOperator(BaseOperator):
     def quarantine_dir(self) -> ObjectStoragePath | None:
         if not self.quarantine_uri:
             return None
-        root = "file://" + str(self.artifact_store.settings.state_dir / "quarantine")
+        root = self.artifact_store.settings.quarantine
         return as_path(resolve_uri(str(self.quarantine_uri), root), conn_id=self.data_conn_id)
 
     def execute(self, context: Context) -> dict[str, Any]:

@@ -22,6 +22,24 @@ def test_defaults_live_under_the_state_dir(monkeypatch, tmp_path):
     assert settings.artifact_conn_id is None
 
 
+@pytest.mark.parametrize(
+    ("landing", "quarantine"),
+    [
+        (None, "file://{tmp}/quarantine"),  # the embedded default: beside the landing zone
+        ("s3://lake/landing/", "s3://lake/quarantine"),  # on the store the batches landed on
+        ("gs://lake", "gs://lake/quarantine"),
+        ("file:///srv/in/landing", "file:///srv/in/quarantine"),
+    ],
+)
+def test_failed_batches_are_kept_beside_the_landing_zone(monkeypatch, tmp_path, landing, quarantine):
+    monkeypatch.setenv("AIRFLOW__MLOPS__STATE_DIR", str(tmp_path))
+    if landing:
+        monkeypatch.setenv("AIRFLOW__MLOPS__LANDING_ROOT", landing)
+    assert load_settings().quarantine == quarantine.format(tmp=tmp_path)
+    monkeypatch.setenv("AIRFLOW__MLOPS__QUARANTINE_ROOT", "s3://vault/held/")
+    assert load_settings().quarantine == "s3://vault/held"
+
+
 def test_state_dir_defaults_to_airflow_home(monkeypatch):
     monkeypatch.delenv("AIRFLOW__MLOPS__STATE_DIR")
     assert load_settings().state_dir == Path(os.environ["AIRFLOW_HOME"]) / "mlops"

@@ -251,6 +251,17 @@ def test_execute_returns_small_json_summary(tmp_path: Path, fake_gx: list[dict[s
     assert data.exists()  # a good batch stays where it landed
 
 
+def test_a_relative_quarantine_uri_is_kept_under_the_quarantine_root(
+    tmp_path: Path, fake_gx: list[dict[str, Any]], monkeypatch
+) -> None:
+    monkeypatch.setenv("AIRFLOW__MLOPS__QUARANTINE_ROOT", f"file://{tmp_path}/held")
+    data = land_tiny(tmp_path / "landing" / "bad.parquet", ["EWR", "XXX"])
+    op = make_op(data_uri=str(data), batch_date="2013-01-01", quarantine_uri="orders/date=2013-01-01")
+    with pytest.raises(DataValidationError):
+        op.execute({"ti": FakeTI("run_bad")})
+    assert (tmp_path / "held" / "orders" / "date=2013-01-01" / "bad.parquet").exists() and not data.exists()
+
+
 def test_failed_batch_is_moved_to_quarantine(tmp_path: Path, fake_gx: list[dict[str, Any]]) -> None:
     data = land_tiny(tmp_path / "landing" / "bad.parquet", ["EWR", "XXX"])
     quarantine = tmp_path / "quarantine" / "date=2013-01-01"
