@@ -46,7 +46,7 @@ _counter = iter(range(1, 10**9))
 
 
 def _rows(n: int) -> list[dict]:
-    """``n`` request rows, each with a distance no other request of the module has."""
+    """``n`` request rows, each with a distance (miles, an integer) no other request of the module has."""
     base = [("UA", "EWR", 8), ("B6", "JFK", 14), ("DL", "LGA", 19), ("AA", "JFK", 6)]
     rows = []
     for i in range(n):
@@ -56,7 +56,7 @@ def _rows(n: int) -> list[dict]:
                 "carrier": carrier,
                 "origin": origin,
                 "hour": hour,
-                "distance": 500 + next(_counter) / 1000,
+                "distance": 5000 + next(_counter),
                 "month": 5,
             }
         )
