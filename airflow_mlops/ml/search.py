@@ -382,7 +382,9 @@ def run_search(spec: SearchSpec, fn: Any, data: Any) -> dict[str, Any]:
                 storage_path=storage,
                 verbose=0,
                 callbacks=[_progress_callback(spec.progress_interval, spec.metric, spec.mode)],
-                failure_config=tune.FailureConfig(max_failures=0),
+                # a trial whose Ray worker died (killed, out of memory, node lost) runs once more
+                # instead of ending the search one trial short; a trainable that raises fails twice
+                failure_config=tune.FailureConfig(max_failures=1),
             ),
         )
     log.info(

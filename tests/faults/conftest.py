@@ -104,6 +104,6 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     terminalreporter.write_line(f"(rows as JSON in {path})")
 
 
-# The Feast data of the integration suite (a session fixture there; imported, since a conftest's fixtures
-# only reach the tests under its folder).
-from integration.conftest import feast_data, feast_env, task_context  # noqa: E402, F401
+# The Feast data and the flights training set of the integration suite (session fixtures there; imported,
+# since a conftest's fixtures only reach the tests under its folder).
+from integration.conftest import feast_data, feast_env, flights_training_set, task_context  # noqa: E402, F401

@@ -4,7 +4,7 @@ router is killed during a blue/green switch, the new version dies during the swi
 One deployment for the module (the real ``bentoml serve`` of two registered models behind the router, as
 the deploy operator starts them). Its prediction log lives on a small tmpfs of its own (mounted at
 ``<state>/artifacts/predictions``, unmounted at the end), so "the disk is full" is a real ``ENOSPC``.
-Requests are real 2013 flights, each with a distance of its own, so the log rows of a test's requests are
+Requests are rows of 2013 flights, each with a (distance, hour) pair of its own, so the log rows of a test's requests are
 found exactly.
 """
 
@@ -46,17 +46,19 @@ _counter = iter(range(1, 10**9))
 
 
 def _rows(n: int) -> list[dict]:
-    """``n`` request rows, each with a distance (miles, an integer) no other request of the module has."""
-    base = [("UA", "EWR", 8), ("B6", "JFK", 14), ("DL", "LGA", 19), ("AA", "JFK", 6)]
+    """``n`` request rows, each with a (distance, hour) pair no other request of the module has (within the
+    ranges the models' signature accepts: 100..4899 miles, hours 5..22)."""
+    base = [("UA", "EWR"), ("B6", "JFK"), ("DL", "LGA"), ("AA", "JFK")]
     rows = []
     for i in range(n):
-        carrier, origin, hour = base[i % len(base)]
+        carrier, origin = base[i % len(base)]
+        number = next(_counter)
         rows.append(
             {
                 "carrier": carrier,
                 "origin": origin,
-                "hour": hour,
-                "distance": 5000 + next(_counter),
+                "hour": 5 + (number // 4800) % 18,
+                "distance": 100 + number % 4800,
                 "month": 5,
             }
         )
@@ -172,8 +174,9 @@ def _logged(served, rows: list[dict]) -> int:
     """How many of ``rows`` are in the prediction log."""
     root = served.predictions
     days = sorted(p.name.removeprefix("date=") for p in root.glob("date=*")) if root.exists() else []
-    distances = {r["distance"] for r in rows}
-    return sum(1 for r in read_records(str(root), days) if r["request"].get("distance") in distances)
+    keys = {(r["distance"], r["hour"]) for r in rows}
+    records = read_records(str(root), days)
+    return sum(1 for r in records if (r["request"].get("distance"), r["request"].get("hour")) in keys)
 
 
 def _wait_logged(served, rows: list[dict], timeout: float = 20) -> int:
@@ -186,21 +189,13 @@ def _wait_logged(served, rows: list[dict], timeout: float = 20) -> int:
 def _fill(folder: Path) -> Path:
     """Fill the file system of ``folder`` to the last byte; returns the ballast file."""
     ballast = folder / "ballast.bin"
-    with open(ballast, "wb") as out:
-        chunk = b"\0" * 65536
-        try:
-            while True:
-                out.write(chunk)
-                out.flush()
-        except OSError:
-            pass
-        # the last partial chunk
-        try:
-            while True:
-                out.write(b"\0" * 512)
-                out.flush()
-        except OSError:
-            pass
+    with open(ballast, "wb", buffering=0) as out:  # unbuffered: nothing left to write at close
+        for size in (1 << 16, 512, 1):
+            try:
+                while True:
+                    out.write(b"\0" * size)
+            except OSError:
+                pass
     return ballast
 
 
