@@ -153,8 +153,9 @@ def _outcome(fault, airflow: Stack, dag_id: str, run_id: str, what: str) -> dict
 def test_scheduler_killed_while_a_task_runs(airflow, fault):
     """kill -9 the scheduler while a task runs.
 
-    The stack starts it again; the task (killed with the scheduler's executor) is found dead by its
-    heartbeat and retried: the run succeeds, its work done once.
+    The stack starts it again and stops what the dead scheduler had started (its session: executor
+    workers and task processes); the new scheduler retries the orphaned task: the run succeeds, its work
+    done once, by the retry (not also by the killed try, still running beside it).
     """
     run_id = "scheduler_killed"
     airflow.trigger("fault_work", run_id, seconds=15)
