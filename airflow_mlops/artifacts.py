@@ -2,14 +2,15 @@
 
 Every task writes what it produces (reports, models, data sets) under
 ``<artifact_root>/<dag_id>/<run_id>/<task_id>/<name>``; only the URI and a little metadata travel
-through XCom. A write is atomic: on a local file system the bytes go to a hidden temporary file in
-the same folder, which is renamed over the target when complete; object stores (S3, GCS) publish an
-object only when its upload completes. No reader ever sees a half-written file, and a failed write
+through XCom. A write is atomic: the bytes go to a hidden temporary file (``.<name>.tmp-<id>``) in the
+same folder, which is renamed over the target when complete (on object stores, S3 and GCS, the rename is
+a server-side copy, which publishes the object whole). No reader ever sees a half-written file, and a failed write
 leaves the previous version in place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -131,8 +132,8 @@ def staged(target: ObjectStoragePath) -> Iterator[Path]:
     error the file is published at ``target``, otherwise it is discarded and ``target`` is untouched.
 
     On a local file system the temporary file is hidden (``.<name>.tmp-<id>``) in the target's folder,
-    so the publish is one ``os.replace``; for object stores it is uploaded, and the object appears
-    only when the upload completes.
+    so the publish is one ``os.replace``; for object stores it is uploaded to a hidden key beside the
+    target and moved over it once whole (see :func:`_publish_remote`).
     """
     local_target = is_local(target)
     if local_target:
@@ -159,14 +160,40 @@ def staged(target: ObjectStoragePath) -> Iterator[Path]:
         if local_target:
             os.replace(tmp, target.path)
         else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tmp.open("rb") as src, target.open("wb") as dst:
-                shutil.copyfileobj(src, dst, _CHUNK)
+            _publish_remote(tmp, target)
     finally:
         if local_target:
             tmp.unlink(missing_ok=True)
         elif cleanup is not None:
             shutil.rmtree(cleanup, ignore_errors=True)
+
+
+def _publish_remote(local: Path, target: ObjectStoragePath) -> None:
+    """Upload ``local`` to a hidden key beside ``target`` (``.<name>.tmp-<id>``), then move it over
+    ``target`` (a server-side copy: the object appears whole or not at all).
+
+    Uploading to ``target`` itself is not atomic: fsspec closes a file whose ``with`` block raised, and
+    closing commits what was sent, so an upload cut by an error (credentials that expired, a refused part)
+    published the first parts as ``target``, a truncated artifact. Now such an upload leaves ``target`` as
+    it was and the hidden key is removed.
+
+    :raises ArtifactStoreError: the upload or the move failed; ``target`` is unchanged.
+    """
+    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with local.open("rb") as src, staging.open("wb") as dst:
+            shutil.copyfileobj(src, dst, _CHUNK)
+        target.fs.mv(staging.path, target.path)
+    except Exception as err:
+        with contextlib.suppress(Exception):
+            target.fs.rm(staging.path)
+        raise ArtifactStoreError(
+            f"writing {str(target)!r} failed ({type(err).__name__}: {err}); its previous version, if any, "
+            "is unchanged.",
+            fix="check the artifact store connection's credentials and that the store is reachable, then "
+            "rerun the task.",
+        ) from err
 
 
 # ------------------------------------------------------------------ tables read by several stages

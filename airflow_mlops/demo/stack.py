@@ -127,6 +127,8 @@ class AirflowStack:
     restarts: dict[str, int] = field(default_factory=dict, init=False)
     _env: dict[str, str] = field(default_factory=dict, init=False, repr=False)
     _running: bool = field(default=False, init=False, repr=False)
+    #: sessions of components that were started again: checked for leftovers as well
+    _old_sessions: set[int] = field(default_factory=set, init=False, repr=False)
 
     @property
     def python_dir(self) -> Path:
@@ -240,9 +242,10 @@ class AirflowStack:
                     f"{log_file}:\n{_tail(log_file)}",
                     fix="read the log above; run `make demo` again to continue from the state reached.",
                 )
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                # what is left of it (executor workers); its pid, the group's id, is still held (not reaped)
-                os.killpg(process.pid, signal.SIGKILL)
+            # what is left of it: executor workers, and task processes, which Airflow puts in process
+            # groups of their own (so killing the group leaves them running, a second try beside the
+            # retry the new scheduler starts): everything in the component's session goes
+            self._kill_session(process.pid)
             process.wait()  # reaped only now: from here on the pid may be given to another process
             self.restarts[name] = done + 1
             self._launch(name)
@@ -292,22 +295,36 @@ class AirflowStack:
                 return f"--- {path}, error {found.group(1)}:\n" + "\n".join(lines[i : i + 60])[-6000:]
         return ""
 
-    def alive(self) -> list[int]:
-        """Pids of live processes in the components' process groups (zombies aside)."""
+    def alive(self, sessions: set[int] | None = None) -> list[int]:
+        """Pids of live processes in the components' sessions (zombies aside): each component is started
+        in a session of its own, which its executor workers and task processes inherit (a task process
+        has a process group of its own); a process that detached on purpose (a model server started by
+        a deploy task) has a new session and is not counted.
+
+        :param sessions: only these sessions (a component's first pid); default every component's.
+        """
         import psutil
 
-        groups = {p.pid for p in self.processes.values()}
+        if sessions is None:
+            sessions = {p.pid for p in self.processes.values()} | self._old_sessions
         alive = []
         for proc in psutil.process_iter():
             try:
-                if os.getpgid(proc.pid) in groups and proc.status() != psutil.STATUS_ZOMBIE:
+                if os.getsid(proc.pid) in sessions and proc.status() != psutil.STATUS_ZOMBIE:
                     alive.append(proc.pid)
-            except (ProcessLookupError, psutil.Error):
+            except (ProcessLookupError, PermissionError, psutil.Error):
                 pass
         return alive
 
+    def _kill_session(self, session: int) -> None:
+        """SIGKILL every process of a component's session (the component itself may be gone)."""
+        for pid in self.alive({session}):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        self._old_sessions.add(session)
+
     def stop(self, timeout: float = 30) -> None:
-        """SIGTERM every component's process group, SIGKILL what is left after ``timeout``."""
+        """SIGTERM every component's process group, SIGKILL what is left of their sessions after ``timeout``."""
         self._running = False
         if self.client is not None:
             self.client.close()
@@ -318,9 +335,8 @@ class AirflowStack:
         deadline = time.monotonic() + timeout
         while self.alive() and time.monotonic() < deadline:
             time.sleep(0.5)
-        for group in groups:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(group, signal.SIGKILL)
+        for session in [*groups, *self._old_sessions]:
+            self._kill_session(session)
         for process in self.processes.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=10)

@@ -592,7 +592,9 @@ def run_search(spec: SearchSpec, fn: Any, data: Any, state_key: bytes | None = N
                     _progress_callback(spec.progress_interval, spec.metric, spec.mode),
                     _signing_callback(experiment),
                 ],
-                failure_config=tune.FailureConfig(max_failures=0),
+                # a trial whose Ray worker died (killed, out of memory, node lost) runs once more
+                # instead of ending the search one trial short; a trainable that raises fails twice
+                failure_config=tune.FailureConfig(max_failures=1),
             ),
         )
         sign_tuner_file(experiment)
