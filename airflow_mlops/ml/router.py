@@ -1,7 +1,10 @@
 """The stable address of a local blue/green deployment: a small HTTP reverse proxy.
 
 It listens on the deployment's port and forwards each request to the backend named in a routes file
-(``{"active": "http://127.0.0.1:3101", "generation": 3, ...}``). The deployer switches traffic by replacing
+(``{"active": "http://127.0.0.1:3101", "generation": 3, ...}``). During a switch the file also names the
+``standby``, the version that served before, still running until it is drained: a request whose backend
+refused it or died with it in flight is sent once more, to the active backend if that changed, else to
+the standby (predictions have no side effect but their log line). The deployer switches traffic by replacing
 that file atomically (write + rename); the proxy notices the new file on the next request (one ``stat``
 per request), so every request goes either wholly to the old or wholly to the new backend and none is
 dropped. It counts requests in flight per backend so the deployer can drain the old one before stopping it.
@@ -131,11 +134,16 @@ class RouterApp:
                 response = await self.client(sent_to).request(
                     scope["method"], target, content=body, headers=headers
                 )
-            except httpx.ConnectError:
-                # the backend went away; if a switch happened meanwhile, the new one answers instead
-                newer = self.routes.current().get("active")
-                if attempt == 0 and newer and newer != sent_to:
-                    backend = newer
+            except (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+                # the backend went away (refused the connection, or died with the request in flight): once,
+                # the request goes to the backend that is active now, else to the standby the deployer
+                # keeps alive during a switch (the version that served before)
+                routes = self.routes.current()
+                other = next(
+                    (b for b in (routes.get("active"), routes.get("standby")) if b and b != sent_to), None
+                )
+                if attempt == 0 and other:
+                    backend = other
                     continue
                 await self._reply(send, 502, b'{"error": "the active backend does not accept connections."}')
                 return

@@ -684,15 +684,23 @@ class LocalDeploymentTarget(DeploymentTarget):
             "started_at": _now(),
         }
 
-    def switch(self, deployment: str, backend: dict[str, Any], router: dict[str, Any]) -> None:
+    def switch(
+        self,
+        deployment: str,
+        backend: dict[str, Any],
+        router: dict[str, Any],
+        standby: dict[str, Any] | None = None,
+    ) -> None:
         """Point the stable address at ``backend``: atomic rename of the routes file, then wait until the
-        router has seen it."""
+        router has seen it. ``standby`` (the version that served before, until it is drained) takes the
+        requests ``backend`` refuses or drops."""
         routes_path = self.routes_path(deployment)
         current = json.loads(routes_path.read_text()) if routes_path.exists() else {"generation": 0}
         generation = int(current.get("generation") or 0) + 1
-        _write_json_atomic(
-            routes_path, {"active": backend["url"], "version": backend["version"], "generation": generation}
-        )
+        routes = {"active": backend["url"], "version": backend["version"], "generation": generation}
+        if standby and standby.get("url") != backend["url"]:
+            routes["standby"] = standby["url"]
+        _write_json_atomic(routes_path, routes)
         deadline = time.monotonic() + 30
         while True:
             status = self.router_status(router)
@@ -721,6 +729,15 @@ class LocalDeploymentTarget(DeploymentTarget):
         from airflow_mlops.sensors.serving import probe
 
         return bool(backend) and process_alive(backend) and probe(backend["url"])[0]
+
+    def still_serving(self, backend: dict[str, Any], checks: int = 3, every: float = 0.5) -> bool:
+        """Whether ``backend`` keeps running and ready for ``checks`` probes ``every`` seconds apart (after
+        traffic moved to it, before the version it replaced is stopped)."""
+        for _ in range(checks):
+            if not self.backend_ready(backend):
+                return False
+            time.sleep(every)
+        return self.backend_ready(backend)
 
     def teardown(self, deployment: str) -> None:
         """Stop everything of a deployment (router, live and pending versions); its history is kept."""
@@ -942,12 +959,30 @@ class BentoDeployOperator(BaseOperator):
                 )
             router = self.local.ensure_router(state, int(self.port))
             old = state.get("active")
-            self.local.switch(self.deployment, pending, router)
+            replaced = old if old and old.get("url") != pending["url"] and process_alive(old) else None
+            self.local.switch(self.deployment, pending, router, standby=replaced)
+            if replaced and not self.local.still_serving(pending):
+                # the new version died (or stopped answering) right after taking the traffic: the old one,
+                # still running, takes it back before anything else
+                self.local.switch(self.deployment, replaced, router)
+                stop_tree(pending, timeout=10)
+                state["pending"] = None
+                state["history"].append(
+                    {"at": _now(), "action": f"{pending['action']}-failed", "version": pending["version"]}
+                )
+                raise ServingError(
+                    f"version {pending['version']} of {self.model_name!r} stopped answering right after the "
+                    f"switch; traffic went back to version {replaced['version']}, which keeps serving.\n"
+                    f"server log {pending['log']}:\n{_log_tail(pending['log'])}",
+                    fix="read the server log above (a crash, out of memory), then deploy again.",
+                )
             state["active"], state["pending"] = pending, None
             if old and old.get("url") != pending["url"]:
                 self.local.drain_and_stop(old, router)
                 old["pid"] = None
                 state["previous"] = old
+                if replaced:
+                    self.local.switch(self.deployment, pending, router)  # the standby is gone
             state["history"].append(
                 {
                     "at": _now(),

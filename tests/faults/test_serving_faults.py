@@ -308,9 +308,10 @@ def test_new_version_killed_during_the_switch(served, fault, monkeypatch):
     new_version = served.versions["b" if old_version == served.versions["a"] else "a"]
     real_switch = LocalDeploymentTarget.switch
 
-    def switch_then_kill_new(self, deployment, backend, router):
-        real_switch(self, deployment, backend, router)
-        _kill_tree(backend["pid"])
+    def switch_then_kill_new(self, deployment, backend, router, **kwargs):
+        real_switch(self, deployment, backend, router, **kwargs)
+        if backend["version"] == new_version:
+            _kill_tree(backend["pid"])
 
     monkeypatch.setattr(LocalDeploymentTarget, "switch", switch_then_kill_new)
     error = None

@@ -168,3 +168,33 @@ def test_the_router_refuses_a_body_over_the_limit_before_forwarding_it(tmp_path)
     status, body = asyncio.run(post([b"x" * 60] * 5, []))  # chunked: no Content-Length
     assert status == 413 and "limit of 100 bytes" in body["error"]
     assert backends.holding == [], "nothing was forwarded"
+
+
+def test_a_backend_that_dies_during_a_switch_hands_its_requests_to_the_standby(tmp_path):
+    """The deployer names the version that served before as ``standby`` while it switches: a request the
+    new backend refuses or drops (it died with the request in flight) is answered by the standby once."""
+    routes = tmp_path / "routes.json"
+    routes.write_text(json.dumps({"active": BACKENDS[1], "standby": BACKENDS[0], "generation": 2}))
+    errors = [
+        httpx.ConnectError("connection refused"),
+        httpx.RemoteProtocolError("server disconnected without sending a response"),
+        httpx.ReadError("connection reset by peer"),
+    ]
+
+    def transport(backend: str) -> httpx.MockTransport:
+        def handler(request: httpx.Request) -> httpx.Response:
+            if backend == BACKENDS[1]:
+                raise errors.pop(0)
+            return httpx.Response(200, json={"backend": backend})
+
+        return httpx.MockTransport(handler)
+
+    app = RouterApp(str(routes))
+    app.clients = {b: httpx.AsyncClient(base_url=b, transport=transport(b)) for b in BACKENDS}
+    answers = [asyncio.run(_call(app)) for _ in range(3)]
+    assert [(status, json.loads(body)["backend"]) for status, body in answers] == [(200, BACKENDS[0])] * 3
+    # without a standby (the switch is over) a dead backend is a 502 that says so
+    routes.write_text(json.dumps({"active": BACKENDS[1], "generation": 3}))
+    errors.append(httpx.ConnectError("connection refused"))
+    status, body = asyncio.run(_call(app))
+    assert status == 502 and "does not accept connections" in json.loads(body)["error"]

@@ -137,7 +137,7 @@ def test_a_rerun_after_a_deferred_rollback_does_not_flip_back(tmp_path, monkeypa
         url = f"http://127.0.0.1:{4000 + len(spec['version'])}{spec['version'][-1]}"
         return {**spec, "url": url, "pid": None, "port": 0, "log": None, "started_at": "now"}
 
-    def switch(self, deployment, backend, router):
+    def switch(self, deployment, backend, router, standby=None):
         live["active"] = backend["url"]
 
     monkeypatch.setattr(serving, "check_signature", lambda record, version: None)
