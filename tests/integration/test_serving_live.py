@@ -274,8 +274,7 @@ def test_a_shadow_answers_copies_that_are_logged_paired_and_never_returned(live)
         assert len(paired) == len(ids), f"{len(paired)} of {len(ids)} requests paired ({counts})"
         # each side answered with its own model: the shadow's answers are the candidate's, never returned
         expected = _expected(candidate, flights)
-        by_row = {json.dumps(p["request"], sort_keys=True): s for p, s in paired.values()}
-        shadow_answers = [by_row[json.dumps(row, sort_keys=True)]["answer"]["probability"] for row in flights]
+        shadow_answers = [paired[rid][1]["answer"]["probability"] for rid in ids]  # ids[i]: flights[i]
         np.testing.assert_allclose(shadow_answers, expected, rtol=1e-6)
         assert all(s.get("shadow") is True and p.get("shadow") is None for p, s in paired.values())
         served = read_prediction_log(str(root), days)
