@@ -44,6 +44,7 @@ def get_provider_info() -> dict[str, Any]:
                     "airflow_mlops.operators.tuning",
                     "airflow_mlops.operators.registry",
                     "airflow_mlops.operators.serving",
+                    "airflow_mlops.operators.shadow",
                     "airflow_mlops.operators.drift",
                     "airflow_mlops.operators.batch_scoring",
                 ],

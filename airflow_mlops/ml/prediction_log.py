@@ -21,9 +21,18 @@ of the prediction), each part file written atomically. Each line is one JSON rec
 ``answer``
     the whole answer without model and version: ``probability`` and ``label`` (binary), ``label`` and
     ``probabilities`` (multiclass), ``value`` (regression).
+``request_id`` (optional)
+    the ``X-MLOps-Request-Id`` header of the request, which the deployment's router sets on every request
+    it forwards (and on its shadow copy: :mod:`airflow_mlops.ml.shadow` pairs production's and the
+    shadow's records by it). Absent on records of requests sent without one and on records written before
+    it existed; ``/predict_batch`` records carry none (BentoML's adaptive batching merges requests).
+``shadow`` (optional)
+    ``true`` on records of a server started in shadow mode (``MLOPS_SERVE_SHADOW=true``): answers to
+    copies of live requests that were never returned to a client. Absent means ``false``.
 
 :func:`read_prediction_log` returns it as a table with one column per request field and feature, plus
-``prediction``, ``model``, ``version``, ``task`` and ``time``. This module imports nothing heavy at
+``prediction``, ``model``, ``version``, ``task`` and ``time``; it leaves shadow records out unless asked
+(the monitor and the drift trigger count served predictions only). This module imports nothing heavy at
 module level (the drift trigger runs in the triggerer).
 """
 
@@ -79,9 +88,11 @@ def make_record(
     prediction: Any,
     answer: Mapping[str, Any],
     time: str | None = None,
+    request_id: str | None = None,
+    shadow: bool = False,
 ) -> dict[str, Any]:
-    """One log record in the schema above."""
-    return {
+    """One log record in the schema above (``request_id`` and ``shadow`` only when set)."""
+    record = {
         "schema": SCHEMA_VERSION,
         "time": time or datetime.now(UTC).isoformat(),
         "model": model,
@@ -92,6 +103,16 @@ def make_record(
         "prediction": clean(prediction),
         "answer": {k: clean(v) if not isinstance(v, Mapping) else dict(v) for k, v in answer.items()},
     }
+    if request_id:
+        record["request_id"] = request_id
+    if shadow:
+        record["shadow"] = True
+    return record
+
+
+def is_shadow(record: Mapping[str, Any]) -> bool:
+    """Whether ``record`` is a shadow server's answer (never returned to a client)."""
+    return record.get("shadow") is True
 
 
 def flatten(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -123,9 +144,11 @@ def read_records(root: str, dates: Sequence[str]) -> list[dict[str, Any]]:
     return records
 
 
-def read_prediction_log(root: str, dates: Sequence[str]) -> Any:
+def read_prediction_log(root: str, dates: Sequence[str], *, include_shadow: bool = False) -> Any:
     """The predictions logged on ``dates`` as a pandas DataFrame (see the module docstring).
 
+    :param include_shadow: keep the records of shadow servers too (by default only the predictions that
+        were served to clients).
     :raises MLOpsInputError: the log holds no prediction for those days.
     """
     import pandas as pd
@@ -133,9 +156,12 @@ def read_prediction_log(root: str, dates: Sequence[str]) -> Any:
     from airflow_mlops.exceptions import MLOpsInputError
 
     records = read_records(root, dates)
+    if not include_shadow:
+        records = [r for r in records if not is_shadow(r)]
     if not records:
         raise MLOpsInputError(
-            f"no predictions were logged under {root!r} for {dates[0]}..{dates[-1]}.",
+            f"no predictions were logged under {root!r} for {dates[0]}..{dates[-1]}"
+            f"{'' if include_shadow else ' (shadow records left out)'}.",
             fix="check that the model is served and logging predictions, or move the window.",
         )
     frame = pd.DataFrame.from_records([flatten(r) for r in records])

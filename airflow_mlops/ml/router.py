@@ -9,7 +9,21 @@ that file atomically (write + rename); the proxy notices the new file on the nex
 per request), so every request goes either wholly to the old or wholly to the new backend and none is
 dropped. It counts requests in flight per backend so the deployer can drain the old one before stopping it.
 
-``GET /__router__`` answers ``{"active": ..., "generation": ..., "inflight": {backend: n}, "served": n}``.
+Every forwarded request carries a request id header, ``X-MLOps-Request-Id`` (the client's, else one the
+router makes up); the answer gives it back to the client, and the model service writes it into the prediction
+log (field ``request_id``).
+
+**Shadow traffic.** When the routes file also names ``"shadow": <backend url>``, a copy of every ``POST``
+is sent to that backend *after* the client has its answer from the active one, as a background task with
+the same body and the same request id; its answer is dropped (the shadow backend logs it to its prediction
+log, where :mod:`airflow_mlops.ml.shadow` pairs it with production's by request id). At most
+``MLOPS_ROUTER_SHADOW_MAX_INFLIGHT`` (default 64) copies are in flight; past that a copy is skipped and
+counted, so a slow or dead shadow never holds up the client nor piles up work in the router.
+
+``GET /__router__`` answers ``{"active": ..., "generation": ..., "inflight": {backend: n}, "served": n,
+"shadow": {"backend": ..., "sent": n, "skipped": n, "failed": n, "inflight": n, "latency_ms": {...}}}``
+(``latency_ms``: mean and p99 of the active's and of the shadow's answers to the mirrored requests, over the
+last 10,000 of them).
 
 Run: ``python -m airflow_mlops.ml.router --port 3000 --routes /path/routes.json``.
 """
@@ -17,10 +31,13 @@ Run: ``python -m airflow_mlops.ml.router --port 3000 --routes /path/routes.json`
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
-from collections import Counter
+import time
+import uuid
+from collections import Counter, deque
 from typing import Any
 
 import httpx
@@ -32,6 +49,12 @@ log = logging.getLogger(__name__)
 DEFAULT_SERVING_MAX_BODY_BYTES = 8 * 1024 * 1024
 
 STATUS_PATH = "/__router__"
+#: the header pairing a request's answers (active and shadow) in the prediction logs
+REQUEST_ID_HEADER = b"x-mlops-request-id"
+#: most shadow copies in flight at once (``MLOPS_ROUTER_SHADOW_MAX_INFLIGHT``); past it copies are skipped
+DEFAULT_SHADOW_MAX_INFLIGHT = 64
+#: how long a shadow copy may take before it counts as failed
+SHADOW_TIMEOUT_SECONDS = 30.0
 #: headers that describe one connection, not the message; never forwarded
 HOP_BY_HOP = frozenset(
     {
@@ -74,16 +97,31 @@ class RouterApp:
     """ASGI app forwarding every request to the active backend.
 
     :param routes_path: the routes file the deployer writes.
+    :param max_body_bytes: largest request body forwarded (default ``MLOPS_SERVE_MAX_BODY_BYTES``).
+    :param shadow_max_inflight: most shadow copies in flight (default ``MLOPS_ROUTER_SHADOW_MAX_INFLIGHT``,
+        else 64); past it copies are skipped and counted.
     """
 
-    def __init__(self, routes_path: str, max_body_bytes: int | None = None) -> None:
+    def __init__(
+        self, routes_path: str, max_body_bytes: int | None = None, shadow_max_inflight: int | None = None
+    ) -> None:
         self.routes = Routes(routes_path)
         self.max_body_bytes = max_body_bytes or int(
             os.environ.get("MLOPS_SERVE_MAX_BODY_BYTES") or DEFAULT_SERVING_MAX_BODY_BYTES
         )
+        self.shadow_max_inflight = max(
+            0,
+            shadow_max_inflight
+            if shadow_max_inflight is not None
+            else int(os.environ.get("MLOPS_ROUTER_SHADOW_MAX_INFLIGHT") or DEFAULT_SHADOW_MAX_INFLIGHT),
+        )
         self.inflight: Counter[str] = Counter()
         self.served = 0
         self.clients: dict[str, httpx.AsyncClient] = {}
+        self.shadow_counts: Counter[str] = Counter()  # sent, skipped, failed
+        self.shadow_tasks: set[asyncio.Task[None]] = set()
+        self.active_ms: deque[float] = deque(maxlen=10_000)
+        self.shadow_ms: deque[float] = deque(maxlen=10_000)
 
     def client(self, backend: str) -> httpx.AsyncClient:
         if backend not in self.clients:
@@ -118,13 +156,19 @@ class RouterApp:
             return
         body = b"".join(chunks)
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in HOP_BY_HOP]
+        request_id = next((v for k, v in headers if k.lower() == REQUEST_ID_HEADER), None)
+        if request_id is None:
+            request_id = uuid.uuid4().hex.encode()
+            headers.append((REQUEST_ID_HEADER, request_id))
         target = scope["path"] + (
             ("?" + scope["query_string"].decode("latin-1")) if scope["query_string"] else ""
         )
-        backend = self.routes.current().get("active")
+        routes = self.routes.current()
+        backend = routes.get("active")
         if not backend:
             await self._reply(send, 503, b'{"error": "no backend is deployed behind this address yet."}')
             return
+        started = time.perf_counter()
         for attempt in range(2):
             # charged to the backend the request is sent to, and given back to that same backend: a retry
             # below moves to another backend, and the drain of the old one waits on this count
@@ -153,6 +197,7 @@ class RouterApp:
                     del self.inflight[sent_to]
             break
         self.served += 1
+        took_ms = (time.perf_counter() - started) * 1000
         out_headers = [
             (k.encode("latin-1"), v.encode("latin-1"))
             for k, v in response.headers.items()
@@ -160,8 +205,46 @@ class RouterApp:
         ]
         out_headers.append((b"content-length", str(len(response.content)).encode()))
         out_headers.append((b"x-mlops-backend", backend.encode("latin-1")))
+        if not any(k.lower() == REQUEST_ID_HEADER for k, _ in out_headers):
+            out_headers.append((REQUEST_ID_HEADER, request_id))
         await send({"type": "http.response.start", "status": response.status_code, "headers": out_headers})
         await send({"type": "http.response.body", "body": response.content})
+        shadow = routes.get("shadow")
+        if shadow and shadow != backend and scope["method"] == "POST":
+            self._mirror(shadow, scope["method"], target, body, headers, took_ms)
+
+    def _mirror(
+        self, shadow: str, method: str, target: str, body: bytes, headers: list, active_ms: float
+    ) -> None:
+        """Send a copy of an answered request to the shadow backend in the background (or skip it when
+        ``shadow_max_inflight`` copies are already in flight)."""
+        if len(self.shadow_tasks) >= self.shadow_max_inflight:
+            self.shadow_counts["skipped"] += 1
+            return
+        self.shadow_counts["sent"] += 1
+        task = asyncio.get_running_loop().create_task(
+            self._shadow(shadow, method, target, body, headers, active_ms)
+        )
+        self.shadow_tasks.add(task)
+        task.add_done_callback(self.shadow_tasks.discard)
+
+    async def _shadow(
+        self, shadow: str, method: str, target: str, body: bytes, headers: list, active_ms: float
+    ) -> None:
+        started = time.perf_counter()
+        try:
+            response = await self.client(shadow).request(
+                method, target, content=body, headers=headers, timeout=SHADOW_TIMEOUT_SECONDS
+            )
+        except Exception as err:  # any failure of the copy is counted, never raised: nobody waits on it
+            self.shadow_counts["failed"] += 1
+            log.debug("Shadow copy to %s failed: %s: %s", shadow, type(err).__name__, err)
+            return
+        if response.status_code >= 500:
+            self.shadow_counts["failed"] += 1
+            return
+        self.active_ms.append(active_ms)
+        self.shadow_ms.append((time.perf_counter() - started) * 1000)
 
     @property
     def too_large(self) -> str:
@@ -180,6 +263,15 @@ class RouterApp:
                 "version": routes.get("version"),
                 "inflight": {k: v for k, v in self.inflight.items() if v},
                 "served": self.served,
+                "shadow": {
+                    "backend": routes.get("shadow"),
+                    "sent": self.shadow_counts["sent"],
+                    "skipped": self.shadow_counts["skipped"],
+                    "failed": self.shadow_counts["failed"],
+                    "inflight": len(self.shadow_tasks),
+                    "max_inflight": self.shadow_max_inflight,
+                    "latency_ms": {"active": _summary(self.active_ms), "shadow": _summary(self.shadow_ms)},
+                },
                 "pid": os.getpid(),
             }
         ).encode()
@@ -205,10 +297,21 @@ class RouterApp:
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                for task in list(self.shadow_tasks):  # copies nobody waits for
+                    task.cancel()
                 for client in self.clients.values():
                     await client.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _summary(values: deque[float]) -> dict[str, float] | None:
+    """Mean and p99 of ``values`` (milliseconds), ``None`` when there are none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+    return {"n": len(ordered), "mean": round(sum(ordered) / len(ordered), 3), "p99": round(p99, 3)}
 
 
 def main(argv: list[str] | None = None) -> None:

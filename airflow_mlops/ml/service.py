@@ -27,6 +27,10 @@ libraries at module level. What it serves comes from the environment, which
 ``MLOPS_SERVE_MAX_ROWS`` / ``MLOPS_SERVE_MAX_BODY_BYTES``
     most rows of one ``/predict_batch`` request and largest request body (defaults 5000 rows, 8 MiB; the
     deployer sets them from ``[mlops] serving_max_rows`` / ``serving_max_body_bytes``); beyond: HTTP 413.
+``MLOPS_SERVE_SHADOW``
+    ``true`` for a server deployed with ``strategy="shadow"``: it answers copies of live requests the
+    router sends it, and its prediction-log records say ``"shadow": true`` (the drift monitor leaves them
+    out). Each ``/predict`` record carries the request's ``X-MLOps-Request-Id`` as ``request_id``.
 
 The request and answer schemas are the model's own: when the module is imported it reads the served
 version's registry record and its :class:`~airflow_mlops.ml.signature.ModelSignature`, and builds ``Row``
@@ -64,6 +68,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -93,6 +98,8 @@ log = logging.getLogger(__name__)
 
 #: paths answered without an API key (probes, metrics, the API description)
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/ready", "/metrics", "/docs.json", "/schema.json"})
+#: the request's ``X-MLOps-Request-Id`` (set by :class:`GuardMiddleware`, read by ``predict``)
+REQUEST_ID: ContextVar[str | None] = ContextVar("mlops_request_id", default=None)
 
 
 # ---------------------------------------------------------------------------------------- feature lookups
@@ -204,6 +211,7 @@ class ServeSettings:
     access_log: bool = False
     max_rows: int = DEFAULT_SERVING_MAX_ROWS
     max_body_bytes: int = DEFAULT_SERVING_MAX_BODY_BYTES
+    shadow: bool = False
 
     @classmethod
     def from_env(cls) -> ServeSettings:
@@ -224,6 +232,7 @@ class ServeSettings:
             max_body_bytes=max(
                 1, int(env.get("MLOPS_SERVE_MAX_BODY_BYTES") or DEFAULT_SERVING_MAX_BODY_BYTES)
             ),
+            shadow=(env.get("MLOPS_SERVE_SHADOW") or "").strip().lower() in ("1", "true", "yes", "on"),
         )
 
 
@@ -436,7 +445,13 @@ class GuardMiddleware:
             await response(scope, receive, send)
             return
         limit = SETTINGS.max_body_bytes
-        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        length = request_id = None
+        for key, value in scope["headers"]:  # one pass: the body's length and the request id
+            if key == b"content-length":
+                length = value
+            elif key == b"x-mlops-request-id":
+                request_id = value.decode("latin-1")
+        REQUEST_ID.set(request_id)
         over = ""
         if length is not None and length.isdigit() and int(length) > limit:
             await JSONResponse({"error": too_large("body", SETTINGS)}, status_code=413)(scope, receive, send)
@@ -789,7 +804,7 @@ class ModelService:
         # every feature lookup and model call runs in this one thread, batched
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.single_rows: MicroBatcher[Any, Any] = MicroBatcher(
-            self._predict_rows,
+            self._predict_requests,
             self.model_thread,
             max_batch_size=256,
             overloaded=lambda: ServiceUnavailable("the service is overloaded; retry shortly."),
@@ -837,8 +852,13 @@ class ModelService:
             raise ServiceUnavailable(STATE.reason())
         return loaded
 
-    def _predict_rows(self, rows: list[Any]) -> list[Any]:
-        """One feature lookup and one model call for all ``rows``; the records go to the prediction log."""
+    def _predict_requests(self, items: list[tuple[Any, str | None]]) -> list[Any]:
+        """:meth:`_predict_rows` for single-row requests given as ``(row, request id)``."""
+        return self._predict_rows([row for row, _ in items], [request_id for _, request_id in items])
+
+    def _predict_rows(self, rows: list[Any], request_ids: Sequence[str | None] | None = None) -> list[Any]:
+        """One feature lookup and one model call for all ``rows``; the records go to the prediction log
+        (with each row's request id when given)."""
         loaded = self._require_model()
         if not rows:
             return []
@@ -857,6 +877,7 @@ class ModelService:
         signature = loaded.signature
         task_answers = answers(signature, loaded.predictor.predict(features))
         at = datetime.now(UTC).isoformat()
+        shadow = self.settings.shadow
         self.prediction_log.append(
             [
                 make_record(
@@ -868,8 +889,12 @@ class ModelService:
                     prediction=logged_value(signature, answer),
                     answer=answer,
                     time=at,
+                    request_id=request_id,
+                    shadow=shadow,
                 )
-                for row, feature_row, answer in zip(sent, features, task_answers, strict=True)
+                for row, feature_row, answer, request_id in zip(
+                    sent, features, task_answers, request_ids or [None] * len(sent), strict=True
+                )
             ]
         )
         return [Answer(**answer, model=loaded.name, model_version=loaded.version) for answer in task_answers]
@@ -887,7 +912,7 @@ class ModelService:
         """The model's answer for one row. Concurrent single-row requests are batched on the server: they
         share one feature lookup and one model call."""
         self._require_model()
-        return await self.single_rows.submit(row)
+        return await self.single_rows.submit((row, REQUEST_ID.get()))
 
 
 ModelService.add_asgi_middleware(GuardMiddleware)

@@ -9,6 +9,10 @@
   (:class:`~airflow_mlops.triggers.serving.BentoEndpointTrigger`, deferrable) the deployment's reverse
   proxy (:mod:`airflow_mlops.ml.router`) is switched by an atomic rename of its routes file, the old
   version is drained (no request in flight) and stopped. Deploying the live version again does nothing.
+  With ``strategy="shadow"`` the new version starts beside the live one and gets a copy of every live
+  request instead (its answers are logged, never returned; the live version keeps all traffic); a later
+  blue/green deploy switches as usual and stops the shadow. :class:`~airflow_mlops.operators.shadow.ShadowReportOperator`
+  compares the two from the prediction log.
 * :class:`BentoRollbackOperator` deploys the previous version the same way.
 
 Deployment state lives in ``<state_dir>/deployments/<name>.json`` (written atomically, under a lock);
@@ -690,16 +694,21 @@ class LocalDeploymentTarget(DeploymentTarget):
         backend: dict[str, Any],
         router: dict[str, Any],
         standby: dict[str, Any] | None = None,
+        shadow: dict[str, Any] | None = None,
     ) -> None:
         """Point the stable address at ``backend``: atomic rename of the routes file, then wait until the
         router has seen it. ``standby`` (the version that served before, until it is drained) takes the
-        requests ``backend`` refuses or drops."""
+        requests ``backend`` refuses or drops; ``shadow`` gets a copy of every request (its answers are
+        dropped). Routes written without ``shadow`` stop the mirroring."""
         routes_path = self.routes_path(deployment)
         current = json.loads(routes_path.read_text()) if routes_path.exists() else {"generation": 0}
         generation = int(current.get("generation") or 0) + 1
         routes = {"active": backend["url"], "version": backend["version"], "generation": generation}
         if standby and standby.get("url") != backend["url"]:
             routes["standby"] = standby["url"]
+        if shadow and shadow.get("url") != backend["url"]:
+            routes["shadow"] = shadow["url"]
+            routes["shadow_version"] = shadow["version"]
         _write_json_atomic(routes_path, routes)
         deadline = time.monotonic() + 30
         while True:
@@ -742,7 +751,7 @@ class LocalDeploymentTarget(DeploymentTarget):
     def teardown(self, deployment: str) -> None:
         """Stop everything of a deployment (router, live and pending versions); its history is kept."""
         with self.locked(deployment) as state:
-            for key in ("pending", "active"):
+            for key in ("pending", "active", "shadow"):
                 stop_tree(state.get(key), timeout=15)
                 if state.get(key):
                     state[key]["pid"] = None
@@ -781,9 +790,17 @@ class BentoDeployOperator(BaseOperator):
     :param drain_timeout: seconds to wait for the old version's requests in flight.
     :param serve_env: extra environment for the server (e.g. ``MLOPS_SERVE_LOG_FLUSH_SECONDS``).
     :param deferrable: wait for readiness in the triggerer; default ``[operators] default_deferrable``.
+    :param strategy: ``blue_green`` (default): the new version takes all traffic once ready, and a shadow
+        version running (if any) is stopped. ``shadow``: the new version starts beside the live one, which
+        keeps all traffic, and the router sends it a copy of every request; its answers are written to the
+        prediction log marked ``shadow`` and never returned (compare them with
+        :class:`~airflow_mlops.operators.shadow.ShadowReportOperator`). A new shadow replaces the previous
+        one; the live version cannot shadow itself.
     """
 
     template_fields: Sequence[str] = ("model_name", "version", "bento_tag", "feast_repo_path")
+    #: the values of ``strategy=``
+    STRATEGIES = ("blue_green", "shadow")
     ui_color = "#fde8c8"
 
     def __init__(
@@ -802,9 +819,14 @@ class BentoDeployOperator(BaseOperator):
         drain_timeout: float = 30.0,
         serve_env: dict[str, str] | None = None,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        strategy: str = "blue_green",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if strategy not in self.STRATEGIES:
+            raise MLOpsArgumentError(
+                f"unknown deployment strategy {strategy!r}.", fix=f"use one of {list(self.STRATEGIES)}."
+            )
         if target != "local":
             raise MLOpsArgumentError(
                 f"deployment target {target!r} is not available in this package.",
@@ -823,6 +845,7 @@ class BentoDeployOperator(BaseOperator):
         self.drain_timeout = drain_timeout
         self.serve_env = serve_env
         self.deferrable = deferrable
+        self.strategy = strategy
 
     @cached_property
     def hook(self) -> BentoMLHook:
@@ -868,10 +891,15 @@ class BentoDeployOperator(BaseOperator):
 
     def deploy(self, what: dict[str, Any], *, action: str, context: Context) -> dict[str, Any]:
         check_api_key(self.hook)  # before anything starts: an empty key must not mean "no auth"
+        shadow_mode = self.strategy == "shadow" and action == "deploy"
         with self.local.locked(self.deployment) as state:
             router = self.local.ensure_router(state, int(self.port))
             active = state.get("active")
-            if (
+            if shadow_mode:
+                done = self._shadow_in_place(state, what, router)
+                if done is not None:
+                    return done
+            elif (
                 active
                 and active["version"] == what["version"]
                 and self.local.backend_ready(active)
@@ -880,6 +908,9 @@ class BentoDeployOperator(BaseOperator):
                 self.log.info(
                     "Version %s is already live at %s; nothing to do", active["version"], router["url"]
                 )
+                if state.get("shadow"):  # a blue/green deploy ends a shadow period
+                    self.local.switch(self.deployment, active, router)
+                    self._stop_shadow(state)
                 return self._result(state, switched=False)
             stop_tree(state.get("pending"), timeout=10)
             spec = {
@@ -890,8 +921,8 @@ class BentoDeployOperator(BaseOperator):
                 "feast_repo": self.feast_repo_path,
                 "feast_conn_id": self.feast_conn_id,
                 "bentoml_conn_id": self.bentoml_conn_id,
-                "env": self.serve_env or {},
-                "action": action,
+                "env": {**(self.serve_env or {}), **({"MLOPS_SERVE_SHADOW": "true"} if shadow_mode else {})},
+                "action": "shadow" if shadow_mode else action,
             }
             state["pending"] = self.local.start(spec)
             self.log.info(
@@ -958,13 +989,15 @@ class BentoDeployOperator(BaseOperator):
                     fix="fix the cause in the server log (a refused model, a missing feature service, a port).",
                 )
             router = self.local.ensure_router(state, int(self.port))
+            if pending["action"] == "shadow":
+                return self._complete_shadow(state, pending, router, run_key)
             old = state.get("active")
             replaced = old if old and old.get("url") != pending["url"] and process_alive(old) else None
             self.local.switch(self.deployment, pending, router, standby=replaced)
             if replaced and not self.local.still_serving(pending):
                 # the new version died (or stopped answering) right after taking the traffic: the old one,
-                # still running, takes it back before anything else
-                self.local.switch(self.deployment, replaced, router)
+                # still running, takes it back before anything else (with its shadow, if it had one)
+                self.local.switch(self.deployment, replaced, router, shadow=state.get("shadow"))
                 stop_tree(pending, timeout=10)
                 state["pending"] = None
                 state["history"].append(
@@ -977,6 +1010,7 @@ class BentoDeployOperator(BaseOperator):
                     fix="read the server log above (a crash, out of memory), then deploy again.",
                 )
             state["active"], state["pending"] = pending, None
+            self._stop_shadow(state)  # the switch above wrote routes without it: it gets no more copies
             if old and old.get("url") != pending["url"]:
                 self.local.drain_and_stop(old, router)
                 old["pid"] = None
@@ -1002,9 +1036,89 @@ class BentoDeployOperator(BaseOperator):
             )
             return self._result(state, switched=True)
 
+    def _shadow_in_place(
+        self, state: dict[str, Any], what: dict[str, Any], router: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """For ``strategy="shadow"``: refuse what cannot be shadowed; the result when ``what`` already
+        shadows the live version (nothing to do), else ``None``."""
+        active = state.get("active")
+        if not active:
+            raise ServingError(
+                f"deployment {self.deployment!r} has no live version for version {what['version']} to shadow.",
+                fix="deploy a version with strategy='blue_green' first.",
+            )
+        if active["version"] == what["version"]:
+            raise MLOpsArgumentError(
+                f"version {what['version']} is the live version of {self.deployment!r}; a shadow of it would "
+                "only compare it with itself.",
+                fix="deploy another version with strategy='shadow'.",
+            )
+        shadow = state.get("shadow")
+        status = self.local.router_status(router) or {}
+        if (
+            shadow
+            and shadow["version"] == what["version"]
+            and self.local.backend_ready(shadow)
+            and (status.get("shadow") or {}).get("backend") == shadow["url"]
+        ):
+            self.log.info(
+                "Version %s already shadows %s; nothing to do", shadow["version"], active["version"]
+            )
+            return self._result(state, switched=False)
+        return None
+
+    def _complete_shadow(
+        self, state: dict[str, Any], pending: dict[str, Any], router: dict[str, Any], run_key: str | None
+    ) -> dict[str, Any]:
+        """The ready shadow gets copies of the live version's requests (the live version keeps all traffic);
+        a shadow it replaces is stopped."""
+        active = state.get("active")
+        if not active:
+            stop_tree(pending, timeout=10)
+            state["pending"] = None
+            raise ServingError(
+                f"deployment {self.deployment!r} lost its live version while version {pending['version']} "
+                "started as its shadow.",
+                fix="deploy a version with strategy='blue_green', then the shadow again.",
+            )
+        self.local.switch(self.deployment, active, router, shadow=pending)
+        old = state.get("shadow")
+        state["shadow"], state["pending"] = pending, None
+        if old and old.get("url") != pending["url"]:
+            stop_tree(old, timeout=10)
+        state["history"].append(
+            {
+                "at": _now(),
+                "action": "shadow",
+                "version": pending["version"],
+                "bento": pending.get("bento"),
+                "production_version": active["version"],
+                "run_key": run_key,
+            }
+        )
+        self.log.info(
+            "%s: version %s gets a copy of every request to %s %s (which keeps answering them)",
+            router["url"],
+            pending["version"],
+            self.model_name,
+            active["version"],
+        )
+        return self._result(state, switched=False)
+
+    def _stop_shadow(self, state: dict[str, Any]) -> None:
+        """Stop the shadow version (the routes no longer name it) and record it."""
+        shadow = state.get("shadow")
+        if not shadow:
+            return
+        stop_tree(shadow, timeout=10)
+        state["shadow"] = None
+        state["history"].append({"at": _now(), "action": "shadow-stopped", "version": shadow["version"]})
+        self.log.info("Stopped shadow version %s", shadow["version"])
+
     def _result(self, state: dict[str, Any], *, switched: bool) -> dict[str, Any]:
         active = state["active"]
         previous = state.get("previous") or {}
+        shadow = state.get("shadow") or {}
         return {
             "deployment": state["name"],
             "url": state["router"]["url"],
@@ -1013,6 +1127,8 @@ class BentoDeployOperator(BaseOperator):
             "backend": active["url"],
             "previous_version": previous.get("version"),
             "switched": switched,
+            "shadow_version": shadow.get("version"),
+            "shadow_backend": shadow.get("url"),
         }
 
 

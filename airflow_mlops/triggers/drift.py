@@ -195,7 +195,7 @@ class DriftEventTrigger(BaseEventTrigger):
         :param after: the last finding's ``window_end``: only part files after it are scored, and only
             once ``window_files`` of them exist.
         """
-        from airflow_mlops.ml.prediction_log import flatten
+        from airflow_mlops.ml.prediction_log import flatten, is_shadow
 
         stats = json.loads(self._path(self.reference_stats_uri).read_bytes())["columns"]
         root = self._path(self.source_uri)
@@ -224,7 +224,9 @@ class DriftEventTrigger(BaseEventTrigger):
             rows.extend(
                 flatten(r)
                 for r in records
-                if self.model_version is None or str(r.get("version")) == str(self.model_version)
+                # a shadow server's answers were never served: they are not the production model's traffic
+                if not is_shadow(r)
+                and (self.model_version is None or str(r.get("version")) == str(self.model_version))
             )
         if len(rows) < self.min_rows:
             return None

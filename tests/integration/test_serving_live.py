@@ -236,6 +236,64 @@ def test_every_prediction_is_logged_to_the_artifact_store(live):
     assert not list(root.glob("date=*/.*tmp*")), "no half-written part files are left"
 
 
+def test_a_shadow_answers_copies_that_are_logged_paired_and_never_returned(live):
+    """The other version deployed with ``strategy="shadow"`` gets a copy of every request to the stable
+    address: every client still gets production's answer, the shadow's answers (its own model's) are in
+    the prediction log with the same request ids, the monitor's reader leaves them out, and the report
+    pairs them. Redeploying production blue/green ends the shadow."""
+    from airflow_mlops.ml.prediction_log import read_prediction_log
+    from airflow_mlops.ml.shadow import pair_records
+    from airflow_mlops.operators.shadow import ShadowReportOperator
+
+    production = live.target.read_state(MODEL)["active"]["version"]
+    candidate = next(v for v in live.versions.values() if v != production)
+    shadowed = live.deploy(candidate, strategy="shadow")
+    assert (shadowed["version"], shadowed["shadow_version"], shadowed["switched"]) == (
+        production,
+        candidate,
+        False,
+    )
+    shadow_process = live.target.read_state(MODEL)["shadow"]
+    try:
+        flights = _flights(40, seed=21)
+        ids = []
+        for row in flights:
+            response = live.client.post("/predict", json={"row": row})
+            assert response.status_code == 200 and response.json()["model_version"] == production
+            ids.append(response.headers["x-mlops-request-id"])
+        root = Path(os.environ["AIRFLOW__MLOPS__STATE_DIR"]) / "artifacts" / "predictions" / MODEL
+        deadline = time.monotonic() + 30
+        while True:
+            days = sorted(p.name.removeprefix("date=") for p in root.glob("date=*"))
+            records = read_records(str(root), days)
+            pairs, counts = pair_records(records, production_version=production, shadow_version=candidate)
+            paired = {p["request_id"]: (p, s) for p, s in pairs if p["request_id"] in set(ids)}
+            if len(paired) == len(ids) or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert len(paired) == len(ids), f"{len(paired)} of {len(ids)} requests paired ({counts})"
+        # each side answered with its own model: the shadow's answers are the candidate's, never returned
+        expected = _expected(candidate, flights)
+        shadow_answers = [paired[rid][1]["answer"]["probability"] for rid in ids]  # ids[i]: flights[i]
+        np.testing.assert_allclose(shadow_answers, expected, rtol=1e-6)
+        assert all(s.get("shadow") is True and p.get("shadow") is None for p, s in paired.values())
+        served = read_prediction_log(str(root), days)
+        assert candidate not in set(served["version"].astype(str)), "the monitor counted shadow answers"
+        status = httpx.get(live.url + "/__router__", timeout=5).json()["shadow"]
+        assert status["sent"] >= len(ids) and status["failed"] == 0 and status["skipped"] == 0
+        report = ShadowReportOperator(task_id="report", model_name=MODEL, window_hours=1).execute(
+            _context("report")
+        )
+        assert report["paired"] >= len(ids) and report["shadow_version"] == candidate
+        assert 0.0 <= report["agreement"]["label_agreement"] <= 1.0
+        assert report["latency_ms"]["shadow"]["n"] >= len(ids)
+    finally:
+        ended = live.deploy(production)  # blue/green redeploy of the live version: the shadow stops
+    assert (ended["shadow_version"], ended["switched"]) == (None, False)
+    assert not process_alive(shadow_process), "the shadow server was stopped"
+    assert "shadow" not in json.loads(live.target.routes_path(MODEL).read_text())
+
+
 def test_fuzzing_the_openapi_finds_no_server_error(live):
     schema = schemathesis.openapi.from_url(live.url + "/docs.json", headers=HEADERS)
     operations = [r.ok() for r in schema.get_all_operations()]

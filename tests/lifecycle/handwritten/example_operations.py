@@ -8,6 +8,9 @@
   labelled days as a predictions table of the offline store;
 - ``example_seattle_rain_rollback``: by hand, when the new model misbehaves: the registry's previous
   production version comes back, and the deployment switches back to the version it served before.
+- ``example_seattle_rain_shadow``: by hand, a candidate version answers a copy of the live traffic beside
+  production for a day (never answering a client), then its agreement with production is reported and
+  checked before anyone promotes it.
 
 The model, its Feast repository and the offline tables come from ``example_seattle_rain.py``. The blocks
 between ``[START howto_...]`` and ``[END howto_...]`` markers are the examples ``docs/operators.md``
@@ -17,15 +20,17 @@ backfill and the serve DAG (then asks the endpoint over HTTP) and parses the rol
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from airflow.providers.standard.sensors.time_delta import TimeDeltaSensor
 from airflow.sdk import DAG
 
 from airflow_mlops.operators.batch_scoring import BatchScoringOperator
 from airflow_mlops.operators.features import FeatureSourceSnapshotOperator
 from airflow_mlops.operators.registry import RollbackModelOperator
 from airflow_mlops.operators.serving import BentoBuildOperator, BentoDeployOperator, BentoRollbackOperator
+from airflow_mlops.operators.shadow import ShadowReportOperator
 from airflow_mlops.sensors.serving import BentoEndpointSensor
 
 MODEL = "seattle_rain"
@@ -121,6 +126,43 @@ with DAG(
     # [END howto_operator_bento_rollback]
 
     rollback_model >> rollback_endpoint
+
+# ------------------------------------------------------------------------------------------ shadow
+with DAG(
+    dag_id="example_seattle_rain_shadow",
+    description="By hand: a candidate rain model answers a copy of live traffic; compare it with production.",
+    schedule=None,
+    start_date=START_DATE,
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    params={"candidate": ""},
+    tags=["example", "seattle", "serving"],
+) as shadow_dag:
+    shadow = BentoDeployOperator(
+        task_id="shadow",
+        model_name=MODEL,
+        version="{{ params.candidate }}",  # a registered version that is not production
+        strategy="shadow",  # production keeps every answer; the candidate gets a copy of each request
+        port=PORT,
+        feast_repo_path=FEATURE_REPO,
+    )
+
+    # the shadow period: a day of live traffic, waited for in the triggerer
+    shadow_period = TimeDeltaSensor(task_id="shadow_period", delta=timedelta(hours=24), deferrable=True)
+
+    # [START howto_operator_shadow_report]
+    shadow_report = ShadowReportOperator(
+        task_id="shadow_report",
+        model_name=MODEL,
+        window_hours=24,  # the shadow period (window_end defaults to now)
+        min_rows=500,
+        min_label_agreement=0.95,  # fail (and so block a promotion downstream) below 95 % same labels
+        max_mean_abs_diff=0.05,  # or when the probabilities move by more than 0.05 on average
+    )
+    # [END howto_operator_shadow_report]
+
+    shadow >> shadow_period >> shadow_report
 
 # ------------------------------------------------------------------------------------------ batch scoring
 with DAG(

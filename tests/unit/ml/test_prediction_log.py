@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from airflow_mlops.exceptions import MLOpsInputError
 from airflow_mlops.ml.prediction_log import (
     PredictionLogWriter,
     log_root,
@@ -228,3 +229,37 @@ def test_the_limits_default_to_the_mlops_settings(tmp_path: Path, monkeypatch) -
     monkeypatch.setenv("AIRFLOW__MLOPS__PREDICTION_LOG_RETENTION_DAYS", "a quarter")
     with pytest.raises(MLOpsConfigError, match="prediction_log_retention_days must be a whole number"):
         PredictionLogWriter(MODEL)
+
+
+def test_the_monitors_reader_leaves_shadow_records_out_and_old_records_still_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records of a shadow server (answers never returned to a client) are not served predictions: the
+    drift monitor's reader leaves them out unless asked; records written before ``request_id`` and
+    ``shadow`` existed read as before."""
+    monkeypatch.setenv("AIRFLOW__MLOPS__ARTIFACT_ROOT", f"file://{tmp_path}")
+    day = datetime.now(UTC).date().isoformat()
+    served = records(0, 10)  # written without a request id, as before the field existed
+    shadow = [
+        make_record(
+            **{k: r[k] for k in ("model", "task", "request", "features", "prediction", "answer", "time")},
+            version="v2",
+            request_id=f"r{i}",
+            shadow=True,
+        )
+        for i, r in enumerate(records(0, 4))
+    ]
+    assert "request_id" not in served[0] and "shadow" not in served[0]
+    writer = PredictionLogWriter(MODEL, flush_seconds=3600, max_rows=1000, retention_days=0)
+    writer.append(served + shadow)
+    writer.close()
+    frame = read_prediction_log(log_root(MODEL), [day])
+    assert len(frame) == 10 and set(frame["version"]) == {"v1"}
+    everything = read_prediction_log(log_root(MODEL), [day], include_shadow=True)
+    assert len(everything) == 14 and (everything["version"] == "v2").sum() == 4
+
+    writer = PredictionLogWriter("candidate-only", flush_seconds=3600, max_rows=1000, retention_days=0)
+    writer.append(shadow)
+    writer.close()
+    with pytest.raises(MLOpsInputError, match="shadow records left out"):
+        read_prediction_log(log_root("candidate-only"), [day])

@@ -198,3 +198,133 @@ def test_a_backend_that_dies_during_a_switch_hands_its_requests_to_the_standby(t
     errors.append(httpx.ConnectError("connection refused"))
     status, body = asyncio.run(_call(app))
     assert status == 502 and "does not accept connections" in json.loads(body)["error"]
+
+
+# ------------------------------------------------------------------------------------------ shadow traffic
+def _shadow_app(routes: Path, handlers: dict, **options) -> RouterApp:
+    routes.write_text(json.dumps({"active": BACKENDS[0], "shadow": BACKENDS[1], "generation": 1}))
+    app = RouterApp(str(routes), **options)
+    app.clients = {
+        b: httpx.AsyncClient(base_url=b, transport=httpx.MockTransport(h)) for b, h in handlers.items()
+    }
+    return app
+
+
+async def _post(app: RouterApp, body: bytes, headers: list | None = None) -> tuple[int, dict, dict]:
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/predict",
+        "query_string": b"",
+        "headers": headers or [],
+    }
+    await app(scope, receive, send)
+    answer_headers = {k.decode(): v.decode() for k, v in sent[0]["headers"]}
+    return sent[0]["status"], answer_headers, json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+
+
+async def _status(app: RouterApp) -> dict:
+    _, body = await _call(app, STATUS_PATH)
+    return json.loads(body)
+
+
+def test_shadow_gets_a_copy_of_each_request_and_the_client_only_the_active_answer(tmp_path):
+    seen: dict[str, list[tuple[bytes, str]]] = {b: [] for b in BACKENDS[:2]}
+
+    def handler(backend: str):
+        def handle(request: httpx.Request) -> httpx.Response:
+            seen[backend].append((request.content, request.headers["x-mlops-request-id"]))
+            return httpx.Response(200, json={"backend": backend, "label": backend[-1]})
+
+        return handle
+
+    app = _shadow_app(tmp_path / "routes.json", {b: handler(b) for b in BACKENDS[:2]})
+
+    async def run() -> tuple[list, dict]:
+        answers = [await _post(app, b'{"row": {"x": %d}}' % i) for i in range(5)]
+        answers.append(await _post(app, b'{"row": {"x": 9}}', [(b"x-mlops-request-id", b"client-id-1")]))
+        await asyncio.gather(*app.shadow_tasks)
+        return answers, await _status(app)
+
+    answers, status = asyncio.run(run())
+    assert [(s, body["backend"]) for s, _, body in answers] == [(200, BACKENDS[0])] * 6
+    # the same bodies with the same request ids reached both; the client gets the id back
+    assert seen[BACKENDS[1]] == seen[BACKENDS[0]] and len(seen[BACKENDS[0]]) == 6
+    ids = [headers["x-mlops-request-id"] for _, headers, _ in answers]
+    assert ids == [rid for _, rid in seen[BACKENDS[0]]] and len(set(ids)) == 6 and ids[-1] == "client-id-1"
+    shadow = status["shadow"]
+    assert (shadow["backend"], shadow["sent"], shadow["skipped"], shadow["failed"]) == (BACKENDS[1], 6, 0, 0)
+    assert shadow["latency_ms"]["shadow"]["n"] == 6 and shadow["latency_ms"]["active"]["n"] == 6
+    assert status["served"] == 6
+
+
+def test_a_slow_or_failing_shadow_neither_delays_nor_fails_the_client_and_the_bound_skips(tmp_path):
+    release = asyncio.Event()
+
+    async def slow_shadow(request: httpx.Request) -> httpx.Response:
+        await release.wait()
+        return httpx.Response(500, json={"error": "broken candidate"})
+
+    def active(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"backend": BACKENDS[0]})
+
+    app = _shadow_app(
+        tmp_path / "routes.json", {BACKENDS[0]: active, BACKENDS[1]: slow_shadow}, shadow_max_inflight=3
+    )
+
+    async def run() -> tuple[list, dict, dict]:
+        # the shadow never answers while the clients are served: each answer comes at once all the same
+        answers = [await asyncio.wait_for(_post(app, b"{}"), timeout=2) for _ in range(5)]
+        during = await _status(app)
+        release.set()
+        await asyncio.gather(*app.shadow_tasks)
+        return answers, during, await _status(app)
+
+    answers, during, after = asyncio.run(run())
+    assert [(s, body) for s, _, body in answers] == [(200, {"backend": BACKENDS[0]})] * 5
+    assert (during["shadow"]["sent"], during["shadow"]["skipped"], during["shadow"]["inflight"]) == (3, 2, 3)
+    assert (after["shadow"]["failed"], after["shadow"]["inflight"]) == (3, 0)
+
+    # a shadow that refuses connections: the client still gets the active's answer, the copy counts as failed
+    def refusing(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    app = _shadow_app(tmp_path / "routes2.json", {BACKENDS[0]: active, BACKENDS[1]: refusing})
+
+    async def run_refused() -> tuple[tuple, dict]:
+        answer = await _post(app, b"{}")
+        await asyncio.gather(*app.shadow_tasks)
+        return answer, await _status(app)
+
+    (status_code, _, body), status = asyncio.run(run_refused())
+    assert (status_code, body) == (200, {"backend": BACKENDS[0]})
+    assert (status["shadow"]["sent"], status["shadow"]["failed"]) == (1, 1)
+
+
+def test_without_a_shadow_nothing_is_mirrored(tmp_path):
+    calls: list[str] = []
+
+    def handler(backend: str):
+        def handle(request: httpx.Request) -> httpx.Response:
+            calls.append(backend)
+            return httpx.Response(200, json={"backend": backend})
+
+        return handle
+
+    routes = tmp_path / "routes.json"
+    routes.write_text(json.dumps({"active": BACKENDS[0], "generation": 1}))
+    app = RouterApp(str(routes))
+    app.clients = {
+        b: httpx.AsyncClient(base_url=b, transport=httpx.MockTransport(handler(b))) for b in BACKENDS
+    }
+    status_code, headers, _ = asyncio.run(_post(app, b"{}"))
+    assert status_code == 200 and calls == [BACKENDS[0]] and headers["x-mlops-request-id"]
+    assert not app.shadow_tasks and app.shadow_counts["sent"] == 0

@@ -289,3 +289,75 @@ def test_a_configured_but_empty_api_key_refuses_every_request_instead_of_none(mo
     assert status == 401 and b"API key" in body
     monkeypatch.setattr(service, "STATE", service.ServingState(api_key=None))  # no key configured: open
     assert asyncio.run(_asgi_call(service.GuardMiddleware(_answering())))[0] == 200
+
+
+def test_the_request_id_and_shadow_mode_reach_the_prediction_log(tmp_path, monkeypatch):
+    """A ``/predict`` through the service's middleware logs the router's ``X-MLOps-Request-Id`` (so a
+    shadow's answer pairs with production's) and, on a server started with ``MLOPS_SERVE_SHADOW=true``,
+    marks the record as a shadow's."""
+    from starlette.responses import JSONResponse
+
+    from airflow_mlops.ml import service
+    from airflow_mlops.ml.prediction_log import PredictionLogWriter, log_root, read_records
+    from airflow_mlops.ml.signature import ModelSignature
+
+    monkeypatch.setenv("AIRFLOW__MLOPS__ARTIFACT_ROOT", f"file://{tmp_path}")
+    monkeypatch.setenv("MLOPS_SERVE_SHADOW", "true")
+    settings = service.ServeSettings.from_env()
+    assert settings.shadow
+
+    class Predictor:
+        features = ["temp"]
+
+        def predict(self, rows: list[dict]) -> list[float]:
+            return [0.75 for _ in rows]
+
+    class NoLookup:
+        def fetch(self, rows: list[dict]) -> list[dict]:
+            return [{} for _ in rows]
+
+    signature = ModelSignature(task="binary", label="delayed", classes=[0, 1], features=["temp"])
+    monkeypatch.setattr(
+        service,
+        "STATE",
+        service.ServingState(loaded=service.LoadedModel("w", "v2", signature, Predictor(), NoLookup())),
+    )
+    instance = object.__new__(service.ModelService.inner)
+    instance.settings = settings
+    instance.prediction_log = PredictionLogWriter("w", flush_seconds=3600, max_rows=100, retention_days=0)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        instance.model_thread = pool
+        instance.single_rows = MicroBatcher(instance._predict_requests, pool)
+
+        async def predict_app(scope, receive, send):
+            answer = await service.ModelService.inner.predict.func(instance, {"temp": 3.0})
+            await JSONResponse(dict(answer))(scope, receive, send)
+
+        async def call(request_id: bytes | None) -> int:
+            sent: list[dict] = []
+
+            async def receive() -> dict:
+                return {"type": "http.request", "body": b"", "more_body": False}
+
+            async def send(message: dict) -> None:
+                sent.append(message)
+
+            headers = [(b"content-length", b"0")] + (
+                [(b"x-mlops-request-id", request_id)] if request_id else []
+            )
+            scope = {"type": "http", "path": "/predict", "method": "POST", "headers": headers}
+            await service.GuardMiddleware(predict_app)(scope, receive, send)
+            return sent[0]["status"]
+
+        async def both() -> list[int]:
+            return [await call(b"req-1"), await call(None), await call(b"req-3")]
+
+        assert asyncio.run(both()) == [200, 200, 200]
+    instance.prediction_log.close()
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    logged = read_records(log_root("w"), [day])
+    assert [(r.get("request_id"), r.get("shadow"), r["version"]) for r in logged] == [
+        ("req-1", True, "v2"),
+        (None, True, "v2"),
+        ("req-3", True, "v2"),
+    ]

@@ -156,7 +156,12 @@ ORIGINS = ["EWR"] * 4 + ["JFK"] * 3 + ["LGA"] * 3  # the reference's shares
 
 
 def _serve(
-    model: str, day: str, temps: list[float], probability: float | list[float] = 0.2, version: str = "v1"
+    model: str,
+    day: str,
+    temps: list[float],
+    probability: float | list[float] = 0.2,
+    version: str = "v1",
+    shadow: bool = False,
 ) -> None:
     """What the model service logs for one day of requests: records made and written by the real
     prediction-log writer (:mod:`airflow_mlops.ml.prediction_log`), with the answer built from the
@@ -180,6 +185,8 @@ def _serve(
                 prediction=logged_value(signature, answer),
                 answer=answer,
                 time=f"{day}T10:{i % 60:02d}:00+00:00",
+                request_id=f"{day}-{i}",
+                shadow=shadow,
             )
         )
     writer.append(records)
@@ -343,3 +350,28 @@ def test_drift_that_lasts_fires_once_and_a_new_drifted_window_once_more(
     _serve("delays", "2013-07-24", HOT)
     _serve("delays", "2013-07-25", HOT)
     assert first_event(watcher()).payload["window_start"].startswith("2013-07-24/")
+
+
+def test_a_shadow_servers_records_are_not_served_traffic_and_never_fire(
+    tmp_path: Path, artifacts: Path
+) -> None:
+    """A candidate in shadow mode logs its answers to copies of live requests next to production's; they
+    were never served, so a shadow answering on drifted features (here: its own feature pipeline) must not
+    count as the production model's traffic."""
+    from airflow_mlops.ml.prediction_log import log_root
+
+    stats = _winter_stats(tmp_path)
+    calm = [20.0 + (i % 30) for i in range(150)]
+    _serve("delays", "2013-03-30", calm)
+    _serve("delays", "2013-03-30", HOT, version="v2", shadow=True)
+    _serve("delays", "2013-03-31", calm)
+    _serve("delays", "2013-03-31", HOT, version="v2", shadow=True)
+    trigger = DriftEventTrigger(
+        source_uri=log_root("delays"),
+        reference_stats_uri=str(stats),
+        threshold=0.2,
+        drift_share=0.5,
+        window_files=4,
+        poll_interval=0.05,
+    )
+    assert no_event_within(trigger, 0.5)
