@@ -1278,6 +1278,7 @@ class BentoDeployOperator(BaseOperator):
                 "at": _now(),
                 "action": action,
                 "version": canary["version"],
+                "backend": canary["url"],
                 "step": canary["step"],
                 "weight": canary["weight"],
                 "run_key": canary.get("run_key"),
