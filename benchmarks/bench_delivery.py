@@ -1,4 +1,4 @@
-"""Progressive delivery figures (issue 17). So far: batch scoring against the batch endpoint.
+"""Progressive delivery figures (issue 17): batch scoring, canary rollback, shadow latency.
 
 Batch scoring: a binary HistGradientBoosting delay model (20,000 real 2013 flights, request features) is
 registered in a throw-away state folder under /tmp; June 2013 (~28,000 flights) is published to an
@@ -7,9 +7,21 @@ the month into a predictions table, in the task's process and on a local Ray, re
 a ``bentoml serve`` of the same version is driven through ``/predict_batch`` (100 rows per request, 8
 closed-loop clients, the load generator of ``bench_serving.py``). Prints rows/s of each and the ratio.
 
-Target (issue 17): batch scoring rows/s >= 5x the batch endpoint's rows/s.
+Canary (``--parts canary``): a model (version ``a``) is deployed behind the router; clients send single-row
+``/predict`` requests through the stable address while a canary of a bad candidate (one that answers 500 to
+most carriers) runs with steps [10, 50, 100]; the canary's guardrails roll it back. Prints the requests the
+clients sent and how many failed (target 0), the requests the canary failed that the active answered, and
+how long the rollback took.
 
-Run: ``.venv/bin/python benchmarks/bench_delivery.py [--seconds 15] [--months 6]``
+Shadow (``--parts shadow``): the same deployment, the same closed-loop load (``bench_serving``'s generator,
+``--clients`` connections) on ``/predict`` through the router: without a shadow, with version ``b``
+shadowing, without again (after a warm-up). Prints p50/p99 of each and the p99 added by the shadow against
+the mean of the two runs without (target < 10 %).
+
+Targets (issue 17): batch scoring rows/s >= 5x the batch endpoint's rows/s; 0 requests failed during a canary
+rollback; shadow mode adds < 10 % to the live endpoint's p99.
+
+Run: ``.venv/bin/python benchmarks/bench_delivery.py [--parts batch,canary,shadow] [--seconds 15] [--months 6]``
 """
 
 from __future__ import annotations
@@ -66,15 +78,177 @@ def _score(model: str, version: str, offline: str, days: tuple[str, str], **kwar
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=15, help="load on the batch endpoint")
+    parser.add_argument(
+        "--parts", default="batch,canary,shadow", help="comma-separated: batch, canary, shadow"
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=15, help="load on the batch endpoint / per shadow run"
+    )
     parser.add_argument("--months", default="6", help="comma-separated months of 2013 to score")
     parser.add_argument("--ray-cpus", type=int, default=2)
+    parser.add_argument("--clients", type=int, default=4, help="canary and shadow: concurrent clients")
     args = parser.parse_args()
 
     state = Path(tempfile.mkdtemp(prefix="mlops-bench-delivery-"))
     os.environ["AIRFLOW__MLOPS__STATE_DIR"] = str(state)
     sys.path.insert(0, str(ROOT / "tests" / "integration"))
     sys.path.insert(0, str(ROOT / "benchmarks"))
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if parts & {"canary", "shadow"}:
+        delivery(args, state, parts)
+    if "batch" in parts:
+        batch(args, state)
+
+
+class _Clients:
+    """Threads sending single-row ``/predict`` requests through the stable address until stopped."""
+
+    def __init__(self, url: str, rows: list[dict], clients: int) -> None:
+        import threading
+
+        self.url, self.rows = url, rows
+        self.sent = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+
+    def _run(self, offset: int) -> None:
+        import httpx
+
+        with httpx.Client(base_url=self.url, timeout=30) as client:
+            i = offset
+            while not self._stop.is_set():
+                try:
+                    answer = client.post("/predict", json={"row": self.rows[i % len(self.rows)]})
+                    if answer.status_code != 200:
+                        self.failures.append(f"{answer.status_code}: {answer.text[:200]}")
+                except httpx.HTTPError as err:
+                    self.failures.append(f"{type(err).__name__}: {err}")
+                self.sent += 1
+                i += 1
+
+    def __enter__(self) -> _Clients:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
+
+
+def delivery(args: argparse.Namespace, state: Path, parts: set[str]) -> None:
+    """The canary and shadow parts, on one deployment of version ``a``."""
+    import bench_serving
+    from serving.models import register, training_frame, write_erroring_model, write_model
+
+    from airflow_mlops.hooks.bentoml import BentoMLHook
+    from airflow_mlops.net import free_port
+    from airflow_mlops.operators.serving import (
+        BentoDeployOperator,
+        CanaryRollbackError,
+        LocalDeploymentTarget,
+    )
+
+    model = "bench_canary"
+    train = training_frame().sample(8000, random_state=0)
+    keys = {"entity_keys": ["origin"]}
+    a = register(model, write_model(state / "a", train, max_iter=50), train, **keys)
+    b = register(
+        model, write_model(state / "b", train.sample(frac=1, random_state=1), max_iter=50), train, **keys
+    )
+    served = ["UA", "B6", "EV", "DL", "AA", "MQ", "US"]
+    bad = register(model, write_erroring_model(state / "bad", train, served), train, **keys)
+    port = free_port()
+
+    def deploy(version: str, run: str, **kwargs: object) -> dict:
+        context = {"run_id": run, "ti": SimpleNamespace(dag_id="bench", run_id=run, task_id="deploy")}
+        return BentoDeployOperator(
+            task_id="deploy",
+            model_name=model,
+            version=version,
+            port=port,
+            deferrable=False,
+            ready_timeout=180,
+            serve_env={"MLOPS_SERVE_LOG_FLUSH_SECONDS": "1"},
+            **kwargs,
+        ).execute(context)
+
+    target = LocalDeploymentTarget(BentoMLHook())
+    try:
+        url = deploy(a, "live")["url"]
+        rows = [r for r in bench_serving._rows(500, model, a) if r["carrier"] in served]
+        if "canary" in parts:
+            started = time.perf_counter()
+            with _Clients(url, rows, args.clients) as clients:
+                time.sleep(2)
+                try:
+                    deploy(bad, "canary", strategy="canary", canary_steps=[10, 50, 100], step_minutes=1.0)
+                    verdict = "NOT rolled back"
+                except CanaryRollbackError as err:
+                    verdict = "rolled back: " + str(err.problem).split(": ", 1)[1].split(". Version")[0]
+                time.sleep(2)
+            took = time.perf_counter() - started
+            steps = [h for h in target.read_state(model)["history"] if h["action"] == "canary-step"]
+            new = steps[-1]["figures"]["new"] if steps else {}
+            print(
+                f"\n== canary of a bad candidate under load ({args.clients} clients, steps [10, 50, 100], 1 min/step)"
+            )
+            print(f"candidate {verdict}")
+            print(
+                f"client requests: {clients.sent:,} sent in {took:.0f} s, {len(clients.failures)} failed (target 0); "
+                f"the canary got {new.get('requests', 0)}, failed {new.get('errors', 0)}, all answered by the active "
+                f"({new.get('fallbacks', 0)} fallbacks)"
+            )
+            if clients.failures:
+                print("first failures:", clients.failures[:3])
+            print(
+                json.dumps(
+                    {"canary_failed_requests": len(clients.failures), "sent": clients.sent, "canary": new}
+                )
+            )
+        if "shadow" in parts:
+            bodies = [{"row": r} for r in rows]
+            router_pid = target.read_state(model)["router"]["pid"]
+
+            def load() -> dict:
+                return bench_serving.run_load(
+                    url, "/predict", bodies, args.clients, args.seconds, 1, router_pid
+                )
+
+            bench_serving.run_load(
+                url, "/predict", bodies, args.clients, 5, 1, router_pid
+            )  # warm-up, dropped
+            before = load()
+            deploy(b, "shadow", strategy="shadow")
+            shadowed = load()
+            status = target.router_status(target.read_state(model)["router"]) or {}
+            deploy(a, "end-shadow")  # a blue/green deploy of the live version ends the shadow
+            after = load()
+            # without / with / without: the mean of both runs without a shadow is the baseline, so a drift of
+            # the machine's load over the run does not count for or against the shadow
+            baseline = (before["p99_ms"] + after["p99_ms"]) / 2
+            added = shadowed["p99_ms"] / baseline - 1
+            print(
+                f"\n== shadow: /predict through the router, {args.clients} closed-loop clients, {args.seconds:g} s each"
+            )
+            for name, run in (
+                ("without shadow", before),
+                ("with shadow", shadowed),
+                ("without again", after),
+            ):
+                print(
+                    f"{name}: {run['req_per_s']:,.0f} req/s, p50 {run['p50_ms']:.1f} ms, p99 {run['p99_ms']:.1f} ms, "
+                    f"errors {run['errors']}"
+                )
+            print(f"p99 added by the shadow: {added:+.1%} (target < 10 %); router: {status.get('shadow')}")
+            print(json.dumps({"before": before, "shadowed": shadowed, "after": after, "p99_added": added}))
+    finally:
+        target.teardown(model)
+
+
+def batch(args: argparse.Namespace, state: Path) -> None:
     import bench_serving
     from serving.models import register, training_frame, write_model
     from serving.servers import start_backends, stop_backends

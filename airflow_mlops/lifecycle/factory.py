@@ -496,14 +496,24 @@ window to the `train_days` before that; otherwise the params' days are used.
             from airflow_mlops.operators.serving import BentoBuildOperator, BentoDeployOperator
 
             build = BentoBuildOperator(task_id="build", model_name=spec.model)
+            rollout = spec.serving.rollout
             deploy = BentoDeployOperator(
                 task_id="deploy",
                 multiple_outputs=True,
                 model_name=spec.model,
                 port=spec.serving.port,
                 feast_repo_path=repo,
+                strategy=rollout.strategy,
+                canary_steps=rollout.steps,
+                step_minutes=rollout.step_minutes,
+                guardrails=rollout.guardrails.model_dump(),
             )
-            baseline >> build >> deploy
+            if rollout.shadow_minutes:
+                first, last = _shadow_period(spec, repo)
+                baseline >> build >> first
+                last >> deploy
+            else:
+                baseline >> build >> deploy
             if spec.serving.sample_rows:
                 sample = PythonOperator(
                     task_id="sample_predictions",
@@ -521,6 +531,40 @@ window to the `train_days` before that; otherwise the params' days are used.
                 )
                 [deploy, holdout_set] >> sample
     return dag
+
+
+def _shadow_period(spec: LifecycleSpec, repo: str) -> tuple[Any, Any]:
+    """``serving.rollout.shadow_minutes``: the new production version first shadows the live one
+    (``deploy_shadow``), the wait runs deferred (``shadow_period``, no worker slot held), then the shadow
+    report gates the rollout (``shadow_gate``); returns the first and the last task."""
+    from airflow.providers.standard.sensors.date_time import DateTimeSensorAsync
+
+    from airflow_mlops.operators.serving import BentoDeployOperator
+    from airflow_mlops.operators.shadow import ShadowReportOperator
+
+    rollout = spec.serving.rollout
+    shadow = BentoDeployOperator(
+        task_id="deploy_shadow",
+        model_name=spec.model,
+        port=spec.serving.port,
+        feast_repo_path=repo,
+        strategy="shadow",
+    )
+    wait = DateTimeSensorAsync(
+        task_id="shadow_period",
+        target_time="{{ (ti.start_date + macros.timedelta(minutes="
+        + repr(rollout.shadow_minutes)
+        + ")).isoformat() }}",
+    )
+    gate = ShadowReportOperator(
+        task_id="shadow_gate",
+        model_name=spec.model,
+        # the period just waited (in hours), a little more for the records flushed as it began
+        window_hours=rollout.shadow_minutes / 60 + 0.25,
+        **rollout.shadow_gate.model_dump(),
+    )
+    shadow >> wait >> gate
+    return shadow, gate
 
 
 def monitor_dag(spec: LifecycleSpec) -> DAG:

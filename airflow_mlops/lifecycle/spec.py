@@ -174,11 +174,68 @@ class Promotion(_Section):
     )
 
 
+class CanaryGuardrails(_Section):
+    """Thresholds a canary step is judged on (:mod:`airflow_mlops.ml.canary`)."""
+
+    max_error_rate_increase: float = Field(
+        default=0.01, ge=0, le=1, description="largest rise of the error rate over the old version's"
+    )
+    max_p99_ratio: float = Field(default=2.0, gt=0, description="largest p99 latency, new / old")
+    max_prediction_shift: float = Field(
+        default=0.2, ge=0, le=1, description="largest KS statistic between the versions' predictions"
+    )
+    min_requests: int = Field(default=0, ge=0, description="fewest requests the canary must get per step")
+
+
+class ShadowGate(_Section):
+    """Thresholds of the shadow report that gates a promotion (``ShadowReportOperator``)."""
+
+    min_rows: int = Field(default=1, ge=1)
+    min_label_agreement: float | None = Field(default=None, ge=0, le=1)
+    max_mean_abs_diff: float | None = Field(default=None, ge=0)
+    min_correlation: float | None = Field(default=None, ge=-1, le=1)
+
+
+class Rollout(_Section):
+    """How the train DAG puts a new production version behind the endpoint."""
+
+    strategy: Literal["blue_green", "canary", "shadow"] = "blue_green"
+    steps: list[float] = Field(
+        default_factory=lambda: [10.0, 50.0, 100.0],
+        description="canary: the new version's share of the traffic per step, in percent",
+    )
+    step_minutes: float = Field(default=5, gt=0, description="canary: minutes per step before it is judged")
+    guardrails: CanaryGuardrails = Field(default_factory=CanaryGuardrails)
+    shadow_minutes: float | None = Field(
+        default=None,
+        gt=0,
+        description="shadow the new version this long, then gate on the shadow report before the rollout",
+    )
+    shadow_gate: ShadowGate = Field(default_factory=ShadowGate)
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, steps: list[float]) -> list[float]:
+        if (
+            not steps
+            or any(not 0 < w <= 100 for w in steps)
+            or any(b <= a for a, b in zip(steps, steps[1:], strict=False))
+            or steps[0] >= 100
+        ):
+            raise PydanticCustomError(
+                "canary_steps",
+                "{steps} are not increasing percentages in (0, 100] starting below 100",
+                {"steps": steps},
+            )
+        return steps
+
+
 class Serving(_Section):
     target: Literal["local", "none"] = "local"
     port: int = Field(default=3900, ge=1024, le=65535)
     workers: int = Field(default=1, ge=1)
     sample_rows: int = Field(default=20, ge=0, description="real rows sent to the endpoint after a deploy")
+    rollout: Rollout = Field(default_factory=Rollout)
 
 
 class Monitoring(_Section):
@@ -370,6 +427,8 @@ _FIXES = {
     "literal_error": "use one of the values named",
     "string_pattern_mismatch": "use letters, digits and '_' (an import path: 'package.module.name')",
     "date_from_datetime_parsing": "write the date as YYYY-MM-DD",
+    "canary_steps": "give the canary's share of the traffic per step, increasing, e.g. [10, 50, 100] "
+    "(100, if given, is the final switch)",
 }
 
 _FIELD_FIXES = {

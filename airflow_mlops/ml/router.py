@@ -20,8 +20,24 @@ log, where :mod:`airflow_mlops.ml.shadow` pairs it with production's by request 
 ``MLOPS_ROUTER_SHADOW_MAX_INFLIGHT`` (default 64) copies are in flight; past that a copy is skipped and
 counted, so a slow or dead shadow never holds up the client nor piles up work in the router.
 
+**Canary split.** When the routes file also names ``"canary": <backend url>`` with ``"canary_weight": <percent>``,
+each request goes to the canary with that probability (an independent draw per request), else to the active
+backend. The canary is on probation: a request it refuses, drops (connection-level errors) or answers with a
+5xx is sent once more to the active backend, so clients see no failed request while a bad canary is found and
+rolled back (predictions have no side effect but their log line). Routes files without ``canary`` behave as
+before.
+
+**Per-backend figures.** Since the routes file last changed (its ``generation``: a new weight is a new
+generation), the router counts per backend the requests sent to it, its 5xx answers (``errors_5xx``), its
+connection-level failures (``errors_connection``), the requests it failed that went on to the active backend
+(``fallbacks``) and the latency of its answers below 500 (``latency_ms``: ``n``, ``p50``, ``p99``, over at most
+the last 50,000). The deployer's canary guardrails read them.
+
 ``GET /__router__`` answers ``{"active": ..., "generation": ..., "inflight": {backend: n}, "served": n,
-"shadow": {"backend": ..., "sent": n, "skipped": n, "failed": n, "inflight": n, "latency_ms": {...}}}``
+"shadow": {"backend": ..., "sent": n, "skipped": n, "failed": n, "inflight": n, "latency_ms": {...}},
+"canary": {"backend": ..., "version": ..., "weight": percent} or None, "split": {"generation": n,
+"since": ISO time, "backends": {backend: {"requests", "errors_5xx", "errors_connection", "fallbacks",
+"latency_ms"}}}}``
 (``latency_ms``: mean and p99 of the active's and of the shadow's answers to the mirrored requests, over the
 last 10,000 of them).
 
@@ -35,9 +51,11 @@ import asyncio
 import json
 import logging
 import os
+import random
 import time
 import uuid
 from collections import Counter, deque
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -55,6 +73,8 @@ REQUEST_ID_HEADER = b"x-mlops-request-id"
 DEFAULT_SHADOW_MAX_INFLIGHT = 64
 #: how long a shadow copy may take before it counts as failed
 SHADOW_TIMEOUT_SECONDS = 30.0
+#: latencies kept per backend for the split's p50/p99
+SPLIT_LATENCY_SAMPLES = 50_000
 #: headers that describe one connection, not the message; never forwarded
 HOP_BY_HOP = frozenset(
     {
@@ -122,6 +142,35 @@ class RouterApp:
         self.shadow_tasks: set[asyncio.Task[None]] = set()
         self.active_ms: deque[float] = deque(maxlen=10_000)
         self.shadow_ms: deque[float] = deque(maxlen=10_000)
+        self.random = random.Random()
+        self.split_generation: Any = None
+        self.split_since = _now()
+        self.split: dict[str, Counter[str]] = {}
+        self.split_ms: dict[str, deque[float]] = {}
+
+    def _split_for(self, routes: dict[str, Any]) -> None:
+        """Start the per-backend figures afresh when the routes file changed (a new weight, a switch)."""
+        generation = routes.get("generation", 0)
+        if generation != self.split_generation:
+            self.split_generation = generation
+            self.split_since = _now()
+            self.split = {}
+            self.split_ms = {}
+
+    def _count(self, backend: str, what: str) -> None:
+        self.split.setdefault(backend, Counter())[what] += 1
+
+    def _choose(self, routes: dict[str, Any]) -> str | None:
+        """The backend of a new request: the canary for ``canary_weight`` percent of them, else the active."""
+        active, canary = routes.get("active"), routes.get("canary")
+        if canary and active and canary != active:
+            try:
+                weight = float(routes.get("canary_weight") or 0)
+            except (TypeError, ValueError):
+                weight = 0.0
+            if weight > 0 and self.random.random() * 100 < weight:
+                return canary
+        return active
 
     def client(self, backend: str) -> httpx.AsyncClient:
         if backend not in self.clients:
@@ -164,7 +213,8 @@ class RouterApp:
             ("?" + scope["query_string"].decode("latin-1")) if scope["query_string"] else ""
         )
         routes = self.routes.current()
-        backend = routes.get("active")
+        self._split_for(routes)
+        backend = self._choose(routes)
         if not backend:
             await self._reply(send, 503, b'{"error": "no backend is deployed behind this address yet."}')
             return
@@ -174,6 +224,8 @@ class RouterApp:
             # below moves to another backend, and the drain of the old one waits on this count
             sent_to = backend
             self.inflight[sent_to] += 1
+            self._count(sent_to, "requests")
+            sent_at = time.perf_counter()
             try:
                 response = await self.client(sent_to).request(
                     scope["method"], target, content=body, headers=headers
@@ -182,11 +234,13 @@ class RouterApp:
                 # the backend went away (refused the connection, or died with the request in flight): once,
                 # the request goes to the backend that is active now, else to the standby the deployer
                 # keeps alive during a switch (the version that served before)
+                self._count(sent_to, "errors_connection")
                 routes = self.routes.current()
                 other = next(
                     (b for b in (routes.get("active"), routes.get("standby")) if b and b != sent_to), None
                 )
                 if attempt == 0 and other:
+                    self._count(sent_to, "fallbacks")
                     backend = other
                     continue
                 await self._reply(send, 502, b'{"error": "the active backend does not accept connections."}')
@@ -195,6 +249,18 @@ class RouterApp:
                 self.inflight[sent_to] -= 1
                 if not self.inflight[sent_to]:
                     del self.inflight[sent_to]
+            if response.status_code >= 500:
+                self._count(sent_to, "errors_5xx")
+                active = self.routes.current().get("active")
+                if attempt == 0 and sent_to == routes.get("canary") and active and active != sent_to:
+                    # the canary is on probation: its server errors are the active's to answer
+                    self._count(sent_to, "fallbacks")
+                    backend = active
+                    continue
+            else:
+                self.split_ms.setdefault(sent_to, deque(maxlen=SPLIT_LATENCY_SAMPLES)).append(
+                    (time.perf_counter() - sent_at) * 1000
+                )
             break
         self.served += 1
         took_ms = (time.perf_counter() - started) * 1000
@@ -256,6 +322,7 @@ class RouterApp:
 
     async def _status(self, send: Any) -> None:
         routes = self.routes.current()
+        self._split_for(routes)
         body = json.dumps(
             {
                 "active": routes.get("active"),
@@ -272,10 +339,31 @@ class RouterApp:
                     "max_inflight": self.shadow_max_inflight,
                     "latency_ms": {"active": _summary(self.active_ms), "shadow": _summary(self.shadow_ms)},
                 },
+                "canary": {
+                    "backend": routes.get("canary"),
+                    "version": routes.get("canary_version"),
+                    "weight": routes.get("canary_weight"),
+                }
+                if routes.get("canary")
+                else None,
+                "split": self.split_status(),
                 "pid": os.getpid(),
             }
         ).encode()
         await self._reply(send, 200, body)
+
+    def split_status(self) -> dict[str, Any]:
+        """The per-backend figures since the routes file last changed (see the module docstring)."""
+        backends = {}
+        for backend, counts in self.split.items():
+            backends[backend] = {
+                "requests": counts["requests"],
+                "errors_5xx": counts["errors_5xx"],
+                "errors_connection": counts["errors_connection"],
+                "fallbacks": counts["fallbacks"],
+                "latency_ms": _percentiles(self.split_ms.get(backend) or ()),
+            }
+        return {"generation": self.split_generation, "since": self.split_since, "backends": backends}
 
     @staticmethod
     async def _reply(send: Any, status: int, body: bytes) -> None:
@@ -312,6 +400,23 @@ def _summary(values: deque[float]) -> dict[str, float] | None:
     ordered = sorted(values)
     p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
     return {"n": len(ordered), "mean": round(sum(ordered) / len(ordered), 3), "p99": round(p99, 3)}
+
+
+def _percentiles(values: Any) -> dict[str, float] | None:
+    """``n``, p50 and p99 of ``values`` (milliseconds), ``None`` when there are none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    n = len(ordered)
+    return {
+        "n": n,
+        "p50": round(ordered[min(n - 1, int(0.5 * n))], 3),
+        "p99": round(ordered[min(n - 1, int(0.99 * n))], 3),
+    }
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
 
 
 def main(argv: list[str] | None = None) -> None:

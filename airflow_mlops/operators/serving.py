@@ -22,6 +22,7 @@ server logs in ``<state_dir>/deployments/logs/``. Other targets (Kubernetes, Sag
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
@@ -695,11 +696,15 @@ class LocalDeploymentTarget(DeploymentTarget):
         router: dict[str, Any],
         standby: dict[str, Any] | None = None,
         shadow: dict[str, Any] | None = None,
-    ) -> None:
+        canary: dict[str, Any] | None = None,
+        canary_weight: float | None = None,
+    ) -> int:
         """Point the stable address at ``backend``: atomic rename of the routes file, then wait until the
         router has seen it. ``standby`` (the version that served before, until it is drained) takes the
         requests ``backend`` refuses or drops; ``shadow`` gets a copy of every request (its answers are
-        dropped). Routes written without ``shadow`` stop the mirroring."""
+        dropped); ``canary`` gets ``canary_weight`` percent of the requests (``backend`` answers those it
+        fails). Routes written without ``shadow`` or ``canary`` stop the mirroring or the split. Returns the
+        routes' new generation (the router's per-backend figures start afresh with it)."""
         routes_path = self.routes_path(deployment)
         current = json.loads(routes_path.read_text()) if routes_path.exists() else {"generation": 0}
         generation = int(current.get("generation") or 0) + 1
@@ -709,12 +714,16 @@ class LocalDeploymentTarget(DeploymentTarget):
         if shadow and shadow.get("url") != backend["url"]:
             routes["shadow"] = shadow["url"]
             routes["shadow_version"] = shadow["version"]
+        if canary and canary.get("url") != backend["url"]:
+            routes["canary"] = canary["url"]
+            routes["canary_version"] = canary["version"]
+            routes["canary_weight"] = float(canary_weight or 0)
         _write_json_atomic(routes_path, routes)
         deadline = time.monotonic() + 30
         while True:
             status = self.router_status(router)
             if status and status["generation"] >= generation:
-                return
+                return generation
             if time.monotonic() > deadline:
                 raise ServingError(
                     f"the router of deployment {deployment!r} did not pick up the switch to {backend['url']}.",
@@ -751,13 +760,42 @@ class LocalDeploymentTarget(DeploymentTarget):
     def teardown(self, deployment: str) -> None:
         """Stop everything of a deployment (router, live and pending versions); its history is kept."""
         with self.locked(deployment) as state:
-            for key in ("pending", "active", "shadow"):
+            for key in ("pending", "active", "shadow", "canary"):
                 stop_tree(state.get(key), timeout=15)
                 if state.get(key):
                     state[key]["pid"] = None
             stop_tree(state.get("router"), timeout=15)
             state["router"] = None
             state["history"].append({"at": _now(), "action": "teardown"})
+
+
+#: what a canary's state entry holds besides its backend's fields
+CANARY_FIELDS = frozenset(
+    {
+        "run_key",
+        "steps",
+        "step",
+        "weight",
+        "generation",
+        "since",
+        "step_minutes",
+        "guardrails",
+        "production_version",
+        "figures",
+    }
+)
+
+
+class CanaryRollbackError(ServingError, AirflowFailException):
+    """A canary breached a guardrail: it was rolled back (the old version serves all traffic) and the deploy
+    fails with the figures; a retry would only deploy the same version again."""
+
+
+async def _first_event(trigger: Any) -> dict[str, Any]:
+    """The payload of the first event ``trigger`` yields (a trigger's wait run in the task's process)."""
+    async for event in trigger.run():
+        return dict(event.payload)
+    raise ServingError(f"{type(trigger).__name__} ended without an event.")
 
 
 def _log_tail(path: str | None, lines: int = 40) -> str:
@@ -767,6 +805,39 @@ def _log_tail(path: str | None, lines: int = 40) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- deploy
+def check_canary(steps: Sequence[float], step_minutes: float, guardrails: dict[str, Any] | None) -> None:
+    """Refuse canary settings that cannot work: steps not increasing within (0, 100] or none below 100, a
+    step that is not a positive number of minutes, an unknown guardrail.
+
+    :raises MLOpsArgumentError: naming the setting and what to write instead.
+    """
+    from airflow_mlops.ml.canary import Guardrails
+
+    try:
+        weights = [float(x) for x in steps]
+    except (TypeError, ValueError):
+        weights = []
+    if (
+        not weights
+        or any(not 0 < w <= 100 for w in weights)
+        or any(b <= a for a, b in zip(weights, weights[1:], strict=False))
+        or weights[0] >= 100
+    ):
+        raise MLOpsArgumentError(
+            f"canary_steps {list(steps)!r} are not increasing percentages in (0, 100] starting below 100.",
+            fix="give the canary's share of the traffic per step, e.g. [10, 50, 100].",
+        )
+    try:
+        minutes = float(step_minutes)
+    except (TypeError, ValueError):
+        minutes = 0.0
+    if not minutes > 0:
+        raise MLOpsArgumentError(
+            f"step_minutes={step_minutes!r} is not a positive number.", fix="give e.g. 5 (fractions allowed)."
+        )
+    Guardrails.parse(guardrails)
+
+
 class BentoDeployOperator(BaseOperator):
     """Deploy a registered model version behind a stable address, blue/green, without dropping requests.
 
@@ -795,12 +866,26 @@ class BentoDeployOperator(BaseOperator):
         keeps all traffic, and the router sends it a copy of every request; its answers are written to the
         prediction log marked ``shadow`` and never returned (compare them with
         :class:`~airflow_mlops.operators.shadow.ShadowReportOperator`). A new shadow replaces the previous
-        one; the live version cannot shadow itself.
+        one; the live version cannot shadow itself. ``canary``: the new version starts beside the live one
+        and gets ``canary_steps[0]`` percent of the requests (the live version answers the rest, and any
+        request the canary refuses or fails); after ``step_minutes`` (waited deferred,
+        :class:`~airflow_mlops.triggers.serving.CanaryStepTrigger`) the ``guardrails`` compare the two on the
+        traffic each got (:mod:`airflow_mlops.ml.canary`: error rate, p99 latency, distribution of the
+        predictions). A breach routes all traffic back to the live version, stops the canary and fails the
+        task with the figures (:class:`CanaryRollbackError`); a pass moves to the next step; after the last
+        step (100 or the end of the list) the switch completes as blue/green. The figures of each step are in
+        the result (``canary_steps``) and the deployment's history. Rerunning the task while its canary runs
+        resumes the current step. With nothing live yet, the deploy is blue/green.
+    :param canary_steps: canary weights in percent, increasing, each in (0, 100]; default ``[10, 50, 100]``.
+    :param step_minutes: minutes each canary step lasts before it is judged (fractions allowed).
+    :param guardrails: canary thresholds: ``max_error_rate_increase`` (0.01), ``max_p99_ratio`` (2.0),
+        ``max_prediction_shift`` (0.2, the KS statistic), ``min_requests`` (0), ``min_latency_samples``
+        (20), ``min_predictions`` (20); see :mod:`airflow_mlops.ml.canary`.
     """
 
     template_fields: Sequence[str] = ("model_name", "version", "bento_tag", "feast_repo_path")
     #: the values of ``strategy=``
-    STRATEGIES = ("blue_green", "shadow")
+    STRATEGIES = ("blue_green", "shadow", "canary")
     ui_color = "#fde8c8"
 
     def __init__(
@@ -820,6 +905,9 @@ class BentoDeployOperator(BaseOperator):
         serve_env: dict[str, str] | None = None,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         strategy: str = "blue_green",
+        canary_steps: Sequence[float] = (10, 50, 100),
+        step_minutes: float = 5.0,
+        guardrails: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -827,6 +915,7 @@ class BentoDeployOperator(BaseOperator):
             raise MLOpsArgumentError(
                 f"unknown deployment strategy {strategy!r}.", fix=f"use one of {list(self.STRATEGIES)}."
             )
+        check_canary(canary_steps, step_minutes, guardrails)
         if target != "local":
             raise MLOpsArgumentError(
                 f"deployment target {target!r} is not available in this package.",
@@ -846,6 +935,9 @@ class BentoDeployOperator(BaseOperator):
         self.serve_env = serve_env
         self.deferrable = deferrable
         self.strategy = strategy
+        self.canary_steps = list(canary_steps)
+        self.step_minutes = step_minutes
+        self.guardrails = guardrails
 
     @cached_property
     def hook(self) -> BentoMLHook:
@@ -892,46 +984,60 @@ class BentoDeployOperator(BaseOperator):
     def deploy(self, what: dict[str, Any], *, action: str, context: Context) -> dict[str, Any]:
         check_api_key(self.hook)  # before anything starts: an empty key must not mean "no auth"
         shadow_mode = self.strategy == "shadow" and action == "deploy"
+        canary_mode = self.strategy == "canary" and action == "deploy"
+        run_key = self.run_key(context)
         with self.local.locked(self.deployment) as state:
             router = self.local.ensure_router(state, int(self.port))
-            active = state.get("active")
-            if shadow_mode:
-                done = self._shadow_in_place(state, what, router)
-                if done is not None:
-                    return done
-            elif (
-                active
-                and active["version"] == what["version"]
-                and self.local.backend_ready(active)
-                and (self.local.router_status(router) or {}).get("active") == active["url"]
-            ):
+            if self._canary_resumes(state, what, router, canary_mode):
+                resume = True
+            else:
+                resume = False
+                active = state.get("active")
+                if canary_mode and not active:
+                    self.log.info("Nothing is live yet to compare a canary with: deploying blue/green")
+                    canary_mode = False
+                if shadow_mode:
+                    done = self._shadow_in_place(state, what, router)
+                    if done is not None:
+                        return done
+                elif (
+                    active
+                    and active["version"] == what["version"]
+                    and self.local.backend_ready(active)
+                    and (self.local.router_status(router) or {}).get("active") == active["url"]
+                ):
+                    self.log.info(
+                        "Version %s is already live at %s; nothing to do", active["version"], router["url"]
+                    )
+                    if state.get("shadow"):  # a blue/green deploy ends a shadow period
+                        self.local.switch(self.deployment, active, router)
+                        self._stop_shadow(state)
+                    return self._result(state, switched=False)
+                stop_tree(state.get("pending"), timeout=10)
+                spec = {
+                    "deployment": self.deployment,
+                    "model": self.model_name,
+                    "version": what["version"],
+                    "bento": what.get("bento"),
+                    "feast_repo": self.feast_repo_path,
+                    "feast_conn_id": self.feast_conn_id,
+                    "bentoml_conn_id": self.bentoml_conn_id,
+                    "env": {
+                        **(self.serve_env or {}),
+                        **({"MLOPS_SERVE_SHADOW": "true"} if shadow_mode else {}),
+                    },
+                    "action": "shadow" if shadow_mode else "canary" if canary_mode else action,
+                }
+                state["pending"] = self.local.start(spec)
                 self.log.info(
-                    "Version %s is already live at %s; nothing to do", active["version"], router["url"]
+                    "Started %s %s on %s (pid %s); waiting for readiness",
+                    self.model_name,
+                    what["version"],
+                    state["pending"]["url"],
+                    state["pending"]["pid"],
                 )
-                if state.get("shadow"):  # a blue/green deploy ends a shadow period
-                    self.local.switch(self.deployment, active, router)
-                    self._stop_shadow(state)
-                return self._result(state, switched=False)
-            stop_tree(state.get("pending"), timeout=10)
-            spec = {
-                "deployment": self.deployment,
-                "model": self.model_name,
-                "version": what["version"],
-                "bento": what.get("bento"),
-                "feast_repo": self.feast_repo_path,
-                "feast_conn_id": self.feast_conn_id,
-                "bentoml_conn_id": self.bentoml_conn_id,
-                "env": {**(self.serve_env or {}), **({"MLOPS_SERVE_SHADOW": "true"} if shadow_mode else {})},
-                "action": "shadow" if shadow_mode else action,
-            }
-            state["pending"] = self.local.start(spec)
-            self.log.info(
-                "Started %s %s on %s (pid %s); waiting for readiness",
-                self.model_name,
-                what["version"],
-                state["pending"]["url"],
-                state["pending"]["pid"],
-            )
+        if resume:
+            return self._canary_wait(run_key)
         pending = state["pending"]
         if self.deferrable:
             from airflow_mlops.triggers.serving import BentoEndpointTrigger
@@ -940,7 +1046,7 @@ class BentoDeployOperator(BaseOperator):
             self.defer(
                 trigger=BentoEndpointTrigger(url=pending["url"], timeout=float(self.ready_timeout)),
                 method_name="execute_complete",
-                kwargs={"run_key": self.run_key(context)},
+                kwargs={"run_key": run_key},
                 timeout=timedelta(seconds=float(self.ready_timeout) + 120),
             )
         from airflow_mlops.sensors.serving import probe
@@ -950,20 +1056,20 @@ class BentoDeployOperator(BaseOperator):
         while True:
             ready, seen = probe(pending["url"])
             if ready:
-                return self.complete(
-                    {"status": "ready", "url": pending["url"]}, run_key=self.run_key(context)
+                return self._continue(
+                    self.complete({"status": "ready", "url": pending["url"]}, run_key), run_key
                 )
             if time.monotonic() > deadline or not process_alive(pending):
                 return self.complete(
-                    {"status": "timeout", "url": pending["url"], "message": seen},
-                    run_key=self.run_key(context),
+                    {"status": "timeout", "url": pending["url"], "message": seen}, run_key=run_key
                 )
             time.sleep(0.5)
 
     def execute_complete(
         self, context: Context, event: dict[str, Any], run_key: str | None = None
     ) -> dict[str, Any]:
-        return self.complete(event, run_key=run_key or self.run_key(context))
+        run_key = run_key or self.run_key(context)
+        return self._continue(self.complete(event, run_key=run_key), run_key)
 
     def complete(self, event: dict[str, Any], run_key: str | None = None) -> dict[str, Any]:
         """Switch to the pending version if it became ready (state read from the state file and the event);
@@ -991,50 +1097,65 @@ class BentoDeployOperator(BaseOperator):
             router = self.local.ensure_router(state, int(self.port))
             if pending["action"] == "shadow":
                 return self._complete_shadow(state, pending, router, run_key)
-            old = state.get("active")
-            replaced = old if old and old.get("url") != pending["url"] and process_alive(old) else None
-            self.local.switch(self.deployment, pending, router, standby=replaced)
-            if replaced and not self.local.still_serving(pending):
-                # the new version died (or stopped answering) right after taking the traffic: the old one,
-                # still running, takes it back before anything else (with its shadow, if it had one)
-                self.local.switch(self.deployment, replaced, router, shadow=state.get("shadow"))
-                stop_tree(pending, timeout=10)
-                state["pending"] = None
-                state["history"].append(
-                    {"at": _now(), "action": f"{pending['action']}-failed", "version": pending["version"]}
-                )
-                raise ServingError(
-                    f"version {pending['version']} of {self.model_name!r} stopped answering right after the "
-                    f"switch; traffic went back to version {replaced['version']}, which keeps serving.\n"
-                    f"server log {pending['log']}:\n{_log_tail(pending['log'])}",
-                    fix="read the server log above (a crash, out of memory), then deploy again.",
-                )
-            state["active"], state["pending"] = pending, None
-            self._stop_shadow(state)  # the switch above wrote routes without it: it gets no more copies
-            if old and old.get("url") != pending["url"]:
-                self.local.drain_and_stop(old, router)
-                old["pid"] = None
-                state["previous"] = old
-                if replaced:
-                    self.local.switch(self.deployment, pending, router)  # the standby is gone
+            if pending["action"] == "canary":
+                return self._start_canary(state, pending, router, run_key)
+            return self._switch_to(state, pending, router, run_key)
+
+    def _switch_to(
+        self,
+        state: dict[str, Any],
+        pending: dict[str, Any],
+        router: dict[str, Any],
+        run_key: str | None,
+        record: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Blue/green: ``pending`` takes all traffic, the old version is drained and stopped (``record``:
+        more fields of the history entry)."""
+        old = state.get("active")
+        replaced = old if old and old.get("url") != pending["url"] and process_alive(old) else None
+        self.local.switch(self.deployment, pending, router, standby=replaced)
+        if replaced and not self.local.still_serving(pending):
+            # the new version died (or stopped answering) right after taking the traffic: the old one,
+            # still running, takes it back before anything else (with its shadow, if it had one)
+            self.local.switch(self.deployment, replaced, router, shadow=state.get("shadow"))
+            stop_tree(pending, timeout=10)
+            state["pending"] = None
             state["history"].append(
-                {
-                    "at": _now(),
-                    "action": pending["action"],
-                    "version": pending["version"],
-                    "bento": pending.get("bento"),
-                    "previous_version": old["version"] if old else None,
-                    "run_key": run_key,
-                }
+                {"at": _now(), "action": f"{pending['action']}-failed", "version": pending["version"]}
             )
-            self.log.info(
-                "%s now serves %s %s (was %s)",
-                router["url"],
-                self.model_name,
-                pending["version"],
-                old["version"] if old else "nothing",
+            raise ServingError(
+                f"version {pending['version']} of {self.model_name!r} stopped answering right after the "
+                f"switch; traffic went back to version {replaced['version']}, which keeps serving.\n"
+                f"server log {pending['log']}:\n{_log_tail(pending['log'])}",
+                fix="read the server log above (a crash, out of memory), then deploy again.",
             )
-            return self._result(state, switched=True)
+        state["active"], state["pending"] = pending, None
+        self._stop_shadow(state)  # the switch above wrote routes without it: it gets no more copies
+        if old and old.get("url") != pending["url"]:
+            self.local.drain_and_stop(old, router)
+            old["pid"] = None
+            state["previous"] = old
+            if replaced:
+                self.local.switch(self.deployment, pending, router)  # the standby is gone
+        state["history"].append(
+            {
+                "at": _now(),
+                "action": pending["action"],
+                "version": pending["version"],
+                "bento": pending.get("bento"),
+                "previous_version": old["version"] if old else None,
+                "run_key": run_key,
+                **(record or {}),
+            }
+        )
+        self.log.info(
+            "%s now serves %s %s (was %s)",
+            router["url"],
+            self.model_name,
+            pending["version"],
+            old["version"] if old else "nothing",
+        )
+        return self._result(state, switched=True)
 
     def _shadow_in_place(
         self, state: dict[str, Any], what: dict[str, Any], router: dict[str, Any]
@@ -1114,6 +1235,261 @@ class BentoDeployOperator(BaseOperator):
         state["shadow"] = None
         state["history"].append({"at": _now(), "action": "shadow-stopped", "version": shadow["version"]})
         self.log.info("Stopped shadow version %s", shadow["version"])
+
+    # -- canary ----------------------------------------------------------------------------------
+    def _canary_resumes(
+        self, state: dict[str, Any], what: dict[str, Any], router: dict[str, Any], canary_mode: bool
+    ) -> bool:
+        """Whether ``what`` is the canary already in progress (a retry or rerun of the deploy that started
+        it goes on with its step, never starts the version twice); any other canary in progress ends (the
+        old version takes all traffic back) before another deploy goes on."""
+        canary = state.get("canary")
+        if not canary:
+            return False
+        routed = ((self.local.router_status(router) or {}).get("canary") or {}).get("backend")
+        if (
+            canary_mode
+            and canary["version"] == what["version"]
+            and routed == canary["url"]
+            and self.local.backend_ready(canary)
+        ):
+            self.log.info(
+                "Version %s is already a canary at step %d (%s%% of traffic); resuming",
+                canary["version"],
+                canary["step"] + 1,
+                canary["weight"],
+            )
+            return True
+        self._end_canary(state, router, "canary-replaced")
+        return False
+
+    def _end_canary(self, state: dict[str, Any], router: dict[str, Any], action: str) -> None:
+        """Route all traffic to the live version again, drain and stop the canary, record ``action``."""
+        canary = state.get("canary")
+        if not canary:
+            return
+        active = state.get("active")
+        if active:
+            self.local.switch(self.deployment, active, router, shadow=state.get("shadow"))
+        self.local.drain_and_stop(canary, router)
+        state["canary"] = None
+        state["history"].append(
+            {
+                "at": _now(),
+                "action": action,
+                "version": canary["version"],
+                "backend": canary["url"],
+                "step": canary["step"],
+                "weight": canary["weight"],
+                "run_key": canary.get("run_key"),
+            }
+        )
+
+    def _start_canary(
+        self, state: dict[str, Any], pending: dict[str, Any], router: dict[str, Any], run_key: str | None
+    ) -> dict[str, Any]:
+        """The ready new version gets the first step's share of the traffic, beside the live version."""
+        from airflow_mlops.ml.canary import Guardrails
+
+        active = state.get("active")
+        if not active or not process_alive(active):
+            # nothing left to compare with: the new version takes the traffic as blue/green does
+            self.log.warning("The live version is gone; %s takes all traffic", pending["version"])
+            return self._switch_to(state, pending, router, run_key)
+        steps = [float(x) for x in self.canary_steps]
+        generation = self.local.switch(
+            self.deployment,
+            active,
+            router,
+            shadow=state.get("shadow"),
+            canary=pending,
+            canary_weight=steps[0],
+        )
+        state["canary"] = {
+            **pending,
+            "run_key": run_key,
+            "steps": steps,
+            "step": 0,
+            "weight": steps[0],
+            "generation": generation,
+            "since": _now(),
+            "step_minutes": float(self.step_minutes),
+            "guardrails": Guardrails.parse(self.guardrails).as_dict(),
+            "production_version": active["version"],
+            "figures": [],
+        }
+        state["pending"] = None
+        state["history"].append(
+            {
+                "at": _now(),
+                "action": "canary-started",
+                "version": pending["version"],
+                "production_version": active["version"],
+                "weight": steps[0],
+                "run_key": run_key,
+            }
+        )
+        self.log.info(
+            "%s: version %s gets %g%% of the traffic for %g minutes (version %s the rest)",
+            router["url"],
+            pending["version"],
+            steps[0],
+            self.step_minutes,
+            active["version"],
+        )
+        return {"canary_step": 0}
+
+    def _continue(self, result: dict[str, Any], run_key: str | None) -> dict[str, Any]:
+        """Wait out the canary's step when ``result`` says one is running, else return ``result``."""
+        if "canary_step" in result:
+            return self._canary_wait(run_key)
+        return result
+
+    def _canary_wait(self, run_key: str | None) -> dict[str, Any]:
+        """Wait until the canary's current step ends (deferred: :class:`CanaryStepTrigger`, no worker slot
+        held), then judge it (:meth:`canary_step`)."""
+        from airflow_mlops.triggers.serving import CanaryStepTrigger
+
+        state = self.local.read_state(self.deployment)
+        canary, active = state["canary"], state["active"]
+        until = datetime.fromisoformat(canary["since"]).timestamp() + float(canary["step_minutes"]) * 60
+        trigger = CanaryStepTrigger(
+            router_url=state["router"]["url"],
+            active_url=active["url"],
+            canary_url=canary["url"],
+            generation=int(canary["generation"]),
+            until=until,
+            guardrails=canary["guardrails"],
+            poll_interval=min(2.0, max(0.2, float(canary["step_minutes"]) * 6)),
+        )
+        if self.deferrable:
+            self.defer(
+                trigger=trigger,
+                method_name="canary_step_complete",
+                kwargs={"run_key": run_key, "step": canary["step"]},
+                timeout=timedelta(seconds=max(0.0, until - time.time()) + 600),
+            )
+        event = asyncio.run(_first_event(trigger))  # the same wait, in this process
+        return self._continue(self.canary_step(event, run_key=run_key, step=canary["step"]), run_key)
+
+    def canary_step_complete(
+        self, context: Context, event: dict[str, Any], run_key: str | None = None, step: int | None = None
+    ) -> dict[str, Any]:
+        """Resume after a canary step's trigger fired: judge the step, then go on, roll back or finish."""
+        run_key = run_key or self.run_key(context)
+        return self._continue(self.canary_step(event, run_key=run_key, step=step), run_key)
+
+    def canary_step(self, event: dict[str, Any], *, run_key: str | None, step: int | None) -> dict[str, Any]:
+        """Judge the step that just ended on the guardrails (:func:`airflow_mlops.ml.canary.evaluate`): a
+        breach routes all traffic back to the old version, stops the canary and fails the task with the
+        figures (:class:`CanaryRollbackError`); a pass gives the canary the next step's weight
+        (``{"canary_step": n}``), or after the last step switches to it as blue/green does."""
+        from airflow_mlops.ml.canary import Guardrails, evaluate, window_predictions
+        from airflow_mlops.ml.prediction_log import log_root, read_records
+
+        with self.local.locked(self.deployment) as state:
+            canary = state.get("canary")
+            if (
+                not canary
+                or canary["url"] != event.get("canary_url")
+                or (step is not None and canary["step"] != step)
+            ):
+                raise ServingError(
+                    f"deployment {self.deployment!r} has no canary at {event.get('canary_url')} in step "
+                    f"{step} any more (another deploy replaced it).",
+                    fix="rerun the deploy task.",
+                )
+            router = self.local.ensure_router(state, int(self.port))
+            active = state["active"]
+            split = (self.local.router_status(router) or {}).get("split") or {}
+            if split.get("generation") != canary["generation"]:
+                self.log.warning(
+                    "The router's figures are of routes generation %s, not the step's %s (it restarted?): "
+                    "judging on the prediction log alone",
+                    split.get("generation"),
+                    canary["generation"],
+                )
+                split = {}
+            start, end = datetime.fromisoformat(canary["since"]), datetime.now(UTC)
+            days = [
+                (start + timedelta(days=n)).date().isoformat()
+                for n in range((end.date() - start.date()).days + 1)
+            ]
+            records = read_records(
+                log_root(str(self.model_name), self.hook.store.settings.artifact_root), days
+            )
+            figures = evaluate(
+                split,
+                old_backend=active["url"],
+                new_backend=canary["url"],
+                old_predictions=window_predictions(records, active["version"], start, end),
+                new_predictions=window_predictions(records, canary["version"], start, end),
+                guardrails=Guardrails.parse(canary["guardrails"]),
+            )
+            figures = {
+                "step": canary["step"] + 1,
+                "weight": canary["weight"],
+                "since": canary["since"],
+                "until": end.isoformat(),
+                "woken_by": event.get("status"),
+                **figures,
+            }
+            canary["figures"].append(figures)
+            state["history"].append(
+                {
+                    "at": _now(),
+                    "action": "canary-step",
+                    "version": canary["version"],
+                    "run_key": run_key,
+                    "figures": figures,
+                }
+            )
+            self.log.info(
+                "Canary %s, step %d (%g%%): %s; new %s, old %s, p99 ratio %s, prediction shift %s",
+                canary["version"],
+                figures["step"],
+                canary["weight"],
+                "passed" if figures["passed"] else "BREACH",
+                figures["new"],
+                figures["old"],
+                figures["p99_ratio"],
+                figures["prediction_shift"],
+            )
+            if not figures["passed"]:
+                self._end_canary(state, router, "canary-rolled-back")
+                raise CanaryRollbackError(
+                    f"canary version {canary['version']} of {self.model_name!r} was rolled back at step "
+                    f"{figures['step']} ({canary['weight']:g}% of the traffic): {'; '.join(figures['breaches'])}. "
+                    f"Version {active['version']} serves all traffic again; it served throughout. "
+                    f"Figures of each step: {json.dumps(canary['figures'])}",
+                    fix="look at the new version's server log and its answers in the prediction log; deploy a "
+                    "fixed version, or relax the guardrails if the difference is intended.",
+                )
+            following = canary["step"] + 1
+            steps = canary["steps"]
+            if following < len(steps) and steps[following] < 100:
+                canary["generation"] = self.local.switch(
+                    self.deployment,
+                    active,
+                    router,
+                    shadow=state.get("shadow"),
+                    canary=canary,
+                    canary_weight=steps[following],
+                )
+                canary.update(step=following, weight=steps[following], since=_now())
+                self.log.info("Version %s now gets %g%% of the traffic", canary["version"], steps[following])
+                return {"canary_step": following}
+            # every step passed: the switch completes as blue/green does (the old version drained, stopped)
+            state["canary"] = None
+            backend = {k: v for k, v in canary.items() if k not in CANARY_FIELDS}
+            result = self._switch_to(
+                state,
+                backend,
+                router,
+                run_key,
+                record={"strategy": "canary", "canary_steps": canary["figures"]},
+            )
+            return {**result, "strategy": "canary", "canary_steps": canary["figures"]}
 
     def _result(self, state: dict[str, Any], *, switched: bool) -> dict[str, Any]:
         active = state["active"]

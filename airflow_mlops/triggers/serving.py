@@ -14,6 +14,9 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+#: fewest requests the canary must have had in a step before its error rate can end the step early
+EARLY_MIN_REQUESTS = 10
+
 
 class BentoEndpointTrigger(BaseTrigger):
     """Fire once ``GET <url><ready_path>`` answers 200, or when ``timeout`` seconds have passed.
@@ -76,3 +79,97 @@ class BentoEndpointTrigger(BaseTrigger):
                     )
                     return
                 await asyncio.sleep(self.poll_interval)
+
+
+class CanaryStepTrigger(BaseTrigger):
+    """Wait out one step of a canary deploy; fire early when the canary's error rate already breaches.
+
+    Until ``until`` (a UNIX time) it reads the router's ``/__router__`` every ``poll_interval`` seconds and
+    compares the canary's error rate with the active version's (:func:`airflow_mlops.ml.canary.error_breach`
+    with ``guardrails``), so a version that fails its requests is rolled back within seconds, not at the end
+    of the step (once it had :data:`EARLY_MIN_REQUESTS` requests). The deploy task evaluates every guardrail when it resumes, whichever event woke it.
+
+    Events: ``{"status": "step_done", ...}`` at ``until``; ``{"status": "breach", "message": ...}`` early.
+    Each carries ``router_url``, ``canary_url`` and ``generation`` (the routes' generation of the step).
+
+    :param router_url: the deployment's stable address (its router).
+    :param active_url: the live version's backend.
+    :param canary_url: the canary's backend.
+    :param generation: the routes' generation this step's weight was written with.
+    :param until: when the step ends (UNIX time, seconds).
+    :param guardrails: the canary's guardrails (a dict of :class:`~airflow_mlops.ml.canary.Guardrails`).
+    :param poll_interval: seconds between two reads of the router.
+    """
+
+    def __init__(
+        self,
+        router_url: str,
+        active_url: str,
+        canary_url: str,
+        generation: int,
+        until: float,
+        guardrails: dict[str, Any] | None = None,
+        poll_interval: float = 2.0,
+    ) -> None:
+        super().__init__()
+        self.router_url = router_url
+        self.active_url = active_url
+        self.canary_url = canary_url
+        self.generation = generation
+        self.until = until
+        self.guardrails = guardrails
+        self.poll_interval = poll_interval
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "router_url": self.router_url,
+                "active_url": self.active_url,
+                "canary_url": self.canary_url,
+                "generation": self.generation,
+                "until": self.until,
+                "guardrails": self.guardrails,
+                "poll_interval": self.poll_interval,
+            },
+        )
+
+    def _event(self, status: str, **extra: Any) -> TriggerEvent:
+        return TriggerEvent(
+            {
+                "status": status,
+                "router_url": self.router_url,
+                "canary_url": self.canary_url,
+                "generation": self.generation,
+                **extra,
+            }
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        import httpx
+
+        from airflow_mlops.ml.canary import Guardrails, backend_figures, error_breach
+
+        guardrails = Guardrails.parse(self.guardrails)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(5.0)) as client:
+            while True:
+                left = self.until - time.time()
+                if left <= 0:
+                    yield self._event("step_done")
+                    return
+                try:
+                    response = await client.get(self.router_url.rstrip("/") + "/__router__")
+                    split = response.json().get("split") or {} if response.status_code == 200 else {}
+                except (httpx.HTTPError, ValueError):
+                    split = {}
+                if split.get("generation") == self.generation:
+                    old = backend_figures(split, self.active_url)
+                    new = backend_figures(split, self.canary_url)
+                    why = (
+                        error_breach(old, new, guardrails) if new["requests"] >= EARLY_MIN_REQUESTS else None
+                    )
+                    if why:
+                        self.log.info("Canary %s breaches early: %s", self.canary_url, why)
+                        yield self._event("breach", message=why)
+                        return
+                await asyncio.sleep(max(0.05, min(self.poll_interval, left)))

@@ -93,6 +93,41 @@ def write_model(
     return folder
 
 
+def write_erroring_model(folder: Path, train: Any, refused: list[str]) -> Path:
+    """A deliberately bad candidate for the canary tests: its carrier encoder knows only the carriers not in
+    ``refused`` and fails on the others (``handle_unknown="error"``), so it answers the service's warm-up row
+    (the signature's first carrier, 9E) and fails every request with a refused carrier with a 500. Its
+    signature (from ``train``) allows every carrier, so those requests pass validation first."""
+    import numpy as np
+    import skops.io as sio
+    from sklearn.compose import ColumnTransformer
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OrdinalEncoder
+
+    known = train[~train["carrier"].isin(refused)]
+    write_model(folder, known, max_iter=30)  # model.json (features, task, classes) as the others
+    origins = sorted(train["origin"].unique().tolist())
+    prep = ColumnTransformer(
+        [
+            ("carrier", OrdinalEncoder(handle_unknown="error"), ["carrier"]),
+            (
+                "origin",
+                OrdinalEncoder(
+                    categories=[origins], handle_unknown="use_encoded_value", unknown_value=np.nan
+                ),
+                ["origin"],
+            ),
+        ],
+        remainder="passthrough",
+        verbose_feature_names_out=False,
+    )
+    model = Pipeline([("prep", prep), ("model", HistGradientBoostingClassifier(max_iter=30, random_state=0))])
+    model.fit(known[["carrier", "origin", "hour", "distance", "month"]], known["is_delayed"])
+    (folder / "model.skops").write_bytes(sio.dumps(model))
+    return folder
+
+
 MULTICLASS_FEATURES = ["carrier", "dest", "hour", "distance", "month"]
 MULTICLASS_LABEL = "origin"
 
