@@ -268,7 +268,9 @@ class CachedModel:
     load_seconds: float
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
+    #: requests answered by this load
     hits: int = 0
+    #: loads of this model since the server started, this one included
     loads: int = 1
 
     def describe(self) -> dict[str, Any]:
@@ -331,6 +333,8 @@ class ModelCache:
         self.failures: dict[tuple[str, str | None], tuple[MLOpsError, float]] = {}
         self.evictions = 0
         self.charged: dict[tuple[str, str], int] = {}
+        #: loads of each model since the server started (a reload after an eviction counts)
+        self.load_counts: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def used_bytes(self) -> int:
@@ -411,7 +415,9 @@ class ModelCache:
                 memory_bytes=charged,
                 rss_delta_bytes=delta,
                 load_seconds=seconds,
+                loads=self.load_counts.get(deployment.name, 0) + 1,
             )
+            self.load_counts[deployment.name] = cached.loads
             log.info(
                 "Loaded %s:%s in %.2fs, %.1f MB (RSS grew %.1f MB)",
                 cached.name,

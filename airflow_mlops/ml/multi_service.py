@@ -147,6 +147,7 @@ class MultiModelServer:
         self.load_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
         self.cache = ModelCache(self._load, self._budget_bytes, self.load_thread)
         self.logs: dict[str, PredictionLogWriter] = {}
+        self._generation = -1
 
     # -- configuration -----------------------------------------------------------------------------
     def _budget_bytes(self) -> int:
@@ -154,7 +155,11 @@ class MultiModelServer:
         return int(budget * MB)
 
     def deployed(self) -> dict[str, ModelDeployment]:
-        models = self.watcher.get().models
+        deployments = self.watcher.get()
+        if deployments.generation != self._generation:  # a deploy: refused models are tried again
+            self._generation = deployments.generation
+            self.cache.failures.clear()
+        models = deployments.models
         if set(self.cache.models) - set(models):
             self.cache.forget(set(models))
         return models

@@ -76,6 +76,7 @@ def test_loading_past_the_budget_unloads_the_least_recently_used_which_reloads_o
     assert b.model == "model b" and process.loads == ["a", "b", "c", "b"]
     assert sorted(cache.models) == ["b", "c"], "a was used before c: it goes when b comes back"
     assert cache.models["c"].hits == 1 and cache.models["b"].memory_bytes == 10 * MB
+    assert cache.models["b"].loads == 2 and cache.models["c"].loads == 1
 
 
 def test_memory_is_what_loading_grew_the_process_by_and_never_less_than_before(executor):
