@@ -458,6 +458,13 @@ class ModelCache:
             self.load_executor.submit(self.release)
         return evicted
 
+    def trim(self) -> list[CachedModel]:
+        """Unload least recently used models until the budget is met (after the budget was lowered); the
+        most recently used stays."""
+        if not self.models:
+            return []
+        return self._evict(keep=next(reversed(self.models)))
+
     def forget(self, names: set[str]) -> None:
         """Unload the models no longer deployed (they are not among ``names``)."""
         for name in [n for n in self.models if n not in names]:

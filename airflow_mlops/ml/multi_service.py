@@ -159,6 +159,7 @@ class MultiModelServer:
         if deployments.generation != self._generation:  # a deploy: refused models are tried again
             self._generation = deployments.generation
             self.cache.failures.clear()
+            self.cache.trim()  # the budget may have been lowered
         models = deployments.models
         if set(self.cache.models) - set(models):
             self.cache.forget(set(models))

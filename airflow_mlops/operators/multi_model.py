@@ -107,7 +107,7 @@ class MultiModelEndpoint:
             different = {
                 k: (server.get("settings", {}).get(k), v)
                 for k, v in settings.items()
-                if v is not None and server.get("settings", {}).get(k) != v
+                if k != "env" and v is not None and server.get("settings", {}).get(k) != v
             }
             if different:
                 raise ServingError(

@@ -102,6 +102,17 @@ def test_concurrent_first_requests_load_the_model_once(executor):
     assert all(g is got[0] for g in got) and got[0].hits == 20
 
 
+def test_a_lowered_budget_unloads_the_least_recently_used_until_it_fits(executor):
+    process = FakeProcess({"a": 10, "b": 10, "c": 10})
+    budget = [100.0]
+    cache = ModelCache(
+        process.load, lambda: int(budget[0] * MB), executor, memory=process.memory, release=lambda: None
+    )
+    _get(cache, "a", "b", "c", "a")
+    budget[0] = 15
+    assert [m.name for m in cache.trim()] == ["b", "c"] and list(cache.models) == ["a"]
+
+
 def test_a_model_alone_over_the_budget_stays_loaded_and_the_others_go(executor):
     process = FakeProcess({"a": 5, "big": 50})
     cache = _cache(process, executor, budget_mb=20)
