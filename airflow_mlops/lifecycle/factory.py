@@ -492,7 +492,9 @@ window to the `train_days` before that; otherwise the params' days are used.
         )
         gate >> [training_set, holdout_set]
         tune >> register >> promote >> baseline
-        if spec.serving.target == "local":
+        if spec.serving.target == "local" and spec.serving.endpoint:
+            _deploy_onto_endpoint(spec, repo, after=baseline, holdout_set=holdout_set)
+        if spec.serving.target == "local" and not spec.serving.endpoint:
             from airflow_mlops.operators.serving import BentoBuildOperator, BentoDeployOperator
 
             build = BentoBuildOperator(task_id="build", model_name=spec.model)
@@ -521,6 +523,37 @@ window to the `train_days` before that; otherwise the params' days are used.
                 )
                 [deploy, holdout_set] >> sample
     return dag
+
+
+def _deploy_onto_endpoint(spec: LifecycleSpec, repo: str, *, after: Any, holdout_set: Any) -> None:
+    """``serving.endpoint``: the ``deploy`` task puts the model onto that multi-model endpoint (shared with
+    other lifecycles; no Bento is built), then ``sample_predictions`` asks it at ``/models/<model>``."""
+    from airflow.providers.standard.operators.python import PythonOperator
+
+    from airflow_mlops.operators.multi_model import MultiModelDeployOperator
+
+    deploy = MultiModelDeployOperator(
+        task_id="deploy",
+        multiple_outputs=True,
+        model_name=spec.model,
+        endpoint=spec.serving.endpoint,
+        feast_repo_path=repo,
+    )
+    after >> deploy
+    if spec.serving.sample_rows:
+        sample = PythonOperator(
+            task_id="sample_predictions",
+            python_callable=functools.partial(_run_callable, "airflow_mlops.ml.client.sample_predictions"),
+            op_kwargs={
+                "step_args": {
+                    "url": "{{ ti.xcom_pull(task_ids='deploy')['url'] }}",
+                    "data_uri": "{{ ti.xcom_pull(task_ids='holdout_set')['data_uri'] }}",
+                    "model": spec.model,
+                    "rows": spec.serving.sample_rows,
+                }
+            },
+        )
+        [deploy, holdout_set] >> sample
 
 
 def monitor_dag(spec: LifecycleSpec) -> DAG:

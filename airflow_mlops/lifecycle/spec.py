@@ -179,6 +179,12 @@ class Serving(_Section):
     port: int = Field(default=3900, ge=1024, le=65535)
     workers: int = Field(default=1, ge=1)
     sample_rows: int = Field(default=20, ge=0, description="real rows sent to the endpoint after a deploy")
+    endpoint: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9][a-z0-9_.-]*$",
+        description="deploy onto this multi-model endpoint, shared with other lifecycles, instead of a "
+        "server of the model's own (answers at /models/<model>/predict; no Bento is built)",
+    )
 
 
 class Monitoring(_Section):
