@@ -26,11 +26,13 @@ from serving.models import (
     MULTICLASS_FEATURES,
     register,
     training_frame,
+    weather_training_frame,
     write_model,
     write_multiclass_model,
 )
 from serving.servers import start_backends, stop_backends
 
+from airflow_mlops.exceptions import ServingError
 from airflow_mlops.hooks.bentoml import BentoMLHook
 from airflow_mlops.ml.multi_model import locked_deployments, register_deployment
 from airflow_mlops.ml.prediction_log import read_records
@@ -238,3 +240,15 @@ def test_a_model_whose_record_was_edited_is_refused_and_never_loaded(multi, tmp_
     assert psutil.Process(multi.endpoint.read_state()["server"]["pid"]).is_running()
     with pytest.raises(Exception, match="refusing"):
         _deploy("edited", version)
+
+
+def test_a_deploy_the_endpoint_cannot_serve_is_undone_and_fails_with_the_reason(multi, tmp_path):
+    train = weather_training_frame().sample(2000, random_state=3).dropna(subset=["temp"])
+    folder = write_model(tmp_path / "w", train, max_iter=5, features=[*FEATURES, "temp"])
+    version = register("needs_store", folder, train, entity_keys=["origin"], store_features=["temp"])
+    before = json.loads(multi.endpoint.deployments.read_text())["models"]
+    with pytest.raises(ServingError, match="needs features") as err:
+        _deploy("needs_store", version)  # no feature service is known for it: the endpoint refuses it
+    assert "the endpoint serves what it served before" in str(err.value)
+    assert json.loads(multi.endpoint.deployments.read_text())["models"] == before
+    assert multi.client.post("/models/delays/predict", json={"row": _rows("delays", 1)[0]}).status_code == 200
