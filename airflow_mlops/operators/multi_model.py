@@ -177,7 +177,8 @@ class MultiModelDeployOperator(BaseOperator):
     signed record and files). A version that does not come up is taken out of the deployments file again
     (the version deployed before, if any, is put back) and the task fails with the server's reason; the
     other models of the endpoint are not touched. Deploying onto an endpoint whose server runs with other
-    connections or Feast settings is refused.
+    connections or Feast settings is refused. The wait happens in the task (a model loads in about a
+    second, a new server starts in 20-40 s), so the operator does not defer.
 
     A dedicated operator rather than ``BentoDeployOperator(target="multi_model")``: that operator's whole
     life is a blue/green (and shadow, canary) switch of one model behind a router, with a pending and an
