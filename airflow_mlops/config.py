@@ -160,11 +160,14 @@ class ServingSettings:
     :param max_body_bytes: largest request body the server reads (more: HTTP 413).
     :param env_allow: further environment variables (names, or prefixes ending in ``*``) the server and the
         router inherit from the worker, beyond the built-in allow-list (``docs/security.md``).
+    :param multi_model_memory_budget_mb: memory budget of the models loaded on a multi-model endpoint
+        (``[mlops] multi_model_memory_budget_mb``, default 1024); past it the least recently used unload.
     """
 
     max_rows: int = DEFAULT_SERVING_MAX_ROWS
     max_body_bytes: int = DEFAULT_SERVING_MAX_BODY_BYTES
     env_allow: tuple[str, ...] = ()
+    multi_model_memory_budget_mb: float = 1024.0
 
 
 def load_serving_settings() -> ServingSettings:
@@ -185,8 +188,21 @@ def load_serving_settings() -> ServingSettings:
             )
         limits[key] = int(raw) if raw else default
     allow = tuple(v.strip() for v in _option("serving_env_allow").replace("\n", ",").split(",") if v.strip())
+    raw_budget = _option("multi_model_memory_budget_mb")
+    try:
+        budget = float(raw_budget) if raw_budget else 1024.0
+    except ValueError:
+        budget = -1.0
+    if not budget > 0:
+        raise MLOpsConfigError(
+            f"[mlops] multi_model_memory_budget_mb must be a positive number of MB, got {raw_budget!r}.",
+            fix="set AIRFLOW__MLOPS__MULTI_MODEL_MEMORY_BUDGET_MB to e.g. 1024, or leave it empty for that default.",
+        )
     return ServingSettings(
-        max_rows=limits["serving_max_rows"], max_body_bytes=limits["serving_max_body_bytes"], env_allow=allow
+        max_rows=limits["serving_max_rows"],
+        max_body_bytes=limits["serving_max_body_bytes"],
+        env_allow=allow,
+        multi_model_memory_budget_mb=budget,
     )
 
 

@@ -44,6 +44,7 @@ def get_provider_info() -> dict[str, Any]:
                     "airflow_mlops.operators.tuning",
                     "airflow_mlops.operators.registry",
                     "airflow_mlops.operators.serving",
+                    "airflow_mlops.operators.multi_model",
                     "airflow_mlops.operators.shadow",
                     "airflow_mlops.operators.drift",
                     "airflow_mlops.operators.batch_scoring",
@@ -205,6 +206,12 @@ def get_provider_info() -> dict[str, Any]:
                         "Further environment variables the model server and router inherit from the worker, "
                         "comma-separated, a trailing * for a prefix (see docs/security.md).",
                         "CORP_*, LD_LIBRARY_PATH",
+                        "",
+                    ),
+                    "multi_model_memory_budget_mb": _option(
+                        "Memory budget (MB) of the models loaded on a multi-model endpoint; past it the least "
+                        "recently used are unloaded. Empty means 1024.",
+                        "512",
                         "",
                     ),
                 },

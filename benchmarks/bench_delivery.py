@@ -1,4 +1,4 @@
-"""Progressive delivery figures (issue 17): batch scoring, canary rollback, shadow latency.
+"""Progressive delivery figures (issue 17): batch scoring, canary rollback, shadow latency, many models.
 
 Batch scoring: a binary HistGradientBoosting delay model (20,000 real 2013 flights, request features) is
 registered in a throw-away state folder under /tmp; June 2013 (~28,000 flights) is published to an
@@ -18,10 +18,19 @@ Shadow (``--parts shadow``): the same deployment, the same closed-loop load (``b
 shadowing, without again (after a warm-up). Prints p50/p99 of each and the p99 added by the shadow against
 the mean of the two runs without (target < 10 %).
 
-Targets (issue 17): batch scoring rows/s >= 5x the batch endpoint's rows/s; 0 requests failed during a canary
-rollback; shadow mode adds < 10 % to the live endpoint's p99.
+Multi-model endpoint (``--parts multi_model``): three models (a binary HistGradientBoosting delay classifier
+and an arrival-delay regressor on 20,000 real 2013 flights, a LightGBM multiclass departure-airport model)
+are registered and deployed on one ``bentoml serve`` of :mod:`airflow_mlops.ml.multi_service`, started
+with none loaded. For each model: the latency of its first request (cold: the load, verification included,
+and the call) against the median of 30 requests after it (warm), the memory it is charged (RSS growth at
+load) and the load time the server reports; then, under a budget that holds one model, the cold start of a
+model evicted before (the libraries are imported by then).
 
-Run: ``.venv/bin/python benchmarks/bench_delivery.py [--parts batch,canary,shadow] [--seconds 15] [--months 6]``
+Targets (issue 17): batch scoring rows/s >= 5x the batch endpoint's rows/s; 0 requests failed during a canary
+rollback; shadow mode adds < 10 % to the live endpoint's p99; cold start and memory
+per model on the multi-model endpoint are measured (no target).
+
+Run: ``.venv/bin/python benchmarks/bench_delivery.py [--parts batch,canary,shadow,multi_model] [--seconds 15] [--months 6]``
 """
 
 from __future__ import annotations
@@ -76,10 +85,125 @@ def _score(model: str, version: str, offline: str, days: tuple[str, str], **kwar
     return time.perf_counter() - started, result
 
 
+# ---------------------------------------------------------------------------------------- multi_model
+def _multi_rows(frame, features: list[str], n: int) -> list[dict]:
+    """``n`` request rows of a model with ``features``, from its training flights (in its signature's range)."""
+    casts = {"hour": int, "month": int, "distance": float}
+    return [
+        {f: casts.get(f, str)(getattr(r, f)) for f in features}
+        for r in frame.sample(n, random_state=0).itertuples()
+    ]
+
+
+def _timed_post(client, path: str, body: dict) -> float:
+    started = time.perf_counter()
+    response = client.post(path, json=body)
+    response.raise_for_status()
+    return (time.perf_counter() - started) * 1000
+
+
+def multi_model_part(state: Path) -> dict:
+    """Cold start and memory per model on one multi-model endpoint (see the module docstring)."""
+    import statistics
+
+    import httpx
+    from serving.models import (
+        FEATURES,
+        MULTICLASS_FEATURES,
+        register,
+        training_frame,
+        write_model,
+        write_multiclass_model,
+    )
+
+    from airflow_mlops.hooks.bentoml import BentoMLHook
+    from airflow_mlops.ml.multi_model import locked_deployments, register_deployment
+    from airflow_mlops.operators.multi_model import MultiModelEndpoint
+
+    train = training_frame().sample(20000, random_state=0)
+    folder = state / "multi-models"
+    specs = {
+        "delays": (write_model(folder / "d", train, max_iter=100), FEATURES),
+        "arrival": (write_model(folder / "a", train, max_iter=100, task="regression"), FEATURES),
+        "airport": (write_multiclass_model(folder / "o", train, rounds=100), MULTICLASS_FEATURES),
+    }
+    endpoint = MultiModelEndpoint(BentoMLHook(), "bench")
+    for name, (model_dir, _) in specs.items():
+        register_deployment(endpoint.deployments, "bench", name, register(name, model_dir, train))
+    with endpoint.locked() as state_file:
+        started = time.perf_counter()
+        server = endpoint.ensure_server(
+            state_file,
+            port=None,
+            settings={
+                "bentoml_conn_id": None,
+                "feast_repo": None,
+                "feast_conn_id": None,
+                "memory_budget_mb": 4096,
+            },
+            ready_timeout=300,
+        )
+        server_start_s = time.perf_counter() - started
+    figures: dict = {"server_start_s": server_start_s, "models": {}}
+    try:
+        client = httpx.Client(base_url=server["url"], timeout=120)
+        rss_before = client.get("/models").json()
+        for name, (_, features) in specs.items():
+            rows = _multi_rows(train, features, 31)
+            cold = _timed_post(client, f"/models/{name}/predict", {"row": rows[0]})
+            warm = [_timed_post(client, f"/models/{name}/predict", {"row": row}) for row in rows[1:]]
+            status = client.get(f"/models/{name}").json()
+            figures["models"][name] = {
+                "cold_ms": cold,
+                "warm_median_ms": statistics.median(warm),
+                "memory_mb": status["memory_mb"],
+                "rss_delta_mb": status["rss_delta_mb"],
+                "load_s": status["load_seconds"],
+            }
+        import psutil
+
+        figures["server_rss_mb"] = (
+            sum(
+                p.memory_info().rss
+                for p in [psutil.Process(server["pid"]), *psutil.Process(server["pid"]).children(True)]
+            )
+            / 2**20
+        )
+        # a budget that holds one model: every request to another model reloads it
+        with locked_deployments(endpoint.deployments) as data:
+            data["memory_budget_mb"] = 0.5
+        time.sleep(0.5)
+        for name, (_, features) in specs.items():
+            rows = _multi_rows(train, features, 2)
+            figures["models"][name]["reload_cold_ms"] = _timed_post(
+                client, f"/models/{name}/predict", {"row": rows[0]}
+            )
+        figures["evictions"] = client.get("/models").json()["evictions"]
+        figures["before_any_load_used_mb"] = rss_before["memory_used_mb"]
+    finally:
+        endpoint.stop()
+    print("\n== multi-model endpoint: 3 models on one bentoml serve")
+    print(
+        f"server start (no model loaded): {server_start_s:.1f} s; server RSS with 3 models: {figures['server_rss_mb']:.0f} MB"
+    )
+    print(f"{'model':<10}{'cold ms':>10}{'warm ms':>10}{'reload ms':>11}{'load s':>9}{'memory MB':>11}")
+    for name, f in figures["models"].items():
+        print(
+            f"{name:<10}{f['cold_ms']:>10.0f}{f['warm_median_ms']:>10.1f}{f['reload_cold_ms']:>11.0f}"
+            f"{f['load_s']:>9.2f}{f['memory_mb']:>11.1f}"
+        )
+    print(
+        f"(evictions under a one-model budget: {figures['evictions']}; load average {os.getloadavg()[0]:.1f})"
+    )
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--parts", default="batch,canary,shadow", help="comma-separated: batch, canary, shadow"
+        "--parts",
+        default="batch,canary,shadow,multi_model",
+        help="comma-separated: batch, canary, shadow, multi_model",
     )
     parser.add_argument(
         "--seconds", type=float, default=15, help="load on the batch endpoint / per shadow run"
@@ -98,6 +222,8 @@ def main() -> None:
         delivery(args, state, parts)
     if "batch" in parts:
         batch(args, state)
+    if "multi_model" in parts:
+        print(json.dumps(multi_model_part(state)))
 
 
 class _Clients:

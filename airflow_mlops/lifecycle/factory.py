@@ -493,27 +493,31 @@ window to the `train_days` before that; otherwise the params' days are used.
         gate >> [training_set, holdout_set]
         tune >> register >> promote >> baseline
         if spec.serving.target == "local":
-            from airflow_mlops.operators.serving import BentoBuildOperator, BentoDeployOperator
-
-            build = BentoBuildOperator(task_id="build", model_name=spec.model)
-            rollout = spec.serving.rollout
-            deploy = BentoDeployOperator(
-                task_id="deploy",
-                multiple_outputs=True,
-                model_name=spec.model,
-                port=spec.serving.port,
-                feast_repo_path=repo,
-                strategy=rollout.strategy,
-                canary_steps=rollout.steps,
-                step_minutes=rollout.step_minutes,
-                guardrails=rollout.guardrails.model_dump(),
-            )
-            if rollout.shadow_minutes:
-                first, last = _shadow_period(spec, repo)
-                baseline >> build >> first
-                last >> deploy
+            if spec.serving.endpoint:
+                deploy = _deploy_onto_endpoint(spec, repo)
+                baseline >> deploy
             else:
-                baseline >> build >> deploy
+                from airflow_mlops.operators.serving import BentoBuildOperator, BentoDeployOperator
+
+                build = BentoBuildOperator(task_id="build", model_name=spec.model)
+                rollout = spec.serving.rollout
+                deploy = BentoDeployOperator(
+                    task_id="deploy",
+                    multiple_outputs=True,
+                    model_name=spec.model,
+                    port=spec.serving.port,
+                    feast_repo_path=repo,
+                    strategy=rollout.strategy,
+                    canary_steps=rollout.steps,
+                    step_minutes=rollout.step_minutes,
+                    guardrails=rollout.guardrails.model_dump(),
+                )
+                if rollout.shadow_minutes:
+                    first, last = _shadow_period(spec, repo)
+                    baseline >> build >> first
+                    last >> deploy
+                else:
+                    baseline >> build >> deploy
             if spec.serving.sample_rows:
                 sample = PythonOperator(
                     task_id="sample_predictions",
@@ -522,6 +526,7 @@ window to the `train_days` before that; otherwise the params' days are used.
                     ),
                     op_kwargs={
                         "step_args": {
+                            # the deploy's answer: a server of its own, or /models/<model> on an endpoint
                             "url": "{{ ti.xcom_pull(task_ids='deploy')['url'] }}",
                             "data_uri": "{{ ti.xcom_pull(task_ids='holdout_set')['data_uri'] }}",
                             "model": spec.model,
@@ -565,6 +570,20 @@ def _shadow_period(spec: LifecycleSpec, repo: str) -> tuple[Any, Any]:
     )
     shadow >> wait >> gate
     return shadow, gate
+
+
+def _deploy_onto_endpoint(spec: LifecycleSpec, repo: str) -> Any:
+    """``serving.endpoint``: the ``deploy`` task puts the model onto that multi-model endpoint (shared with
+    other lifecycles; no Bento is built); its ``url`` is the model's base, ``/models/<model>``."""
+    from airflow_mlops.operators.multi_model import MultiModelDeployOperator
+
+    return MultiModelDeployOperator(
+        task_id="deploy",
+        multiple_outputs=True,
+        model_name=spec.model,
+        endpoint=spec.serving.endpoint,
+        feast_repo_path=repo,
+    )
 
 
 def monitor_dag(spec: LifecycleSpec) -> DAG:

@@ -236,6 +236,25 @@ class Serving(_Section):
     workers: int = Field(default=1, ge=1)
     sample_rows: int = Field(default=20, ge=0, description="real rows sent to the endpoint after a deploy")
     rollout: Rollout = Field(default_factory=Rollout)
+    endpoint: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9][a-z0-9_.-]*$",
+        description="deploy onto this multi-model endpoint, shared with other lifecycles, instead of a "
+        "server of the model's own (answers at /models/<model>/predict; no Bento is built)",
+    )
+
+    @model_validator(mode="after")
+    def _endpoint_rollout(self) -> Serving:
+        rollout = self.rollout
+        if self.endpoint and (rollout.strategy != "blue_green" or rollout.shadow_minutes):
+            raise PydanticCustomError(
+                "endpoint_rollout",
+                "serving.endpoint {endpoint!r} puts the model onto a shared multi-model endpoint, which has no "
+                "canary or shadow rollout; remove serving.rollout, or serving.endpoint to give the model a "
+                "server of its own",
+                {"endpoint": self.endpoint},
+            )
+        return self
 
 
 class Monitoring(_Section):

@@ -410,6 +410,70 @@ def warm_up_row(signature: ModelSignature) -> dict[str, Any]:
     return row
 
 
+def load_and_warm_up(settings: ServeSettings, schema: ServedSchema) -> LoadedModel:
+    """:func:`load_model`, then one model call on :func:`warm_up_row` (from the calling thread, with its
+    thread limit set), so the first request does not pay for the model's lazy set-up. Used by the
+    single-model service and by :mod:`airflow_mlops.ml.multi_service`.
+
+    :raises MLOpsError: as :func:`load_model`.
+    """
+    loaded = load_model(settings, schema)
+    limit_model_threads(settings.model_threads)
+    row = warm_up_row(loaded.signature)
+    loaded.predictor.predict([{f: row.get(f) for f in loaded.predictor.features}])
+    return loaded
+
+
+def predict_rows(
+    loaded: LoadedModel,
+    rows: Sequence[Any],
+    request_ids: Sequence[str | None] | None = None,
+    *,
+    prediction_log: PredictionLogWriter,
+    model_threads: int = 1,
+    shadow: bool = False,
+) -> list[dict[str, Any]]:
+    """The task answers of ``loaded`` for ``rows`` (pydantic rows or dicts): one feature lookup and one
+    model call for all of them; one record per row goes to ``prediction_log`` (with its request id when
+    given). Shared by the single-model and the multi-model services.
+
+    :raises FeatureStoreUnavailable: the online store did not answer.
+    """
+    if not rows:
+        return []
+    limit_model_threads(model_threads)
+    sent = [r.model_dump(mode="json") if isinstance(r, BaseModel) else dict(r) for r in rows]
+    looked_up = loaded.lookup.fetch(sent)
+    wanted = loaded.predictor.features
+    features = []
+    for row, extra in zip(sent, looked_up, strict=True):
+        merged = {**row, **extra}  # once per row, not once per feature
+        features.append({f: merged.get(f) for f in wanted})
+    signature = loaded.signature
+    task_answers = answers(signature, loaded.predictor.predict(features))
+    at = datetime.now(UTC).isoformat()
+    prediction_log.append(
+        [
+            make_record(
+                model=loaded.name,
+                version=loaded.version,
+                task=signature.task,
+                request=row,
+                features=feature_row,
+                prediction=logged_value(signature, answer),
+                answer=answer,
+                time=at,
+                request_id=request_id,
+                shadow=shadow,
+            )
+            for row, feature_row, answer, request_id in zip(
+                sent, features, task_answers, request_ids or [None] * len(sent), strict=True
+            )
+        ]
+    )
+    return task_answers
+
+
 # ---------------------------------------------------------------------------------------- ASGI pieces
 def too_large(limit: str, settings: ServeSettings) -> str:
     """The body of a 413: which limit, its value, and the setting that sets it."""
@@ -427,16 +491,35 @@ def too_large(limit: str, settings: ServeSettings) -> str:
 class GuardMiddleware:
     """Checks the API key (when one is configured) and the request body's size (``Content-Length`` before
     anything is read; a body without it is counted as it arrives), answers a request over a limit with a 413
-    naming the limit and its setting, and gives every 503 a body that says why."""
+    naming the limit and its setting, and gives every 503 a body that says why.
+
+    The state and settings it reads are class attributes, so :mod:`airflow_mlops.ml.multi_service` uses
+    it with its own (and with ``explain_503 = False``: its routes write their own 503 bodies, per model).
+    """
+
+    #: the :class:`ServingState` read (None: this module's ``STATE``)
+    serving_state: Any = None
+    #: the :class:`ServeSettings` read (None: this module's ``SETTINGS``)
+    serve_settings: Any = None
+    #: replace the body of every 503 with ``state.reason()``
+    explain_503 = True
 
     def __init__(self, app: Any) -> None:
         self.app = app
+
+    @property
+    def state(self) -> Any:
+        return STATE if self.serving_state is None else self.serving_state
+
+    @property
+    def settings(self) -> Any:
+        return SETTINGS if self.serve_settings is None else self.serve_settings
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        if (STATE.api_key or STATE.auth_required) and not self._authorized(scope):
+        if (self.state.api_key or self.state.auth_required) and not self._authorized(scope):
             response = JSONResponse(
                 {"error": "missing or wrong API key; send 'Authorization: Bearer <key>' or 'X-API-Key'."},
                 status_code=401,
@@ -444,7 +527,7 @@ class GuardMiddleware:
             )
             await response(scope, receive, send)
             return
-        limit = SETTINGS.max_body_bytes
+        limit = self.settings.max_body_bytes
         length = request_id = None
         for key, value in scope["headers"]:  # one pass: the body's length and the request id
             if key == b"content-length":
@@ -454,7 +537,9 @@ class GuardMiddleware:
         REQUEST_ID.set(request_id)
         over = ""
         if length is not None and length.isdigit() and int(length) > limit:
-            await JSONResponse({"error": too_large("body", SETTINGS)}, status_code=413)(scope, receive, send)
+            await JSONResponse({"error": too_large("body", self.settings)}, status_code=413)(
+                scope, receive, send
+            )
             return
         if length is None:  # e.g. chunked: count the body as it arrives
             inner, seen = receive, 0
@@ -472,13 +557,17 @@ class GuardMiddleware:
 
         async def send_with_reason(message: dict) -> None:
             nonlocal replaced
-            if message["type"] == "http.response.start" and message["status"] in (503, 413):
+            if message["type"] == "http.response.start" and (
+                message["status"] == 413 or (message["status"] == 503 and self.explain_503)
+            ):
                 replaced = True
                 if message["status"] == 413:
-                    response = JSONResponse({"error": too_large(over or "rows", SETTINGS)}, status_code=413)
+                    response = JSONResponse(
+                        {"error": too_large(over or "rows", self.settings)}, status_code=413
+                    )
                 else:
                     response = JSONResponse(
-                        {"error": STATE.reason()}, status_code=503, headers={"Retry-After": "1"}
+                        {"error": self.state.reason()}, status_code=503, headers={"Retry-After": "1"}
                     )
                 await response(scope, receive, send)
                 return
@@ -488,11 +577,11 @@ class GuardMiddleware:
 
         await self.app(scope, receive, send_with_reason)
 
-    @staticmethod
-    def _authorized(scope: dict) -> bool:
+    def _authorized(self, scope: dict) -> bool:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
-        return bool(STATE.api_key) and hmac.compare_digest(given.encode(), (STATE.api_key or "").encode())
+        key = self.state.api_key
+        return bool(key) and hmac.compare_digest(given.encode(), (key or "").encode())
 
 
 async def _ready(_: Request) -> JSONResponse:
@@ -815,10 +904,7 @@ class ModelService:
     def _load(self) -> None:
         started = time.monotonic()
         try:
-            loaded = load_model(self.settings, SCHEMA)
-            limit_model_threads(self.settings.model_threads)
-            row = warm_up_row(loaded.signature)
-            loaded.predictor.predict([{f: row.get(f) for f in loaded.predictor.features}])
+            loaded = load_and_warm_up(self.settings, SCHEMA)
         except MLOpsError as err:
             STATE.error = str(err)
             log.error("Not serving model %s: %s", self.settings.model, err)
@@ -860,43 +946,18 @@ class ModelService:
         """One feature lookup and one model call for all ``rows``; the records go to the prediction log
         (with each row's request id when given)."""
         loaded = self._require_model()
-        if not rows:
-            return []
-        limit_model_threads(self.settings.model_threads)
-        sent = [r.model_dump(mode="json") if isinstance(r, BaseModel) else dict(r) for r in rows]
         try:
-            looked_up = loaded.lookup.fetch(sent)
+            task_answers = predict_rows(
+                loaded,
+                rows,
+                request_ids,
+                prediction_log=self.prediction_log,
+                model_threads=self.settings.model_threads,
+                shadow=self.settings.shadow,
+            )
         except FeatureStoreUnavailable as err:
             STATE.unavailable, STATE.unavailable_at = str(err), time.monotonic()
             raise ServiceUnavailable(str(err)) from err
-        wanted = loaded.predictor.features
-        features = []
-        for row, extra in zip(sent, looked_up, strict=True):
-            merged = {**row, **extra}  # once per row, not once per feature
-            features.append({f: merged.get(f) for f in wanted})
-        signature = loaded.signature
-        task_answers = answers(signature, loaded.predictor.predict(features))
-        at = datetime.now(UTC).isoformat()
-        shadow = self.settings.shadow
-        self.prediction_log.append(
-            [
-                make_record(
-                    model=loaded.name,
-                    version=loaded.version,
-                    task=signature.task,
-                    request=row,
-                    features=feature_row,
-                    prediction=logged_value(signature, answer),
-                    answer=answer,
-                    time=at,
-                    request_id=request_id,
-                    shadow=shadow,
-                )
-                for row, feature_row, answer, request_id in zip(
-                    sent, features, task_answers, request_ids or [None] * len(sent), strict=True
-                )
-            ]
-        )
         return [Answer(**answer, model=loaded.name, model_version=loaded.version) for answer in task_answers]
 
     @bentoml.api(batchable=True, max_batch_size=1024, max_latency_ms=10000)

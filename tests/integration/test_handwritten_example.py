@@ -46,6 +46,7 @@ DAG_IDS = {
         "example_seattle_rain_rollback",
         "example_seattle_rain_serve",
         "example_seattle_rain_shadow",
+        "example_seattle_rain_shared_endpoint",
         "example_seattle_weather_history",
     ],
 }

@@ -114,3 +114,21 @@ def test_state_dir_that_cannot_be_created_is_refused(monkeypatch, tmp_path):
         check_settings(load_settings())
     assert "[mlops] state_dir" in str(err.value)
     assert "AIRFLOW__MLOPS__STATE_DIR" in str(err.value)
+
+
+@pytest.mark.parametrize(("raw", "budget"), [("", 1024.0), ("512", 512.0), ("0.5", 0.5)])
+def test_the_multi_model_memory_budget_setting(monkeypatch, raw, budget):
+    from airflow_mlops.config import load_serving_settings
+
+    monkeypatch.setenv("AIRFLOW__MLOPS__MULTI_MODEL_MEMORY_BUDGET_MB", raw)
+    assert load_serving_settings().multi_model_memory_budget_mb == budget
+
+
+@pytest.mark.parametrize("raw", ["0", "-3", "lots"])
+def test_a_bad_multi_model_memory_budget_names_the_setting(monkeypatch, raw):
+    from airflow_mlops.config import load_serving_settings
+
+    monkeypatch.setenv("AIRFLOW__MLOPS__MULTI_MODEL_MEMORY_BUDGET_MB", raw)
+    with pytest.raises(MLOpsConfigError, match="multi_model_memory_budget_mb") as err:
+        load_serving_settings()
+    assert "AIRFLOW__MLOPS__MULTI_MODEL_MEMORY_BUDGET_MB" in (err.value.fix or "")

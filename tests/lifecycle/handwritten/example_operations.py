@@ -11,6 +11,8 @@
 - ``example_seattle_rain_shadow``: by hand, a candidate version answers a copy of the live traffic beside
   production for a day (never answering a client), then its agreement with production is reported and
   checked before anyone promotes it.
+- ``example_seattle_rain_shared_endpoint``: the production model deployed onto ``shared``, a multi-model
+  endpoint other lifecycles deploy their models onto too (one server, models loaded on first use).
 
 The model, its Feast repository and the offline tables come from ``example_seattle_rain.py``. The blocks
 between ``[START howto_...]`` and ``[END howto_...]`` markers are the examples ``docs/operators.md``
@@ -28,6 +30,7 @@ from airflow.sdk import DAG
 
 from airflow_mlops.operators.batch_scoring import BatchScoringOperator
 from airflow_mlops.operators.features import FeatureSourceSnapshotOperator
+from airflow_mlops.operators.multi_model import MultiModelDeployOperator
 from airflow_mlops.operators.registry import RollbackModelOperator
 from airflow_mlops.operators.serving import BentoBuildOperator, BentoDeployOperator, BentoRollbackOperator
 from airflow_mlops.operators.shadow import ShadowReportOperator
@@ -187,3 +190,25 @@ with DAG(
         feature_repo=FEATURE_REPO,
     )
     # [END howto_operator_batch_scoring]
+
+# ------------------------------------------------------------------------------------------ shared endpoint
+with DAG(
+    dag_id="example_seattle_rain_shared_endpoint",
+    description="Deploy the production Seattle rain model onto the shared multi-model endpoint.",
+    schedule=None,
+    start_date=START_DATE,
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["example", "seattle", "serving"],
+) as shared_endpoint_dag:
+    # [START howto_operator_multi_model_deploy]
+    deploy_shared = MultiModelDeployOperator(
+        task_id="deploy_shared",
+        model_name=MODEL,  # answers at <server>/models/seattle_rain/predict
+        endpoint="shared",  # one server for every model deployed onto "shared"; started by the first deploy
+        memory_budget_mb=512,  # past it, the least recently used models are unloaded until next asked
+        feast_repo_path=FEATURE_REPO,
+        ready_timeout=300,
+    )
+    # [END howto_operator_multi_model_deploy]

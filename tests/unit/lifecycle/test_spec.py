@@ -68,6 +68,25 @@ def test_serving_target_none_ends_the_train_dag_at_the_drift_baseline(tmp_path):
     assert "deploy" not in train.task_dict and train.task_dict["drift_baseline"].downstream_list == []
 
 
+def test_serving_endpoint_deploys_onto_the_shared_multi_model_endpoint_without_a_bento(tmp_path):
+    path = write_spec(tmp_path, lambda c: c["serving"].update(endpoint="shared"))
+    train = lifecycle_dags(path)["flights_train"]
+    deploy = train.task_dict["deploy"]
+    assert type(deploy).__name__ == "MultiModelDeployOperator"
+    assert (deploy.endpoint, deploy.model_name, deploy.feast_repo_path) == (
+        "shared",
+        "flight_delay",
+        str(ROOT / "feature_repo"),
+    )
+    assert "build" not in train.task_dict and deploy.upstream_task_ids == {"drift_baseline"}
+    assert set(train.task_dict["sample_predictions"].upstream_task_ids) == {"deploy", "holdout_set"}
+    with pytest.raises(LifecycleSpecError, match="endpoint"):
+        lifecycle_dags(write_spec(tmp_path, lambda c: c["serving"].update(endpoint="Not A Name")))
+    canary = {"endpoint": "shared", "rollout": {"strategy": "canary"}}
+    with pytest.raises(LifecycleSpecError, match="no canary or shadow rollout"):
+        lifecycle_dags(write_spec(tmp_path, lambda c: c["serving"].update(canary)))
+
+
 def test_a_batch_scoring_section_adds_its_own_dag(tmp_path):
     section = {"schedule": "weekly", "carry_columns": ["flight"], "parallel_min_rows": 1000}
     path = write_spec(tmp_path, lambda c: c.update(batch_scoring=section))
