@@ -91,7 +91,7 @@ def production_model(model_name: str, hook: BentoMLHook | None = None) -> dict[s
 
     hook = hook or BentoMLHook()
     index = hook.read_index(model_name)
-    version = index.get("production")
+    version = hook.production_version(model_name, index)
     if not version:
         return None
     record = hook.version_record(index, version)
