@@ -241,6 +241,13 @@ class MLOpsStateHook(BaseHook):
             stack.enter_context(conn.begin())
         except OperationalError as err:
             stack.close()
+            if "locked" in str(err.orig):
+                raise StateStoreError(
+                    f"the ML lifecycle state database {self.where} stayed locked by another writer for more "
+                    f"than {SQLITE_BUSY_TIMEOUT:.0f} s.",
+                    fix="retry the task; with many concurrent writers, point connection "
+                    f"{self.state_conn_id!r} at PostgreSQL (docs/scaling.md), which locks per document.",
+                ) from None
             raise StateStoreError(
                 f"the ML lifecycle state database {self.where} cannot be reached: {err.orig}",
                 fix=f"check that the database runs and that connection {self.state_conn_id!r} (host, port, "

@@ -152,3 +152,43 @@ def test_the_model_server_gets_the_state_connection(state_dir: Path, monkeypatch
     assert conn["extra"]["sqlalchemy_url"] == "postgresql+psycopg2://u:pw@db.example:5432/mlops"
     monkeypatch.delenv("AIRFLOW_CONN_MLOPS_STATE")
     assert "AIRFLOW_CONN_MLOPS_STATE" not in BentoMLHook().server_environment()
+
+
+def test_reading_inside_a_write_of_a_former_index_does_not_wait_for_itself(
+    state_dir: Path, monkeypatch
+) -> None:
+    # the first promotion after an upgrade reads the index (to score) inside its own read-modify-write
+    monkeypatch.setattr("airflow_mlops.hooks.state.SQLITE_BUSY_TIMEOUT", 2.0)
+    legacy_index = state_dir / "artifacts" / "registry" / "flight_delay" / "index.json"
+    legacy_index.parent.mkdir(parents=True)
+    old = {
+        "model": "flight_delay",
+        "production": "v0",
+        "versions": {"v0": {"stage": "production"}},
+        "history": [],
+    }
+    legacy_index.write_text(json.dumps(old))
+    hook = BentoMLHook()
+    with hook.locked("flight_delay") as index:
+        assert hook.production_version("flight_delay") == "v0"
+        index["history"].append({"action": "promote"})
+    assert BentoMLHook().read_index("flight_delay")["history"] == [{"action": "promote"}]
+
+
+def test_a_process_reads_while_another_holds_a_write(state_dir: Path) -> None:
+    # a deploy holds its deployment's write while the model server it starts reads the registry
+    from mlops_testing import run_python
+
+    from airflow_mlops.operators.serving import LocalDeploymentTarget
+
+    hook = BentoMLHook()
+    with hook.locked("flight_delay") as index:
+        index["production"] = "v1"
+    with LocalDeploymentTarget(hook).locked("flight_delay"):
+        result = run_python(
+            "from airflow_mlops.hooks.bentoml import BentoMLHook\n"
+            "print('@@', BentoMLHook().production_version('flight_delay'))",
+            timeout=60,
+        )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "@@ v1" in result.stdout
