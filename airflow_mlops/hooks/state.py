@@ -382,6 +382,7 @@ class MLOpsStateHook(BaseHook):
             except BaseException:
                 if write_on_error:
                     self._write(conn, table, key_match, body, row.revision)
+                    conn.commit()  # the error then leaves a finished transaction, not a rolled-back one
                 raise
             finally:
                 _WRITING.depth -= 1

@@ -138,3 +138,20 @@ def test_the_retraining_gate_is_shared_by_workers_on_two_hosts(shared) -> None:
     assert not on_b.proceed and "cooldown" in on_b.reason, "worker B sees the retraining worker A let through"
     rows = MLOpsStateHook().keys("retraining")
     assert rows == ["flight_delay"]
+
+
+def test_a_failed_write_leaves_the_document_unless_it_must_record_what_it_started(shared) -> None:
+    hook = MLOpsStateHook()
+    with hook.locked("deployment", "d", default=dict) as doc:
+        doc["active"] = "v1"
+    with pytest.raises(RuntimeError), hook.locked("deployment", "d", default=dict) as doc:
+        doc["active"] = "half-done"
+        raise RuntimeError("boom")
+    assert hook.get("deployment", "d") == {"active": "v1"}
+    with (
+        pytest.raises(RuntimeError),
+        hook.locked("deployment", "d", default=dict, write_on_error=True) as doc,
+    ):
+        doc["started"] = ["pid 42"]
+        raise RuntimeError("boom")
+    assert hook.get("deployment", "d") == {"active": "v1", "started": ["pid 42"]}
