@@ -15,8 +15,9 @@
   compares the two from the prediction log.
 * :class:`BentoRollbackOperator` deploys the previous version the same way.
 
-Deployment state lives in ``<state_dir>/deployments/<name>.json`` (written atomically, under a lock);
-server logs in ``<state_dir>/deployments/logs/``. Other targets (Kubernetes, SageMaker) implement
+Deployment state lives in the shared state database (:mod:`airflow_mlops.hooks.state`, namespace
+``deployment``, changed in transactions); the router's routes and the server logs in
+``<state_dir>/deployments/``. Other targets (Kubernetes, SageMaker) implement
 :class:`DeploymentTarget`; see ``docs/serving.md``.
 """
 
