@@ -9,7 +9,17 @@ should train, given the run's triggering Asset events and the state of past retr
   from :class:`~airflow_mlops.triggers.drift.DriftEventTrigger`) the figures are read from ``payload``;
 - a new event whose data time (``extra["data_time"]``, else the event timestamp) falls less than
   ``cooldown`` after the last retraining's data time is inside the cooldown: no training;
-- otherwise the run trains, and the event that caused it is recorded.
+- an event whose data time lies in the future (beyond :data:`FUTURE_SKEW`) is refused: stored, it would
+  hold the cooldown until that date, i.e. silence retraining for ever; a run by hand with a future data
+  time is clamped to now;
+- otherwise the run trains, and the event that caused it is recorded with ``status: "started"``.
+
+Only trainings that finished count for the cooldown. A retraining is recorded when its run is let
+through; before deciding, the gate asks Airflow for the state of the DAG runs it let through earlier
+(``run_state``): a run that ended ``success`` becomes ``finished``, one that ended ``failed`` becomes
+``failed`` and no longer counts, so the next drift event retrains. A run still in progress, or whose
+state cannot be read, keeps counting (never two retrainings at once; the factory's train DAG has
+``max_active_runs=1``, so the previous run has always ended by the time the next gate runs).
 
 The state is one document per model in the shared state database (:class:`RetrainingState`), read and
 written in one transaction, so concurrent gate runs, on any worker host, see each other's decisions.
@@ -20,7 +30,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,8 +40,16 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from airflow_mlops.hooks.state import MLOpsStateHook
 
+log = logging.getLogger(__name__)
+
 #: how many seen event ids the state keeps (oldest dropped first)
 MAX_SEEN = 5000
+#: how far in the future a data time may be (clock skew, and dates in a time zone ahead of UTC)
+FUTURE_SKEW = timedelta(days=1)
+#: how many of the latest unfinished retrainings the gate asks Airflow about
+MAX_RUN_LOOKUPS = 20
+#: DAG run states of Airflow that end a run
+_RUN_ENDED = {"success": "finished", "failed": "failed"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +77,7 @@ class Decision:
     suppressed: int = 0
     last_retraining: dict[str, Any] | None = None
     new_events: list[dict[str, Any]] = field(default_factory=list)
+    refused: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,25 +136,56 @@ def events_from_context(triggering: Any) -> list[TriggerEventInfo]:
     return list(out.values())
 
 
+def counted(retrainings: Iterable[Mapping[str, Any]], now: datetime | None = None) -> list[dict[str, Any]]:
+    """The retrainings the cooldown counts: all but those whose run failed, and those whose data time is
+    in the future (a state written before such times were refused; each is logged and ignored)."""
+    limit = (now or datetime.now(UTC)) + FUTURE_SKEW
+    out = []
+    for record in retrainings:
+        if record.get("status", "finished") == "failed":
+            continue
+        when = _parse_time(record.get("data_time"))
+        if when is not None and when > limit:
+            log.warning(
+                "Ignoring the recorded retraining of run %s: its data time %s is in the future and would "
+                "hold the cooldown until then",
+                record.get("run_id"),
+                record.get("data_time"),
+            )
+            continue
+        out.append(dict(record))
+    return out
+
+
 def decide(
     events: Iterable[TriggerEventInfo],
     state: Mapping[str, Any],
     *,
     cooldown: timedelta,
     manual_data_time: datetime | None = None,
+    now: datetime | None = None,
 ) -> Decision:
     """Pure decision of the gate (no I/O); see the module docstring.
 
     :param events: the run's triggering events; none means a manual or scheduled run, which trains
-        (and starts a new cooldown window at ``manual_data_time``).
-    :param state: ``{"seen": [event ids], "retrainings": [{"data_time", "event_id", ...}]}``.
+        (and starts a new cooldown window at ``manual_data_time``, clamped to ``now``).
+    :param state: ``{"seen": [event ids], "retrainings": [{"data_time", "event_id", "status", ...}]}``.
+    :param now: the wall clock (for tests); data times later than ``now + FUTURE_SKEW`` are refused.
     """
+    now = now or datetime.now(UTC)
     seen = set(state.get("seen") or [])
-    retrainings = list(state.get("retrainings") or [])
-    last = max(retrainings, key=lambda r: r["data_time"]) if retrainings else None
+    retrainings = counted(state.get("retrainings") or [], now)
+    last = max(retrainings, key=lambda r: _parse_time(r["data_time"]) or now) if retrainings else None
     events = sorted(events, key=lambda e: e.data_time)
     if not events:
-        when = manual_data_time or datetime.now(UTC)
+        when = manual_data_time or now
+        if when > now + FUTURE_SKEW:
+            log.warning(
+                "The run's data time %s is in the future; the cooldown counts from now (%s) instead",
+                when.isoformat(),
+                now.isoformat(),
+            )
+            when = now
         return Decision(
             True,
             "started by hand or on schedule (no triggering Asset event)",
@@ -150,7 +201,27 @@ def decide(
             duplicates=duplicates,
             last_retraining=last,
         )
-    cause = new[-1]
+    refused = [e for e in new if e.data_time > now + FUTURE_SKEW]
+    for event in refused:
+        log.warning(
+            "Refusing drift event %s: its data time %s is in the future (now %s); recorded, it would hold "
+            "the cooldown until then. Fix the clock or the data_time of whatever emits it.",
+            event.event_id,
+            event.data_time.isoformat(),
+            now.isoformat(),
+        )
+    valid = [e for e in new if e not in refused]
+    if not valid:
+        return Decision(
+            False,
+            f"{len(refused)} new event(s) refused: data time in the future "
+            f"({', '.join(e.data_time.isoformat() for e in refused)})",
+            duplicates=duplicates,
+            last_retraining=last,
+            new_events=[e.to_dict() for e in new],
+            refused=[e.to_dict() for e in refused],
+        )
+    cause = valid[-1]
     if last is not None:
         last_time = _parse_time(last["data_time"])
         if last_time is not None and cause.data_time - last_time < cooldown:
@@ -159,18 +230,54 @@ def decide(
                 f"inside the cooldown: last retraining at data time {last_time.date()} "
                 f"(event {last.get('event_id')}), next possible from {(last_time + cooldown).date()}",
                 duplicates=duplicates,
-                suppressed=len(new),
+                suppressed=len(valid),
                 last_retraining=last,
                 new_events=[e.to_dict() for e in new],
+                refused=[e.to_dict() for e in refused],
             )
     return Decision(
         True,
-        f"{len(new)} new drift event(s); caused by {cause.event_id} at data time {cause.data_time.date()}",
+        f"{len(valid)} new drift event(s); caused by {cause.event_id} at data time {cause.data_time.date()}",
         cause=cause.to_dict(),
         duplicates=duplicates,
         last_retraining=last,
         new_events=[e.to_dict() for e in new],
+        refused=[e.to_dict() for e in refused],
     )
+
+
+def resolve_runs(
+    retrainings: list[dict[str, Any]],
+    run_state: Callable[[str, str], str | None],
+    *,
+    dag_id: str | None,
+    current_run_id: str,
+) -> None:
+    """Mark the retrainings whose DAG run ended: ``finished`` (run ``success``) or ``failed``, in place.
+
+    :param run_state: ``(dag_id, run_id) -> state`` of a DAG run, e.g. the Task SDK's
+        ``RuntimeTaskInstance.get_dagrun_state``; an error or an unknown state leaves the record as it is
+        (it keeps counting).
+    """
+    unresolved = [
+        r
+        for r in retrainings
+        if r.get("status") in ("started", "failed") and r.get("run_id") and r.get("run_id") != current_run_id
+    ]
+    for record in unresolved[-MAX_RUN_LOOKUPS:]:
+        run_dag = record.get("dag_id") or dag_id
+        if not run_dag:
+            continue
+        try:
+            state = run_state(run_dag, record["run_id"])
+        except Exception as err:  # e.g. the run was deleted: keep counting it, as before
+            log.warning("Cannot read the state of retraining run %s: %s", record["run_id"], err)
+            continue
+        status = _RUN_ENDED.get(str(getattr(state, "value", state)))
+        if status and status != record.get("status"):
+            log.info("Retraining run %s ended: %s", record["run_id"], status)
+            record["status"] = status
+            record["ended_seen_at"] = datetime.now(UTC).isoformat()
 
 
 class RetrainingState:
@@ -231,10 +338,19 @@ def gate(
     cooldown: timedelta,
     run_id: str,
     manual_data_time: datetime | None = None,
+    dag_id: str | None = None,
+    run_state: Callable[[str, str], str | None] | None = None,
 ) -> Decision:
     """Decide under the state lock and record the outcome: every new event is marked seen, and a
-    retraining that proceeds is appended with the event that caused it."""
+    retraining that proceeds is appended with the event that caused it (``status: "started"``).
+
+    :param dag_id: the train DAG's id, recorded with the retraining so its run's state can be read.
+    :param run_state: reads a DAG run's state (see :func:`resolve_runs`); without it every recorded
+        retraining counts, finished or not.
+    """
     with state.locked() as current:
+        if run_state is not None:
+            resolve_runs(current.get("retrainings") or [], run_state, dag_id=dag_id, current_run_id=run_id)
         for done in current.get("retrainings") or []:
             if done.get("run_id") == run_id:  # a retry of a run that was already let through
                 return Decision(
@@ -253,6 +369,8 @@ def gate(
                     "event_id": decision.cause.get("event_id"),
                     "cause": decision.cause,
                     "run_id": run_id,
+                    "dag_id": dag_id,
+                    "status": "started",
                     "decided_at": datetime.now(UTC).isoformat(),
                 }
             )

@@ -864,9 +864,11 @@ class RetrainingGateOperator(BaseOperator):
     """Top of the train DAG: let a run train only for a new drift event outside the cooldown window.
 
     Reads the run's ``triggering_asset_events``; duplicate deliveries of an event (same ``event_id``)
-    and events less than ``cooldown_days`` of data time after the last retraining skip the task, and
-    with it everything downstream that needs it (default trigger rule). A run started by hand or on a
-    schedule (no triggering event) trains. The decision and the event that caused a retraining are
+    and events less than ``cooldown_days`` of data time after the last finished retraining skip the
+    task, and with it everything downstream that needs it (default trigger rule). A retraining counts
+    once its DAG run succeeded: a run that was let through and failed does not hold the cooldown. An
+    event whose data time is in the future (beyond a day of clock skew) is refused. A run started by
+    hand or on a schedule (no triggering event) trains. The decision and the event that caused a retraining are
     recorded in the shared state database, connection ``mlops_state`` (see
     :mod:`airflow_mlops.ml.retraining`), so gates on every worker host share one cooldown, and returned.
 
@@ -926,12 +928,17 @@ class RetrainingGateOperator(BaseOperator):
                 ) from None
             if logical.tzinfo is None:
                 logical = logical.replace(tzinfo=UTC)
+        ti = context.get("ti")
         decision = gate(
             RetrainingState(folder, self.model_name),
             events,
             cooldown=cooldown,
             run_id=context["run_id"],
             manual_data_time=logical,
+            # only trainings whose run succeeded count for the cooldown: the gate asks Airflow how the
+            # runs it let through ended (the Task SDK's RuntimeTaskInstance.get_dagrun_state)
+            dag_id=getattr(ti, "dag_id", None),
+            run_state=getattr(ti, "get_dagrun_state", None),
         )
         self.log.info(
             "Retraining of %s %s: %s",

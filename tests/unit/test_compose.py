@@ -176,3 +176,16 @@ def test_every_secret_file_a_service_reads_is_generated(tmp_path):
             service.get("entrypoint", "")
         ):
             assert any("secrets:/run/secrets/mlops" in v for v in service.get("volumes", [])), name
+
+
+def test_ray_nodes_run_the_project_image_that_the_tuning_job_imports():
+    # the job RayTuneOperator submits imports airflow_mlops and the locked ML libraries; a stock Ray image
+    # has neither, and its Ray may differ from the client's
+    airflow = COMPOSE["services"]["airflow-worker"]
+    for name in ("ray-head", "ray-worker"):
+        node = COMPOSE["services"][name]
+        assert node["image"] == airflow["image"] == "airflow-mlops:local", name
+        assert node["build"] == airflow["build"], name
+        assert node["command"][:2] == ["ray", "start"] and "--block" in node["command"], name
+    lock = (ROOT / "requirements.lock").read_text()
+    assert "\nray==" in lock  # the image installs the lock, so the nodes run the client's Ray
