@@ -121,7 +121,19 @@ class MLOpsStateHook(BaseHook):
 
         conn = self.connection
         if conn is None:
-            folder = Path(self.default_dir) if self.default_dir else self._settings_state_dir()
+            from airflow_mlops.config import load_settings
+
+            settings = load_settings()
+            if settings.artifact_scheme != "file":
+                # each worker would keep a registry and a cooldown of its own, next to one shared store
+                raise MLOpsConfigError(
+                    f"the state database connection {self.state_conn_id!r} does not exist, and the artifact "
+                    f"store {settings.artifact_root!r} is shared by several machines.",
+                    fix=f"create connection {self.state_conn_id!r} pointing at PostgreSQL on every worker, e.g. "
+                    f"AIRFLOW_CONN_{self.state_conn_id.upper()}='postgresql://user:pass@host:5432/mlops' "
+                    "(docs/scaling.md).",
+                )
+            folder = Path(self.default_dir) if self.default_dir else settings.state_dir
             folder.mkdir(parents=True, exist_ok=True)
             return make_url(f"sqlite:///{folder / SQLITE_FILE}")
         extra = conn.extra_dejson or {}
@@ -148,12 +160,6 @@ class MLOpsStateHook(BaseHook):
             database=conn.schema or None,
             query=query,
         )
-
-    @staticmethod
-    def _settings_state_dir() -> Path:
-        from airflow_mlops.config import load_settings
-
-        return load_settings().state_dir
 
     @property
     def where(self) -> str:

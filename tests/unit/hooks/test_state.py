@@ -192,3 +192,16 @@ def test_a_process_reads_while_another_holds_a_write(state_dir: Path) -> None:
         )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "@@ v1" in result.stdout
+
+
+def test_a_shared_artifact_store_without_the_state_connection_is_refused(
+    state_dir: Path, monkeypatch
+) -> None:
+    # each worker would otherwise keep a registry of its own next to one shared artifact store
+    from airflow_mlops.exceptions import MLOpsConfigError
+
+    monkeypatch.setenv("AIRFLOW__MLOPS__ARTIFACT_ROOT", "s3://bucket/mlops")
+    with pytest.raises(MLOpsConfigError, match="shared by several machines") as refused:
+        RetrainingState(state_dir / "retraining", "flight_delay").read()
+    assert "AIRFLOW_CONN_MLOPS_STATE='postgresql://" in refused.value.fix
+    assert not (state_dir / "mlops-state.db").exists()
