@@ -322,6 +322,10 @@ class BentoMLHook(BaseHook):
         ) as index:
             yield index
 
+    def model_names(self) -> list[str]:
+        """The names of the models in the registry, sorted."""
+        return self.state.keys(REGISTRY_NAMESPACE)
+
     def production_version(self, name: str, index: dict[str, Any] | None = None) -> str | None:
         """The version of ``name`` in production, None when none is.
 

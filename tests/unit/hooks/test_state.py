@@ -61,6 +61,7 @@ def test_deleting_the_state_folders_cache_loses_no_registry_deployment_or_gate_s
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     assert BentoMLHook().production_version("flight_delay") == "v1"
+    assert BentoMLHook().model_names() == ["flight_delay"]
     assert BentoMLHook().read_index("flight_delay")["versions"]["v1"]["stage"] == "production"
     assert LocalDeploymentTarget(BentoMLHook()).read_state("flight_delay")["active"]["version"] == "v1"
     again = gate(
