@@ -32,6 +32,9 @@ class MLOpsSettings:
         store, Feast registry, Ray temp files).
     :param artifact_root: URI under which every run writes its artifacts (``file://``, ``s3://``, ``gs://``).
     :param artifact_conn_id: Airflow connection used for a remote ``artifact_root``.
+    :param state_conn_id: Airflow connection of the SQL database holding the shared state (registry
+        metadata, deployments, retraining gate; see :mod:`airflow_mlops.hooks.state`); when it does not
+        exist, the SQLite file ``<state_dir>/mlops-state.db``.
     :param offline_root: URI of the offline store (validated data, one folder per table).
     :param landing_root: URI where raw batches land before validation.
     :param ray_num_cpus: CPUs the local Ray started inside a task may use (None: all of the machine's).
@@ -54,6 +57,7 @@ class MLOpsSettings:
     prediction_log_max_rows: int = 200_000
     prediction_log_retention_days: int = 0
     quarantine_root: str | None = None
+    state_conn_id: str = "mlops_state"
 
     @property
     def artifact_scheme(self) -> str:
@@ -120,6 +124,7 @@ def load_settings() -> MLOpsSettings:
         prediction_log_max_rows=_whole_number("prediction_log_max_rows", 200_000, minimum=1),
         prediction_log_retention_days=_whole_number("prediction_log_retention_days", 0, minimum=0),
         quarantine_root=_option("quarantine_root").rstrip("/") or None,
+        state_conn_id=_option("state_conn_id") or "mlops_state",
     )
 
 

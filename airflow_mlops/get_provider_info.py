@@ -55,6 +55,7 @@ def get_provider_info() -> dict[str, Any]:
             {"integration-name": _INTEGRATION, "python-modules": ["airflow_mlops.hooks.feast"]},
             {"integration-name": _INTEGRATION, "python-modules": ["airflow_mlops.hooks.ray"]},
             {"integration-name": _INTEGRATION, "python-modules": ["airflow_mlops.hooks.bentoml"]},
+            {"integration-name": _INTEGRATION, "python-modules": ["airflow_mlops.hooks.state"]},
         ],
         "connection-types": [
             {
@@ -155,6 +156,13 @@ def get_provider_info() -> dict[str, Any]:
                         "Airflow connection used for a remote artifact_root (aws or google_cloud_platform).",
                         "aws_default",
                         "",
+                    ),
+                    "state_conn_id": _option(
+                        "Airflow connection of the SQL database (PostgreSQL) holding the shared state: "
+                        "registry metadata, deployments, the retraining gate. When the connection does not "
+                        "exist, the SQLite file <state_dir>/mlops-state.db.",
+                        "mlops_state",
+                        "mlops_state",
                     ),
                     "offline_root": _option(
                         "Root of the offline store (validated tables, one partition per batch). Empty means "

@@ -52,3 +52,21 @@ def landed_week() -> dict:
     from airflow_mlops.demo.data import land
 
     return land(start="2013-01-01", end="2013-01-07")
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL 15 server for the whole session (see ``tests/pg.py``), stopped at its end."""
+    from pg import PostgresServer
+
+    from airflow_mlops.net import free_port
+
+    server = PostgresServer(free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A fresh database of the session's PostgreSQL for the calling test: ``postgresql://...``."""
+    return postgres_server.create_database()

@@ -6,7 +6,10 @@ model twice gives the same version). Each version is also exported to the artifa
 (``<artifact_root>/registry/<name>/<version>.bentomodel``) so other machines can import it.
 
 Stages (``candidate``, ``production``, ``archived``, ``rejected``) and every promotion decision live in
-the registry index ``<artifact_root>/registry/<name>/index.json``, written atomically under a lock.
+the registry index of the model, a document in the shared state database (:mod:`airflow_mlops.hooks.state`,
+namespace ``registry``), changed only in transactions (:meth:`BentoMLHook.locked`), so workers on several
+hosts see one registry. This hook is its only owner: nothing else reads the index's storage or decides
+what ``production`` is. An ``index.json`` a former release left in the artifact store is imported once.
 
 Each version's record carries ``record_hmac``: an HMAC-SHA256, under the registry signing key
 (:func:`registry_signing_key`), of what decides which code and data get loaded (file hashes, export,
@@ -17,7 +20,6 @@ sha256, then loads the skops file trusting exactly the recorded types; any misma
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import re
@@ -37,9 +39,12 @@ from airflow_mlops.exceptions import MLOpsConfigError, MLOpsError, MLOpsInputErr
 
 if TYPE_CHECKING:
     from airflow_mlops.config import MLOpsSettings
+    from airflow_mlops.hooks.state import MLOpsStateHook
     from airflow_mlops.ml.model_io import Predictor
     from airflow_mlops.ml.signature import ModelSignature
 
+#: namespace of the registry indexes in the state database (one document per model name)
+REGISTRY_NAMESPACE = "registry"
 STAGES = ("candidate", "production", "archived", "rejected")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 #: Airflow connection holding the registry signing key (its password, or ``signing_key`` in its extra)
@@ -260,9 +265,10 @@ class BentoMLHook(BaseHook):
         """Variables the model server needs for the registry beyond what
         :func:`~airflow_mlops.operators.serving.serving_env` gives it: the connection of the key that
         verifies signed registry records, as ``AIRFLOW_CONN_<ID>`` (:func:`registry_key_env`), when it
-        exists; the embedded default's key file is found through ``AIRFLOW__MLOPS__STATE_DIR``. The worker's
-        other variables never reach the server."""
-        return registry_key_env(self.registry_conn_id)
+        exists; the embedded default's key file is found through ``AIRFLOW__MLOPS__STATE_DIR``; and the
+        connection of the state database holding the registry index (:meth:`MLOpsStateHook.environment`).
+        The worker's other variables never reach the server."""
+        return {**registry_key_env(self.registry_conn_id), **self.state.environment()}
 
     def test_connection(self) -> tuple[bool, str]:
         try:
@@ -275,29 +281,68 @@ class BentoMLHook(BaseHook):
     def registry_path(self, name: str, *parts: str) -> Any:
         return self.store.path("registry", check_model_name(name), *parts)
 
+    @cached_property
+    def state(self) -> MLOpsStateHook:
+        """The shared state database holding the registry index (see :mod:`airflow_mlops.hooks.state`)."""
+        from airflow_mlops.hooks.state import MLOpsStateHook
+
+        return MLOpsStateHook()
+
+    def _legacy_index(self, name: str) -> Any:
+        """Reader of the ``index.json`` a former release kept in the artifact store (imported once)."""
+        from airflow_mlops.hooks.state import read_legacy_json
+
+        return read_legacy_json(self.registry_path(name, "index.json"))
+
+    @staticmethod
+    def _empty_index(name: str) -> dict[str, Any]:
+        return {"model": name, "production": None, "versions": {}, "history": []}
+
     def read_index(self, name: str) -> dict[str, Any]:
-        path = self.registry_path(name, "index.json")
-        if not path.exists():
-            return {"model": name, "production": None, "versions": {}, "history": []}
-        return self.store.read_json(str(path))
+        """The registry index of ``name`` (versions, stages, history) as committed in the state database."""
+        check_model_name(name)
+        return self.state.get(REGISTRY_NAMESPACE, name, legacy=self._legacy_index(name)) or self._empty_index(
+            name
+        )
 
     def write_index(self, name: str, index: dict[str, Any]) -> None:
-        self.store.write_json(self.registry_path(name, "index.json"), index)
+        """Replace the registry index of ``name`` (prefer :meth:`locked` for a read-modify-write)."""
+        self.state.put(REGISTRY_NAMESPACE, check_model_name(name), index)
 
     @contextlib.contextmanager
     def locked(self, name: str) -> Iterator[dict[str, Any]]:
-        """Read-modify-write of a model's index under an exclusive lock; written when the block succeeds."""
-        lock_dir = self.store.settings.state_dir / "locks"
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        with open(lock_dir / f"registry-{check_model_name(name)}.lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            index = self.read_index(name)
+        """Read-modify-write of a model's index in one transaction of the state database; written when the
+        block succeeds, left as it was when it raises. Concurrent writers, on any host, run one after the
+        other."""
+        with self.state.locked(
+            REGISTRY_NAMESPACE,
+            check_model_name(name),
+            default=lambda: self._empty_index(name),
+            legacy=self._legacy_index(name),
+        ) as index:
             yield index
-            self.write_index(name, index)
 
-    def production_version(self, name: str) -> str | None:
-        """The version of ``name`` in production, None when none is."""
-        return self.read_index(name).get("production")
+    def model_names(self) -> list[str]:
+        """The names of the models in the registry, sorted."""
+        return self.state.keys(REGISTRY_NAMESPACE)
+
+    def production_version(self, name: str, index: dict[str, Any] | None = None) -> str | None:
+        """The version of ``name`` in production, None when none is.
+
+        :param index: the index already read (e.g. inside :meth:`locked`); read when not given.
+        """
+        return (index if index is not None else self.read_index(name)).get("production")
+
+    def put_in_production(self, index: dict[str, Any], version: str) -> str | None:
+        """In ``index`` (inside :meth:`locked`): make ``version`` the production version and archive the
+        one it replaces; returns the replaced version (None when there was none)."""
+        previous = index.get("production")
+        record = self.version_record(index, version)
+        if previous and previous != version and previous in index["versions"]:
+            index["versions"][previous]["stage"] = "archived"
+        record["stage"] = "production"
+        index["production"] = version
+        return previous
 
     def served_record(self, name: str, version: str | None = None) -> tuple[str, dict[str, Any]]:
         """``(version, record)`` of the version to serve: ``version``, or the production version.
@@ -305,7 +350,7 @@ class BentoMLHook(BaseHook):
         :raises ModelRegistryError: no version given and none in production, or an unknown version.
         """
         index = self.read_index(name)
-        version = version or index.get("production")
+        version = version or self.production_version(name, index)
         if not version:
             raise ModelRegistryError(
                 f"model {name!r} has no production version, and no version was named.",

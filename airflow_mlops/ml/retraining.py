@@ -21,23 +21,24 @@ through; before deciding, the gate asks Airflow for the state of the DAG runs it
 state cannot be read, keeps counting (never two retrainings at once; the factory's train DAG has
 ``max_active_runs=1``, so the previous run has always ended by the time the next gate runs).
 
-The state is one JSON file per model under ``<state_dir>/retraining/``, read and written under an
-exclusive lock and replaced atomically, so concurrent gate runs see each other's decisions.
+The state is one document per model in the shared state database (:class:`RetrainingState`), read and
+written in one transaction, so concurrent gate runs, on any worker host, see each other's decisions.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from airflow_mlops.hooks.state import MLOpsStateHook
 
 log = logging.getLogger(__name__)
 
@@ -280,36 +281,54 @@ def resolve_runs(
 
 
 class RetrainingState:
-    """The retraining state of one model: ``<state_dir>/retraining/<model>.json``.
+    """The retraining state of one model: a document of the shared state database (namespace
+    ``retraining``, key the model name; see :mod:`airflow_mlops.hooks.state`).
 
-    :param folder: the state folder (``<state_dir>/retraining``).
+    :param folder: the gate's state folder (``<state_dir>/retraining``): where a former release kept
+        ``<model>.json`` (imported once, never written again). A folder other than the default one also
+        holds the embedded default's database when no state connection exists, so gates given their own
+        folder never share state.
     :param model: model name.
+    :param store: the state database; default :class:`~airflow_mlops.hooks.state.MLOpsStateHook`.
     """
 
-    def __init__(self, folder: Path, model: str) -> None:
+    def __init__(self, folder: Path, model: str, store: MLOpsStateHook | None = None) -> None:
         self.folder = Path(folder)
         self.model = model
+        self._store = store
+
+    @property
+    def store(self) -> MLOpsStateHook:
+        if self._store is None:
+            from airflow_mlops.config import load_settings
+            from airflow_mlops.hooks.state import MLOpsStateHook
+
+            default = load_settings().state_dir / "retraining"
+            self._store = MLOpsStateHook(default_dir=None if self.folder == default else self.folder)
+        return self._store
 
     @property
     def path(self) -> Path:
+        """The JSON file a former release kept the state in (read once, to import it)."""
         return self.folder / f"{self.model}.json"
 
-    def read(self) -> dict[str, Any]:
+    def _empty(self) -> dict[str, Any]:
+        return {"model": self.model, "seen": [], "retrainings": []}
+
+    def _legacy(self) -> dict[str, Any] | None:
         if not self.path.exists():
-            return {"model": self.model, "seen": [], "retrainings": []}
+            return None
         return json.loads(self.path.read_text())
+
+    def read(self) -> dict[str, Any]:
+        return self.store.get("retraining", self.model, legacy=self._legacy) or self._empty()
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[dict[str, Any]]:
-        """Read-modify-write under an exclusive lock; the file is replaced atomically when the block succeeds."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / f".{self.model}.lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            state = self.read()
+        """Read-modify-write in one transaction of the state database: gates on any host run one after the
+        other; written when the block succeeds, left as it was when it raises."""
+        with self.store.locked("retraining", self.model, default=self._empty, legacy=self._legacy) as state:
             yield state
-            tmp = self.folder / f".{self.model}.json.tmp-{os.getpid()}"
-            tmp.write_text(json.dumps(state, indent=2, sort_keys=True, default=str))
-            os.replace(tmp, self.path)
 
 
 def gate(

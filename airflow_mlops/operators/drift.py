@@ -91,7 +91,7 @@ def production_model(model_name: str, hook: BentoMLHook | None = None) -> dict[s
 
     hook = hook or BentoMLHook()
     index = hook.read_index(model_name)
-    version = index.get("production")
+    version = hook.production_version(model_name, index)
     if not version:
         return None
     record = hook.version_record(index, version)
@@ -869,12 +869,14 @@ class RetrainingGateOperator(BaseOperator):
     once its DAG run succeeded: a run that was let through and failed does not hold the cooldown. An
     event whose data time is in the future (beyond a day of clock skew) is refused. A run started by
     hand or on a schedule (no triggering event) trains. The decision and the event that caused a retraining are
-    recorded in ``<state_dir>/retraining/<model_name>.json`` (see :mod:`airflow_mlops.ml.retraining`)
-    and returned.
+    recorded in the shared state database, connection ``mlops_state`` (see
+    :mod:`airflow_mlops.ml.retraining`), so gates on every worker host share one cooldown, and returned.
 
     :param model_name: model whose retrainings are gated (templated).
     :param cooldown_days: at most one retraining per this many days of data time (templated).
-    :param state_dir: folder of the retraining state; default ``<[mlops] state_dir>/retraining`` (templated).
+    :param state_dir: folder a former release kept the retraining state in (imported once); a folder other
+        than the default ``<[mlops] state_dir>/retraining`` also holds its own state database when the
+        connection ``mlops_state`` does not exist (templated).
     :param data_time: the data time a run without a triggering event trains up to (ISO date or
         timestamp, e.g. the end of its holdout window); the cooldown of later drift events counts from
         it. Default: the run's logical date, which for a run triggered by hand is the wall-clock time

@@ -243,7 +243,7 @@ class MultiModelDeployOperator(BaseOperator):
     def resolve(self) -> str:
         """The version to deploy, after the checks the single-model deploy makes before starting anything."""
         index = self.hook.read_index(self.model_name)
-        version = self.version or index.get("production")
+        version = self.version or self.hook.production_version(self.model_name, index)
         if not version:
             raise ModelRegistryError(
                 f"model {self.model_name!r} has no production version to deploy.",

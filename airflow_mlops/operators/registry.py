@@ -361,7 +361,7 @@ class PromoteModelOperator(_RegistryOperator):
         manifest, frame = _read_manifest_or_parquet(self.holdout_uri)
         with self.hook.locked(self.model_name) as index:
             candidate = self.hook.version_record(index, self.candidate_version)
-            production_version = index["production"]
+            production_version = self.hook.production_version(self.model_name, index)
             if production_version == self.candidate_version:
                 self.log.info("%s is already in production; nothing to do", candidate["tag"])
                 return {
@@ -401,10 +401,7 @@ class PromoteModelOperator(_RegistryOperator):
             )
             now = datetime.now(UTC).isoformat()
             if decision.promote:
-                if production_version:
-                    index["versions"][production_version]["stage"] = "archived"
-                candidate["stage"] = "production"
-                index["production"] = self.candidate_version
+                self.hook.put_in_production(index, self.candidate_version)
             else:
                 candidate["stage"] = "rejected"
             entry = {
@@ -475,7 +472,7 @@ class RollbackModelOperator(_RegistryOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         with self.hook.locked(self.model_name) as index:
-            current = index["production"]
+            current = self.hook.production_version(self.model_name, index)
             previous = next(
                 (
                     h["previous_production"]
@@ -490,9 +487,7 @@ class RollbackModelOperator(_RegistryOperator):
                     fix="promote a second version before rolling back.",
                 )
             self.hook.model_dir(self.model_name, previous)  # refuse a tampered version before switching
-            index["versions"][current]["stage"] = "archived"
-            index["versions"][previous]["stage"] = "production"
-            index["production"] = previous
+            self.hook.put_in_production(index, previous)
             index["history"].append(
                 {
                     "at": datetime.now(UTC).isoformat(),

@@ -15,8 +15,9 @@
   compares the two from the prediction log.
 * :class:`BentoRollbackOperator` deploys the previous version the same way.
 
-Deployment state lives in ``<state_dir>/deployments/<name>.json`` (written atomically, under a lock);
-server logs in ``<state_dir>/deployments/logs/``. Other targets (Kubernetes, SageMaker) implement
+Deployment state lives in the shared state database (:mod:`airflow_mlops.hooks.state`, namespace
+``deployment``, changed in transactions); the router's routes and the server logs in
+``<state_dir>/deployments/``. Other targets (Kubernetes, SageMaker) implement
 :class:`DeploymentTarget`; see ``docs/serving.md``.
 """
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -48,6 +48,8 @@ from airflow_mlops.net import free_port
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
+
+    from airflow_mlops.hooks.state import MLOpsStateHook
 
 SERVICE_IMPORT = "airflow_mlops.ml.service:ModelService"
 #: distributions the Bento's image installs (pinned to the versions installed here)
@@ -306,7 +308,7 @@ class BentoBuildOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         index = self.hook.read_index(self.model_name)
-        version = self.version or index.get("production")
+        version = self.version or self.hook.production_version(self.model_name, index)
         if not version:
             raise ModelRegistryError(
                 f"model {self.model_name!r} has no production version to build.",
@@ -596,10 +598,14 @@ class LocalDeploymentTarget(DeploymentTarget):
     def routes_path(self, deployment: str) -> Path:
         return self.folder / f"{check_model_name(deployment)}.routes.json"
 
-    def read_state(self, deployment: str) -> dict[str, Any]:
-        path = self.state_path(deployment)
-        if path.exists():
-            return json.loads(path.read_text())
+    @cached_property
+    def state_store(self) -> MLOpsStateHook:
+        """The shared state database holding the deployments' state (namespace ``deployment``)."""
+        from airflow_mlops.hooks.state import MLOpsStateHook
+
+        return MLOpsStateHook()
+
+    def _empty_state(self, deployment: str) -> dict[str, Any]:
         return {
             "name": deployment,
             "target": self.name,
@@ -610,18 +616,28 @@ class LocalDeploymentTarget(DeploymentTarget):
             "history": [],
         }
 
+    def read_state(self, deployment: str) -> dict[str, Any]:
+        """The deployment's state as committed in the state database (a ``<deployment>.json`` a former
+        release left in the state folder is imported once)."""
+        from airflow_mlops.hooks.state import read_legacy_json
+
+        legacy = read_legacy_json(self.state_path(deployment))
+        return self.state_store.get("deployment", deployment, legacy=legacy) or self._empty_state(deployment)
+
     @contextlib.contextmanager
     def locked(self, deployment: str) -> Iterator[dict[str, Any]]:
-        """Read-modify-write of a deployment's state under an exclusive lock (written when the block ends,
-        also when it raises, so started processes are never forgotten)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / f".{check_model_name(deployment)}.lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            state = self.read_state(deployment)
-            try:
-                yield state
-            finally:
-                _write_json_atomic(self.state_path(deployment), state)
+        """Read-modify-write of a deployment's state in one transaction of the state database (written when
+        the block ends, also when it raises, so started processes are never forgotten)."""
+        from airflow_mlops.hooks.state import read_legacy_json
+
+        with self.state_store.locked(
+            "deployment",
+            check_model_name(deployment),
+            default=lambda: self._empty_state(deployment),
+            legacy=read_legacy_json(self.state_path(deployment)),
+            write_on_error=True,
+        ) as state:
+            yield state
 
     # -- router ----------------------------------------------------------------------------------
     def router_status(self, router: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -962,7 +978,7 @@ class BentoDeployOperator(BaseOperator):
 
     def resolve(self) -> dict[str, Any]:
         index = self.hook.read_index(self.model_name)
-        version = self.version or index.get("production")
+        version = self.version or self.hook.production_version(self.model_name, index)
         if not version:
             raise ModelRegistryError(
                 f"model {self.model_name!r} has no production version to deploy.",

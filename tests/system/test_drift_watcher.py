@@ -262,6 +262,8 @@ def test_drift_in_a_watched_source_makes_the_triggerer_start_the_dag(watched: Wa
     assert gate["state"] == "skipped"
     [second] = watched.asset_events("drift_metric_watched")[1:]
     assert second["extra"]["payload"]["event_id"] == "july-2013-07-22"
-    record = json.loads((watched.root / "retraining" / "drift_watch_metric.json").read_text())
+    from airflow_mlops.ml.retraining import RetrainingState
+
+    record = RetrainingState(watched.root / "retraining", "drift_watch_metric").read()
     assert [r["event_id"] for r in record["retrainings"]] == ["july-2013-07-21"]
     assert "inside the cooldown" in record["suppressed"][-1]["reason"]
