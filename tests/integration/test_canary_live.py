@@ -200,7 +200,7 @@ def test_a_good_canary_passes_every_step_deferred_and_takes_all_traffic(canary):
         good,
         strategy="canary",
         canary_steps=[10, 50, 100],
-        step_minutes=0.12,
+        step_minutes=0.25,  # long enough for 10 % of the load to give the KS test its 20 predictions on a loaded machine
         deferrable=True,
         guardrails={"max_p99_ratio": 10.0},  # a cold server on a shared 2-core machine: latency is noisy here
     )
