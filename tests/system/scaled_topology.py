@@ -257,6 +257,8 @@ def scaled_topology(pg, root: Path) -> Iterator[Topology]:
             "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + db_url.replace("+psycopg2", ""),
             "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
             "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+            # the api-server signs its requests for a task's log with it; the worker's log server checks
+            "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
             # a worker that dies takes its task instances with it: they stop heartbeating, the scheduler
             # fails them after this many seconds and, with retries, runs them again on a live worker
             "AIRFLOW__CORE__DEFAULT_TASK_RETRIES": "2",
@@ -295,7 +297,8 @@ def scaled_topology(pg, root: Path) -> Iterator[Topology]:
                 "AIRFLOW_HOME": str(host_home),
                 "AIRFLOW__MLOPS__STATE_DIR": str(host_home / "mlops-state"),
                 "AIRFLOW__CORE__HOSTNAME_CALLABLE": "airflow.utils.net.get_host_ip_address",
-                "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": "8793",
+                # [logging] worker_log_server_port stays the components': the api-server fetches a
+                # task's log from http://<its hostname>:<that port>
             }
         topology = Topology(
             network=network,

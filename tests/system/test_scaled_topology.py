@@ -10,8 +10,9 @@ runs a task loses nothing: Airflow fails the silent task instance after
 ``[scheduler] task_instance_heartbeat_timeout``, retries it on the other worker and the run succeeds with
 the same data.
 
-Not in this slice: Feast (online store on Redis, SQL registry on PostgreSQL), the Ray cluster, training,
-monitoring, retraining and the serving host.
+Not in this slice: ``flights_features`` (Feast's registry is a file in each worker's ``state_dir``, and
+its DuckDB offline store cannot read ``s3://`` without the ``httpfs`` extension: see
+docs/scaling-topology.md), the Ray cluster, training, monitoring, retraining and the serving host.
 """
 
 from __future__ import annotations
