@@ -185,7 +185,7 @@ class Topology:
             "ip", "netns", "exec", ns,
             str(Path(sys.executable).with_name("airflow")), "celery", "worker",
             "--celery-hostname", f"mlops-{host}@{self.network.address(host)}",
-            "--concurrency", "2",
+            "--concurrency", "1",
         ]  # fmt: skip
         with open(self.logs / f"worker-{host}.log", "ab") as log:
             self.workers[host] = subprocess.Popen(
@@ -255,7 +255,9 @@ def scaled_topology(pg, root: Path) -> Iterator[Topology]:
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": db_url,
             "AIRFLOW__CELERY__BROKER_URL": f"redis://{ip}:{redis_port}/0",
             "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + db_url.replace("+psycopg2", ""),
-            "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
+            # one task at a time per host (prefetch = concurrency x 1, acks_late): two tasks queued together
+            # go to both hosts, whichever is free first
+            "AIRFLOW__CELERY__WORKER_CONCURRENCY": "1",
             "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
             # the api-server signs its requests for a task's log with it; the worker's log server checks
             "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
