@@ -104,8 +104,9 @@ class PgServer:
         """A SQLAlchemy URL of ``database`` as the superuser, reached at ``host``."""
         return f"{driver}://{PG_USER}:{self.password}@{host}:{self.port}/{database}"
 
-    def create_database(self, name: str, host: str = "127.0.0.1") -> str:
-        """Create database ``name`` (dropped first if it exists) and return its SQLAlchemy URL at ``host``."""
+    def create_database(self, name: str, host: str = "127.0.0.1", driver: str = "postgresql+psycopg2") -> str:
+        """Create database ``name`` (dropped first if it exists) and return its URL at ``host``
+        (``driver="postgresql"`` gives the URI form of an Airflow connection)."""
         import psycopg2
 
         with contextlib.closing(
@@ -117,7 +118,7 @@ class PgServer:
             with con.cursor() as cursor:
                 cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
                 cursor.execute(f'CREATE DATABASE "{name}"')
-        return self.url(name, host=host)
+        return self.url(name, host=host, driver=driver)
 
 
 @pytest.fixture(scope="session")

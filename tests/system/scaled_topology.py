@@ -226,6 +226,7 @@ def scaled_topology(pg, root: Path) -> Iterator[Topology]:
         redis_port = stack.enter_context(redis_server(ip, root / "redis"))
         s3_url = stack.enter_context(moto_s3([BUCKET], host="0.0.0.0", url_host=ip))
         db_url = pg.create_database("airflow_scaled", host=ip)
+        state_url = pg.create_database("mlops_state", host=ip, driver="postgresql")
         settings_env = {
             "AIRFLOW__MLOPS__ARTIFACT_ROOT": f"s3://{BUCKET}/artifacts",
             "AIRFLOW__MLOPS__ARTIFACT_CONN_ID": S3_CONN,
@@ -238,6 +239,9 @@ def scaled_topology(pg, root: Path) -> Iterator[Topology]:
             "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
             "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_ENDPOINT_URL_S3": s3_url,
+            # the provider's shared state (registry, deployments, retraining gate; docs/scaling.md) on
+            # PostgreSQL, not in a SQLite file of each worker's state_dir
+            "AIRFLOW_CONN_MLOPS_STATE": state_url,
             f"AIRFLOW_CONN_{S3_CONN.upper()}": json.dumps(
                 {
                     "conn_type": "aws",
