@@ -13,7 +13,7 @@ export AIRFLOW__CORE__EXECUTOR := LocalExecutor
 export AIRFLOW__MLOPS__STATE_DIR := $(STATE)
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install demo test lint bench ui prepare clean-state help
+.PHONY: install system-packages demo test lint bench ui prepare clean-state help
 
 help:
 	@echo "make demo   - set up everything and run the demo on the embedded default"
@@ -41,7 +41,13 @@ prepare: $(AIRFLOW_HOME)/airflow.db
 demo: $(AIRFLOW_HOME)/airflow.db
 	$(BIN)/python -m airflow_mlops.demo run
 
-test: install
+# Debian packages the suite needs besides Python's: PostgreSQL 15 (shared-state and scaled-topology tests)
+# and iproute2 (the scaled topology's network namespaces); installed only when missing
+system-packages:
+	@test -x /usr/lib/postgresql/15/bin/initdb && command -v ip > /dev/null \
+	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 iproute2)
+
+test: install system-packages
 	$(BIN)/python -m pytest tests
 
 lint: install

@@ -56,17 +56,23 @@ def landed_week() -> dict:
 
 @pytest.fixture(scope="session")
 def postgres_server():
-    """One real PostgreSQL 15 server for the whole session (see ``tests/pg.py``), stopped at its end."""
-    from pg import PostgresServer
+    """One real PostgreSQL 15 server for the whole session (see ``tests/pg_server.py``), removed at its end."""
+    import tempfile
 
-    from airflow_mlops.net import free_port
+    from pg_server import PgServer
 
-    server = PostgresServer(free_port()).start()
-    yield server
-    server.stop()
+    root = Path(tempfile.mkdtemp(prefix="mlops-pg-"))
+    server = PgServer(root)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
-def postgres_url(postgres_server) -> str:
-    """A fresh database of the session's PostgreSQL for the calling test: ``postgresql://...``."""
-    return postgres_server.create_database()
+def postgres_url(postgres_server, request) -> str:
+    """A fresh database of the session's PostgreSQL for the calling test, as an Airflow connection URI
+    (``postgresql://...``)."""
+    name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:50]
+    return postgres_server.create_database(name, driver="postgresql")

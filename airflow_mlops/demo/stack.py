@@ -109,6 +109,8 @@ class AirflowStack:
     :param env: extra environment for the components (e.g. ``AIRFLOW__MLOPS__STATE_DIR``).
     :param parallelism: task slots of the LocalExecutor (the machine has two cores).
     :param port: the API server's port; default a free one.
+    :param host: the address the API server listens on and the components reach it at (another
+        machine's workers need one they can reach, not 127.0.0.1).
     :param max_restarts: how often a component that exits after the start is started again, as a
         service manager (systemd, Kubernetes) would, before the stack gives up with its log.
     :param announce: told (one line) whenever a component is restarted; default: the module's logger.
@@ -120,6 +122,7 @@ class AirflowStack:
     env: dict[str, str] = field(default_factory=dict)
     parallelism: int = 4
     port: int = 0
+    host: str = "127.0.0.1"
     max_restarts: int = 3
     announce: Callable[[str], None] | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
@@ -136,7 +139,7 @@ class AirflowStack:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def environment(self) -> dict[str, str]:
         """What the components run with: the caller's environment, the demo's settings, ``env``."""
@@ -152,7 +155,7 @@ class AirflowStack:
             "AIRFLOW__CORE__DEFAULT_TASK_RETRIES": "0",
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
-            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__HOST": self.host,
             "AIRFLOW__API__PORT": str(self.port),
             "AIRFLOW__API__BASE_URL": self.url,
             # one secret for every component of this start (tasks' tokens are checked by the API server)
@@ -162,7 +165,6 @@ class AirflowStack:
             "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
             # the DAG files do not change while the demo runs: parse them every 2 minutes, not every 30 s
             "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "120",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": f"{SQLITE_CONNECT_MODULE}.CONNECT_ARGS",
             # a task's call to the Execution API may wait that long for the database lock in the API
             # server: the task waits longer. With the default (5 s) it gave up and sent PATCH /run again,
             # got 400 once the first call went through after the lock wait, and the task failed.
@@ -173,12 +175,17 @@ class AirflowStack:
             "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
             **self.env,
         }
+        if "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN" not in self.env:  # SQLite: the default of AIRFLOW_HOME
+            env.setdefault(
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS", f"{SQLITE_CONNECT_MODULE}.CONNECT_ARGS"
+            )
         return env
 
     # ------------------------------------------------------------------------------ start / stop
     def start(self, timeout: float = 240) -> AirflowClient:
         """Start the components and wait until the API server reports them all healthy."""
-        if not (self.home / "airflow.db").exists():
+        on_sqlite = "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN" not in self.env
+        if on_sqlite and not (self.home / "airflow.db").exists():
             raise AirflowStackError(
                 f"no Airflow metadata database in {self.home}.",
                 fix=f"run `AIRFLOW_HOME={self.home} airflow db migrate` first (`make demo` does).",
@@ -204,7 +211,7 @@ class AirflowStack:
 
     def _launch(self, name: str) -> None:
         commands = {
-            "api-server": ["api-server", "-H", "127.0.0.1", "-p", str(self.port), "-w", "1"],
+            "api-server": ["api-server", "-H", self.host, "-p", str(self.port), "-w", "1"],
             "scheduler": ["scheduler"],
             "dag-processor": ["dag-processor"],
             "triggerer": ["triggerer"],

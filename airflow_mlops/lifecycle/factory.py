@@ -65,7 +65,9 @@ def _timetable(cadence: str) -> Any:
 
 
 def _default_args(spec: LifecycleSpec) -> dict[str, Any]:
-    return {"owner": ",".join(spec.owners), "retries": 0}
+    # no "retries" here: Airflow's [core] default_task_retries (0 by default) applies, so a deployment
+    # whose workers can die (the scaled topology, docs/scaling.md) has their tasks retried elsewhere
+    return {"owner": ",".join(spec.owners)}
 
 
 # ------------------------------------------------------------------------------------------ macros

@@ -15,11 +15,11 @@ import json
 
 import httpx
 import pytest
+from s3_server import moto_s3
 
 from airflow_mlops.artifacts import ArtifactStore
 from airflow_mlops.config import MLOpsSettings
 from airflow_mlops.exceptions import MLOpsError
-from airflow_mlops.net import free_port
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -30,26 +30,11 @@ PART = 5 * 2**20  # S3's smallest multipart part
 
 @pytest.fixture(scope="module")
 def s3():
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        import boto3
-
-        boto3.client(
-            "s3",
-            endpoint_url=url,
-            aws_access_key_id="AKIAFAULTS",
-            aws_secret_access_key="faults",
-            region_name="us-east-1",
-        ).create_bucket(Bucket=BUCKET)
-        yield url
-    finally:
-        httpx.post(f"{url}/moto-api/reset-auth", content=b"inf")
-        server.stop()
+    with moto_s3([BUCKET]) as url:
+        try:
+            yield url
+        finally:
+            httpx.post(f"{url}/moto-api/reset-auth", content=b"inf")
 
 
 def test_s3_credentials_expire_mid_upload(s3, tmp_path, monkeypatch, fault):

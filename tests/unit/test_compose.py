@@ -189,3 +189,17 @@ def test_ray_nodes_run_the_project_image_that_the_tuning_job_imports():
         assert node["command"][:2] == ["ray", "start"] and "--block" in node["command"], name
     lock = (ROOT / "requirements.lock").read_text()
     assert "\nray==" in lock  # the image installs the lock, so the nodes run the client's Ray
+
+
+def test_the_landing_zone_and_offline_store_on_s3_go_to_the_compose_object_store():
+    # landing_root and offline_root take no connection: boto's own endpoint setting must point at MinIO,
+    # or the scaled setup would read and write real AWS
+    env = _airflow_env()
+    s3_roots = [
+        k
+        for k in ("AIRFLOW__MLOPS__LANDING_ROOT", "AIRFLOW__MLOPS__OFFLINE_ROOT")
+        if env[k].startswith("s3://")
+    ]
+    assert s3_roots
+    minio = json.loads(env["AIRFLOW_CONN_MLOPS_S3"])["extra"]["endpoint_url"]
+    assert env["AWS_ENDPOINT_URL_S3"] == minio

