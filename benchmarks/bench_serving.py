@@ -6,7 +6,8 @@ under /tmp, starts ``bentoml serve`` of :mod:`airflow_mlops.ml.service` (request
 signature) and a baseline FastAPI app (one model call per request, same registry load, same request schema,
 feature lookup and answers), then drives each from a load
 generator in separate processes on loopback (aiohttp on uvloop, N concurrent closed-loop clients, one
-connection each) and prints req/s, p50, p99 for single-row requests and rows/s through the batch endpoint,
+connection each; the ``load`` subcommand and :func:`run_load` also drive an open loop at a fixed ``--rate``,
+latencies counted from each request's scheduled send time) and prints req/s, p50, p99 for single-row requests and rows/s through the batch endpoint,
 with the CPU the server and the load generator used (a saturated generator would cap the figures).
 
 Both servers cap a model call at ``MLOPS_SERVE_MODEL_THREADS`` (default 1) OpenMP threads, with the same
@@ -41,44 +42,79 @@ ROOT = HERE.parents[1]
 
 # ------------------------------------------------------------------------------------------ load generator
 async def _load(
-    url: str, path: str, bodies: list[dict], clients: int, start_at: float, warmup: float, seconds: float
+    url: str,
+    path: str,
+    bodies: list[dict],
+    clients: int,
+    start_at: float,
+    warmup: float,
+    seconds: float,
+    rate: float | None = None,
 ) -> dict:
-    """``clients`` closed-loop clients (each sends its next request when the last one was answered) over
-    one aiohttp session with a connection per client; latencies of the requests sent inside the window."""
+    """Closed loop (``rate`` None): ``clients`` clients, each sending its next request when the last one was
+    answered, over one aiohttp session with a connection per client. Open loop (``rate`` requests/s): one
+    request every ``1 / rate`` s on a fixed schedule whatever the answers, over at most ``max(clients, 64)``
+    connections, each latency counted from the request's *scheduled* send time, so a slow answer that delays
+    later sends is charged to them too (no coordinated omission). Latencies of the requests sent inside the
+    window; ``send_lag_p99_ms``: how late the generator itself sent (a saturated generator shows here)."""
     import aiohttp
 
     payloads = [json.dumps(b).encode() for b in bodies]
     latencies: list[float] = []
+    lags: list[float] = []
     errors = 0
     measure_from = start_at + warmup
     stop_at = measure_from + seconds
-    connector = aiohttp.TCPConnector(limit=clients, force_close=False)
+    connector = aiohttp.TCPConnector(limit=clients if rate is None else max(clients, 64), force_close=False)
     timeout = aiohttp.ClientTimeout(total=30)
     headers = {"Content-Type": "application/json"}
     async with aiohttp.ClientSession(url, connector=connector, timeout=timeout, headers=headers) as http:
 
-        async def client(i: int) -> None:
+        async def send(n: int, began: float) -> None:
+            """One request, its latency counted from ``began`` (when it was sent, or due)."""
             nonlocal errors
+            try:
+                async with http.post(path, data=payloads[n % len(payloads)]) as answer:
+                    await answer.read()
+                    ok = answer.status == 200
+            except (TimeoutError, aiohttp.ClientError):
+                ok = False
+            if began >= measure_from:
+                if ok:
+                    latencies.append(time.time() - began)
+                else:
+                    errors += 1
+
+        async def client(i: int) -> None:
             n = i
             while (began := time.time()) < stop_at:
-                try:
-                    async with http.post(path, data=payloads[n % len(payloads)]) as answer:
-                        await answer.read()
-                        ok = answer.status == 200
-                except (TimeoutError, aiohttp.ClientError):
-                    ok = False
-                if began >= measure_from:
-                    if ok:
-                        latencies.append(time.time() - began)
-                    else:
-                        errors += 1
+                await send(n, began)
                 n += clients
+
+        async def scheduled() -> None:
+            pending: set[asyncio.Task[None]] = set()
+            n = 0
+            while (due := start_at + n / rate) < stop_at:
+                if (wait := due - time.time()) > 0:
+                    await asyncio.sleep(wait)
+                if due >= measure_from:
+                    lags.append(time.time() - due)
+                task = asyncio.create_task(send(n, due))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+                n += 1
+            await asyncio.gather(*pending)
 
         await asyncio.sleep(max(0.0, start_at - time.time()))
         cpu = time.process_time()
-        await asyncio.gather(*(client(i) for i in range(clients)))
+        if rate is None:
+            await asyncio.gather(*(client(i) for i in range(clients)))
+        else:
+            await scheduled()
         cpu = time.process_time() - cpu
-    return {"latencies": latencies, "errors": errors, "cpu_s": cpu}
+    lags.sort()
+    lag = lags[min(len(lags) - 1, int(0.99 * len(lags)))] * 1000 if lags else 0.0
+    return {"latencies": latencies, "errors": errors, "cpu_s": cpu, "send_lag_p99_ms": lag}
 
 
 def load_main(args: argparse.Namespace) -> None:
@@ -86,7 +122,7 @@ def load_main(args: argparse.Namespace) -> None:
 
     bodies = json.loads(Path(args.bodies).read_text())
     result = uvloop.run(
-        _load(args.url, args.path, bodies, args.clients, args.start_at, args.warmup, args.seconds)
+        _load(args.url, args.path, bodies, args.clients, args.start_at, args.warmup, args.seconds, args.rate)
     )
     print(json.dumps(result))
 
@@ -107,29 +143,42 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def run_load(
-    url: str, path: str, bodies: list[dict], clients: int, seconds: float, procs: int, server_pid: int
+    url: str,
+    path: str,
+    bodies: list[dict],
+    clients: int,
+    seconds: float,
+    procs: int,
+    server_pid: int,
+    rate: float | None = None,
+    watch: dict[str, int] | None = None,
 ) -> dict:
-    """Drive ``url`` from ``procs`` load-generator processes (``clients`` connections in all) on loopback."""
+    """Drive ``url`` from ``procs`` load-generator processes (``clients`` connections in all) on loopback:
+    closed loop, or open loop at ``rate`` requests/s in all when given (see :func:`_load`). ``watch``: more
+    processes (name: pid, children included) whose CPU over the window is reported under ``cpu``."""
     warmup = 3.0
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(bodies, handle)
     start_at = time.time() + 3  # the generators start together once they have imported
     per_proc = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
+    watch = {"server": server_pid, **(watch or {})}
     try:
         generators = [
             subprocess.Popen(
                 [sys.executable, str(HERE), "load", "--url", url, "--path", path, "--bodies", handle.name]
                 + ["--clients", str(n), "--seconds", str(seconds), "--warmup", str(warmup)]
-                + ["--start-at", repr(start_at)],
+                + ["--start-at", repr(start_at)]
+                + (["--rate", repr(rate / procs)] if rate else []),
                 stdout=subprocess.PIPE,
                 text=True,
             )
             for n in per_proc
         ]
         time.sleep(max(0.0, start_at + warmup - time.time()))
-        server_cpu = _cpu_seconds(server_pid)
+        cpu = {name: _cpu_seconds(pid) for name, pid in watch.items()}
         time.sleep(seconds)
-        server_cpu = _cpu_seconds(server_pid) - server_cpu
+        cpu = {name: (_cpu_seconds(pid) - cpu[name]) / seconds for name, pid in watch.items()}
+        load_average = os.getloadavg()[0]
         outputs = [g.communicate(timeout=seconds + 120)[0] for g in generators]
     finally:
         os.unlink(handle.name)
@@ -145,10 +194,14 @@ def run_load(
         "requests": len(latencies),
         "errors": sum(part["errors"] for part in parts),
         "req_per_s": len(latencies) / seconds,
+        "rate": rate,
         "p50_ms": pct(0.50),
         "p99_ms": pct(0.99),
-        "server_cpu": server_cpu / seconds,
+        "server_cpu": cpu["server"],
+        "cpu": cpu,
         "loadgen_cpu": sum(part["cpu_s"] for part in parts) / (seconds + warmup),
+        "send_lag_p99_ms": max(part.get("send_lag_p99_ms", 0.0) for part in parts),
+        "load_average": load_average,
     }
 
 
@@ -411,6 +464,12 @@ def main() -> None:
     load.add_argument("--seconds", type=float, default=15)
     load.add_argument("--warmup", type=float, default=3)
     load.add_argument("--start-at", type=float, required=True)
+    load.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="open loop: requests/s on a fixed schedule (default: closed loop)",
+    )
     base = sub.add_parser("baseline")
     base.add_argument("--port", type=int, required=True)
     parser.add_argument("--clients", type=int, default=32)
