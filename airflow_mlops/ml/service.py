@@ -30,7 +30,9 @@ libraries at module level. What it serves comes from the environment, which
 ``MLOPS_SERVE_SHADOW``
     ``true`` for a server deployed with ``strategy="shadow"``: it answers copies of live requests the
     router sends it, and its prediction-log records say ``"shadow": true`` (the drift monitor leaves them
-    out). Each ``/predict`` record carries the request's ``X-MLOps-Request-Id`` as ``request_id``.
+    out). Each ``/predict`` record carries the request's ``X-MLOps-Request-Id`` as ``request_id``. Its
+    processes take the lowest CPU priority (:func:`yield_cpu_to_production`), so a shadow on production's
+    host uses only the CPU production leaves idle.
 
 The request and answer schemas are the model's own: when the module is imported it reads the served
 version's registry record and its :class:`~airflow_mlops.ml.signature.ModelSignature`, and builds ``Row``
@@ -58,6 +60,7 @@ far outside the training range); an unreachable feature store a 503 naming it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import hmac
@@ -319,7 +322,30 @@ def served_schema(settings: ServeSettings) -> ServedSchema:
     )
 
 
+def yield_cpu_to_production() -> None:
+    """Give this process the lowest CPU priority there is, for a shadow that shares its host with production.
+
+    Every thread of the process gets nice 19 (on Linux a nice value belongs to a thread), and so does the
+    process's session: with the kernel's autogroup scheduling (on by default), CPU is shared between
+    sessions first, and ``bentoml serve`` runs each worker in a session of its own, so a nice value alone
+    would not rank the shadow's workers below production's. A shadow therefore runs on the CPU production
+    leaves idle and cannot slow production's answers by competing for cores; when there is none to spare,
+    its copies queue and the router drops the ones beyond its in-flight bound (counted as skipped). Failures
+    (e.g. no ``/proc``) are logged and ignored: the shadow still serves.
+    """
+    for task in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else [str(os.getpid())]:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, int(task), 19)
+    try:
+        with open("/proc/self/autogroup", "w") as handle:
+            handle.write("19")
+    except OSError as err:
+        log.info("Shadow server: cannot lower its session's CPU priority (%s); threads run at nice 19", err)
+
+
 SETTINGS = ServeSettings.from_env()
+if SETTINGS.shadow:
+    yield_cpu_to_production()
 SCHEMA = served_schema(SETTINGS)
 #: one request row of the served model (its entity keys and request features)
 Row = SCHEMA.request

@@ -361,3 +361,44 @@ def test_the_request_id_and_shadow_mode_reach_the_prediction_log(tmp_path, monke
         (None, True, "v2"),
         ("req-3", True, "v2"),
     ]
+
+
+@pytest.mark.parametrize("shadow", ["true", "false"])
+def test_a_shadow_server_takes_the_lowest_cpu_priority_and_a_live_one_keeps_its_own(shadow, tmp_path):
+    # A shadow shares production's host: its threads and its session (autogroup) must yield the CPU, or it
+    # competes with production's servers for the cores; a live server must not be slowed down this way.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json, os, threading, airflow_mlops.ml.service as s\n"
+        "group = open('/proc/self/autogroup').read() if os.path.exists('/proc/self/autogroup') else ''\n"
+        "tids = os.listdir('/proc/self/task')\n"
+        "print(json.dumps({'nice': [os.getpriority(os.PRIO_PROCESS, int(t)) for t in tids], 'group': group}))\n"
+    )
+    env = {
+        **os.environ,
+        "MLOPS_SERVE_SHADOW": shadow,
+        "MLOPS_SERVE_MODEL": "no_such_model",
+        "AIRFLOW__MLOPS__STATE_DIR": str(tmp_path),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        start_new_session=True,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    if shadow == "true":
+        assert set(seen["nice"]) == {19}
+        if seen["group"]:  # a kernel with autogroup scheduling
+            assert seen["group"].split()[-1] == "19", seen["group"]
+    else:
+        assert set(seen["nice"]) == {os.getpriority(os.PRIO_PROCESS, 0)}
+        if seen["group"]:
+            assert seen["group"].split()[-1] != "19"
