@@ -74,6 +74,12 @@ def get_provider_info() -> dict[str, Any]:
                         "schema = db number and password are then used).",
                         "schema": {"type": ["string", "null"]},
                     },
+                    "registry_conn_id": {
+                        "label": "Registry connection",
+                        "description": "A postgres connection whose database holds Feast's SQL registry, "
+                        "shared by every worker (empty = the repository's registry file on the worker).",
+                        "schema": {"type": ["string", "null"]},
+                    },
                 },
                 "ui-field-behaviour": {
                     "hidden-fields": ["login"],

@@ -4,8 +4,9 @@ The hook resolves a Feast repository (``feature_store.yaml`` plus Python definit
 ``FeatureStore`` without depending on the working directory: ``${VAR}`` references in the YAML are
 filled from the environment and from ``[mlops]`` (``MLOPS_STATE_DIR``, ``MLOPS_FEAST_DIR``,
 ``MLOPS_OFFLINE_ROOT``), and the online store can be overridden by the Airflow connection (e.g. Redis
-with its password in the connection's password field). Feast and pandas are imported only when a
-method runs.
+with its password in the connection's password field), and so can the registry (Feast's SQL registry on
+PostgreSQL, reached through an Airflow ``postgres`` connection, so every worker sees one registry).
+Feast and pandas are imported only when a method runs.
 """
 
 from __future__ import annotations
@@ -38,8 +39,17 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _CWD_LOCK = threading.Lock()
 
 
-def _redact(text: str, secret: str | None) -> str:
-    return text.replace(secret, "***") if secret else text
+def _redact(text: str, secrets: str | Sequence[str | None] | None) -> str:
+    """``text`` with every secret (and its URL-quoted form, as it appears in a database URL) replaced."""
+    from urllib.parse import quote, quote_plus
+
+    if isinstance(secrets, str) or secrets is None:
+        secrets = [secrets]
+    for secret in secrets:
+        if secret:
+            for form in {secret, quote(secret, safe=""), quote_plus(secret)}:
+                text = text.replace(form, "***")
+    return text
 
 
 @contextlib.contextmanager
@@ -98,6 +108,13 @@ class FeastHook(BaseHook):
     online store: extra ``{"online_store": {"type": "redis"}}`` with host, port, schema (Redis db
     number) and password fields builds the Redis connection string; any other keys in
     ``online_store`` are passed to Feast as they are.
+
+    The connection may also override the registry, which by default is a file in the worker's
+    ``state_dir`` (one registry per worker): extra ``{"registry_conn_id": "feast_registry"}`` names an
+    Airflow ``postgres`` connection whose database holds Feast's SQL registry (its password stays in that
+    connection, and out of logs and errors); extra ``{"registry": {...}}`` is merged over the
+    repository's ``registry`` section (e.g. ``{"cache_ttl_seconds": 5}``; a different ``registry_type``
+    replaces the section).
 
     :param feast_conn_id: Airflow connection of type ``feast``; when it is the default id and does not
         exist, the repository's own configuration is used.
@@ -191,6 +208,64 @@ class FeastHook(BaseHook):
         }
         return {**defaults, **{k: v for k, v in os.environ.items() if k in defaults}}
 
+    @cached_property
+    def registry_connection(self) -> Any | None:
+        """The Airflow connection named by the extra ``registry_conn_id``, if any."""
+        conn_id = self._extra.get("registry_conn_id")
+        if not conn_id:
+            return None
+        from airflow.sdk.exceptions import AirflowNotFoundException
+
+        try:
+            return self.get_connection(conn_id)
+        except AirflowNotFoundException:
+            raise FeatureRepoError(
+                f"Feast registry connection {conn_id!r} (extra 'registry_conn_id' of connection "
+                f"{self.feast_conn_id!r}) does not exist.",
+                fix="create it (type 'postgres': host, port, schema = database, login, password) or remove "
+                "'registry_conn_id' to use the repository's own registry.",
+            ) from None
+
+    def _secrets(self) -> list[str]:
+        conns = [self.connection, self.registry_connection if self._extra.get("registry_conn_id") else None]
+        found = [c.password for c in conns if c is not None and c.password]
+        path = (self._extra.get("registry") or {}).get("path")
+        if path and "://" in str(path):
+            from sqlalchemy.engine import make_url
+
+            with contextlib.suppress(Exception):
+                password = make_url(str(path)).password
+                if password:
+                    found.append(str(password))
+        return found
+
+    def _registry_override(self) -> dict[str, Any]:
+        override: dict[str, Any] = dict(self._extra.get("registry") or {})
+        conn = self.registry_connection
+        if conn is not None:
+            if conn.conn_type not in ("postgres", "postgresql"):
+                raise FeatureRepoError(
+                    f"Feast registry connection {conn.conn_id!r} has type {conn.conn_type!r}; the SQL "
+                    "registry is supported on PostgreSQL.",
+                    fix="give the registry a connection of type 'postgres'.",
+                )
+            from sqlalchemy.engine import URL
+
+            url = URL.create(
+                "postgresql+psycopg",
+                username=conn.login or None,
+                password=conn.password or None,
+                host=conn.host or None,
+                port=conn.port or None,
+                database=conn.schema or None,
+            )
+            override.setdefault("registry_type", "sql")
+            override["path"] = url.render_as_string(hide_password=False)
+            from airflow.sdk.log import mask_secret
+
+            mask_secret(override["path"])
+        return override
+
     def _online_override(self) -> dict[str, Any]:
         override: dict[str, Any] = dict(self._extra.get("online_store") or {})
         if self._extra.get("online_store_type"):
@@ -248,7 +323,14 @@ class FeastHook(BaseHook):
                 base = {"type": base}
             same_type = override.get("type", base.get("type")) == base.get("type")
             raw["online_store"] = {**base, **override} if same_type else override
-        secret = self.connection.password if self.connection is not None else None
+        registry = self._registry_override()
+        if registry:
+            base = raw.get("registry") or {}
+            if isinstance(base, str):
+                base = {"path": base}
+            same_type = registry.get("registry_type", "file") == base.get("registry_type", "file")
+            raw["registry"] = {**base, **registry} if same_type else registry
+        secret = self._secrets()
         try:
             config = RepoConfig(repo_path=self.repo_path, **raw)
             config.online_store  # noqa: B018 - validates the online-store section now, not at first use
@@ -256,7 +338,7 @@ class FeastHook(BaseHook):
             raise FeatureRepoError(
                 f"Feast configuration {yaml_path} (with the connection's overrides) is invalid: "
                 f"{_redact(str(err), secret)}",
-                fix="correct feature_store.yaml or the online_store extra of connection "
+                fix="correct feature_store.yaml or the online_store / registry extras of connection "
                 f"{self.feast_conn_id!r}.",
             ) from None
         self._prepare_local_paths(config)
@@ -280,7 +362,21 @@ class FeastHook(BaseHook):
         """The ``FeatureStore``, built once per hook."""
         from feast import FeatureStore
 
-        return FeatureStore(repo_path=str(self.repo_path), config=self.repo_config)
+        config = self.repo_config
+        try:
+            store = FeatureStore(repo_path=str(self.repo_path), config=config)
+            if getattr(config.registry, "registry_type", "file") == "sql":
+                store.registry  # noqa: B018 - opens the database now, so an unreachable one is named here
+            return store
+        except Exception as err:
+            registry = self._extra.get("registry_conn_id")
+            where = f"the SQL registry of connection {registry!r}" if registry else "its registry"
+            raise FeatureStoreError(
+                f"Feast repository {str(self.repo_path)!r} cannot open {where}: "
+                f"{_redact(f'{type(err).__name__}: {err}', self._secrets())}",
+                fix="check that the registry database is running and reachable from this worker, and the "
+                "connection's host, port, database, login and password.",
+            ) from None
 
     # -- operations ---------------------------------------------------------------------------------
 
@@ -347,7 +443,8 @@ class FeastHook(BaseHook):
             raise
         except Exception as err:
             raise FeatureStoreError(
-                f"feast apply of repository {str(self.repo_path)!r} failed: {type(err).__name__}: {err}",
+                f"feast apply of repository {str(self.repo_path)!r} failed: "
+                f"{_redact(f'{type(err).__name__}: {err}', self._secrets())}",
                 fix="check that every source path exists in the offline store and the registry is writable.",
             ) from err
         return {
@@ -459,7 +556,8 @@ class FeastHook(BaseHook):
             except Exception as err:
                 raise FeatureStoreError(
                     f"materializing feature view {view.name!r} of Feast repository {str(self.repo_path)!r} "
-                    f"for {start.isoformat()} .. {end.isoformat()} failed: {type(err).__name__}: {err}",
+                    f"for {start.isoformat()} .. {end.isoformat()} failed: "
+                    f"{_redact(f'{type(err).__name__}: {err}', self._secrets())}",
                     fix="check the view's source table in the offline store and that the "
                     f"{self.online_store_type} online store is reachable.",
                 ) from err
@@ -523,8 +621,11 @@ class FeastHook(BaseHook):
 
                 sqlite3.connect(online.path).execute("select 1").fetchall()
         except Exception as err:  # report every failure in the UI rather than raising
-            secret = self.connection.password if self.connection is not None else None
-            return False, _redact(f"{type(err).__name__}: {err}", secret)
+            try:
+                secrets = self._secrets()
+            except Exception:  # the registry connection itself is missing
+                secrets = [self.connection.password] if self.connection is not None else []
+            return False, _redact(f"{type(err).__name__}: {err}", secrets)
         return True, (
             f"Feast repository {self.repo_path} (project {config.project}): {len(views)} feature views "
             f"registered, {online.type} online store reachable."

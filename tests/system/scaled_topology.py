@@ -214,6 +214,7 @@ def scaled_topology(pg, root: Path) -> Iterator[Topology]:
     :param root: an empty folder for the hosts' homes, state folders and logs.
     """
     from s3_server import ACCESS_KEY, SECRET_KEY, moto_s3
+    from sqlalchemy.engine import make_url
 
     network = Network()
     logs = root / "logs"
@@ -227,6 +228,7 @@ def scaled_topology(pg, root: Path) -> Iterator[Topology]:
         s3_url = stack.enter_context(moto_s3([BUCKET], host="0.0.0.0", url_host=ip))
         db_url = pg.create_database("airflow_scaled", host=ip)
         state_url = pg.create_database("mlops_state", host=ip, driver="postgresql")
+        feast_registry = make_url(pg.create_database("feast_registry", host=ip))
         settings_env = {
             "AIRFLOW__MLOPS__ARTIFACT_ROOT": f"s3://{BUCKET}/artifacts",
             "AIRFLOW__MLOPS__ARTIFACT_CONN_ID": S3_CONN,
@@ -242,6 +244,31 @@ def scaled_topology(pg, root: Path) -> Iterator[Topology]:
             # the provider's shared state (registry, deployments, retraining gate; docs/scaling.md) on
             # PostgreSQL, not in a SQLite file of each worker's state_dir
             "AIRFLOW_CONN_MLOPS_STATE": state_url,
+            # Feast's registry and online store shared by the workers (docs/features.md): the SQL registry
+            # on PostgreSQL, Redis (db 1; db 0 is Celery's) as the online store
+            "AIRFLOW_CONN_FEAST_REGISTRY": json.dumps(
+                {
+                    "conn_type": "postgres",
+                    "host": feast_registry.host,
+                    "port": feast_registry.port,
+                    "schema": feast_registry.database,
+                    "login": feast_registry.username,
+                    "password": feast_registry.password,
+                }
+            ),
+            "AIRFLOW_CONN_FEAST_DEFAULT": json.dumps(
+                {
+                    "conn_type": "feast",
+                    "host": ip,
+                    "port": redis_port,
+                    "schema": "1",
+                    "extra": {
+                        "repo_path": str(ROOT / "feature_repo"),
+                        "online_store_type": "redis",
+                        "registry_conn_id": "feast_registry",
+                    },
+                }
+            ),
             f"AIRFLOW_CONN_{S3_CONN.upper()}": json.dumps(
                 {
                     "conn_type": "aws",

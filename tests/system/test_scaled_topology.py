@@ -10,9 +10,10 @@ runs a task loses nothing: Airflow fails the silent task instance after
 ``[scheduler] task_instance_heartbeat_timeout``, retries it on the other worker and the run succeeds with
 the same data.
 
-Not in this slice: ``flights_features`` (Feast's registry is a file in each worker's ``state_dir``, and
-its DuckDB offline store cannot read ``s3://`` without the ``httpfs`` extension: see
-docs/scaling.md), the Ray cluster, training, monitoring, retraining and the serving host.
+Feast's registry (SQL, on the PostgreSQL) and online store (the Redis) are shared through the
+``feast_default`` connection: each worker reaches both from its namespace. Not in this slice:
+``flights_features`` (its DuckDB offline store cannot read ``s3://`` without the ``httpfs`` extension:
+see docs/scaling.md), the Ray cluster, training, monitoring, retraining and the serving host.
 """
 
 from __future__ import annotations
@@ -174,3 +175,32 @@ def test_a_worker_killed_mid_task_loses_nothing(topology):
     finally:
         with contextlib.suppress(Exception):
             topology.start_worker(dead)  # the host comes back for later tests of the module
+
+
+FEAST_CHECK = """
+from airflow_mlops.hooks.feast import FeastHook
+hook = FeastHook()
+ok, message = hook.test_connection()
+print(message)
+print("registry:", hook.repo_config.registry.registry_type)
+raise SystemExit(0 if ok else 1)
+"""
+
+
+def test_both_workers_reach_feasts_shared_registry_and_online_store(topology):
+    """The topology's ``feast_default`` connection (docs/scaling.md): from its own namespace each worker
+    opens the SQL registry on PostgreSQL and pings Redis, so an apply on one worker is seen on the other
+    (tests/integration/test_feast_sql_registry.py shows that part)."""
+    import subprocess
+    import sys
+
+    for host in topology.network.hosts:
+        result = subprocess.run(
+            ["ip", "netns", "exec", topology.network.namespace(host), sys.executable, "-c", FEAST_CHECK],
+            env=topology.worker_env[host],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, f"{host}: {result.stdout[-2000:]}{result.stderr[-3000:]}"
+        assert "redis online store reachable" in result.stdout and "registry: sql" in result.stdout

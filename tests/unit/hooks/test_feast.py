@@ -160,3 +160,70 @@ def test_airflow_registers_the_feast_connection_type_with_its_form():
         manager.connection_form_widgets
     )
     assert manager.field_behaviours["feast"]["relabeling"]["password"] == "Online store password"
+
+
+def _registry_connections(monkeypatch, repo: Path, port: int, password: str = PASSWORD) -> str:
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_FEAST_PG",
+        json.dumps(
+            {
+                "conn_type": "postgres",
+                "host": "127.0.0.1",
+                "port": port,
+                "schema": "feast",
+                "login": "feast",
+                "password": password,
+            }
+        ),
+    )
+    return _connection(
+        monkeypatch,
+        "feast_shared",
+        extra={"repo_path": str(repo), "registry_conn_id": "feast_pg", "registry": {"cache_ttl_seconds": 5}},
+    )
+
+
+def test_the_registry_connection_moves_the_registry_to_postgresql(repo, monkeypatch):
+    conn_id = _registry_connections(monkeypatch, repo, 5433, password="p@ss/word:1")
+    registry = FeastHook(feast_conn_id=conn_id).repo_config.registry
+    assert registry.registry_type == "sql"
+    assert registry.path == "postgresql+psycopg://feast:p%40ss%2Fword%3A1@127.0.0.1:5433/feast"
+    assert registry.cache_ttl_seconds == 5
+
+
+def test_the_registry_extra_alone_overrides_the_repository_registry(repo, tmp_path, monkeypatch):
+    conn_id = _connection(
+        monkeypatch,
+        "feast_ttl",
+        extra={"repo_path": str(repo), "registry": {"cache_ttl_seconds": 7}},
+    )
+    registry = FeastHook(feast_conn_id=conn_id).repo_config.registry
+    assert registry.registry_type == "file"
+    assert registry.path == f"{tmp_path}/state/feast/registry.db"
+    assert registry.cache_ttl_seconds == 7
+
+
+def test_an_unreachable_registry_names_the_connection_and_hides_the_password(repo, monkeypatch, caplog):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens on it
+    conn_id = _registry_connections(monkeypatch, repo, port, password="p@ss/word:1")
+    hook = FeastHook(feast_conn_id=conn_id)
+    with caplog.at_level("DEBUG"), pytest.raises(Exception) as err:
+        hook.feature_views()
+    message = str(err.value)
+    assert "'feast_pg'" in message and "cannot open" in message
+    for form in ("p@ss/word:1", "p%40ss%2Fword%3A1"):
+        assert form not in message
+        assert form not in caplog.text
+    ok, reported = hook.test_connection()
+    assert not ok and "p%40ss%2Fword%3A1" not in reported and "p@ss/word:1" not in reported
+
+
+def test_a_registry_connection_of_another_type_is_refused(repo, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_FEAST_MYSQL", json.dumps({"conn_type": "mysql", "host": "db"}))
+    conn_id = _connection(
+        monkeypatch, "feast_my", extra={"repo_path": str(repo), "registry_conn_id": "feast_mysql"}
+    )
+    with pytest.raises(FeatureRepoError, match="type 'postgres'"):
+        _ = FeastHook(feast_conn_id=conn_id).repo_config
