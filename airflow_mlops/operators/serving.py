@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from airflow.sdk import BaseOperator
 from airflow.sdk.configuration import conf
@@ -1099,15 +1099,11 @@ class BentoDeployOperator(BaseOperator):
                     fix="rerun the deploy task.",
                 )
             if event.get("status") != "ready":
-                stop_tree(pending, timeout=10)
-                state["pending"] = None
-                state["history"].append(
-                    {"at": _now(), "action": f"{pending['action']}-failed", "version": pending["version"]}
-                )
-                raise ServingError(
-                    f"version {pending['version']} of {self.model_name!r} did not become ready "
-                    f"({event.get('message') or event.get('status')}); the live version keeps serving.\n"
-                    f"server log {pending['log']}:\n{_log_tail(pending['log'])}",
+                self._give_up(
+                    state,
+                    pending,
+                    f"did not become ready ({event.get('message') or event.get('status')}); the live version "
+                    "keeps serving",
                     fix="fix the cause in the server log (a refused model, a missing feature service, a port).",
                 )
             router = self.local.ensure_router(state, int(self.port))
@@ -1116,6 +1112,20 @@ class BentoDeployOperator(BaseOperator):
             if pending["action"] == "canary":
                 return self._start_canary(state, pending, router, run_key)
             return self._switch_to(state, pending, router, run_key)
+
+    def _give_up(self, state: dict[str, Any], pending: dict[str, Any], what: str, fix: str) -> NoReturn:
+        """Stop the pending version, record its failure and fail the task with ``what`` happened and the
+        tail of its server log (the live version, if any, keeps the traffic)."""
+        stop_tree(pending, timeout=10)
+        state["pending"] = None
+        state["history"].append(
+            {"at": _now(), "action": f"{pending['action']}-failed", "version": pending["version"]}
+        )
+        raise ServingError(
+            f"version {pending['version']} of {self.model_name!r} {what}.\n"
+            f"server log {pending['log']}:\n{_log_tail(pending['log'])}",
+            fix=fix,
+        )
 
     def _switch_to(
         self,
@@ -1134,15 +1144,11 @@ class BentoDeployOperator(BaseOperator):
             # the new version died (or stopped answering) right after taking the traffic: the old one,
             # still running, takes it back before anything else (with its shadow, if it had one)
             self.local.switch(self.deployment, replaced, router, shadow=state.get("shadow"))
-            stop_tree(pending, timeout=10)
-            state["pending"] = None
-            state["history"].append(
-                {"at": _now(), "action": f"{pending['action']}-failed", "version": pending["version"]}
-            )
-            raise ServingError(
-                f"version {pending['version']} of {self.model_name!r} stopped answering right after the "
-                f"switch; traffic went back to version {replaced['version']}, which keeps serving.\n"
-                f"server log {pending['log']}:\n{_log_tail(pending['log'])}",
+            self._give_up(
+                state,
+                pending,
+                f"stopped answering right after the switch; traffic went back to version "
+                f"{replaced['version']}, which keeps serving",
                 fix="read the server log above (a crash, out of memory), then deploy again.",
             )
         state["active"], state["pending"] = pending, None
