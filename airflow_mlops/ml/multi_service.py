@@ -316,7 +316,9 @@ async def _run(coro: Any, name: str) -> Any:
         return _error(503, f"model {name!r} is not served: {err}")
 
 
-async def predict(request: Request) -> JSONResponse:
+async def _served_request(request: Request) -> tuple[str, Any, dict[str, Any]] | JSONResponse:
+    """The model a ``/models/<name>/...`` request names (loaded on first use) and its JSON body, or the
+    error answer when either cannot be had."""
     name = request.path_params["name"]
     served = await _server().model(name)
     if isinstance(served, JSONResponse):
@@ -324,6 +326,14 @@ async def predict(request: Request) -> JSONResponse:
     body = await _body(request)
     if isinstance(body, JSONResponse):
         return body
+    return name, served, body
+
+
+async def predict(request: Request) -> JSONResponse:
+    got = await _served_request(request)
+    if isinstance(got, JSONResponse):
+        return got
+    name, served, body = got
     try:
         row = served.row.model_validate(body.get("row"))
     except ValidationError as err:
@@ -333,13 +343,10 @@ async def predict(request: Request) -> JSONResponse:
 
 
 async def predict_batch(request: Request) -> JSONResponse:
-    name = request.path_params["name"]
-    served = await _server().model(name)
-    if isinstance(served, JSONResponse):
-        return served
-    body = await _body(request)
-    if isinstance(body, JSONResponse):
-        return body
+    got = await _served_request(request)
+    if isinstance(got, JSONResponse):
+        return got
+    name, served, body = got
     rows = body.get("rows")
     if not isinstance(rows, list):
         return _error(400, 'the request body must be {"rows": [...]}.')
