@@ -252,47 +252,10 @@ def main() -> None:
         print(json.dumps(multi_model_part(state)))
 
 
-class _Clients:
-    """Threads sending single-row ``/predict`` requests through the stable address until stopped."""
-
-    def __init__(self, url: str, rows: list[dict], clients: int) -> None:
-        import threading
-
-        self.url, self.rows = url, rows
-        self.sent = 0
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
-
-    def _run(self, offset: int) -> None:
-        import httpx
-
-        with httpx.Client(base_url=self.url, timeout=30) as client:
-            i = offset
-            while not self._stop.is_set():
-                try:
-                    answer = client.post("/predict", json={"row": self.rows[i % len(self.rows)]})
-                    if answer.status_code != 200:
-                        self.failures.append(f"{answer.status_code}: {answer.text[:200]}")
-                except httpx.HTTPError as err:
-                    self.failures.append(f"{type(err).__name__}: {err}")
-                self.sent += 1
-                i += 1
-
-    def __enter__(self) -> _Clients:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self.threads:
-            thread.join(timeout=60)
-
-
 def delivery(args: argparse.Namespace, state: Path, parts: set[str]) -> None:
     """The canary and shadow parts, on one deployment of version ``a``."""
     import bench_serving
+    from serving.load import Load
     from serving.models import register, training_frame, write_erroring_model, write_model
 
     from airflow_mlops.hooks.bentoml import BentoMLHook
@@ -333,7 +296,7 @@ def delivery(args: argparse.Namespace, state: Path, parts: set[str]) -> None:
         rows = [r for r in bench_serving._rows(500, model, a) if r["carrier"] in served]
         if "canary" in parts:
             started = time.perf_counter()
-            with _Clients(url, rows, args.clients) as clients:
+            with Load(url, rows, args.clients, settle=0) as clients:
                 time.sleep(2)
                 try:
                     deploy(bad, "canary", strategy="canary", canary_steps=[10, 50, 100], step_minutes=1.0)

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
-from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
 import pytest
 from airflow.sdk.exceptions import TaskDeferred
+from serving.load import Load
 from serving.models import register, training_frame, write_erroring_model, write_model
 
 from airflow_mlops.hooks.bentoml import BentoMLHook
@@ -62,43 +61,6 @@ def _flights(n: int, seed: int = 0) -> list[dict]:
         }
         for r in frame.itertuples()
     ]
-
-
-class Load:
-    """Clients sending single-row requests through the stable address until stopped."""
-
-    def __init__(self, url: str, flights: list[dict], clients: int = 4) -> None:
-        self.url, self.flights = url, flights
-        self.failures: list[str] = []
-        self.versions: Counter[str] = Counter()
-        self._stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
-
-    def _run(self, offset: int) -> None:
-        with httpx.Client(base_url=self.url, timeout=30) as client:
-            i = offset
-            while not self._stop.is_set():
-                try:
-                    answer = client.post("/predict", json={"row": self.flights[i % len(self.flights)]})
-                    if answer.status_code != 200:
-                        self.failures.append(f"{answer.status_code}: {answer.text[:200]}")
-                    else:
-                        self.versions[answer.json()["model_version"]] += 1
-                except httpx.HTTPError as err:
-                    self.failures.append(f"{type(err).__name__}: {err}")
-                i += 1
-
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        time.sleep(0.5)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        time.sleep(0.5)
-        self._stop.set()
-        for thread in self.threads:
-            thread.join(timeout=60)
 
 
 @pytest.fixture(scope="module")
