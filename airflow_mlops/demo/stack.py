@@ -54,6 +54,13 @@ SQLITE_CONNECT_ARGS = {"timeout": 60}
 #: request there may wait for the SQLite lock
 EXECUTION_API_TIMEOUT = 150.0
 
+#: the scheduler's LocalExecutor workers start from a fork server that imported the provider's task
+#: libraries (:mod:`airflow_mlops.preload`); each task process forks from a worker and finds them imported
+PRELOAD_ENV = {
+    "AIRFLOW__SCHEDULER__MP_START_METHOD": "forkserver",
+    "AIRFLOW__CORE__MP_FORKSERVER_PRELOAD": "airflow_mlops.preload",
+}
+
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 FINISHED = ("success", "failed")
 
@@ -114,6 +121,9 @@ class AirflowStack:
     :param max_restarts: how often a component that exits after the start is started again, as a
         service manager (systemd, Kubernetes) would, before the stack gives up with its log.
     :param announce: told (one line) whenever a component is restarted; default: the module's logger.
+    :param preload: have the scheduler's ``multiprocessing`` fork server import the provider's task
+        libraries once (:mod:`airflow_mlops.preload`, Airflow's ``[core] mp_forkserver_preload``), so task
+        processes start with Great Expectations, Evidently, Feast, scikit-learn... already imported.
     """
 
     home: Path
@@ -125,6 +135,7 @@ class AirflowStack:
     host: str = "127.0.0.1"
     max_restarts: int = 3
     announce: Callable[[str], None] | None = None
+    preload: bool = False
     processes: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
     client: AirflowClient | None = field(default=None, init=False)
     restarts: dict[str, int] = field(default_factory=dict, init=False)
@@ -173,6 +184,7 @@ class AirflowStack:
             # the log servers on ports of their own (the defaults may be taken, e.g. by `make ui`)
             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
             "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+            **(PRELOAD_ENV if self.preload else {}),
             **self.env,
         }
         if "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN" not in self.env:  # SQLite: the default of AIRFLOW_HOME

@@ -120,6 +120,7 @@ class Story:
             logs=self.state / "logs",
             env={"AIRFLOW__MLOPS__STATE_DIR": str(self.state)},
             announce=lambda message: self.say(f"      ! {message}"),
+            preload=True,
         )
         self.say(
             f"[2/8] starting Airflow: api-server, scheduler, dag-processor, triggerer (logs in {stack.logs})"

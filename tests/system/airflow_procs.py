@@ -112,6 +112,7 @@ def airflow_components(
     dags_folder: Path | None = None,
     unpause: bool = True,
     timeout: float = 150,
+    preload: bool = True,
     **env: str,
 ) -> Iterator[AirflowComponents]:
     """Start the four components, wait until the API serves every DAG of ``dag_ids`` (and unpause
@@ -122,9 +123,12 @@ def airflow_components(
     :param logs: folder for one log file per component.
     :param dags_folder: the DAG files to parse; default ``[core] dags_folder`` from the environment.
     :param timeout: seconds the DAGs may take to be served once the components report healthy.
+    :param preload: the scheduler's fork server imports the task libraries once (:mod:`airflow_mlops.preload`).
     :param env: environment variables over :meth:`AirflowStack.environment`'s (e.g. ``AIRFLOW__MLOPS__*``).
     """
-    stack = AirflowStack(home=db.parent, logs=logs, dags_folder=dags_folder, env=env, parallelism=4)
+    stack = AirflowStack(
+        home=db.parent, logs=logs, dags_folder=dags_folder, env=env, parallelism=4, preload=preload
+    )
     try:
         with stack as client:
 
