@@ -5,7 +5,8 @@ VENV := $(CURDIR)/.venv
 BIN := $(VENV)/bin
 STATE := $(CURDIR)/state
 
-# The embedded default: Airflow's home, database (SQLite) and every artifact live in ./state.
+# The embedded default: Airflow's home, its database (a PostgreSQL the demo starts in ./state/postgres, no
+# root needed) and every artifact live in ./state.
 export AIRFLOW_HOME := $(STATE)/airflow
 export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
@@ -13,12 +14,13 @@ export AIRFLOW__CORE__EXECUTOR := LocalExecutor
 export AIRFLOW__MLOPS__STATE_DIR := $(STATE)
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install system-packages demo test lint bench ui prepare clean-state help
+.PHONY: install system-packages demo test lint bench ui prepare down clean-state help
 
 help:
 	@echo "make demo   - set up everything and run the demo on the embedded default"
 	@echo "make test   - set up everything and run the test suite"
 	@echo "make ui     - Airflow UI (airflow standalone) on the demo's state"
+	@echo "make down   - stop the demo's PostgreSQL (make demo / make ui start it)"
 	@echo "make lint | make bench | make install | make clean-state"
 
 # Installed when the lock or the project metadata changes; uv installs exactly what the lock says.
@@ -31,18 +33,15 @@ $(BIN)/.installed: requirements.lock pyproject.toml
 
 install: $(BIN)/.installed
 
-$(AIRFLOW_HOME)/airflow.db: $(BIN)/.installed
-	mkdir -p $(AIRFLOW_HOME)
-	$(BIN)/airflow db migrate > $(STATE)/db-migrate.log 2>&1 || (tail -n 30 $(STATE)/db-migrate.log; exit 1)
-
-prepare: $(AIRFLOW_HOME)/airflow.db
+prepare: $(BIN)/.installed
 	$(BIN)/python -m airflow_mlops.demo prepare --cadence weekly
 
-demo: $(AIRFLOW_HOME)/airflow.db
+# Airflow's metadata database: PostgreSQL in $(STATE)/postgres, created, started and migrated by the demo
+demo: $(BIN)/.installed system-packages
 	$(BIN)/python -m airflow_mlops.demo run
 
-# Debian packages the suite needs besides Python's: PostgreSQL 15 (shared-state and scaled-topology tests)
-# and iproute2 (the scaled topology's network namespaces); installed only when missing
+# Debian packages besides Python's: PostgreSQL 15 (the demo's Airflow database; the shared-state and
+# scaled-topology tests) and iproute2 (the scaled topology's network namespaces); installed only when missing
 system-packages:
 	@test -x /usr/lib/postgresql/15/bin/initdb && command -v ip > /dev/null \
 	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 iproute2)
@@ -58,9 +57,12 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/bench_dag_parse.py
 
-ui: prepare
+ui: prepare system-packages
 	@echo "Airflow UI: http://localhost:8080  (user 'admin'; password in $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated)"
-	$(BIN)/airflow standalone
+	$(BIN)/python -m airflow_mlops.demo ui
 
-clean-state:
+down:
+	@test ! -x $(BIN)/python || $(BIN)/python -m airflow_mlops.demo db --stop
+
+clean-state: down
 	rm -rf $(STATE)

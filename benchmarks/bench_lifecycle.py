@@ -149,19 +149,19 @@ def teardown_serving() -> None:
 
 # ------------------------------------------------------------------------------------------ airflow
 def through_airflow(state: Path, env: dict[str, str]) -> dict:
+    from airflow_mlops.demo.postgres import demo_database
     from airflow_mlops.demo.stack import AirflowStack
 
     home = state / "airflow"
-    home.mkdir(parents=True, exist_ok=True)
-    run_env = {**os.environ, **env, "AIRFLOW_HOME": str(home)}
-    subprocess.run(
-        [str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
-        env=run_env,
-        check=True,
-        capture_output=True,
-    )
+    # the embedded default's PostgreSQL in <state>/postgres, as `make demo` runs it
     stack = AirflowStack(
-        home=home, logs=state / "logs", dags_folder=ROOT / "dags", env={**env, "AIRFLOW_HOME": str(home)}
+        home=home,
+        logs=state / "logs",
+        dags_folder=ROOT / "dags",
+        env={**env, "AIRFLOW_HOME": str(home)},
+        database=demo_database(state, home),
+        standalone=True,
+        preload=True,
     )
     with stack as client:
         client.wait("flights_train to be parsed", lambda: client.dag("flights_train"), 300)

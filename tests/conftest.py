@@ -34,6 +34,7 @@ TEST_ENV = {
 }
 for key in [k for k in os.environ if k.startswith("AIRFLOW__MLOPS__")]:
     del os.environ[key]
+os.environ.pop("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", None)
 os.environ.update(TEST_ENV)
 
 
@@ -68,6 +69,20 @@ def postgres_server():
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def airflow_pg_db(postgres_server) -> str:
+    """A migrated Airflow metadata database on the session's PostgreSQL, for the tests that run Airflow's
+    components (``make demo`` runs them on PostgreSQL too: SQLite cannot carry their concurrency)."""
+    url = postgres_server.create_database("airflow_components")
+    airflow = Path(sys.executable).with_name("airflow")
+    env = {**os.environ, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": url}
+    result = subprocess.run(
+        [str(airflow), "db", "migrate"], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return url
 
 
 @pytest.fixture

@@ -1,4 +1,6 @@
-"""``python -m airflow_mlops.demo prepare|run|timeline``: land the demo data; run the demo; redraw its timeline."""
+"""``python -m airflow_mlops.demo prepare|run|timeline|db|ui``: land the demo data; run the demo; redraw its
+timeline; start (or ``--stop``) the embedded PostgreSQL; Airflow's UI (``airflow standalone``) on the demo's
+state."""
 
 from __future__ import annotations
 
@@ -25,6 +27,53 @@ def _timeline(records: str | None) -> int:
     return 0
 
 
+def _settings_state() -> tuple[Path, Path]:
+    import os
+
+    from airflow_mlops.config import load_settings
+
+    state = load_settings().state_dir
+    home = Path(os.environ.get("AIRFLOW_HOME") or state / "airflow")
+    return state, home
+
+
+def _db(stop: bool) -> int:
+    from airflow_mlops.demo.postgres import LocalPostgres, demo_database
+    from airflow_mlops.exceptions import MLOpsError
+
+    state, home = _settings_state()
+    try:
+        if stop:
+            LocalPostgres(state / "postgres").stop()
+            print(f"stopped the PostgreSQL of {state / 'postgres'}")
+        else:
+            print(demo_database(state, home).split("?")[0] + f" (socket in {state / 'postgres' / 'socket'})")
+    except MLOpsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _ui() -> int:
+    """``airflow standalone`` on the demo's state: its PostgreSQL, its DAGs, the preloaded task libraries."""
+    import os
+
+    from airflow_mlops.demo.postgres import demo_database
+    from airflow_mlops.demo.stack import PRELOAD_ENV
+    from airflow_mlops.exceptions import MLOpsError
+
+    state, home = _settings_state()
+    try:
+        url = demo_database(state, home)
+    except MLOpsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    env = {**os.environ, **PRELOAD_ENV, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": url}
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    os.execve(airflow, [airflow, "standalone"], env)
+    return 0  # not reached
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m airflow_mlops.demo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,7 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--keep-serving", action="store_true", help="leave the model server running at the end")
     timeline = sub.add_parser("timeline", help="render the timeline again from <state>/timeline.json")
     timeline.add_argument("--records", help="records file (default: <state_dir>/timeline.json)")
+    db = sub.add_parser("db", help="start the embedded PostgreSQL (created and migrated at first use)")
+    db.add_argument("--stop", action="store_true", help="stop it instead")
+    sub.add_parser("ui", help="Airflow's UI and components (`airflow standalone`) on the demo's state")
     args = parser.parse_args(argv)
+
+    if args.command == "db":
+        return _db(args.stop)
+    if args.command == "ui":
+        return _ui()
 
     if args.command == "run":
         from airflow_mlops.demo.run import main as run_demo

@@ -1,8 +1,9 @@
 """``python -m airflow_mlops.demo run``: the whole story on a real Airflow (see :mod:`airflow_mlops.demo.story`).
 
 The environment names the demo's state: ``AIRFLOW__MLOPS__STATE_DIR`` (default ``$AIRFLOW_HOME/mlops``),
-``AIRFLOW_HOME`` with a migrated ``airflow.db`` and ``AIRFLOW__CORE__DAGS_FOLDER`` (``make demo`` sets all
-three).
+``AIRFLOW_HOME`` and ``AIRFLOW__CORE__DAGS_FOLDER`` (``make demo`` sets all three). Airflow's metadata
+database is the PostgreSQL in ``<state>/postgres``, created and migrated at the first run
+(:mod:`airflow_mlops.demo.postgres`).
 """
 
 from __future__ import annotations

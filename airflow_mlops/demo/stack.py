@@ -1,10 +1,16 @@
 """The demo's Airflow: the real components as subprocesses, and a small client for their REST API.
 
-:class:`AirflowStack` starts ``airflow api-server``, ``scheduler``, ``dag-processor`` and ``triggerer``
-on one ``AIRFLOW_HOME`` (SQLite, LocalExecutor: what ``airflow standalone`` runs), each in a process
-group of its own with its output in ``<logs>/<component>.log``; it waits until ``/api/v2/monitor/health``
-reports every component healthy and stops the whole process trees again (executor workers and task
-processes included) when the ``with`` block ends, also on Ctrl-C or SIGTERM.
+:class:`AirflowStack` runs Airflow on one ``AIRFLOW_HOME`` with the LocalExecutor: ``airflow standalone``
+(Airflow's own launcher of its four components; what ``make demo`` and ``make ui`` run), or the four
+components ``airflow api-server``, ``scheduler``, ``dag-processor`` and ``triggerer`` each on its own (the
+test suite's scaled topology, with another executor), each in a session of its own with its output in
+``<logs>/<name>.log``. It waits until ``/api/v2/monitor/health`` reports every component healthy and stops
+the whole process trees again (executor workers and task processes included) when the ``with`` block
+ends, also on Ctrl-C or SIGTERM. It restarts nothing: a component that exits fails the next REST call
+with the component's log (:meth:`AirflowStack.check_alive`).
+
+The metadata database is PostgreSQL (:mod:`airflow_mlops.demo.postgres`): SQLite could not carry the
+demo's concurrency (scheduler deaths on its races, writes refused with "database is locked").
 
 The demo's own components run with ``SIMPLE_AUTH_MANAGER_ALL_ADMINS`` (set in their environment only),
 so the REST client needs no token; ``make ui`` afterwards keeps the usual login with the generated
@@ -41,18 +47,6 @@ if TYPE_CHECKING:
     import httpx
 
 log = logging.getLogger(__name__)
-
-#: SQLite connect arguments of the demo's components: four components and their task processes write one
-#: database file on a loaded machine, and the default busy timeout (5 s) makes a writer give up with
-#: "database is locked". ``[database] sql_alchemy_connect_args`` names an importable object, so the stack
-#: writes this module into ``<home>/demo-python`` and puts that folder on ``PYTHONPATH`` (a module of its
-#: own: processes the tasks start, e.g. ``bentoml build`` in a build context holding a partial copy of
-#: ``airflow_mlops``, import it too).
-SQLITE_CONNECT_MODULE = "mlops_demo_sqlite"
-SQLITE_CONNECT_ARGS = {"timeout": 60}
-#: seconds a task waits for the API server's answer (``[workers] execution_api_timeout``): longer than a
-#: request there may wait for the SQLite lock
-EXECUTION_API_TIMEOUT = 150.0
 
 #: the scheduler's LocalExecutor workers start from a fork server that imported the provider's task
 #: libraries (:mod:`airflow_mlops.preload`); each task process forks from a worker and finds them imported
@@ -110,7 +104,7 @@ def _last_error(path: Path) -> str:
 class AirflowStack:
     """The four Airflow components on ``home`` with the LocalExecutor, as a context manager.
 
-    :param home: ``AIRFLOW_HOME`` (its ``airflow.db`` must be migrated: ``airflow db migrate``).
+    :param home: ``AIRFLOW_HOME``.
     :param logs: folder for ``<component>.log``.
     :param dags_folder: the DAG files to parse; default ``[core] dags_folder`` from the environment.
     :param env: extra environment for the components (e.g. ``AIRFLOW__MLOPS__STATE_DIR``).
@@ -118,9 +112,9 @@ class AirflowStack:
     :param port: the API server's port; default a free one.
     :param host: the address the API server listens on and the components reach it at (another
         machine's workers need one they can reach, not 127.0.0.1).
-    :param max_restarts: how often a component that exits after the start is started again, as a
-        service manager (systemd, Kubernetes) would, before the stack gives up with its log.
-    :param announce: told (one line) whenever a component is restarted; default: the module's logger.
+    :param database: SQLAlchemy URL of the migrated metadata database (``[database] sql_alchemy_conn``);
+        default: what the environment configures.
+    :param standalone: run ``airflow standalone`` (the LocalExecutor) instead of the four components.
     :param preload: have the scheduler's ``multiprocessing`` fork server import the provider's task
         libraries once (:mod:`airflow_mlops.preload`, Airflow's ``[core] mp_forkserver_preload``), so task
         processes start with Great Expectations, Evidently, Feast, scikit-learn... already imported.
@@ -133,20 +127,15 @@ class AirflowStack:
     parallelism: int = 4
     port: int = 0
     host: str = "127.0.0.1"
-    max_restarts: int = 3
-    announce: Callable[[str], None] | None = None
+    database: str | None = None
+    standalone: bool = False
     preload: bool = False
     processes: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
     client: AirflowClient | None = field(default=None, init=False)
-    restarts: dict[str, int] = field(default_factory=dict, init=False)
     _env: dict[str, str] = field(default_factory=dict, init=False, repr=False)
     _running: bool = field(default=False, init=False, repr=False)
-    #: sessions of components that were started again: checked for leftovers as well
+    #: sessions of components that were started again (:meth:`restart`): checked for leftovers as well
     _old_sessions: set[int] = field(default_factory=set, init=False, repr=False)
-
-    @property
-    def python_dir(self) -> Path:
-        return self.home / "demo-python"
 
     @property
     def url(self) -> str:
@@ -176,45 +165,29 @@ class AirflowStack:
             "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
             # the DAG files do not change while the demo runs: parse them every 2 minutes, not every 30 s
             "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "120",
-            # a task's call to the Execution API may wait that long for the database lock in the API
-            # server: the task waits longer. With the default (5 s) it gave up and sent PATCH /run again,
-            # got 400 once the first call went through after the lock wait, and the task failed.
-            "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": str(EXECUTION_API_TIMEOUT),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(self.python_dir), os.environ.get("PYTHONPATH")])),
+            # `airflow standalone` starts its components as `airflow <command>` found on PATH
+            "PATH": os.pathsep.join(filter(None, [str(Path(sys.executable).parent), os.environ.get("PATH")])),
             # the log servers on ports of their own (the defaults may be taken, e.g. by `make ui`)
             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
             "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+            **({"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.database} if self.database else {}),
             **(PRELOAD_ENV if self.preload else {}),
             **self.env,
         }
-        if "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN" not in self.env:  # SQLite: the default of AIRFLOW_HOME
-            env.setdefault(
-                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS", f"{SQLITE_CONNECT_MODULE}.CONNECT_ARGS"
-            )
         return env
 
     # ------------------------------------------------------------------------------ start / stop
     def start(self, timeout: float = 240) -> AirflowClient:
         """Start the components and wait until the API server reports them all healthy."""
-        on_sqlite = "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN" not in self.env
-        if on_sqlite and not (self.home / "airflow.db").exists():
-            raise AirflowStackError(
-                f"no Airflow metadata database in {self.home}.",
-                fix=f"run `AIRFLOW_HOME={self.home} airflow db migrate` first (`make demo` does).",
-            )
         self.port = self.port or free_port()
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.python_dir.mkdir(parents=True, exist_ok=True)
-        (self.python_dir / f"{SQLITE_CONNECT_MODULE}.py").write_text(
-            f'"""Written by airflow_mlops.demo.stack: SQLite connect arguments."""\n\nCONNECT_ARGS = {SQLITE_CONNECT_ARGS!r}\n'
-        )
         self._env = self.environment()
-        for name in COMPONENTS:
+        for name in ("standalone",) if self.standalone else COMPONENTS:
             self._launch(name)
         self.client = AirflowClient(
             f"{self.url}/api/v2",
             on_timeout=self.log_tails,
-            on_request=self.supervise,
+            on_request=self.check_alive,
             explain_error=self.api_server_error,
         )
         self.client.wait("the Airflow components to report healthy", self._healthy, timeout)
@@ -223,6 +196,7 @@ class AirflowStack:
 
     def _launch(self, name: str) -> None:
         commands = {
+            "standalone": ["standalone"],
             "api-server": ["api-server", "-H", self.host, "-p", str(self.port), "-w", "1"],
             "scheduler": ["scheduler"],
             "dag-processor": ["dag-processor"],
@@ -239,43 +213,64 @@ class AirflowStack:
                 start_new_session=True,  # a group of its own: Ctrl-C reaches us, we stop the tree
             )
 
-    def supervise(self) -> None:
-        """Start again a component that has exited since the start (Airflow 3.3.2's scheduler can die on
-        a race in its SQLite database, e.g. ``StaleDataError`` on ``dag_run`` while a backfill starts),
-        as a service manager would; the new process adopts the orphaned task instances.
+    def check_alive(self) -> None:
+        """Raise if a component has exited since the start: nothing here starts it again (Airflow's
+        components do not die on PostgreSQL; a service manager restarts them in a real deployment).
 
-        :raises AirflowStackError: a component exited more than ``max_restarts`` times.
+        :raises AirflowStackError: naming the component, its exit code and its log's tail.
         """
         if not self._running:
             return
-        for name, process in list(self.processes.items()):
+        for name, process in self.processes.items():
             code = exit_code(process)
+            if code is None and name == "standalone":
+                missing = self._standalone_missing()
+                if missing:
+                    self._running = False
+                    log_file = self.logs / "standalone.log"
+                    raise AirflowStackError(
+                        f"airflow {missing[0]} (started by `airflow standalone`) has exited.\n"
+                        f"{log_file}:\n{_tail(log_file)}",
+                        fix="read the log above; run `make demo` again to continue from the state reached.",
+                    )
             if code is None:
                 continue
+            self._running = False
             log_file = self.logs / f"{name}.log"
-            done = self.restarts.get(name, 0)
-            if done >= self.max_restarts:
-                self._running = False
-                raise AirflowStackError(
-                    f"airflow {name} exited with code {code}, after {done} restarts.\n"
-                    f"{log_file}:\n{_tail(log_file)}",
-                    fix="read the log above; run `make demo` again to continue from the state reached.",
-                )
-            # what is left of it: executor workers, and task processes, which Airflow puts in process
-            # groups of their own (so killing the group leaves them running, a second try beside the
-            # retry the new scheduler starts): everything in the component's session goes
-            self._kill_session(process.pid)
-            process.wait()  # reaped only now: from here on the pid may be given to another process
-            self.restarts[name] = done + 1
-            self._launch(name)
-            message = (
-                f"airflow {name} exited with code {code} ({_last_error(log_file)}); "
-                f"started it again ({done + 1} of at most {self.max_restarts})"
+            raise AirflowStackError(
+                f"airflow {name} exited with code {code} ({_last_error(log_file)}).\n{log_file}:\n{_tail(log_file)}",
+                fix="read the log above; run `make demo` again to continue from the state reached.",
             )
-            if self.announce is not None:
-                self.announce(message)
-            else:
-                log.warning(message)
+
+    def _standalone_missing(self) -> list[str]:
+        """The components ``airflow standalone`` started that no longer run (it does not restart them)."""
+        import psutil
+
+        try:
+            children = psutil.Process(self.processes["standalone"].pid).children()
+        except psutil.Error:
+            return list(COMPONENTS)
+        running = set()
+        for child in children:
+            try:
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                command = child.cmdline()
+            except psutil.Error:
+                continue
+            # `python .../airflow scheduler`, or the title a component gave itself (`airflow api_server -- ...`)
+            words = " ".join(command).replace("_", "-").split()
+            running.update(name for name in COMPONENTS if name in words[:3])
+        return [name for name in COMPONENTS if name not in running]
+
+    def restart(self, name: str) -> None:
+        """Stop what is left of component ``name`` (its whole session: executor workers and task
+        processes, which Airflow puts in process groups of their own) and start it again, as a service
+        manager would after it died (the fault tests kill a component, then call this)."""
+        process = self.processes[name]
+        self._kill_session(process.pid)
+        process.wait()  # reaped only now: from here on the pid may be given to another process
+        self._launch(name)
 
     def _healthy(self) -> bool:
         for name, process in self.processes.items():
@@ -307,7 +302,7 @@ class AirflowStack:
         found = re.search(r"look for ID (\w+)", answer)
         if not found:
             return ""
-        path = self.logs / "api-server.log"
+        path = self.logs / ("standalone.log" if self.standalone else "api-server.log")
         lines = _tail(path, 200_000).splitlines()
         for i, line in enumerate(lines):
             if found.group(1) in line:
@@ -409,40 +404,13 @@ def _iso(value: datetime | str) -> str:
     return value.isoformat()
 
 
-#: how long :meth:`AirflowClient.request` keeps sending a request the database refused
-DATABASE_RETRY_SECONDS = 120.0
-#: seconds between those attempts
-DATABASE_RETRY_INTERVAL = 2.0
-
-
-def database_refused(response: httpx.Response) -> bool:
-    """Whether the API server answered that its database refused the request, which it then rolled back.
-
-    On SQLite, writers from four components and their tasks share one file (WAL mode), and a transaction
-    that read before another connection committed fails with "database is locked" as soon as it writes:
-    its snapshot is stale, so SQLite does not wait out the busy timeout. The API server answers 500
-    "Database error" (503 "Database is locked" for a backfill). Its session commits only when the
-    endpoint has succeeded, so such a request wrote nothing and may be sent again. Any other answer is
-    final.
-    """
-    if response.status_code not in (500, 503):
-        return False
-    try:
-        detail = response.json().get("detail")
-    except ValueError:
-        return False
-    if isinstance(detail, dict):
-        return detail.get("reason") == "Database error"
-    return isinstance(detail, str) and "database is locked" in detail.lower()
-
-
 class AirflowClient:
     """The calls of Airflow's REST API (``/api/v2``) the demo makes.
 
     :param base_url: ``http://host:port/api/v2``.
     :param token: a bearer token (not needed when the API server runs with all-admins simple auth).
     :param on_timeout: returns text appended to a timeout error (e.g. the components' log tails).
-    :param on_request: called before every request (e.g. :meth:`AirflowStack.supervise`).
+    :param on_request: called before every request (e.g. :meth:`AirflowStack.check_alive`).
     :param explain_error: returns what the server logged about an error answer (given its text), appended
         to the error (e.g. :meth:`AirflowStack.api_server_error`).
     """
@@ -468,10 +436,8 @@ class AirflowClient:
             import httpx
 
             headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-            # a request may legitimately wait SQLITE_CONNECT_ARGS["timeout"] (60 s) for the database lock
-            # in the API server: wait longer than that for its answer, so a slow write is not cut off
             client = self.__dict__["_http"] = httpx.Client(
-                base_url=self.base_url, timeout=httpx.Timeout(150, connect=10), headers=headers
+                base_url=self.base_url, timeout=httpx.Timeout(60, connect=10), headers=headers
             )
         return client
 
@@ -487,23 +453,8 @@ class AirflowClient:
         return self.http.request(method, path, **kwargs)
 
     def request(self, method: str, path: str, *, ok: tuple[int, ...] = (200, 201), **kwargs: Any) -> Any:
-        """Send a request; one the database refused (see :func:`database_refused`) is sent again, for up to
-        ``DATABASE_RETRY_SECONDS``."""
-        deadline = time.monotonic() + DATABASE_RETRY_SECONDS
-        while True:
-            response = self._send(method, path, **kwargs)
-            if response.status_code in ok or not database_refused(response):
-                break
-            if time.monotonic() > deadline:
-                break
-            log.warning(
-                "%s /api/v2%s: the API server's database refused it (%s %s); sending it again",
-                method,
-                path,
-                response.status_code,
-                response.text[:300],
-            )
-            time.sleep(DATABASE_RETRY_INTERVAL)
+        """Send a request; an answer not in ``ok`` raises :class:`AirflowStackError` with it."""
+        response = self._send(method, path, **kwargs)
         if response.status_code not in ok:
             logged = self.explain_error(response.text) if self.explain_error else ""
             raise AirflowStackError(
@@ -593,11 +544,7 @@ class AirflowClient:
         reprocess_behavior: str = "failed",
         conf: dict | None = None,
     ) -> dict:
-        """Have the scheduler run ``dag_id`` for every data interval whose start lies in [from, to].
-
-        On SQLite the API server refuses to create a backfill while another writer holds the database
-        (503 "Database is locked"): :meth:`request` sends it again.
-        """
+        """Have the scheduler run ``dag_id`` for every data interval whose start lies in [from, to]."""
         return self.request(
             "POST",
             "/backfills",

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_mlops.demo.data import Cadence, batch_start, check_cadence
+from airflow_mlops.demo.postgres import demo_database
 from airflow_mlops.demo.stack import AirflowClient, AirflowStack
 from airflow_mlops.demo.timeline import DemoDags, collect, skip_reason, write_timeline
 from airflow_mlops.exceptions import MLOpsError
@@ -115,18 +116,21 @@ class Story:
         )
         with self.phase("land the data"):
             self.land()
+        home = Path(os.environ.get("AIRFLOW_HOME") or self.state / "airflow")
+        self.say(
+            f"[2/8] starting Airflow (`airflow standalone`, logs in {self.state / 'logs'}) on PostgreSQL "
+            f"({self.state / 'postgres'})"
+        )
+        t0 = time.monotonic()
         stack = AirflowStack(
-            home=Path(os.environ.get("AIRFLOW_HOME") or self.state / "airflow"),
+            home=home,
             logs=self.state / "logs",
             env={"AIRFLOW__MLOPS__STATE_DIR": str(self.state)},
-            announce=lambda message: self.say(f"      ! {message}"),
+            database=demo_database(self.state, home),
+            standalone=True,
             preload=True,
         )
-        self.say(
-            f"[2/8] starting Airflow: api-server, scheduler, dag-processor, triggerer (logs in {stack.logs})"
-        )
         result: dict[str, Any] = {}
-        t0 = time.monotonic()
         try:
             with stack as api:
                 self.api = api

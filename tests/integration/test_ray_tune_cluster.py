@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -46,7 +48,7 @@ with DAG("tune_cluster_it", schedule=None, start_date=datetime(2013, 1, 1, tzinf
 
 
 def test_deferred_search_on_the_cluster_through_airflow_and_its_triggerer(
-    airflow_db, ray_cluster, flights_training_set, tmp_path, monkeypatch
+    airflow_pg_db, ray_cluster, flights_training_set, tmp_path, monkeypatch
 ):
     from airflow_mlops.demo.stack import AirflowStack
     from airflow_mlops.hooks.ray import RayHook
@@ -60,7 +62,8 @@ def test_deferred_search_on_the_cluster_through_airflow_and_its_triggerer(
         textwrap.dedent(DAG_FILE.format(manifest=str(flights_training_set["manifest"])))
     )
     stack = AirflowStack(
-        home=airflow_db.parent,
+        home=Path(os.environ["AIRFLOW_HOME"]),
+        database=airflow_pg_db,
         logs=tmp_path / "logs",
         dags_folder=dags,
         env=ray_cluster.conn_uri_env,

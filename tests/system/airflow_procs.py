@@ -2,8 +2,8 @@
 
 :func:`airflow_components` starts the :class:`~airflow_mlops.demo.stack.AirflowStack` of ``make demo``
 (an ``api-server``, the Execution API the tasks talk to and the REST API the tests drive, a ``scheduler``,
-a ``dag-processor`` and a ``triggerer``) on the session's ``AIRFLOW_HOME`` and SQLite database with the
-LocalExecutor (Airflow 3.3 supports that pair; it is what ``airflow standalone`` runs), waits until the
+a ``dag-processor`` and a ``triggerer``) on the session's ``AIRFLOW_HOME`` and a metadata database on the
+session's PostgreSQL (fixture ``airflow_pg_db``) with the LocalExecutor, waits until the
 given DAGs are served, and stops every process group (executor workers and task processes included)
 when the block ends, failing if anything survives.
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sqlite3
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +30,17 @@ import pytest
 from airflow_mlops.demo.stack import AirflowClient, AirflowStack
 
 
+def _extra(value: Any) -> dict:
+    """An Asset event's ``extra`` as stored (a JSON column: a dict, or its text)."""
+    return json.loads(value) if isinstance(value, str) else dict(value or {})
+
+
 @dataclass
 class AirflowComponents:
-    """The running components: the stack (its REST client and log files), the metadata database (read-only)."""
+    """The running components: the stack (its REST client and log files), the metadata database (its URL)."""
 
     stack: AirflowStack
-    db: Path
+    db: str
 
     @property
     def client(self) -> AirflowClient:
@@ -72,19 +77,24 @@ class AirflowComponents:
         return self.client.xcom(dag_id, run_id, task_id)
 
     # ------------------------------------------------------------------ metadata database (read-only)
-    def query(self, sql: str, *args: Any) -> list[sqlite3.Row]:
-        with contextlib.closing(sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30)) as db:
-            db.row_factory = sqlite3.Row
-            return db.execute(sql, args).fetchall()
+    def query(self, sql: str, **params: Any) -> list[dict]:
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(self.db)
+        try:
+            with engine.connect() as db:
+                return [dict(row) for row in db.execute(text(sql), params).mappings()]
+        finally:
+            engine.dispose()
 
     def asset_events(self, asset_name: str) -> list[dict]:
         """Every event of the Asset, oldest first, with its ``extra`` parsed."""
         rows = self.query(
             "SELECT e.id, e.extra, e.source_dag_id, e.source_run_id, e.timestamp FROM asset_event e "
-            "JOIN asset a ON a.id = e.asset_id WHERE a.name = ? ORDER BY e.id",
-            asset_name,
+            "JOIN asset a ON a.id = e.asset_id WHERE a.name = :name ORDER BY e.id",
+            name=asset_name,
         )
-        return [{**dict(row), "extra": json.loads(row["extra"] or "{}")} for row in rows]
+        return [{**dict(row), "extra": _extra(row["extra"])} for row in rows]
 
     def asset_triggered_runs(self, dag_id: str) -> dict[str, list[dict]]:
         """The Asset-triggered runs of ``dag_id``, each with the Asset events that triggered it."""
@@ -92,20 +102,20 @@ class AirflowComponents:
             "SELECT r.run_id, e.id, e.extra FROM dag_run r "
             "LEFT JOIN dagrun_asset_event link ON link.dag_run_id = r.id "
             "LEFT JOIN asset_event e ON e.id = link.event_id "
-            "WHERE r.dag_id = ? AND r.run_type = 'asset_triggered' ORDER BY r.id, e.id",
-            dag_id,
+            "WHERE r.dag_id = :dag_id AND r.run_type = 'asset_triggered' ORDER BY r.id, e.id",
+            dag_id=dag_id,
         )
         runs: dict[str, list[dict]] = {}
         for row in rows:
             events = runs.setdefault(row["run_id"], [])
             if row["id"] is not None:
-                events.append({"id": row["id"], "extra": json.loads(row["extra"] or "{}")})
+                events.append({"id": row["id"], "extra": _extra(row["extra"])})
         return runs
 
 
 @contextlib.contextmanager
 def airflow_components(
-    db: Path,
+    db: str,
     logs: Path,
     dag_ids: Sequence[str],
     *,
@@ -118,8 +128,8 @@ def airflow_components(
     """Start the four components, wait until the API serves every DAG of ``dag_ids`` (and unpause
     them), yield them; stop everything when the block ends and fail if any of their processes survives.
 
-    :param db: the migrated SQLite metadata database of the session (``airflow_db`` fixture); its folder
-        is the components' ``AIRFLOW_HOME``.
+    :param db: URL of the migrated metadata database (``airflow_pg_db`` fixture); the components'
+        ``AIRFLOW_HOME`` is the session's.
     :param logs: folder for one log file per component.
     :param dags_folder: the DAG files to parse; default ``[core] dags_folder`` from the environment.
     :param timeout: seconds the DAGs may take to be served once the components report healthy.
@@ -127,7 +137,13 @@ def airflow_components(
     :param env: environment variables over :meth:`AirflowStack.environment`'s (e.g. ``AIRFLOW__MLOPS__*``).
     """
     stack = AirflowStack(
-        home=db.parent, logs=logs, dags_folder=dags_folder, env=env, parallelism=4, preload=preload
+        home=Path(os.environ["AIRFLOW_HOME"]),
+        logs=logs,
+        dags_folder=dags_folder,
+        env=env,
+        database=db,
+        parallelism=4,
+        preload=preload,
     )
     try:
         with stack as client:

@@ -317,7 +317,6 @@ def scaled_topology(pg, root: Path) -> Iterator[Topology]:
             dags_folder=ROOT / "dags",
             host=ip,
             env={**common, "AIRFLOW__MLOPS__STATE_DIR": str(root / "main" / "mlops-state")},
-            max_restarts=0,
         )
         stack.enter_context(airflow)
         worker_env: dict[str, dict[str, str]] = {}

@@ -104,12 +104,12 @@ class Airflow(AirflowComponents):
 
 
 @pytest.fixture(scope="module")
-def airflow(airflow_db, tmp_path_factory) -> Iterator[Airflow]:
+def airflow(airflow_pg_db, tmp_path_factory) -> Iterator[Airflow]:
     state = Path(os.environ["AIRFLOW__MLOPS__STATE_DIR"]) / "drift-system"
     logs = tmp_path_factory.mktemp("airflow-components")
     reference_uri = _write_data(state)
     with airflow_components(
-        airflow_db,
+        airflow_pg_db,
         logs,
         ("flights_monitor", "flights_train"),
         AIRFLOW__MLOPS__STATE_DIR=str(state),

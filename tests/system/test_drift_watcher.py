@@ -141,7 +141,7 @@ class Watched(AirflowComponents):
 
 
 @pytest.fixture(scope="module")
-def watched(airflow_db, tmp_path_factory) -> Iterator[Watched]:
+def watched(airflow_pg_db, tmp_path_factory) -> Iterator[Watched]:
     from airflow_mlops.ml.drift import column_statistics, typed
 
     reference, july = _flights()
@@ -155,7 +155,7 @@ def watched(airflow_db, tmp_path_factory) -> Iterator[Watched]:
     calm = reference.sample(1200, random_state=7)
     _write_log(root, "2013-07-14", calm)
     with airflow_components(
-        airflow_db,
+        airflow_pg_db,
         logs,
         DAGS,
         dags_folder=DRIFT_DAGS,

@@ -1,16 +1,13 @@
-"""The demo's REST client sends again what the API server's database refused, and nothing else."""
+"""The demo's REST client: an error answer is raised at once, with the answer and what the server logged."""
 
 from __future__ import annotations
-
-import json
 
 import httpx
 import pytest
 
-from airflow_mlops.demo import stack
 from airflow_mlops.demo.stack import AirflowClient, AirflowStack, AirflowStackError
 
-# what Airflow 3's API server answers when SQLAlchemy raised (e.g. SQLite's "database is locked")
+# what Airflow 3's API server answers when SQLAlchemy raised
 DATABASE_ERROR = {
     "detail": {
         "reason": "Database error",
@@ -18,9 +15,6 @@ DATABASE_ERROR = {
         "orig_error": "hidden",
         "message": "Serious error when handling your request. Check logs for more details",
     }
-}
-BACKFILL_LOCKED = {
-    "detail": "Database is locked. Backfill creation is not supported on SQLite under concurrent access."
 }
 
 
@@ -38,34 +32,17 @@ def _client(answers: list[tuple[int, dict]]) -> tuple[AirflowClient, list[httpx.
     return client, received
 
 
-@pytest.fixture(autouse=True)
-def _quick_retries(monkeypatch):
-    monkeypatch.setattr(stack, "DATABASE_RETRY_INTERVAL", 0.0)
-
-
-def test_an_asset_event_the_database_refused_is_posted_again_until_it_is_stored():
-    client, received = _client([(500, DATABASE_ERROR), (500, DATABASE_ERROR), (200, {"id": 7})])
-    event = client.request("POST", "/assets/events", json={"asset_id": 3, "extra": {"event_id": "e1"}})
-    assert event == {"id": 7}
-    assert len(received) == 3
-    assert {json.loads(r.content)["extra"]["event_id"] for r in received} == {"e1"}
-
-
-def test_a_backfill_refused_as_locked_is_created_on_a_later_attempt():
-    client, received = _client([(503, BACKFILL_LOCKED), (200, {"id": 1, "dag_id": "d"})])
-    assert client.backfill("d", "2013-01-01", "2013-01-31")["id"] == 1
-    assert 2 <= len(received) <= 7
-
-
 @pytest.mark.parametrize(
     "status, body",
     [
+        (500, DATABASE_ERROR),
         (500, {"detail": "An error occurred while trying to deserialize Dag"}),
         (409, {"detail": {"reason": "Unique constraint violation"}}),
         (404, {"detail": "Asset with ID: `3` was not found"}),
     ],
 )
-def test_any_other_error_is_raised_at_once_with_the_answer(status, body):
+def test_an_error_answer_is_raised_at_once_with_the_answer_and_never_sent_again(status, body):
+    """On PostgreSQL nothing is refused for a lock: the client retries nothing (it did on SQLite)."""
     client, received = _client([(status, body), (200, {"id": 7})])
     with pytest.raises(AirflowStackError, match=f"answered {status}") as err:
         client.request("POST", "/assets/events", json={"asset_id": 3})
@@ -74,32 +51,27 @@ def test_any_other_error_is_raised_at_once_with_the_answer(status, body):
     assert (detail["reason"] if isinstance(detail, dict) else detail) in str(err.value)
 
 
-def test_a_database_that_keeps_refusing_fails_after_the_retry_window(monkeypatch):
-    monkeypatch.setattr(stack, "DATABASE_RETRY_SECONDS", 0.5)
-    monkeypatch.setattr(stack, "DATABASE_RETRY_INTERVAL", 0.1)
-    client, received = _client([(500, DATABASE_ERROR)])
-    with pytest.raises(AirflowStackError, match="answered 500.*Database error"):
-        client.request("POST", "/assets/events", json={"asset_id": 3})
-    assert 2 <= len(received) <= 7
-
-
 def test_an_error_answer_comes_with_what_the_api_server_logged_about_it(tmp_path):
     answer = dict(DATABASE_ERROR)
     answer["detail"] = {**DATABASE_ERROR["detail"], "message": "... when you look for ID i402q4d5"}
-    (tmp_path / "api-server.log").write_text(
-        "INFO: 127.0.0.1 GET /api/v2/dags 200\n"
-        "ERROR Error with id i402q4d5\n"
-        "Traceback (most recent call last):\n"
-        "sqlite3.OperationalError: database is locked\n"
+    (tmp_path / "standalone.log").write_text(
+        "api-server | INFO: 127.0.0.1 GET /api/v2/dags 200\n"
+        "api-server | ERROR Error with id i402q4d5\n"
+        "api-server | Traceback (most recent call last):\n"
+        "api-server | psycopg2.errors.UniqueViolation: duplicate key value\n"
     )
-    airflow = AirflowStack(home=tmp_path, logs=tmp_path)
+    airflow = AirflowStack(home=tmp_path, logs=tmp_path, standalone=True)
     client, _ = _client([(409, answer)])
     client.explain_error = airflow.api_server_error
-    with pytest.raises(AirflowStackError, match="(?s)answered 409.*i402q4d5.*database is locked"):
+    with pytest.raises(AirflowStackError, match="(?s)answered 409.*i402q4d5.*UniqueViolation"):
         client.request("POST", "/assets/events", json={"asset_id": 3})
     assert airflow.api_server_error('{"detail": "no id here"}') == ""
 
 
-def test_tasks_wait_longer_for_the_api_server_than_it_may_wait_for_the_database_lock(tmp_path):
-    env = AirflowStack(home=tmp_path, logs=tmp_path, port=8080).environment()
-    assert float(env["AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT"]) > stack.SQLITE_CONNECT_ARGS["timeout"]
+def test_the_demo_runs_its_components_on_the_database_it_is_given_with_the_task_libraries_preloaded(tmp_path):
+    url = "postgresql+psycopg2://airflow@/airflow?host=/x/socket&port=5432"
+    env = AirflowStack(home=tmp_path, logs=tmp_path, port=8080, database=url, preload=True).environment()
+    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == url
+    assert "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS" not in env
+    assert env["AIRFLOW__SCHEDULER__MP_START_METHOD"] == "forkserver"
+    assert env["AIRFLOW__CORE__MP_FORKSERVER_PRELOAD"] == "airflow_mlops.preload"
