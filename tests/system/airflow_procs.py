@@ -122,7 +122,7 @@ def airflow_components(
     dags_folder: Path | None = None,
     unpause: bool = True,
     timeout: float = 150,
-    preload: bool = True,
+    preload: bool = False,
     **env: str,
 ) -> Iterator[AirflowComponents]:
     """Start the four components, wait until the API serves every DAG of ``dag_ids`` (and unpause

@@ -112,6 +112,7 @@ def airflow(airflow_pg_db, tmp_path_factory) -> Iterator[Airflow]:
         airflow_pg_db,
         logs,
         ("flights_monitor", "flights_train"),
+        preload=True,  # the monitor's Evidently and the trainings' libraries, imported once
         AIRFLOW__MLOPS__STATE_DIR=str(state),
         AIRFLOW__MLOPS__OFFLINE_ROOT=f"file://{state}/offline",
         AIRFLOW__MLOPS__ARTIFACT_ROOT=f"file://{state}/artifacts",
