@@ -330,14 +330,16 @@ def delivery(args: argparse.Namespace, state: Path, parts: set[str]) -> None:
         target.teardown(model)
 
 
-def _session_priority(pids: list[int]) -> None:
+def _session_priority(pids: list[int], exclude: int | None = None) -> None:
     """Give the sessions of ``pids`` and their children this process's niceness (benchmark only, root only).
 
     The kernel's autogroup scheduling (``/proc/sys/kernel/sched_autogroup_enabled``) shares the CPU between
     *sessions* first: a ``nice`` value only ranks processes within their session, and the router and the
     servers run in sessions of their own (``start_new_session``), so ``nice -n -15`` on the benchmark gave
     them no priority over the other work on the machine. Writing the niceness to ``/proc/<pid>/autogroup``
-    ranks each whole session (BentoML starts its workers in sessions of their own too: children included)."""
+    ranks each whole session (BentoML starts its workers in sessions of their own too: children included).
+    ``exclude`` and its children keep theirs: the shadow's server is a child of this process too, and giving
+    its sessions the benchmark's priority would undo the lowest priority it gives itself."""
     import psutil
 
     niceness = os.nice(0)
@@ -349,11 +351,44 @@ def _session_priority(pids: list[int]) -> None:
             tree.update(child.pid for child in psutil.Process(pid).children(recursive=True))
         except psutil.Error:
             pass
+    if exclude is not None:
+        tree -= {exclude, *_tree(exclude)}
     for pid in sorted(tree):
         try:
             Path(f"/proc/{pid}/autogroup").write_text(str(niceness))
         except OSError:  # no autogroup scheduling, or not allowed: the figures are then shared with the rest
             pass
+
+
+def _tree(pid: int) -> list[int]:
+    """The children of ``pid``, recursively (none when it ended)."""
+    import psutil
+
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _scheduling(pid: int) -> dict[str, int]:
+    """How many threads of ``pid`` and its children run in each scheduling class (``SCHED_IDLE`` ...) and at
+    which session (autogroup) niceness: the shadow's server must be all ``SCHED_IDLE``."""
+    from collections import Counter
+
+    names = {getattr(os, n): n for n in ("SCHED_OTHER", "SCHED_BATCH", "SCHED_IDLE") if hasattr(os, n)}
+    seen: Counter[str] = Counter()
+    for proc in [pid, *_tree(pid)]:
+        try:
+            group = Path(f"/proc/{proc}/autogroup").read_text().split()[-1]
+        except OSError:
+            group = "?"
+        for tid in os.listdir(f"/proc/{proc}/task") if os.path.isdir(f"/proc/{proc}/task") else []:
+            try:
+                policy = names.get(os.sched_getscheduler(int(tid)), "other")
+            except OSError:
+                continue
+            seen[f"{policy} (session nice {group})"] += 1
+    return dict(seen)
 
 
 def _pin(pids: list[int], cpus: list[int]) -> None:
@@ -377,7 +412,8 @@ def shadow_part(args: argparse.Namespace, target, model: str, url: str, bodies: 
     pids = {"router": router["pid"], "live": active["pid"], "shadow": shadow["pid"]}
     # the benchmark and production's processes get its priority over the machine's other work; the shadow
     # keeps the lowest, which it gives itself (airflow_mlops.ml.service.yield_cpu_to_production)
-    _session_priority([os.getpid(), pids["router"], pids["live"]])
+    _session_priority([os.getpid(), pids["router"], pids["live"]], exclude=pids["shadow"])
+    scheduling = {name: _scheduling(pid) for name, pid in pids.items()}
     if args.pin_shadow is not None:  # benchmark only: the shadow on one core, everything else on the others
         rest = sorted(set(range(os.cpu_count() or 1)) - {args.pin_shadow})
         _pin([shadow["pid"]], [args.pin_shadow])
@@ -442,7 +478,9 @@ def shadow_part(args: argparse.Namespace, target, model: str, url: str, bodies: 
         f"{router_cpu['with']:.2f} ms (the mirroring's own cost in the router: "
         f"{router_cpu['with'] - router_cpu['without']:+.2f} ms/request); {os.cpu_count()} cores"
     )
+    print(f"threads by scheduling class: {json.dumps(scheduling)}")
     figures = {
+        "scheduling": scheduling,
         "rate": rate,
         "capacity": capacity,
         "runs": runs,

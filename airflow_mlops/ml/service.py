@@ -60,7 +60,6 @@ far outside the training range); an unreachable feature store a 503 naming it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import gc
 import hmac
@@ -325,17 +324,23 @@ def served_schema(settings: ServeSettings) -> ServedSchema:
 def yield_cpu_to_production() -> None:
     """Give this process the lowest CPU priority there is, for a shadow that shares its host with production.
 
-    Every thread of the process gets nice 19 (on Linux a nice value belongs to a thread), and so does the
-    process's session: with the kernel's autogroup scheduling (on by default), CPU is shared between
-    sessions first, and ``bentoml serve`` runs each worker in a session of its own, so a nice value alone
-    would not rank the shadow's workers below production's. A shadow therefore runs on the CPU production
-    leaves idle and cannot slow production's answers by competing for cores; when there is none to spare,
-    its copies queue and the router drops the ones beyond its in-flight bound (counted as skipped). Failures
-    (e.g. no ``/proc``) are logged and ignored: the shadow still serves.
+    Every thread of the process is put in the ``SCHED_IDLE`` scheduling class (Linux): it runs only on CPU
+    time no normal task wants, and a normal task that wakes up preempts it at once, where a nice 19 thread
+    could still hold a core for its time slice while production waits. Threads and processes started
+    afterwards (BentoML's worker threads, child processes) inherit the class. Each thread also gets nice 19
+    (where ``SCHED_IDLE`` is refused), and so does the process's session: with the kernel's autogroup
+    scheduling (on by default), CPU is shared between sessions first, and ``bentoml serve`` runs each worker
+    in a session of its own, so a priority within the session alone would not rank the shadow's workers below
+    production's. A shadow therefore runs on the CPU production leaves idle and cannot slow production's
+    answers by competing for cores; when there is none to spare, its copies queue and the router drops the
+    ones beyond its bounds (counted as skipped). Failures (e.g. no ``/proc``, not Linux) are logged and
+    ignored: the shadow still serves.
     """
-    for task in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else [str(os.getpid())]:
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, int(task), 19)
+    from airflow_mlops.ml.router import run_on_idle_cpu
+
+    refused = run_on_idle_cpu()
+    if refused:
+        log.info("Shadow server: SCHED_IDLE not applied (%s); threads run at nice 19", refused)
     try:
         with open("/proc/self/autogroup", "w") as handle:
             handle.write("19")

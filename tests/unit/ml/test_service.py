@@ -376,7 +376,9 @@ def test_a_shadow_server_takes_the_lowest_cpu_priority_and_a_live_one_keeps_its_
         "import json, os, threading, airflow_mlops.ml.service as s\n"
         "group = open('/proc/self/autogroup').read() if os.path.exists('/proc/self/autogroup') else ''\n"
         "tids = os.listdir('/proc/self/task')\n"
-        "print(json.dumps({'nice': [os.getpriority(os.PRIO_PROCESS, int(t)) for t in tids], 'group': group}))\n"
+        "t = threading.Thread(target=lambda: print(json.dumps({'later': os.sched_getscheduler(0)}))); t.start(); t.join()\n"
+        "print(json.dumps({'nice': [os.getpriority(os.PRIO_PROCESS, int(t)) for t in tids], 'group': group,\n"
+        "                  'policy': [os.sched_getscheduler(int(t)) for t in tids]}))\n"
     )
     env = {
         **os.environ,
@@ -393,12 +395,15 @@ def test_a_shadow_server_takes_the_lowest_cpu_priority_and_a_live_one_keeps_its_
         start_new_session=True,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    later, seen = (json.loads(line) for line in out.stdout.strip().splitlines()[-2:])
     if shadow == "true":
+        # SCHED_IDLE: production's threads preempt the shadow's at once; threads started later inherit it
+        assert set(seen["policy"]) == {os.SCHED_IDLE} and later["later"] == os.SCHED_IDLE
         assert set(seen["nice"]) == {19}
         if seen["group"]:  # a kernel with autogroup scheduling
             assert seen["group"].split()[-1] == "19", seen["group"]
     else:
+        assert set(seen["policy"]) == {os.SCHED_OTHER} and later["later"] == os.SCHED_OTHER
         assert set(seen["nice"]) == {os.getpriority(os.PRIO_PROCESS, 0)}
         if seen["group"]:
             assert seen["group"].split()[-1] != "19"
