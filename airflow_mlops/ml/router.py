@@ -397,6 +397,7 @@ class RouterApp:
         self.shadow_inline = ShadowCopies(self.client, self.shadow_max_inflight)
         self.shadow_sender: ShadowSender | None = None
         self._sender_failed = False
+        self._sender_started = 0.0
         self.random = random.Random()
         self.split_generation: Any = None
         self.split_since = _now()
@@ -556,6 +557,13 @@ class RouterApp:
         if self.shadow_sender_mode != "process" or self._sender_failed:
             return None
         if self.shadow_sender is None or not self.shadow_sender.alive:
+            if self.shadow_sender is not None and time.monotonic() - self._sender_started < 60:
+                # it ended within a minute of its start: no restart loop on production's path
+                log.warning(
+                    "The shadow sender ended again; copies are sent from the router's loop from now on"
+                )
+                self._sender_failed = True
+                return None
             try:
                 self.shadow_sender = ShadowSender(self.shadow_max_inflight, self.shadow_queue_bytes)
             except OSError as err:
@@ -564,6 +572,7 @@ class RouterApp:
                 )
                 self._sender_failed = True
                 return None
+            self._sender_started = time.monotonic()
         return self.shadow_sender
 
     def shadow_status(self, backend: str | None) -> dict[str, Any]:

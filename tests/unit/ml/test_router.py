@@ -357,7 +357,10 @@ class _Shadow:
             def log_message(self, *args) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 256  # the sender may open up to 64 connections at once
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -412,11 +415,11 @@ def test_a_sender_process_on_idle_cpu_sends_every_copy_and_reports_the_counts(tm
     finally:
         shadow.close()
     assert [s for s, _, _ in answers] == [200] * 20
+    assert (status["sent"], status["skipped"], status["failed"], status["queued"]) == (20, 0, 0, 0)
     assert sorted(shadow.seen) == sorted(
         (b'{"row": {"x": %d}}' % i, headers["x-mlops-request-id"])
         for i, (_, headers, _) in enumerate(answers)
     )
-    assert (status["sent"], status["skipped"], status["failed"], status["queued"]) == (20, 0, 0, 0)
     assert status["sender"] == {"mode": "process", "pid": pid} and pid != os.getpid()
     assert status["latency_ms"]["shadow"]["n"] == 20
     assert set(policies) == {os.SCHED_IDLE}, policies
@@ -457,3 +460,32 @@ def test_a_sender_that_gets_no_cpu_never_holds_up_the_client_and_the_dropped_cop
     assert during["sent"] + during["queued"] + during["skipped"] == 301, during
     assert after["sent"] + after["skipped"] == 301 and after["failed"] == 0, after
     assert len(shadow.seen) == after["sent"]
+
+
+def test_a_copy_too_large_for_the_queue_and_copies_after_the_sender_died_still_reach_the_shadow(tmp_path):
+    # What the sender process cannot take is sent from the router's loop as before: nothing is lost silently.
+    shadow = _Shadow()
+    app = _process_app(tmp_path / "routes.json", shadow.url, shadow_queue_bytes=16 * 1024)
+    small, large = b'{"row": {"x": 1}}', b'{"row": {"x": "%s"}}' % (b"y" * 200_000)
+
+    async def run() -> dict:
+        try:
+            await _post(app, small)
+            await _post(app, large)  # larger than the queue: sent inline
+            await _until(app, lambda s: s["sent"] == 2 and s["inflight"] == 0)
+            app.shadow_sender.process.kill()
+            app.shadow_sender.process.wait()
+            await asyncio.sleep(0.1)  # the router notices the end of the queue
+            await _post(app, small)  # the sender is gone: the copy goes inline
+            await asyncio.gather(*app.shadow_tasks)
+            return await _until(app, lambda s: s["sent"] == 3 and s["inflight"] == 0)
+        finally:
+            if app.shadow_sender is not None:
+                app.shadow_sender.close()
+
+    try:
+        status = asyncio.run(run())
+    finally:
+        shadow.close()
+    assert sorted(len(body) for body, _ in shadow.seen) == sorted([len(small), len(large), len(small)])
+    assert (status["sent"], status["skipped"], status["failed"]) == (3, 0, 0)
