@@ -340,12 +340,7 @@ def yield_cpu_to_production() -> None:
 
     refused = run_on_idle_cpu()
     if refused:
-        log.info("Shadow server: SCHED_IDLE not applied (%s); threads run at nice 19", refused)
-    try:
-        with open("/proc/self/autogroup", "w") as handle:
-            handle.write("19")
-    except OSError as err:
-        log.info("Shadow server: cannot lower its session's CPU priority (%s); threads run at nice 19", err)
+        log.info("Shadow server: not all of its CPU priority could be lowered: %s", refused)
 
 
 SETTINGS = ServeSettings.from_env()

@@ -406,6 +406,12 @@ def test_a_sender_process_on_idle_cpu_sends_every_copy_and_reports_the_counts(tm
             answers = [await _post(app, b'{"row": {"x": %d}}' % i) for i in range(20)]
             status = await _until(app, lambda s: s["sent"] >= 20 and s["inflight"] == 0)
             pid = app.shadow_sender.process.pid
+            # its own session, at the lowest priority: with autogroup scheduling, SCHED_IDLE only ranks a
+            # thread below those of its own session, and the router's must keep its priority
+            assert os.getsid(pid) != os.getsid(0)
+            if os.path.exists(f"/proc/{pid}/autogroup"):
+                assert open(f"/proc/{pid}/autogroup").read().split()[-1] == "19"
+                assert open("/proc/self/autogroup").read().split()[-1] != "19"
             return answers, status, _threads_by_policy(pid), pid
         finally:
             app.shadow_sender.close()
