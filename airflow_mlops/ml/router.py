@@ -135,6 +135,15 @@ class Routes:
         return self.data
 
 
+def shadow_cpu() -> str:
+    """``MLOPS_SHADOW_CPU``: ``idle`` (default: a shadow's server and the router's shadow sender take only CPU
+    production leaves idle, and copies they cannot keep up with are dropped and counted) or ``shared`` (they
+    run at normal priority: the shadow gets a copy of every request, and competes with production for the
+    CPU)."""
+    value = (os.environ.get("MLOPS_SHADOW_CPU") or "idle").strip().lower()
+    return "shared" if value == "shared" else "idle"
+
+
 def run_on_idle_cpu() -> list[str]:
     """Give this process the lowest CPU priority there is (Linux): for a shadow and its copies, which share
     production's host.
@@ -321,7 +330,7 @@ class ShadowSender:
 
 def run_shadow_sender(fd: int, max_inflight: int, frame_bytes: int) -> None:
     """The shadow sender process (started by the router): copies from the queue on ``fd`` to the shadow."""
-    refused = run_on_idle_cpu()
+    refused = run_on_idle_cpu() if shadow_cpu() == "idle" else []
     if refused:
         log.warning("Shadow sender: not all of its CPU priority could be lowered: %s", refused)
     sock = socket.socket(fileno=fd)

@@ -334,10 +334,14 @@ def yield_cpu_to_production() -> None:
     production's. A shadow therefore runs on the CPU production leaves idle and cannot slow production's
     answers by competing for cores; when there is none to spare, its copies queue and the router drops the
     ones beyond its bounds (counted as skipped). Failures (e.g. no ``/proc``, not Linux) are logged and
-    ignored: the shadow still serves.
+    ignored: the shadow still serves. ``MLOPS_SHADOW_CPU=shared`` keeps a normal priority instead
+    (:func:`~airflow_mlops.ml.router.shadow_cpu`).
     """
-    from airflow_mlops.ml.router import run_on_idle_cpu
+    from airflow_mlops.ml.router import run_on_idle_cpu, shadow_cpu
 
+    if shadow_cpu() == "shared":
+        log.info("Shadow server: MLOPS_SHADOW_CPU=shared, it keeps a normal CPU priority")
+        return
     refused = run_on_idle_cpu()
     if refused:
         log.info("Shadow server: not all of its CPU priority could be lowered: %s", refused)

@@ -495,3 +495,25 @@ def test_a_copy_too_large_for_the_queue_and_copies_after_the_sender_died_still_r
         shadow.close()
     assert sorted(len(body) for body, _ in shadow.seen) == sorted([len(small), len(large), len(small)])
     assert (status["sent"], status["skipped"], status["failed"]) == (3, 0, 0)
+
+
+def test_with_shadow_cpu_shared_the_sender_keeps_a_normal_priority(tmp_path, monkeypatch):
+    # MLOPS_SHADOW_CPU=shared: the user wants every copy sent, at the price of competing with production
+    monkeypatch.setenv("MLOPS_SHADOW_CPU", "shared")
+    shadow = _Shadow()
+    app = _process_app(tmp_path / "routes.json", shadow.url)
+
+    async def run() -> tuple[dict, Counter[int]]:
+        try:
+            await _post(app, b"{}")
+            status = await _until(app, lambda s: s["sent"] == 1 and s["inflight"] == 0)
+            return status, _threads_by_policy(app.shadow_sender.process.pid)
+        finally:
+            app.shadow_sender.close()
+
+    try:
+        status, policies = asyncio.run(run())
+    finally:
+        shadow.close()
+    assert status["sent"] == 1 and len(shadow.seen) == 1
+    assert set(policies) == {os.SCHED_OTHER}, policies

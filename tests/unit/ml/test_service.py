@@ -363,8 +363,8 @@ def test_the_request_id_and_shadow_mode_reach_the_prediction_log(tmp_path, monke
     ]
 
 
-@pytest.mark.parametrize("shadow", ["true", "false"])
-def test_a_shadow_server_takes_the_lowest_cpu_priority_and_a_live_one_keeps_its_own(shadow, tmp_path):
+@pytest.mark.parametrize(("shadow", "cpu"), [("true", ""), ("false", ""), ("true", "shared")])
+def test_a_shadow_server_takes_the_lowest_cpu_priority_and_a_live_one_keeps_its_own(shadow, cpu, tmp_path):
     # A shadow shares production's host: its threads and its session (autogroup) must yield the CPU, or it
     # competes with production's servers for the cores; a live server must not be slowed down this way.
     import json
@@ -383,6 +383,7 @@ def test_a_shadow_server_takes_the_lowest_cpu_priority_and_a_live_one_keeps_its_
     env = {
         **os.environ,
         "MLOPS_SERVE_SHADOW": shadow,
+        "MLOPS_SHADOW_CPU": cpu,  # "shared": the user asked for a shadow that sees every request
         "MLOPS_SERVE_MODEL": "no_such_model",
         "AIRFLOW__MLOPS__STATE_DIR": str(tmp_path),
     }
@@ -396,7 +397,7 @@ def test_a_shadow_server_takes_the_lowest_cpu_priority_and_a_live_one_keeps_its_
     )
     assert out.returncode == 0, out.stderr[-2000:]
     later, seen = (json.loads(line) for line in out.stdout.strip().splitlines()[-2:])
-    if shadow == "true":
+    if shadow == "true" and cpu != "shared":
         # SCHED_IDLE: production's threads preempt the shadow's at once; threads started later inherit it
         assert set(seen["policy"]) == {os.SCHED_IDLE} and later["later"] == os.SCHED_IDLE
         assert set(seen["nice"]) == {19}
