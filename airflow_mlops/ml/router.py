@@ -144,7 +144,7 @@ def shadow_cpu() -> str:
     return "shared" if value == "shared" else "idle"
 
 
-def run_on_idle_cpu() -> list[str]:
+def run_on_idle_cpu(sched_idle: bool = True) -> list[str]:
     """Give this process the lowest CPU priority there is (Linux): for a shadow and its copies, which share
     production's host.
 
@@ -155,12 +155,13 @@ def run_on_idle_cpu() -> list[str]:
     threads of its own session. In another session of normal weight it would compete with production's
     servers as their equal (measured: a wake-up p99 of 1.9 ms behind a ``SCHED_IDLE`` busy loop in a session
     of the probe's weight, 0.3 ms behind one in a nice 19 session). So call it in a process that runs in a
-    session of its own (``start_new_session``), never in production's. Returns what was refused
-    (``["tid: error", ...]``, ``["not Linux"]``, ``["autogroup: error"]``); nothing is raised.
+    session of its own (``start_new_session``), never in production's. ``sched_idle=False``: nice 19 only
+    (a shadow server while it loads its model, so that it becomes ready on a busy host). Returns what was
+    refused (``["tid: error", ...]``, ``["not Linux"]``, ``["autogroup: error"]``); nothing is raised.
     """
-    idle = getattr(os, "SCHED_IDLE", None)
+    idle = getattr(os, "SCHED_IDLE", None) if sched_idle else None
     tasks = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else [str(os.getpid())]
-    refused: list[str] = [] if idle is not None else ["not Linux"]
+    refused: list[str] = [] if idle is not None or not sched_idle else ["not Linux"]
     for task in tasks:
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, int(task), 19)
