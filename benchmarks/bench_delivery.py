@@ -19,10 +19,16 @@ shadow once; its server keeps running throughout and the routes file is switched
 capacity through the router (``--clients`` connections, 8 s), then open-loop load (``bench_serving``'s
 generator with ``rate``) at ``--shadow-load`` (default 0.5) of it, latencies counted from each request's
 scheduled send time; after a 5 s warm-up with the shadow, ``--pairs`` (default 3) pairs of runs without /
-with, ``--seconds`` each. Prints each run (p50, p99, the router's own latency to the live server, copies
-sent and skipped, the CPU of router, live server, shadow server and load generator, the load average), the
-median p99 of each condition and the p99 added by the shadow: median(with) / median(without) - 1 (target
-< 10 %), and the router's CPU per request with and without mirroring (the mirroring's own cost).
+with, ``--seconds`` each. Prints each run (p50, p99, the router's own latency to the live server, the
+copies mirrored to the shadow and dropped during the run, the CPU of the router's own process, of its shadow
+sender, of the live server, the shadow server and the load generator, the load average), the median p99 of
+each condition and the p99 added by the shadow: median(with) / median(without) - 1 (target < 10 %), the added
+p99 of each pair (back to back: less exposed to the machine's load drifting), the router's CPU per request
+with and without mirroring (the mirroring's own cost on production's path), and the scheduling class of
+every thread of each process (the shadow's and the sender's must be ``SCHED_IDLE``). The benchmark raises
+its own, the router's and the live server's sessions to its niceness, never the shadow's.
+``--shadow-sender inline`` has the router send the copies from its own loop (``MLOPS_ROUTER_SHADOW_SENDER``);
+``MLOPS_SHADOW_CPU=shared`` in the environment runs the shadow and its sender at normal priority.
 ``--pin-shadow CPU`` pins the shadow's server to that core and the router, the live server and the load
 generators to the others (benchmark only: a production shadow runs on hardware of its own).
 
@@ -39,7 +45,7 @@ rollback; shadow mode adds < 10 % to the live endpoint's p99; cold start and mem
 per model on the multi-model endpoint are measured (no target).
 
 Run: ``.venv/bin/python benchmarks/bench_delivery.py [--parts batch,canary,shadow,multi_model] [--seconds 15] [--months 6]
-[--pairs 3] [--shadow-load 0.5] [--pin-shadow CPU]``
+[--pairs 3] [--shadow-load 0.5] [--pin-shadow CPU] [--shadow-sender process|inline]``
 """
 
 from __future__ import annotations
