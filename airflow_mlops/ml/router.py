@@ -20,7 +20,8 @@ same request id; its answer is dropped (the shadow backend logs it to its predic
 router's own event loop, which serves production: the router hands the already-read body, as one message,
 to a queue (a Unix socket pair, ``MLOPS_ROUTER_SHADOW_QUEUE_BYTES``, default 4 MiB) read by a *shadow
 sender*, a child process that runs in the ``SCHED_IDLE`` scheduling class (:func:`run_on_idle_cpu`: it gets
-only CPU time production does not want) and keeps one connection pool to the shadow. Handing a copy over
+only CPU time production does not want; ``MLOPS_SHADOW_CPU=shared``, :func:`shadow_cpu`: normal priority)
+and keeps one connection pool to the shadow. Handing a copy over
 never waits: when the queue is full (the sender gets no CPU, or the shadow is slow) the copy is dropped and
 counted as ``skipped``. The sender has at most ``MLOPS_ROUTER_SHADOW_MAX_INFLIGHT`` (default 64) copies in
 flight; past that it skips them too. So a slow or dead shadow, or a busy host, never holds up the client nor
