@@ -19,10 +19,16 @@ shadow once; its server keeps running throughout and the routes file is switched
 capacity through the router (``--clients`` connections, 8 s), then open-loop load (``bench_serving``'s
 generator with ``rate``) at ``--shadow-load`` (default 0.5) of it, latencies counted from each request's
 scheduled send time; after a 5 s warm-up with the shadow, ``--pairs`` (default 3) pairs of runs without /
-with, ``--seconds`` each. Prints each run (p50, p99, the router's own latency to the live server, copies
-sent and skipped, the CPU of router, live server, shadow server and load generator, the load average), the
-median p99 of each condition and the p99 added by the shadow: median(with) / median(without) - 1 (target
-< 10 %), and the router's CPU per request with and without mirroring (the mirroring's own cost).
+with, ``--seconds`` each. Prints each run (p50, p99, the router's own latency to the live server, the
+copies mirrored to the shadow and dropped during the run, the CPU of the router's own process, of its shadow
+sender, of the live server, the shadow server and the load generator, the load average), the median p99 of
+each condition and the p99 added by the shadow: median(with) / median(without) - 1 (target < 10 %), the added
+p99 of each pair (back to back: less exposed to the machine's load drifting), the router's CPU per request
+with and without mirroring (the mirroring's own cost on production's path), and the scheduling class of
+every thread of each process (the shadow's and the sender's must be ``SCHED_IDLE``). The benchmark raises
+its own, the router's and the live server's sessions to its niceness, never the shadow's.
+``--shadow-sender inline`` has the router send the copies from its own loop (``MLOPS_ROUTER_SHADOW_SENDER``);
+``MLOPS_SHADOW_CPU=shared`` in the environment runs the shadow and its sender at normal priority.
 ``--pin-shadow CPU`` pins the shadow's server to that core and the router, the live server and the load
 generators to the others (benchmark only: a production shadow runs on hardware of its own).
 
@@ -39,7 +45,7 @@ rollback; shadow mode adds < 10 % to the live endpoint's p99; cold start and mem
 per model on the multi-model endpoint are measured (no target).
 
 Run: ``.venv/bin/python benchmarks/bench_delivery.py [--parts batch,canary,shadow,multi_model] [--seconds 15] [--months 6]
-[--pairs 3] [--shadow-load 0.5] [--pin-shadow CPU]``
+[--pairs 3] [--shadow-load 0.5] [--pin-shadow CPU] [--shadow-sender process|inline]``
 """
 
 from __future__ import annotations
@@ -230,6 +236,13 @@ def main() -> None:
     )
     parser.add_argument("--pairs", type=int, default=3, help="shadow: runs without then with the mirroring")
     parser.add_argument(
+        "--shadow-sender",
+        choices=("process", "inline"),
+        default=None,
+        help="shadow: who sends the copies: the router's shadow sender process (default) or its own loop "
+        "(MLOPS_ROUTER_SHADOW_SENDER)",
+    )
+    parser.add_argument(
         "--pin-shadow",
         type=int,
         default=None,
@@ -239,6 +252,8 @@ def main() -> None:
     )
     args = parser.parse_args()
 
+    if args.shadow_sender:
+        os.environ["MLOPS_ROUTER_SHADOW_SENDER"] = args.shadow_sender  # the router started below inherits it
     state = Path(tempfile.mkdtemp(prefix="mlops-bench-delivery-"))
     os.environ["AIRFLOW__MLOPS__STATE_DIR"] = str(state)
     sys.path.insert(0, str(ROOT / "tests" / "integration"))
@@ -330,14 +345,16 @@ def delivery(args: argparse.Namespace, state: Path, parts: set[str]) -> None:
         target.teardown(model)
 
 
-def _session_priority(pids: list[int]) -> None:
+def _session_priority(pids: list[int], exclude: int | None = None) -> None:
     """Give the sessions of ``pids`` and their children this process's niceness (benchmark only, root only).
 
     The kernel's autogroup scheduling (``/proc/sys/kernel/sched_autogroup_enabled``) shares the CPU between
     *sessions* first: a ``nice`` value only ranks processes within their session, and the router and the
     servers run in sessions of their own (``start_new_session``), so ``nice -n -15`` on the benchmark gave
     them no priority over the other work on the machine. Writing the niceness to ``/proc/<pid>/autogroup``
-    ranks each whole session (BentoML starts its workers in sessions of their own too: children included)."""
+    ranks each whole session (BentoML starts its workers in sessions of their own too: children included).
+    ``exclude`` and its children keep theirs: the shadow's server is a child of this process too, and giving
+    its sessions the benchmark's priority would undo the lowest priority it gives itself."""
     import psutil
 
     niceness = os.nice(0)
@@ -349,11 +366,44 @@ def _session_priority(pids: list[int]) -> None:
             tree.update(child.pid for child in psutil.Process(pid).children(recursive=True))
         except psutil.Error:
             pass
+    if exclude is not None:
+        tree -= {exclude, *_tree(exclude)}
     for pid in sorted(tree):
         try:
             Path(f"/proc/{pid}/autogroup").write_text(str(niceness))
         except OSError:  # no autogroup scheduling, or not allowed: the figures are then shared with the rest
             pass
+
+
+def _tree(pid: int) -> list[int]:
+    """The children of ``pid``, recursively (none when it ended)."""
+    import psutil
+
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _scheduling(pid: int) -> dict[str, int]:
+    """How many threads of ``pid`` and its children run in each scheduling class (``SCHED_IDLE`` ...) and at
+    which session (autogroup) niceness: the shadow's server must be all ``SCHED_IDLE``."""
+    from collections import Counter
+
+    names = {getattr(os, n): n for n in ("SCHED_OTHER", "SCHED_BATCH", "SCHED_IDLE") if hasattr(os, n)}
+    seen: Counter[str] = Counter()
+    for proc in [pid, *_tree(pid)]:
+        try:
+            group = Path(f"/proc/{proc}/autogroup").read_text().split()[-1]
+        except OSError:
+            group = "?"
+        for tid in os.listdir(f"/proc/{proc}/task") if os.path.isdir(f"/proc/{proc}/task") else []:
+            try:
+                policy = names.get(os.sched_getscheduler(int(tid)), "other")
+            except OSError:
+                continue
+            seen[f"{policy} (session nice {group})"] += 1
+    return dict(seen)
 
 
 def _pin(pids: list[int], cpus: list[int]) -> None:
@@ -377,7 +427,7 @@ def shadow_part(args: argparse.Namespace, target, model: str, url: str, bodies: 
     pids = {"router": router["pid"], "live": active["pid"], "shadow": shadow["pid"]}
     # the benchmark and production's processes get its priority over the machine's other work; the shadow
     # keeps the lowest, which it gives itself (airflow_mlops.ml.service.yield_cpu_to_production)
-    _session_priority([os.getpid(), pids["router"], pids["live"]])
+    _session_priority([os.getpid(), pids["router"], pids["live"]], exclude=pids["shadow"])
     if args.pin_shadow is not None:  # benchmark only: the shadow on one core, everything else on the others
         rest = sorted(set(range(os.cpu_count() or 1)) - {args.pin_shadow})
         _pin([shadow["pid"]], [args.pin_shadow])
@@ -398,19 +448,31 @@ def shadow_part(args: argparse.Namespace, target, model: str, url: str, bodies: 
     rate = round(args.shadow_load * capacity["req_per_s"])
     mirror(True)
     load(5, rate)  # warm-up of both servers, dropped
+    sender = (((target.router_status(router) or {}).get("shadow") or {}).get("sender") or {}).get("pid")
+    if sender:  # the router's shadow sender process: its CPU is shown apart from the router's own
+        pids["sender"] = sender
     runs: list[tuple[str, dict]] = []
+    copies = ("sent", "skipped", "failed")
     for _ in range(args.pairs):
         for condition in ("without", "with"):
             mirror(condition == "with")
+            before = (target.router_status(router) or {}).get("shadow") or {}
             run = load(args.seconds, rate)
+            time.sleep(0.5)  # the shadow sender's last counts (it reports every 0.2 s)
             status = target.router_status(router) or {}
             backend = (status.get("split") or {}).get("backends", {}).get(active["url"]) or {}
             run["router_backend_latency_ms"] = backend.get("latency_ms")
-            run["shadow"] = {k: v for k, v in (status.get("shadow") or {}).items() if k != "latency_ms"}
+            after = status.get("shadow") or {}
+            # copies of this run's requests (warm-up included): mirrored to the shadow, dropped, failed
+            run["shadow"] = {k: after.get(k, 0) - before.get(k, 0) for k in copies}
+            run["shadow"]["sender"] = after.get("sender")
+            # the router's own process (its sender, a child, apart): the mirroring's cost on production's path
+            run["cpu"]["router"] -= run["cpu"].get("sender", 0.0)
             run["router_cpu_ms_per_request"] = (
                 run["cpu"]["router"] * args.seconds / max(1, run["requests"]) * 1000
             )
             runs.append((condition, run))
+    scheduling = {name: _scheduling(pid) for name, pid in pids.items()}  # the router's sender included
     mirror(False)
     median = {c: statistics.median(r["p99_ms"] for name, r in runs if name == c) for c in ("without", "with")}
     router_cpu = {
@@ -418,6 +480,9 @@ def shadow_part(args: argparse.Namespace, target, model: str, url: str, bodies: 
         for c in ("without", "with")
     }
     added = median["with"] / median["without"] - 1
+    # each pair ran back to back: its ratio is less exposed to the machine's load drifting over the runs
+    p99s = {c: [r["p99_ms"] for name, r in runs if name == c] for c in ("without", "with")}
+    per_pair = [w / wo - 1 for wo, w in zip(p99s["without"], p99s["with"], strict=True)]
     print(
         f"\n== shadow: /predict through the router, open loop at {rate} req/s ({args.shadow_load:.0%} of the "
         f"closed-loop capacity of {capacity['req_per_s']:.0f} req/s at {args.clients} clients; live server CPU "
@@ -425,15 +490,16 @@ def shadow_part(args: argparse.Namespace, target, model: str, url: str, bodies: 
         + (f", shadow pinned to CPU {args.pin_shadow}" if args.pin_shadow is not None else "")
     )
     print(
-        f"{'run':<9}{'p50 ms':>8}{'p99 ms':>8}{'router->live p99':>17}{'errors':>7}{'copies':>8}{'skipped':>8}"
-        f"{'CPU router':>11}{'live':>6}{'shadow':>7}{'loadgen':>8}{'lag p99':>8}{'load':>6}"
+        f"{'run':<9}{'p50 ms':>8}{'p99 ms':>8}{'router->live p99':>17}{'errors':>7}{'copies':>8}{'dropped':>8}"
+        f"{'CPU router':>11}{'sender':>7}{'live':>6}{'shadow':>7}{'loadgen':>8}{'lag p99':>8}{'load':>6}"
     )
     for name, r in runs:
         backend = r["router_backend_latency_ms"] or {}
         print(
             f"{name:<9}{r['p50_ms']:>8.1f}{r['p99_ms']:>8.1f}{backend.get('p99', float('nan')):>17.1f}"
             f"{r['errors']:>7}{r['shadow'].get('sent', 0):>8}{r['shadow'].get('skipped', 0):>8}"
-            f"{r['cpu']['router']:>11.0%}{r['cpu']['live']:>6.0%}{r['cpu']['shadow']:>7.0%}"
+            f"{r['cpu']['router']:>11.0%}{r['cpu'].get('sender', 0.0):>7.0%}{r['cpu']['live']:>6.0%}"
+            f"{r['cpu']['shadow']:>7.0%}"
             f"{r['loadgen_cpu']:>8.0%}{r['send_lag_p99_ms']:>8.1f}{r['load_average']:>6.1f}"
         )
     print(
@@ -442,12 +508,24 @@ def shadow_part(args: argparse.Namespace, target, model: str, url: str, bodies: 
         f"{router_cpu['with']:.2f} ms (the mirroring's own cost in the router: "
         f"{router_cpu['with'] - router_cpu['without']:+.2f} ms/request); {os.cpu_count()} cores"
     )
+    print(
+        f"p99 range: without {min(p99s['without']):.1f}-{max(p99s['without']):.1f} ms, with "
+        f"{min(p99s['with']):.1f}-{max(p99s['with']):.1f} ms; added p99 per pair: "
+        f"{', '.join(f'{x:+.0%}' for x in per_pair)} (median {statistics.median(per_pair):+.1%}); copies "
+        f"mirrored {sum(r['shadow']['sent'] for n, r in runs if n == 'with')}, dropped "
+        f"{sum(r['shadow']['skipped'] for n, r in runs if n == 'with')}, failed "
+        f"{sum(r['shadow']['failed'] for n, r in runs if n == 'with')}; load average "
+        f"{min(r['load_average'] for _, r in runs):.1f}-{max(r['load_average'] for _, r in runs):.1f}"
+    )
+    print(f"threads by scheduling class: {json.dumps(scheduling)}")
     figures = {
+        "scheduling": scheduling,
         "rate": rate,
         "capacity": capacity,
         "runs": runs,
         "median_p99_ms": median,
         "p99_added": added,
+        "p99_added_per_pair": per_pair,
         "router_cpu_ms_per_request": router_cpu,
     }
     print(json.dumps(figures))

@@ -60,7 +60,6 @@ far outside the training range); an unreachable feature store a 503 naming it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import gc
 import hmac
@@ -322,25 +321,32 @@ def served_schema(settings: ServeSettings) -> ServedSchema:
     )
 
 
-def yield_cpu_to_production() -> None:
+def yield_cpu_to_production(sched_idle: bool = False) -> None:
     """Give this process the lowest CPU priority there is, for a shadow that shares its host with production.
 
-    Every thread of the process gets nice 19 (on Linux a nice value belongs to a thread), and so does the
-    process's session: with the kernel's autogroup scheduling (on by default), CPU is shared between
-    sessions first, and ``bentoml serve`` runs each worker in a session of its own, so a nice value alone
-    would not rank the shadow's workers below production's. A shadow therefore runs on the CPU production
-    leaves idle and cannot slow production's answers by competing for cores; when there is none to spare,
-    its copies queue and the router drops the ones beyond its in-flight bound (counted as skipped). Failures
-    (e.g. no ``/proc``) are logged and ignored: the shadow still serves.
+    Called twice in a shadow server. At import (in ``bentoml serve``'s supervisor and in each worker): nice
+    19 for every thread and for the process's session (with the kernel's autogroup scheduling, on by default,
+    CPU is shared between sessions first, and ``bentoml serve`` runs each worker in a session of its own, so a
+    priority within the session alone would not rank the shadow below production). Then, in each worker once
+    its model is loaded and warmed up (``sched_idle=True``): every thread in the ``SCHED_IDLE`` scheduling
+    class (Linux), inherited by the threads and processes started afterwards: it runs only on CPU time no
+    normal task wants, and a normal task that wakes up preempts it at once, where a nice 19 thread could
+    still hold a core for its time slice while production waits. The load itself runs at nice 19 only, so
+    that a shadow deployed on a busy host still becomes ready (at ``SCHED_IDLE`` it got no CPU to load for
+    minutes). A shadow therefore serves on the CPU production leaves idle and cannot slow production's
+    answers by competing for cores; when there is none to spare, its copies queue and the router drops the
+    ones beyond its bounds (counted as skipped). Failures (e.g. no ``/proc``, not Linux) are logged and
+    ignored: the shadow still serves. ``MLOPS_SHADOW_CPU=shared`` keeps a normal priority instead
+    (:func:`~airflow_mlops.ml.router.shadow_cpu`).
     """
-    for task in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else [str(os.getpid())]:
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, int(task), 19)
-    try:
-        with open("/proc/self/autogroup", "w") as handle:
-            handle.write("19")
-    except OSError as err:
-        log.info("Shadow server: cannot lower its session's CPU priority (%s); threads run at nice 19", err)
+    from airflow_mlops.ml.router import run_on_idle_cpu, shadow_cpu
+
+    if shadow_cpu() == "shared":
+        log.info("Shadow server: MLOPS_SHADOW_CPU=shared, it keeps a normal CPU priority")
+        return
+    refused = run_on_idle_cpu(sched_idle=sched_idle)
+    if refused:
+        log.info("Shadow server: not all of its CPU priority could be lowered: %s", refused)
 
 
 SETTINGS = ServeSettings.from_env()
@@ -939,6 +945,8 @@ class ModelService:
             STATE.error = f"{type(err).__name__}: {err}"
             log.exception("Loading model %s failed", self.settings.model)
             return
+        if self.settings.shadow:  # ready: from now on only CPU production leaves idle
+            yield_cpu_to_production(sched_idle=True)
         STATE.loaded = loaded
         gc.freeze()  # the model and libraries are long-lived: keep them out of every later collection
         log.info(

@@ -44,7 +44,11 @@ class ShadowReportOperator(BaseOperator):
          "router": {"sent", "skipped", "failed"} or None}
 
     ``latency_ms`` is the router's timing of both versions on the mirrored requests (since the router
-    started), ``None`` when the router does not answer. With thresholds set, a report that misses one
+    started), ``None`` when the router does not answer. ``router`` counts the copies since the router
+    started: ``sent`` to the shadow, ``skipped`` (dropped: the shadow gets only CPU production leaves idle,
+    and copies it cannot keep up with are dropped rather than queued without end), ``failed``; with
+    ``skipped`` above 0 the shadow saw a sample of the traffic, and ``production_unpaired`` counts the
+    production requests of the window it did not answer. With thresholds set, a report that misses one
     fails the task (:class:`ShadowAgreementError`) with the figures, e.g. to stop a promotion.
 
     :param model_name: registry name (templated).

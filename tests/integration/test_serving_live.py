@@ -281,6 +281,15 @@ def test_a_shadow_answers_copies_that_are_logged_paired_and_never_returned(live)
         assert candidate not in set(served["version"].astype(str)), "the monitor counted shadow answers"
         status = httpx.get(live.url + "/__router__", timeout=5).json()["shadow"]
         assert status["sent"] >= len(ids) and status["failed"] == 0 and status["skipped"] == 0
+        # the shadow's work runs only on CPU production leaves idle: every thread of the shadow's workers
+        # (once loaded) and of the router's process sending the copies is SCHED_IDLE; bentoml serve's
+        # supervisor, which serves nothing, runs at nice 19
+        assert status["sender"]["mode"] == "process"
+        workers = [p.pid for p in psutil.Process(shadow_process["pid"]).children(recursive=True)]
+        for pid in [*workers, status["sender"]["pid"]]:
+            policies = Counter(os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task"))
+            assert set(policies) == {os.SCHED_IDLE}, (pid, policies)
+        assert workers and psutil.Process(shadow_process["pid"]).nice() == 19
         report = ShadowReportOperator(task_id="report", model_name=MODEL, window_hours=1).execute(
             _context("report")
         )

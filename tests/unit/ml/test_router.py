@@ -202,8 +202,10 @@ def test_a_backend_that_dies_during_a_switch_hands_its_requests_to_the_standby(t
 
 # ------------------------------------------------------------------------------------------ shadow traffic
 def _shadow_app(routes: Path, handlers: dict, **options) -> RouterApp:
+    """A router whose backends are the test's ``handlers``, sending the copies from its own loop (the mock
+    transports live in this process; the sender process is tested against real servers below)."""
     routes.write_text(json.dumps({"active": BACKENDS[0], "shadow": BACKENDS[1], "generation": 1}))
-    app = RouterApp(str(routes), **options)
+    app = RouterApp(str(routes), shadow_sender="inline", **options)
     app.clients = {
         b: httpx.AsyncClient(base_url=b, transport=httpx.MockTransport(h)) for b, h in handlers.items()
     }
@@ -327,4 +329,191 @@ def test_without_a_shadow_nothing_is_mirrored(tmp_path):
     }
     status_code, headers, _ = asyncio.run(_post(app, b"{}"))
     assert status_code == 200 and calls == [BACKENDS[0]] and headers["x-mlops-request-id"]
-    assert not app.shadow_tasks and app.shadow_counts["sent"] == 0
+    assert not app.shadow_tasks and app.shadow_sender is None
+    assert asyncio.run(_status(app))["shadow"]["sent"] == 0
+
+
+# ------------------------------------------------------------------------------ the shadow sender process
+class _Shadow:
+    """A real HTTP server on loopback (in a thread) standing for the shadow: it records what it gets."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        seen = self.seen = []
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                seen.append((body, self.headers["x-mlops-request-id"]))
+                self.send_response(200)
+                self.send_header("content-length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args) -> None:
+                pass
+
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 256  # the sender may open up to 64 connections at once
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _process_app(routes: Path, shadow_url: str, **options) -> RouterApp:
+    """A router with the test's active backend (in process) and a real shadow, sending copies from its
+    shadow sender process (the default)."""
+    routes.write_text(json.dumps({"active": BACKENDS[0], "shadow": shadow_url, "generation": 1}))
+    app = RouterApp(str(routes), **options)
+    app.clients = {
+        BACKENDS[0]: httpx.AsyncClient(
+            base_url=BACKENDS[0], transport=httpx.MockTransport(lambda r: httpx.Response(200, json={}))
+        )
+    }
+    return app
+
+
+async def _until(app: RouterApp, done, timeout: float = 20.0) -> dict:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        status = (await _status(app))["shadow"]
+        if done(status) or asyncio.get_running_loop().time() > deadline:
+            return status
+        await asyncio.sleep(0.05)
+
+
+def _threads_by_policy(pid: int) -> Counter[int]:
+    return Counter(os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task"))
+
+
+def test_a_sender_process_on_idle_cpu_sends_every_copy_and_reports_the_counts(tmp_path):
+    # The copies leave the router's loop, which serves production: a child process in the SCHED_IDLE class
+    # (all its threads) sends them; the shadow still gets every request with its body and request id.
+    shadow = _Shadow()
+    app = _process_app(tmp_path / "routes.json", shadow.url)
+
+    async def run() -> tuple[list, dict, Counter[int], int]:
+        try:
+            answers = [await _post(app, b'{"row": {"x": %d}}' % i) for i in range(20)]
+            status = await _until(app, lambda s: s["sent"] >= 20 and s["inflight"] == 0)
+            pid = app.shadow_sender.process.pid
+            # its own session, at the lowest priority: with autogroup scheduling, SCHED_IDLE only ranks a
+            # thread below those of its own session, and the router's must keep its priority
+            assert os.getsid(pid) != os.getsid(0)
+            if os.path.exists(f"/proc/{pid}/autogroup"):
+                assert open(f"/proc/{pid}/autogroup").read().split()[-1] == "19"
+                assert open("/proc/self/autogroup").read().split()[-1] != "19"
+            return answers, status, _threads_by_policy(pid), pid
+        finally:
+            app.shadow_sender.close()
+
+    try:
+        answers, status, policies, pid = asyncio.run(run())
+    finally:
+        shadow.close()
+    assert [s for s, _, _ in answers] == [200] * 20
+    assert (status["sent"], status["skipped"], status["failed"], status["queued"]) == (20, 0, 0, 0)
+    assert sorted(shadow.seen) == sorted(
+        (b'{"row": {"x": %d}}' % i, headers["x-mlops-request-id"])
+        for i, (_, headers, _) in enumerate(answers)
+    )
+    assert status["sender"] == {"mode": "process", "pid": pid} and pid != os.getpid()
+    assert status["latency_ms"]["shadow"]["n"] == 20
+    assert set(policies) == {os.SCHED_IDLE}, policies
+    assert app.shadow_tasks == set(), "nothing was sent from the router's loop"
+
+
+def test_a_sender_that_gets_no_cpu_never_holds_up_the_client_and_the_dropped_copies_are_counted(tmp_path):
+    # A host with no CPU to spare for the shadow (here: its sender stopped): the router's queue fills, each
+    # client is answered at once all the same, and every copy is accounted for as sent, queued or skipped.
+    import signal
+
+    shadow = _Shadow()
+    app = _process_app(tmp_path / "routes.json", shadow.url, shadow_queue_bytes=64 * 1024)
+    body = b'{"row": {"x": "%s"}}' % (b"y" * 2000)
+
+    async def run() -> tuple[list, dict, dict]:
+        try:
+            await _post(app, body)
+            await _until(app, lambda s: s["sent"] == 1)
+            pid = app.shadow_sender.process.pid
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                answers = [await asyncio.wait_for(_post(app, body), timeout=2) for _ in range(300)]
+                during = (await _status(app))["shadow"]
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            after = await _until(app, lambda s: s["queued"] == 0 and s["inflight"] == 0 and s["sent"] > 1)
+            return answers, during, after
+        finally:
+            app.shadow_sender.close()
+
+    try:
+        answers, during, after = asyncio.run(run())
+    finally:
+        shadow.close()
+    assert [s for s, _, _ in answers] == [200] * 300
+    assert during["skipped"] > 0 and during["sent"] == 1, during
+    assert during["sent"] + during["queued"] + during["skipped"] == 301, during
+    assert after["sent"] + after["skipped"] == 301 and after["failed"] == 0, after
+    assert len(shadow.seen) == after["sent"]
+
+
+def test_a_copy_too_large_for_the_queue_and_copies_after_the_sender_died_still_reach_the_shadow(tmp_path):
+    # What the sender process cannot take is sent from the router's loop as before: nothing is lost silently.
+    shadow = _Shadow()
+    app = _process_app(tmp_path / "routes.json", shadow.url, shadow_queue_bytes=16 * 1024)
+    small, large = b'{"row": {"x": 1}}', b'{"row": {"x": "%s"}}' % (b"y" * 200_000)
+
+    async def run() -> dict:
+        try:
+            await _post(app, small)
+            await _post(app, large)  # larger than the queue: sent inline
+            await _until(app, lambda s: s["sent"] == 2 and s["inflight"] == 0)
+            app.shadow_sender.process.kill()
+            app.shadow_sender.process.wait()
+            await asyncio.sleep(0.1)  # the router notices the end of the queue
+            await _post(app, small)  # the sender is gone: the copy goes inline
+            await asyncio.gather(*app.shadow_tasks)
+            return await _until(app, lambda s: s["sent"] == 3 and s["inflight"] == 0)
+        finally:
+            if app.shadow_sender is not None:
+                app.shadow_sender.close()
+
+    try:
+        status = asyncio.run(run())
+    finally:
+        shadow.close()
+    assert sorted(len(body) for body, _ in shadow.seen) == sorted([len(small), len(large), len(small)])
+    assert (status["sent"], status["skipped"], status["failed"]) == (3, 0, 0)
+
+
+def test_with_shadow_cpu_shared_the_sender_keeps_a_normal_priority(tmp_path, monkeypatch):
+    # MLOPS_SHADOW_CPU=shared: the user wants every copy sent, at the price of competing with production
+    monkeypatch.setenv("MLOPS_SHADOW_CPU", "shared")
+    shadow = _Shadow()
+    app = _process_app(tmp_path / "routes.json", shadow.url)
+
+    async def run() -> tuple[dict, Counter[int]]:
+        try:
+            await _post(app, b"{}")
+            status = await _until(app, lambda s: s["sent"] == 1 and s["inflight"] == 0)
+            return status, _threads_by_policy(app.shadow_sender.process.pid)
+        finally:
+            app.shadow_sender.close()
+
+    try:
+        status, policies = asyncio.run(run())
+    finally:
+        shadow.close()
+    assert status["sent"] == 1 and len(shadow.seen) == 1
+    assert set(policies) == {os.SCHED_OTHER}, policies
