@@ -4,16 +4,17 @@
 parquet offline store, materialized into Feast's SQLite online store, in online rows (one per entity key)
 per second:
 
-- ``local, Feast's default``: Feast's local engine with ``materialization: pull_latest_features: false``
-  (Feast's default: it reads every row of the interval and keeps the latest per key itself);
-- ``local``: the local engine as ``FeastHook`` configures it (``pull_latest_features: true`` unless the
-  repository says otherwise: the latest row per key comes from the offline store's query, DuckDB);
+- ``local``: Feast's local engine (it reads every row of the interval and keeps the latest per key);
+- ``local, pull_latest``: the same with Feast's ``materialization: pull_latest_features: true`` (the latest
+  row per key comes from the offline store's query, DuckDB): the cheap fix tried;
 - ``ray``: the Ray engine the ``feast`` connection selects (``ray_conn_id``) on a 2-node Ray cluster (a head
   and a worker started here with ``ray start``, like the test suite's ``ray_cluster`` fixture); ``cold``
   is the first materialization (the cluster starts its Python workers and imports Feast), then a second
   one into a fresh online store;
 - ``direct``: the same latest rows, converted to Feast's online format beforehand (not timed), written with
-  the online store's own ``online_write_batch``: the store's practical limit, the baseline of the ratios.
+  the online store's own ``online_write_batch``: the store's practical limit, the baseline of the ratios;
+- ``executemany``: the rows Feast stored in SQLite, byte for byte, written with ``sqlite3.executemany``
+  into a fresh table (the issue's baseline; counted here in entity keys, like the others).
 
 ``tune``: the same search (``RayTuneOperator``, HistGradientBoosting on ``--tune-rows`` Jan-Mar flights,
 ``--trials`` ASHA-free FIFO trials) on local Ray in the process (``[mlops] ray_num_cpus`` = ``--cpus``)
@@ -40,6 +41,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ("executemany", "direct", "local", "local, pull_latest", "ray (2 nodes)")
 WORK = Path(tempfile.mkdtemp(prefix="bench-scale-"))
 os.environ.update(
     {
@@ -260,28 +262,42 @@ def materialize(name: str, repo: Path, extra: dict | None = None) -> dict:
     return {"seconds": seconds, "online_rows": _online_rows(hook) // len(FEATURES)}
 
 
-def direct(repo: Path) -> dict:
+def direct(repo: Path, name: str = "direct") -> dict:
     """The latest row per key, converted beforehand, written with the online store's online_write_batch."""
     import pyarrow.parquet as pq
     from feast.utils import _convert_arrow_to_proto
 
-    hook = _hook("direct", repo)
+    hook = _hook(name, repo)
     table = pq.read_table(WORK / "offline" / "items" / "part-0.parquet")
     frame = table.to_pandas().sort_values("event_timestamp").groupby("item", sort=False).tail(1)
     import pyarrow as pa
 
     latest = pa.Table.from_pandas(frame, preserve_index=False)
     view = hook.store.get_feature_view("items")
-    began = time.perf_counter()
     rows = _convert_arrow_to_proto(
         latest, view, {e.name: e.dtype.to_value_type() for e in view.entity_columns}
     )
-    convert = time.perf_counter() - began
     online = hook.store._get_provider().online_store
     began = time.perf_counter()
     online.online_write_batch(config=hook.repo_config, table=view, data=rows, progress=None)
     seconds = time.perf_counter() - began
-    return {"seconds": seconds, "convert_s": convert, "online_rows": _online_rows(hook) // len(FEATURES)}
+    return {"seconds": seconds, "online_rows": _online_rows(hook) // len(FEATURES)}
+
+
+def executemany(db: Path) -> dict:
+    """The rows Feast stored, byte for byte, into a fresh table with one ``executemany``."""
+    with sqlite3.connect(db) as source:
+        rows = source.execute('select * from "bench_items"').fetchall()
+        schema = source.execute("select sql from sqlite_master where name='bench_items'").fetchone()[0]
+    target = db.with_name("executemany.db")
+    con = sqlite3.connect(target)
+    con.execute(schema)
+    began = time.perf_counter()
+    con.executemany(f'insert or replace into "bench_items" values ({",".join("?" * len(rows[0]))})', rows)
+    con.commit()
+    seconds = time.perf_counter() - began
+    con.close()
+    return {"seconds": seconds, "online_rows": len(rows) // len(FEATURES)}
 
 
 # ---------------------------------------------------------------------------------------------- tune
@@ -330,6 +346,7 @@ def main() -> int:
     parser.add_argument("--entities", type=int, default=50_000, help="entity keys of the synthetic view")
     parser.add_argument("--trials", type=int, default=6, help="trials of the tuning search")
     parser.add_argument("--tune-rows", type=int, default=20_000, help="flights in the tuning training set")
+    parser.add_argument("--repeat", type=int, default=3, help="materializations per variant (median)")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray ([mlops] ray_num_cpus)")
     args = parser.parse_args()
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
@@ -340,58 +357,80 @@ def main() -> int:
     _quiet()
     print(f"work folder {WORK}; {os.cpu_count()} cores on this machine", flush=True)
     results: dict = {}
+    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    print(f"load average at start: {os.getloadavg()}", flush=True)
     try:
-        if "materialize" in parts:
-            written = write_items(args.entities)
-            print(f"offline table: {written} rows, {args.entities} keys x 3 versions, 6 features", flush=True)
-            plain = repository("local")
-            feast_default = repository("feast-default", "materialization:\n  pull_latest_features: false\n")
-            results["direct"] = direct(plain)
-            results["local, Feast's default"] = materialize("feast-default", feast_default)
-            results["local"] = materialize("local", plain)
         if "tune" in parts:
             from bench_tuning import build_training_set
 
             data_path = build_training_set(WORK, args.tune_rows)
             results["tune local"] = tune(data_path, args.trials, None)
-        if parts:
-            with ray_cluster() as cluster:
-                print(f"Ray cluster: {cluster['nodes']} nodes, GCS {cluster['gcs']}", flush=True)
-                os.environ["AIRFLOW_CONN_BENCH_RAY"] = json.dumps(
-                    {
-                        "conn_type": "ray",
-                        "host": "127.0.0.1",
-                        "port": cluster["dashboard"],
-                        "extra": {"cluster_address": cluster["gcs"]},
-                    }
+        with ray_cluster() as cluster:
+            print(f"Ray cluster: {cluster['nodes']} nodes, GCS {cluster['gcs']}", flush=True)
+            os.environ["AIRFLOW_CONN_BENCH_RAY"] = json.dumps(
+                {
+                    "conn_type": "ray",
+                    "host": "127.0.0.1",
+                    "port": cluster["dashboard"],
+                    "extra": {"cluster_address": cluster["gcs"]},
+                }
+            )
+            if "materialize" in parts:
+                written = write_items(args.entities)
+                print(
+                    f"offline table: {written} rows, {args.entities} keys x 3 versions, 6 features",
+                    flush=True,
                 )
-                if "materialize" in parts:
-                    results["ray (2 nodes), cold"] = materialize(
-                        "ray-cold", plain, {"ray_conn_id": "bench_ray"}
-                    )
-                    results["ray (2 nodes)"] = materialize("ray", plain, {"ray_conn_id": "bench_ray"})
-                    import ray
+                plain = repository("local")
+                latest = repository("latest", "materialization:\n  pull_latest_features: true\n")
+                ray_conn = {"ray_conn_id": "bench_ray"}
+                results["ray (2 nodes), cold"] = materialize("ray-cold", plain, ray_conn)
+                # interleaved, so that what else runs on the machine weighs on every variant alike
+                for i in range(args.repeat):
+                    runs["direct"].append(direct(plain, f"direct-{i}"))
+                    runs["local"].append(materialize(f"local-{i}", plain))
+                    runs["executemany"].append(executemany(WORK / f"feast-local-{i}" / "online_store.db"))
+                    runs["local, pull_latest"].append(materialize(f"latest-{i}", latest))
+                    runs["ray (2 nodes)"].append(materialize(f"ray-{i}", plain, ray_conn))
+                import ray
 
-                    ray.shutdown()
-                if "tune" in parts:
-                    results["tune cluster"] = tune(data_path, args.trials, "bench_ray")
+                ray.shutdown()
+            if "tune" in parts:
+                results["tune cluster"] = tune(data_path, args.trials, "bench_ray")
     finally:
         shutil.rmtree(WORK, ignore_errors=True)
+    print(f"load average at end: {os.getloadavg()}", flush=True)
 
     if "materialize" in parts:
-        base = results["direct"]
+        import statistics
+
+        for name, done in runs.items():
+            results[name] = {
+                "seconds": statistics.median(r["seconds"] for r in done),
+                "online_rows": min(r["online_rows"] for r in done),
+                "spread": (min(r["seconds"] for r in done), max(r["seconds"] for r in done)),
+            }
+        base = results["direct"]  # the ratios' baseline: the online store's own online_write_batch
         base_rate = base["online_rows"] / base["seconds"]
-        print(f"\nmaterialize {args.entities} keys into SQLite (online rows = one per key)")
-        print(f"  {'engine':<28}{'s':>8}{'rows':>9}{'rows/s':>10}{'vs direct':>11}")
-        for name in ("direct", "local, Feast's default", "local", "ray (2 nodes), cold", "ray (2 nodes)"):
+        print(
+            f"\nmaterialize {args.entities} keys into SQLite (online rows = one per key; median of "
+            f"{args.repeat}, cold = the cluster's first)"
+        )
+        print(f"  {'engine':<28}{'s':>8}{'rows':>9}{'rows/s':>10}{'vs direct':>11}   s min-max")
+        for name in (
+            "executemany",
+            "direct",
+            "local",
+            "local, pull_latest",
+            "ray (2 nodes), cold",
+            "ray (2 nodes)",
+        ):
             r = results[name]
             rate = r["online_rows"] / r["seconds"]
+            spread = "   {:.2f}-{:.2f}".format(*r["spread"]) if "spread" in r else ""
             print(
-                f"  {name:<28}{r['seconds']:>8.2f}{r['online_rows']:>9}{rate:>10.0f}{rate / base_rate:>10.2f}x"
+                f"  {name:<28}{r['seconds']:>8.2f}{r['online_rows']:>9}{rate:>10.0f}{rate / base_rate:>10.2f}x{spread}"
             )
-        print(
-            f"  (direct: converting the rows to Feast's online format beforehand took {base['convert_s']:.2f} s)"
-        )
     if "tune" in parts:
         local, cluster = results["tune local"], results["tune cluster"]
         print(f"\ntuning search, {args.trials} trials, {args.tune_rows} flights")

@@ -385,12 +385,6 @@ class FeastHook(BaseHook):
                 **(offline if isinstance(offline, dict) else {}),
                 "type": FSSPEC_DUCKDB_OFFLINE_STORE,
             }
-        # Feast's engines otherwise read every row of the interval and keep each key's latest themselves;
-        # the offline store's latest-row query gives the same rows (the one count_rows_to_write runs):
-        # materialization 0.36x -> 0.56x of direct online_write_batch (benchmarks/bench_scale.py)
-        materialization = raw.get("materialization")
-        if materialization is None or isinstance(materialization, dict):
-            raw["materialization"] = {"pull_latest_features": True, **(materialization or {})}
         engine = self._batch_engine_override()
         if engine:
             base = raw.get("batch_engine") or {}

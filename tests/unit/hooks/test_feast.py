@@ -265,11 +265,3 @@ def test_a_missing_ray_connection_is_named(repo, monkeypatch):
     with pytest.raises(MLOpsConfigError, match="Ray connection 'nope' does not exist"):
         _ = FeastHook(feast_conn_id=conn_id).repo_config
 
-
-def test_materialization_reads_the_latest_row_per_key_from_the_offline_store(repo, monkeypatch):
-    # Feast's default reads every row of the interval and keeps the latest itself: 0.36x of the online
-    # store's direct writes against 0.56x (benchmarks/bench_scale.py)
-    assert FeastHook(repo_path=str(repo)).repo_config.materialization_config.pull_latest_features is True
-    yaml_path = repo / "feature_store.yaml"
-    yaml_path.write_text(yaml_path.read_text() + "materialization:\n  pull_latest_features: false\n")
-    assert FeastHook(repo_path=str(repo)).repo_config.materialization_config.pull_latest_features is False
