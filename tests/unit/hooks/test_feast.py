@@ -264,4 +264,3 @@ def test_a_missing_ray_connection_is_named(repo, monkeypatch):
     conn_id = _connection(monkeypatch, "feast_ray", extra={"repo_path": str(repo), "ray_conn_id": "nope"})
     with pytest.raises(MLOpsConfigError, match="Ray connection 'nope' does not exist"):
         _ = FeastHook(feast_conn_id=conn_id).repo_config
-
