@@ -165,3 +165,31 @@ def test_features_from_s3_equal_the_same_from_a_local_folder(s3_env, tmp_path, m
     # the joined features are there, not only the entity rows
     assert remote.frame["weather_hourly__temp"].notna().mean() > 0.9
     assert remote.frame["carrier_daily__flights_7d"].notna().mean() > 0.9
+
+
+def _materialized(settings: MLOpsSettings, feast_dir: Path, extra: dict, monkeypatch) -> dict:
+    """apply and materialize ``settings``' offline store through a ``feast`` connection with ``extra``."""
+    import json
+
+    from conftest import FEATURE_REPO
+
+    from airflow_mlops.operators.features import FeastApplyOperator, FeastMaterializeOperator
+
+    monkeypatch.setenv("MLOPS_FEAST_DIR", str(feast_dir))
+    monkeypatch.setenv("MLOPS_OFFLINE_ROOT", settings.offline_root)
+    conn = {"conn_type": "feast", "extra": {"repo_path": str(FEATURE_REPO), **extra}}
+    monkeypatch.setenv("AIRFLOW_CONN_FEAST_S3", json.dumps(conn))
+    FeastApplyOperator(task_id="apply", feast_conn_id="feast_s3").execute(_context("apply"))
+    FeastMaterializeOperator(
+        task_id="materialize", feast_conn_id="feast_s3", start=START, end=END, feature_views=VIEWS
+    ).execute(_context("materialize"))
+    return _online_rows(feast_dir / "online_store.db")
+
+
+def test_the_ray_engine_materializes_from_the_s3_offline_store(s3_env, ray_cluster, tmp_path, monkeypatch):
+    # the task reads the source (through fsspec); the cluster's workers only write the online store
+    settings = _write_feature_data(f"s3://{BUCKET}/ray", tmp_path / "remote")
+    local = _materialized(settings, tmp_path / "local-engine", {}, monkeypatch)
+    on_ray = _materialized(settings, tmp_path / "ray-engine", {"batch_engine": "ray"}, monkeypatch)
+    assert sorted(on_ray) == VIEWS and all(on_ray.values())
+    assert on_ray == local
