@@ -35,6 +35,12 @@ if TYPE_CHECKING:
     from airflow_mlops.config import MLOpsSettings
 
 FEATURE_STORE_YAML = "feature_store.yaml"
+#: Feast's ``duckdb`` offline store with object-store sources read through fsspec (hooks/feast_offline.py)
+FSSPEC_DUCKDB_OFFLINE_STORE = "airflow_mlops.hooks.feast_offline.FsspecDuckDBOfflineStore"
+#: Feast's Ray compute engine materializing like its local engine (hooks/feast_ray.py)
+RAY_ENGINE = "airflow_mlops.hooks.feast_ray.MLOpsRayComputeEngine"
+#: Ray Client's port on a head started with ``ray start --head`` (its default)
+RAY_CLIENT_PORT = 10001
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _CWD_LOCK = threading.Lock()
 
@@ -115,6 +121,15 @@ class FeastHook(BaseHook):
     connection, and out of logs and errors); extra ``{"registry": {...}}`` is merged over the
     repository's ``registry`` section (e.g. ``{"cache_ttl_seconds": 5}``; a different ``registry_type``
     replaces the section).
+
+    Materialization runs on a Ray cluster with extra ``{"ray_conn_id": "ray_cluster"}`` (the project's
+    ``ray`` connection: its extra ``cluster_address``, else Ray Client on its host, ``ray://<host>:10001``;
+    a connection without host starts Ray in the task) or ``{"batch_engine": "ray"}``; extra
+    ``batch_engine`` may also be a dict of Feast's Ray engine settings (``{"type": "ray",
+    "write_concurrency": 4}``) and ``ray_address`` gives the address directly. The engine is
+    :mod:`airflow_mlops.hooks.feast_ray` (Feast's Ray engine with the local engine's semantics). The
+    repository's ``duckdb`` offline store runs as :mod:`airflow_mlops.hooks.feast_offline`, which reads
+    ``s3://`` / ``gs://`` sources without DuckDB's downloaded httpfs extension.
 
     :param feast_conn_id: Airflow connection of type ``feast``; when it is the default id and does not
         exist, the repository's own configuration is used.
@@ -284,6 +299,45 @@ class FeastHook(BaseHook):
                 override["connection_string"] = ",".join(parts)
         return override
 
+    def _ray_address(self) -> str | None:
+        """The Ray cluster address for Feast's Ray engine: the extra ``ray_address``, or from the Ray
+        connection named by ``ray_conn_id`` (its extra ``cluster_address``, else Ray Client on its host,
+        ``ray://<host>:<extra client_port, 10001>``); None for local Ray in the task."""
+        if self._extra.get("ray_address"):
+            return str(self._extra["ray_address"])
+        conn_id = self._extra.get("ray_conn_id")
+        if not conn_id:
+            return None
+        from airflow_mlops.hooks.ray import RayHook
+
+        ray = RayHook(ray_conn_id=conn_id)
+        if ray.is_local:
+            return None
+        if ray.extra.get("cluster_address"):
+            return str(ray.extra["cluster_address"])
+        host = ray.connection.host.strip().rstrip("/")
+        host = host.partition("://")[2] or host
+        return f"ray://{host.split(':')[0]}:{ray.extra.get('client_port', RAY_CLIENT_PORT)}"
+
+    def _batch_engine_override(self) -> dict[str, Any]:
+        """The ``batch_engine`` section from the extras ``batch_engine`` (a type, e.g. ``"ray"``, or a
+        dict of the engine's settings) and ``ray_conn_id`` (which alone selects the Ray engine)."""
+        value = self._extra.get("batch_engine")
+        if value is None and self._extra.get("ray_conn_id"):
+            value = "ray"
+        if not value:
+            return {}
+        override: dict[str, Any] = {"type": value} if isinstance(value, str) else dict(value)
+        if override.get("type") in ("ray", "ray.engine"):
+            # Feast's ray.engine drops the rows older than now - ttl when it materializes (a backfill writes
+            # nothing): the same engine, materializing like the local engine (hooks/feast_ray.py)
+            override["type"] = RAY_ENGINE
+        if override.get("type") == RAY_ENGINE and "ray_address" not in override:
+            address = self._ray_address()
+            if address:
+                override["ray_address"] = address
+        return override
+
     @cached_property
     def repo_config(self) -> RepoConfig:
         """The repository's configuration with variables filled in and the overrides applied.
@@ -323,6 +377,20 @@ class FeastHook(BaseHook):
                 base = {"type": base}
             same_type = override.get("type", base.get("type")) == base.get("type")
             raw["online_store"] = {**base, **override} if same_type else override
+        offline = raw.get("offline_store")
+        if offline == "duckdb" or (isinstance(offline, dict) and offline.get("type") == "duckdb"):
+            # DuckDB would download its httpfs extension to read s3:// (no internet on a worker): the same
+            # store, with object-store sources read through the project's fsspec filesystems
+            raw["offline_store"] = {
+                **(offline if isinstance(offline, dict) else {}),
+                "type": FSSPEC_DUCKDB_OFFLINE_STORE,
+            }
+        engine = self._batch_engine_override()
+        if engine:
+            base = raw.get("batch_engine") or {}
+            if isinstance(base, str):
+                base = {"type": base}
+            raw["batch_engine"] = {**base, **engine} if engine.get("type") == base.get("type") else engine
         registry = self._registry_override()
         if registry:
             base = raw.get("registry") or {}
@@ -338,7 +406,7 @@ class FeastHook(BaseHook):
             raise FeatureRepoError(
                 f"Feast configuration {yaml_path} (with the connection's overrides) is invalid: "
                 f"{_redact(str(err), secret)}",
-                fix="correct feature_store.yaml or the online_store / registry extras of connection "
+                fix="correct feature_store.yaml or the online_store / registry / batch_engine extras of connection "
                 f"{self.feast_conn_id!r}.",
             ) from None
         self._prepare_local_paths(config)

@@ -43,7 +43,8 @@ def test_paths_come_from_the_settings_not_the_working_directory(repo, tmp_path):
     assert config.registry.path == f"{state}/feast/registry.db"
     assert config.online_store.type == "sqlite"
     assert config.online_store.path == f"{state}/feast/online_store.db"
-    assert config.offline_store.type == "duckdb"
+    # Feast's duckdb store, reading object-store sources through fsspec (no httpfs download)
+    assert config.offline_store.type == "airflow_mlops.hooks.feast_offline.FsspecDuckDBOfflineStore"
     assert (state / "feast").is_dir()
     assert not (tmp_path / "elsewhere" / "data").exists()
 
@@ -226,4 +227,40 @@ def test_a_registry_connection_of_another_type_is_refused(repo, monkeypatch):
         monkeypatch, "feast_my", extra={"repo_path": str(repo), "registry_conn_id": "feast_mysql"}
     )
     with pytest.raises(FeatureRepoError, match="type 'postgres'"):
+        _ = FeastHook(feast_conn_id=conn_id).repo_config
+
+
+def test_the_ray_connection_selects_the_ray_engine_on_its_cluster(repo, monkeypatch):
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_RAY_HEAD",
+        json.dumps({"conn_type": "ray", "host": "https://ray.internal", "port": 8265}),
+    )
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_RAY_GCS",
+        json.dumps({"conn_type": "ray", "host": "10.0.0.5", "extra": {"cluster_address": "10.0.0.5:6379"}}),
+    )
+    monkeypatch.setenv("AIRFLOW_CONN_RAY_LOCAL", json.dumps({"conn_type": "ray"}))
+
+    def engine(**extra):
+        conn_id = _connection(monkeypatch, "feast_ray", extra={"repo_path": str(repo), **extra})
+        return FeastHook(feast_conn_id=conn_id).repo_config.batch_engine
+
+    default = engine()
+    assert default.type == "local"
+    head = engine(ray_conn_id="ray_head")
+    assert head.type == "airflow_mlops.hooks.feast_ray.MLOpsRayComputeEngine"
+    assert head.ray_address == "ray://ray.internal:10001"  # Ray Client on the head, not the Jobs API
+    assert engine(ray_conn_id="ray_gcs").ray_address == "10.0.0.5:6379"
+    tuned = engine(batch_engine={"type": "ray", "write_concurrency": 4}, ray_conn_id="ray_gcs")
+    assert (tuned.write_concurrency, tuned.ray_address) == (4, "10.0.0.5:6379")
+    local = engine(batch_engine="ray", ray_conn_id="ray_local")
+    assert local.type == head.type and local.ray_address is None  # Ray started in the task
+    assert engine(batch_engine="ray", ray_address="ray://other:10001").ray_address == "ray://other:10001"
+
+
+def test_a_missing_ray_connection_is_named(repo, monkeypatch):
+    from airflow_mlops.exceptions import MLOpsConfigError
+
+    conn_id = _connection(monkeypatch, "feast_ray", extra={"repo_path": str(repo), "ray_conn_id": "nope"})
+    with pytest.raises(MLOpsConfigError, match="Ray connection 'nope' does not exist"):
         _ = FeastHook(feast_conn_id=conn_id).repo_config
