@@ -167,12 +167,16 @@ class ServingSettings:
         router inherit from the worker, beyond the built-in allow-list (``docs/security.md``).
     :param multi_model_memory_budget_mb: memory budget of the models loaded on a multi-model endpoint
         (``[mlops] multi_model_memory_budget_mb``, default 1024); past it the least recently used unload.
+    :param shadow_cpu: ``[mlops] shadow_cpu``: ``idle`` (default) runs a shadow version and the router's
+        sender of its copies only on CPU production leaves idle (copies it cannot keep up with are dropped
+        and counted), ``shared`` at normal priority (every copy answered, competing with production).
     """
 
     max_rows: int = DEFAULT_SERVING_MAX_ROWS
     max_body_bytes: int = DEFAULT_SERVING_MAX_BODY_BYTES
     env_allow: tuple[str, ...] = ()
     multi_model_memory_budget_mb: float = 1024.0
+    shadow_cpu: str = "idle"
 
 
 def load_serving_settings() -> ServingSettings:
@@ -203,11 +207,19 @@ def load_serving_settings() -> ServingSettings:
             f"[mlops] multi_model_memory_budget_mb must be a positive number of MB, got {raw_budget!r}.",
             fix="set AIRFLOW__MLOPS__MULTI_MODEL_MEMORY_BUDGET_MB to e.g. 1024, or leave it empty for that default.",
         )
+    shadow_cpu = (_option("shadow_cpu") or "idle").lower()
+    if shadow_cpu not in ("idle", "shared"):
+        raise MLOpsConfigError(
+            f"[mlops] shadow_cpu must be 'idle' or 'shared', got {shadow_cpu!r}.",
+            fix="set AIRFLOW__MLOPS__SHADOW_CPU to idle (production first; the shadow may see only a sample of "
+            "the copies) or shared (the shadow answers every copy, competing with production for the CPU).",
+        )
     return ServingSettings(
         max_rows=limits["serving_max_rows"],
         max_body_bytes=limits["serving_max_body_bytes"],
         env_allow=allow,
         multi_model_memory_budget_mb=budget,
+        shadow_cpu=shadow_cpu,
     )
 
 

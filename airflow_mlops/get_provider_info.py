@@ -222,6 +222,14 @@ def get_provider_info() -> dict[str, Any]:
                         "CORP_*, LD_LIBRARY_PATH",
                         "",
                     ),
+                    "shadow_cpu": _option(
+                        "CPU priority of a shadow version and of the router's sender of its copies: idle "
+                        "(production first; copies the shadow cannot keep up with are dropped and counted) or "
+                        "shared (normal priority: every copy answered, competing with production). Empty "
+                        "means idle.",
+                        "shared",
+                        "",
+                    ),
                     "multi_model_memory_budget_mb": _option(
                         "Memory budget (MB) of the models loaded on a multi-model endpoint; past it the least "
                         "recently used are unloaded. Empty means 1024.",

@@ -28,7 +28,7 @@ with and without mirroring (the mirroring's own cost on production's path), and 
 every thread of each process (the shadow's and the sender's must be ``SCHED_IDLE``). The benchmark raises
 its own, the router's and the live server's sessions to its niceness, never the shadow's.
 ``--shadow-sender inline`` has the router send the copies from its own loop (``MLOPS_ROUTER_SHADOW_SENDER``);
-``MLOPS_SHADOW_CPU=shared`` in the environment runs the shadow and its sender at normal priority.
+``AIRFLOW__MLOPS__SHADOW_CPU=shared`` in the environment runs the shadow and its sender at normal priority.
 ``--pin-shadow CPU`` pins the shadow's server to that core and the router, the live server and the load
 generators to the others (benchmark only: a production shadow runs on hardware of its own).
 

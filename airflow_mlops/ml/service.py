@@ -336,13 +336,13 @@ def yield_cpu_to_production(sched_idle: bool = False) -> None:
     minutes). A shadow therefore serves on the CPU production leaves idle and cannot slow production's
     answers by competing for cores; when there is none to spare, its copies queue and the router drops the
     ones beyond its bounds (counted as skipped). Failures (e.g. no ``/proc``, not Linux) are logged and
-    ignored: the shadow still serves. ``MLOPS_SHADOW_CPU=shared`` keeps a normal priority instead
+    ignored: the shadow still serves. ``[mlops] shadow_cpu = shared`` (``MLOPS_SHADOW_CPU`` from the deploy) keeps a normal priority instead
     (:func:`~airflow_mlops.ml.router.shadow_cpu`).
     """
     from airflow_mlops.ml.router import run_on_idle_cpu, shadow_cpu
 
     if shadow_cpu() == "shared":
-        log.info("Shadow server: MLOPS_SHADOW_CPU=shared, it keeps a normal CPU priority")
+        log.info("Shadow server: [mlops] shadow_cpu = shared, it keeps a normal CPU priority")
         return
     refused = run_on_idle_cpu(sched_idle=sched_idle)
     if refused:

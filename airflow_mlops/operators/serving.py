@@ -215,6 +215,8 @@ def serving_env(
             "AIRFLOW__MLOPS__LANDING_ROOT": settings.landing_root,
             "MLOPS_SERVE_MAX_ROWS": str(limits.max_rows),
             "MLOPS_SERVE_MAX_BODY_BYTES": str(limits.max_body_bytes),
+            # [mlops] shadow_cpu, read by a shadow's server and by the router's shadow sender
+            "MLOPS_SHADOW_CPU": limits.shadow_cpu,
         }
     )
     if settings.artifact_conn_id:

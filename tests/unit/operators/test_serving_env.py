@@ -116,3 +116,17 @@ def test_the_registry_signing_key_reaches_the_server_and_not_the_router(worker_e
     env = serving_env(BentoMLHook(), model="m")
     assert Connection.from_json(env["AIRFLOW_CONN_MLOPS_REGISTRY"]).password == "registry-key"
     assert "AIRFLOW_CONN_MLOPS_REGISTRY" not in serving_env(BentoMLHook(), store_access=False)
+
+
+@pytest.mark.parametrize("setting, passed", [(None, "idle"), ("shared", "shared"), (" Shared ", "shared")])
+def test_the_shadow_cpu_setting_reaches_the_server_and_the_router(worker_env, monkeypatch, setting, passed):
+    if setting is not None:
+        monkeypatch.setenv("AIRFLOW__MLOPS__SHADOW_CPU", setting)
+    assert serving_env(BentoMLHook(), model="m")["MLOPS_SHADOW_CPU"] == passed
+    assert serving_env(BentoMLHook(), store_access=False)["MLOPS_SHADOW_CPU"] == passed
+
+
+def test_a_shadow_cpu_setting_that_is_neither_idle_nor_shared_is_refused(monkeypatch):
+    monkeypatch.setenv("AIRFLOW__MLOPS__SHADOW_CPU", "low")
+    with pytest.raises(MLOpsConfigError, match="shadow_cpu must be 'idle' or 'shared', got 'low'"):
+        load_serving_settings()
