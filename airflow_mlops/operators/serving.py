@@ -575,6 +575,14 @@ class DeploymentTarget:
         raise NotImplementedError
 
 
+def router_host() -> str:
+    """``[mlops] serving_router_host``: the address a deployment's router (its stable endpoint) listens
+    on and is announced at in the deploy's ``url``; default ``127.0.0.1``, this host only. Set it to the
+    serving host's own address for other hosts to reach the endpoint (``0.0.0.0`` listens everywhere but
+    announces ``127.0.0.1``)."""
+    return (conf.get("mlops", "serving_router_host", fallback="") or "").strip() or "127.0.0.1"
+
+
 class LocalDeploymentTarget(DeploymentTarget):
     """Blue/green on this machine: ``bentoml serve`` processes behind :mod:`airflow_mlops.ml.router`.
 
@@ -658,12 +666,16 @@ class LocalDeploymentTarget(DeploymentTarget):
         routes = self.routes_path(state["name"])
         if not routes.exists():
             _write_json_atomic(routes, {"active": None, "generation": 0})
+        host = router_host()
         pid = start_detached(
-            [sys.executable, "-m", "airflow_mlops.ml.router", "--port", str(port), "--routes", str(routes)],
+            [sys.executable, "-m", "airflow_mlops.ml.router", "--host", host, "--port", str(port)]
+            + ["--routes", str(routes)],
             serving_env(self.hook, store_access=False),  # it only forwards requests
             self.folder / "logs" / f"{state['name']}-router.log",
         )
-        router = {"pid": pid, "process": identify(pid), "port": port, "url": f"http://127.0.0.1:{port}"}
+        reach = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        url = f"http://[{reach}]:{port}" if ":" in reach else f"http://{reach}:{port}"
+        router = {"pid": pid, "process": identify(pid), "port": port, "url": url}
         deadline = time.monotonic() + 30
         while not self.router_status(router):
             if time.monotonic() > deadline or not process_alive(router):

@@ -19,7 +19,9 @@ see docs/scaling.md), the Ray cluster, training, monitoring, retraining and the 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shlex
 import shutil
 import tempfile
 import time
@@ -131,7 +133,7 @@ def test_ingest_runs_on_both_workers_and_publishes_every_day_on_s3(topology):
         client.wait_run(DAG_ID, run["dag_run_id"], timeout=420)
 
     _check_published(WEEKS[:2])
-    workers = {topology.worker_address(h) for h in topology.network.hosts}
+    workers = {topology.worker_address(h) for h in topology.worker_hosts}
     seen = set().union(*_hostnames(topology, [r["dag_run_id"] for r in runs]).values())
     assert seen == workers, f"task instances ran on {seen}, the workers are {workers}"
     for run in runs:
@@ -143,7 +145,7 @@ def test_a_worker_killed_mid_task_loses_nothing(topology):
     client = topology.stack.client
     (run,) = _backfill(topology, WEEKS[2], WEEKS[2])
     run_id = run["dag_run_id"]
-    addresses = {topology.worker_address(h): h for h in topology.network.hosts}
+    addresses = {topology.worker_address(h): h for h in topology.worker_hosts}
 
     def running_on_a_worker() -> dict | None:
         for ti in client.task_instances(DAG_ID, run_id):
@@ -177,26 +179,38 @@ def test_a_worker_killed_mid_task_loses_nothing(topology):
             topology.start_worker(dead)  # the host comes back for later tests of the module
 
 
-FEAST_CHECK = """
+CONNECTIONS_CHECK = """
 from airflow_mlops.hooks.feast import FeastHook
+from airflow_mlops.hooks.ray import RayHook
 hook = FeastHook()
 ok, message = hook.test_connection()
 print(message)
 print("registry:", hook.repo_config.registry.registry_type)
-raise SystemExit(0 if ok else 1)
+ray_ok, ray_message = RayHook().test_connection()
+print("ray:", RayHook().address, ray_message)
+raise SystemExit(0 if ok and ray_ok else 1)
 """
 
 
-def test_both_workers_reach_feasts_shared_registry_and_online_store(topology):
-    """The topology's ``feast_default`` connection (docs/scaling.md): from its own namespace each worker
-    opens the SQL registry on PostgreSQL and pings Redis, so an apply on one worker is seen on the other
-    (tests/integration/test_feast_sql_registry.py shows that part)."""
+def test_every_worker_reaches_feasts_shared_registry_online_store_and_the_ray_cluster(topology):
+    """The topology's ``feast_default`` and ``ray_default`` connections (docs/scaling.md): from its own
+    namespace each worker opens the SQL registry on PostgreSQL, pings Redis and reaches the Ray Jobs API
+    on the bridge, so an apply on one worker is seen on the other (tests/integration/test_feast_sql_registry.py
+    shows that part) and any worker can submit the tuning."""
     import subprocess
     import sys
 
-    for host in topology.network.hosts:
+    for host in (*topology.worker_hosts, topology.serving_host):
         result = subprocess.run(
-            ["ip", "netns", "exec", topology.network.namespace(host), sys.executable, "-c", FEAST_CHECK],
+            [
+                "ip",
+                "netns",
+                "exec",
+                topology.network.namespace(host),
+                sys.executable,
+                "-c",
+                CONNECTIONS_CHECK,
+            ],
             env=topology.worker_env[host],
             capture_output=True,
             text=True,
@@ -204,3 +218,62 @@ def test_both_workers_reach_feasts_shared_registry_and_online_store(topology):
         )
         assert result.returncode == 0, f"{host}: {result.stdout[-2000:]}{result.stderr[-3000:]}"
         assert "redis online store reachable" in result.stdout and "registry: sql" in result.stdout
+        assert f"ray: {topology.ray.dashboard_url}" in result.stdout, result.stdout
+
+
+RAY_JOB = """
+import json, sys
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+@ray.remote(num_cpus=1)
+def read(uri):
+    from airflow_mlops.artifacts import ArtifactStore
+    from ray.util import get_node_ip_address
+    store = ArtifactStore()
+    return get_node_ip_address(), store.read_json(uri)
+
+ray.init()
+nodes = [n for n in ray.nodes() if n["Alive"]]
+answers = ray.get([
+    read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(sys.argv[1])
+    for n in nodes
+])
+print("ANSWERS", json.dumps(sorted(answers)))
+"""
+
+
+def test_a_ray_job_runs_on_both_nodes_and_reads_the_artifact_store(topology):
+    """The Ray cluster (docs/scaling.md): the head on the main host and a worker node on a host of its own;
+    a Ray Job submitted to the Jobs API on the bridge runs a task on each node, and each reads an object of
+    the artifact store (``s3://mlops/artifacts``, moto) through the settings the Ray processes were
+    started with, as the tuning job does with its training set."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from airflow_mlops.artifacts import ArtifactStore
+
+    started = time.monotonic()
+    nodes = topology.ray.alive_nodes()
+    assert nodes == sorted([topology.network.main_ip, topology.network.address("ray")]), nodes
+    store = ArtifactStore()
+    target = store.path("topology", "probe.json")
+    store.write_json(target, {"written_by": "the test"})
+    client = JobSubmissionClient(topology.ray.dashboard_url)
+    job = client.submit_job(
+        entrypoint=f"python -c {shlex.quote(RAY_JOB)} {shlex.quote(str(target))}",
+        submission_id=f"topology-probe-{os.getpid()}",
+    )
+    deadline = time.monotonic() + 300
+    while (status := client.get_job_status(job)) not in (
+        JobStatus.SUCCEEDED,
+        JobStatus.FAILED,
+        JobStatus.STOPPED,
+    ):
+        assert time.monotonic() < deadline, client.get_job_logs(job)[-3000:]
+        time.sleep(1)
+    logs = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    answers = json.loads(logs.split("ANSWERS ", 1)[1].splitlines()[0])
+    assert sorted(ip for ip, _ in answers) == nodes
+    assert all(body == {"written_by": "the test"} for _, body in answers), answers
+    print(f"Ray Job on both nodes in {time.monotonic() - started:.0f} s")
