@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from airflow_mlops.config import MLOpsSettings
 
 FEATURE_STORE_YAML = "feature_store.yaml"
+#: Feast's ``duckdb`` offline store with object-store sources read through fsspec (hooks/feast_offline.py)
+FSSPEC_DUCKDB_OFFLINE_STORE = "airflow_mlops.hooks.feast_offline.FsspecDuckDBOfflineStore"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _CWD_LOCK = threading.Lock()
 
@@ -323,6 +325,14 @@ class FeastHook(BaseHook):
                 base = {"type": base}
             same_type = override.get("type", base.get("type")) == base.get("type")
             raw["online_store"] = {**base, **override} if same_type else override
+        offline = raw.get("offline_store")
+        if offline == "duckdb" or (isinstance(offline, dict) and offline.get("type") == "duckdb"):
+            # DuckDB would download its httpfs extension to read s3:// (no internet on a worker): the same
+            # store, with object-store sources read through the project's fsspec filesystems
+            raw["offline_store"] = {
+                **(offline if isinstance(offline, dict) else {}),
+                "type": FSSPEC_DUCKDB_OFFLINE_STORE,
+            }
         registry = self._registry_override()
         if registry:
             base = raw.get("registry") or {}

@@ -43,7 +43,8 @@ def test_paths_come_from_the_settings_not_the_working_directory(repo, tmp_path):
     assert config.registry.path == f"{state}/feast/registry.db"
     assert config.online_store.type == "sqlite"
     assert config.online_store.path == f"{state}/feast/online_store.db"
-    assert config.offline_store.type == "duckdb"
+    # Feast's duckdb store, reading object-store sources through fsspec (no httpfs download)
+    assert config.offline_store.type == "airflow_mlops.hooks.feast_offline.FsspecDuckDBOfflineStore"
     assert (state / "feast").is_dir()
     assert not (tmp_path / "elsewhere" / "data").exists()
 
