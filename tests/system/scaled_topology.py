@@ -185,13 +185,25 @@ def redis_server(bind: str, folder: Path) -> Iterator[int]:
             process.wait()
 
 
+_TAKEN: set[int] = set()
+
+
+def _port() -> int:
+    """A free port not handed out before (free_port() reserves nothing: two calls may give the same,
+    and Ray refuses two components on one port)."""
+    while (port := free_port()) in _TAKEN:
+        pass
+    _TAKEN.add(port)
+    return port
+
+
 def _ray_node_ports() -> list[str]:
     """Free ports for a node's agents (Ray's defaults may be taken by another Ray on the machine)."""
     return [
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}",
-        f"--metrics-export-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}",
+        f"--dashboard-agent-listen-port={_port()}",
+        f"--dashboard-agent-grpc-port={_port()}",
+        f"--metrics-export-port={_port()}",
+        f"--runtime-env-agent-port={_port()}",
     ]
 
 
@@ -235,7 +247,7 @@ def ray_cluster(
 
     folder.mkdir(parents=True, exist_ok=True)
     ray = str(Path(sys.executable).with_name("ray"))
-    ip, gcs_port, dashboard_port = network.main_ip, free_port(), free_port()
+    ip, gcs_port, dashboard_port = network.main_ip, _port(), _port()
     env = {
         **env,
         "RAY_AUTH_MODE": "disabled",
@@ -259,7 +271,7 @@ def ray_cluster(
         head = start(
             "head",
             [ray, "start", "--head", f"--port={gcs_port}", f"--node-ip-address={ip}",
-             f"--ray-client-server-port={free_port()}", *_ray_node_ports(), "--include-dashboard=true",
+             f"--ray-client-server-port={_port()}", *_ray_node_ports(), "--include-dashboard=true",
              f"--dashboard-host={ip}", f"--dashboard-port={dashboard_port}",
              f"--temp-dir=/tmp/ray-topo-{os.getpid()}", *common],
         )  # fmt: skip
