@@ -438,6 +438,11 @@ def scaled_topology(pg, root: Path) -> Iterator[Topology]:
                     },
                 }
             ),
+            # the registry's signing key (docs/security.md, "Registry signing"): one secret for every worker,
+            # model server and Ray process, since the artifact store is shared
+            "AIRFLOW_CONN_MLOPS_REGISTRY": json.dumps(
+                {"conn_type": "generic", "password": secrets.token_urlsafe(32)}
+            ),
             f"AIRFLOW_CONN_{S3_CONN.upper()}": json.dumps(
                 {
                     "conn_type": "aws",
