@@ -219,16 +219,37 @@ def serving_env(
     )
     if settings.artifact_conn_id:
         env["AIRFLOW__MLOPS__ARTIFACT_CONN_ID"] = settings.artifact_conn_id
+    serve = {**serve, "feast_conn_id": _served_feast_conn_id(hook, serve)}
     for key, value in serve.items():
         if value:
             env[f"MLOPS_SERVE_{key.upper()}"] = str(value)
     conn_ids = {serve.get("bentoml_conn_id"), serve.get("feast_conn_id"), settings.artifact_conn_id}
     if not store_access:
         return env
+    if serve.get("feast_conn_id"):  # Feast's SQL registry, which the feast connection may name
+        extra = hook.get_connection(serve["feast_conn_id"]).extra_dejson or {}
+        conn_ids.add(extra.get("registry_conn_id"))
     for conn_id in sorted(c for c in {*conn_ids, *connections} if c):
         env[f"AIRFLOW_CONN_{conn_id.upper()}"] = hook.get_connection(conn_id).as_json()
     env.update(hook.server_environment())
     return env
+
+
+def _served_feast_conn_id(hook: BentoMLHook, serve: dict[str, Any]) -> str | None:
+    """The feast connection of the served repository: the one given, else the Feast operators' default
+    (``feast_default``) when it exists, so that the server reads the registry and online store the
+    training and materialization tasks used (a SQL registry, Redis), not a file of its own state folder."""
+    if serve.get("feast_conn_id") or not serve.get("feast_repo"):
+        return serve.get("feast_conn_id")
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    from airflow_mlops.hooks.feast import FeastHook
+
+    try:
+        hook.get_connection(FeastHook.default_conn_name)
+    except AirflowNotFoundException:
+        return None
+    return FeastHook.default_conn_name
 
 
 def check_api_key(hook: BentoMLHook) -> None:
