@@ -394,8 +394,9 @@ def test_the_model_is_registered_in_production_with_its_files_on_s3(topology, fi
     run_id = first_training["train_run"]
     registered = client.xcom("flights_train", run_id, "register")
     assert BentoMLHook().production_version(MODEL) == registered["version"]
-    assert registered["export_uri"].startswith("s3://mlops/artifacts/"), registered
-    assert as_path(registered["export_uri"], conn_id="mlops_s3").exists()
+    # s3://<connection>@mlops/artifacts/registry/...: the artifact store's URI names its connection
+    assert registered["export_uri"].startswith("s3://mlops_s3@mlops/artifacts/registry/"), registered
+    assert as_path(registered["export_uri"]).exists()
 
 
 def test_serving_tasks_ran_on_the_serving_host_and_the_others_not(topology, first_training):
