@@ -495,13 +495,15 @@ window to the `train_days` before that; otherwise the params' days are used.
         gate >> [training_set, holdout_set]
         tune >> register >> promote >> baseline
         if spec.serving.target == "local":
+            # serving.queue: the serving tasks run on the hosts whose Celery workers listen on it
+            on_host = _serving_queue(spec)
             if spec.serving.endpoint:
                 deploy = _deploy_onto_endpoint(spec, repo)
                 baseline >> deploy
             else:
                 from airflow_mlops.operators.serving import BentoBuildOperator, BentoDeployOperator
 
-                build = BentoBuildOperator(task_id="build", model_name=spec.model)
+                build = BentoBuildOperator(task_id="build", model_name=spec.model, **on_host)
                 rollout = spec.serving.rollout
                 deploy = BentoDeployOperator(
                     task_id="deploy",
@@ -513,6 +515,7 @@ window to the `train_days` before that; otherwise the params' days are used.
                     canary_steps=rollout.steps,
                     step_minutes=rollout.step_minutes,
                     guardrails=rollout.guardrails.model_dump(),
+                    **on_host,
                 )
                 if rollout.shadow_minutes:
                     first, last = _shadow_period(spec, repo)
@@ -535,9 +538,15 @@ window to the `train_days` before that; otherwise the params' days are used.
                             "rows": spec.serving.sample_rows,
                         }
                     },
+                    **on_host,
                 )
                 [deploy, holdout_set] >> sample
     return dag
+
+
+def _serving_queue(spec: LifecycleSpec) -> dict[str, Any]:
+    """``serving.queue`` as operator arguments (``{"queue": ...}``), or none: Airflow's default queue."""
+    return {"queue": spec.serving.queue} if spec.serving.queue else {}
 
 
 def _shadow_period(spec: LifecycleSpec, repo: str) -> tuple[Any, Any]:
@@ -556,12 +565,14 @@ def _shadow_period(spec: LifecycleSpec, repo: str) -> tuple[Any, Any]:
         port=spec.serving.port,
         feast_repo_path=repo,
         strategy="shadow",
+        **_serving_queue(spec),
     )
     wait = DateTimeSensorAsync(
         task_id="shadow_period",
         target_time="{{ (ti.start_date + macros.timedelta(minutes="
         + repr(rollout.shadow_minutes)
         + ")).isoformat() }}",
+        **_serving_queue(spec),
     )
     gate = ShadowReportOperator(
         task_id="shadow_gate",
@@ -569,6 +580,7 @@ def _shadow_period(spec: LifecycleSpec, repo: str) -> tuple[Any, Any]:
         # the period just waited (in hours), a little more for the records flushed as it began
         window_hours=rollout.shadow_minutes / 60 + 0.25,
         **rollout.shadow_gate.model_dump(),
+        **_serving_queue(spec),
     )
     shadow >> wait >> gate
     return shadow, gate
@@ -585,6 +597,7 @@ def _deploy_onto_endpoint(spec: LifecycleSpec, repo: str) -> Any:
         model_name=spec.model,
         endpoint=spec.serving.endpoint,
         feast_repo_path=repo,
+        **_serving_queue(spec),
     )
 
 

