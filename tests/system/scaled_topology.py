@@ -360,7 +360,8 @@ class Topology:
 def topology_dags(folder: Path) -> Path:
     """The project's ``dags/`` copied to ``folder`` with the flights spec set for this topology, as a
     deployment of it would: the tuning on the Ray cluster (``tuning.ray_conn_id``) and the serving tasks
-    on the serving host (``serving.queue``); the feature repo's path made absolute."""
+    on the serving host (``serving.queue``); the feature repo's path made absolute; two trials instead of
+    eight (the suite's time budget)."""
     shutil.copytree(ROOT / "dags", folder, ignore=shutil.ignore_patterns("__pycache__"))
     spec = folder / "flights.yaml"
     text = spec.read_text()
@@ -368,6 +369,8 @@ def topology_dags(folder: Path) -> Path:
         ("  repo: ../feature_repo\n", f"  repo: {ROOT / 'feature_repo'}\n"),
         ("  tuning:\n", f"  tuning:\n    ray_conn_id: {RAY_CONN}\n"),
         ("serving:\n", f"serving:\n  queue: {SERVING_QUEUE}\n"),
+        # two trials: the test proves where the search runs, not how good it gets (the suite's time budget)
+        ("    num_samples: 8\n", "    num_samples: 2\n"),
     ):
         assert text.count(old) == 1, f"{old!r} in {spec}"
         text = text.replace(old, new)
