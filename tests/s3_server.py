@@ -46,3 +46,15 @@ def moto_s3(
         yield url
     finally:
         server.stop()
+        forget_s3_clients()
+
+
+def forget_s3_clients() -> None:
+    """Drop this process's cached S3 filesystems (Airflow's object stores by scheme and connection, fsspec's
+    instances): they hold the endpoint of the server that just stopped, and a later server of the session
+    listens elsewhere (a process whose S3 endpoint never changes, a worker, never needs this)."""
+    import s3fs
+    from airflow.sdk.io import store
+
+    store._STORE_CACHE.clear()
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -124,10 +124,13 @@ class Watched(AirflowComponents):
 
     def state_store(self, asset: str) -> dict[str, Any]:
         rows = self.query(
-            "SELECT s.key, s.value FROM asset_state_store s JOIN asset a ON a.id = s.asset_id WHERE a.name = ?",
-            asset,
+            "SELECT s.key, s.value FROM asset_state_store s JOIN asset a ON a.id = s.asset_id WHERE a.name = :name",
+            name=asset,
         )
-        return {row["key"]: json.loads(row["value"]) for row in rows}
+        return {
+            row["key"]: json.loads(row["value"]) if isinstance(row["value"], str) else row["value"]
+            for row in rows
+        }
 
     def gate(self, dag_id: str, run_id: str) -> dict | None:
         """The gate's decision once its task finished (its XCom when it let the run through)."""
@@ -207,7 +210,7 @@ def test_drift_in_a_watched_source_makes_the_triggerer_start_the_dag(watched: Wa
         gate = watched.wait(
             f"the retraining gate of {dag_id}", lambda d=dag_id, r=run_id: watched.gate(d, r), 120
         )
-        assert gate["state"] == "success", watched.log_tails()
+        assert gate["state"] == "success", watched.client.failure_report(dag_id, run_id)
         # the gate read the trigger's payload: its event id and data time are the cause
         decision = gate["decision"]
         assert decision["proceed"] is True
