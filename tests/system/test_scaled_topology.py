@@ -31,6 +31,7 @@ import json
 import os
 import shlex
 import shutil
+import sys
 import tempfile
 import time
 from datetime import datetime, timedelta
@@ -268,7 +269,7 @@ def test_a_ray_job_runs_on_both_nodes_and_reads_the_artifact_store(topology):
     store.write_json(target, {"written_by": "the test"})
     client = JobSubmissionClient(topology.ray.dashboard_url)
     job = client.submit_job(
-        entrypoint=f"python -c {shlex.quote(RAY_JOB)} {shlex.quote(str(target))}",
+        entrypoint=f"{shlex.quote(sys.executable)} -c {shlex.quote(RAY_JOB)} {shlex.quote(str(target))}",
         submission_id=f"topology-probe-{os.getpid()}",
     )
     deadline = time.monotonic() + 300
