@@ -3,7 +3,7 @@
 Feast 0.67's ``ray.engine`` filters the rows it materializes by the feature view's ttl counted back from
 *now* (``RayFilterNode``: ``event_timestamp >= now - ttl``), while the local engine writes the latest row
 of each entity in the requested interval whatever its age. Materializing an interval older than the ttl
-(a backfill, a replay, the flights demo's 2013 data) therefore writes nothing with the Ray engine, and it
+(a backfill, a replay, data of a past year) therefore writes nothing with the Ray engine, and it
 says nothing either: its write step logs and drops errors. This engine keeps Feast's Ray engine (its
 configuration, its Ray initialization from ``ray_address``) and replaces the materialization of a
 feature view by:
