@@ -91,3 +91,25 @@ def postgres_url(postgres_server, request) -> str:
     (``postgresql://...``)."""
     name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:50]
     return postgres_server.create_database(name, driver="postgresql")
+
+
+# Time per test module (set-up, calls and tear-down together), printed after pytest's slowest tests: where the
+# suite's 30-minute budget goes is a per-module question (a module's shared stack is paid in its first set-up).
+_MODULE_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    module = report.nodeid.split("::", 1)[0]
+    _MODULE_SECONDS[module] = _MODULE_SECONDS.get(module, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not _MODULE_SECONDS:
+        return
+    terminalreporter.section("slowest modules")
+    ranked = sorted(_MODULE_SECONDS.items(), key=lambda item: -item[1])
+    for module, seconds in ranked[:25]:
+        terminalreporter.write_line(f"{seconds:8.1f}s  {module}")
+    if len(ranked) > 25:
+        rest = sum(seconds for _, seconds in ranked[25:])
+        terminalreporter.write_line(f"{rest:8.1f}s  {len(ranked) - 25} other modules")
