@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
+from mlops_testing import ROOT
 
 from airflow_mlops.config import MLOpsSettings
 from airflow_mlops.exceptions import ArtifactStoreError, FeatureStoreError
@@ -83,6 +84,8 @@ def test_publishing_to_a_stopped_object_store_names_it_writes_nothing_and_a_retr
     from airflow_mlops.demo.data import land
     from airflow_mlops.operators import offline_store
     from airflow_mlops.operators.offline_store import PARTITION_FILE, OfflinePartitionWriteOperator
+    from airflow_mlops.operators.validation import GXValidateOperator
+    from airflow_mlops.sensors.landing import LandedBatchSensor
 
     root = f"s3://{BUCKET}"
     monkeypatch.setenv("AIRFLOW__MLOPS__LANDING_ROOT", f"{root}/landing")
@@ -96,10 +99,13 @@ def test_publishing_to_a_stopped_object_store_names_it_writes_nothing_and_a_retr
     )
     land(settings, start="2013-01-01", end="2013-01-02")
 
+    def batch(day: str) -> str:
+        return f"flights/date={day}/flights.parquet"
+
     def publish(day: str) -> dict:
         return OfflinePartitionWriteOperator(
             task_id="publish",
-            source_uri=f"flights/date={day}/flights.parquet",
+            source_uri=batch(day),
             table="flights",
             partition=f"date={day}",
         ).execute(_context("publish"))
@@ -114,6 +120,18 @@ def test_publishing_to_a_stopped_object_store_names_it_writes_nothing_and_a_retr
     assert "no connection: the AWS_* variables / boto's default chain" in message
     assert "AWS_ENDPOINT_URL_S3" in refused.value.fix and "retry the task" in refused.value.fix
     assert S3_SECRET not in message and _retried(refused.value)
+    # the ingest DAG's tasks before the publish: waiting for the batch, validating it
+    with pytest.raises(ArtifactStoreError, match=f"cannot be reached at {s3.url}"):
+        LandedBatchSensor(task_id="wait", uri=batch("2013-01-02"), deferrable=False).poke({})
+    with pytest.raises(ArtifactStoreError, match=f"cannot be reached at {s3.url}") as not_validated:
+        GXValidateOperator(
+            task_id="validate_batch",
+            data_uri=batch("2013-01-02"),
+            expectation_suite=str(ROOT / "dags" / "expectations" / "flights_batch.json"),
+            batch_date="2013-01-02",
+            batch_timezone="America/New_York",
+        ).execute({"ti": SimpleNamespace(dag_id="reach", run_id="reach", task_id="validate_batch")})
+    assert _retried(not_validated.value), "an unreachable store is not a bad batch"
 
     # the store goes away in the middle of the task, while the partition is being written
     s3.start()
