@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseHook
 
 from airflow_mlops.config import environ_set
-from airflow_mlops.exceptions import FeatureRepoError, FeatureStoreError
+from airflow_mlops.exceptions import ArtifactStoreError, FeatureRepoError, FeatureStoreError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -535,7 +535,7 @@ class FeastHook(BaseHook):
                     store.project, store.registry, repo
                 )
                 store.apply(to_apply, objects_to_delete=to_delete, partial=False)
-        except FeatureStoreError:
+        except (FeatureStoreError, ArtifactStoreError):
             raise
         except Exception as err:
             if unreachable := self.online_store_unreachable(err):  # apply updates the online store's tables
@@ -649,7 +649,7 @@ class FeastHook(BaseHook):
                 rows = self.count_rows_to_write(view, start, end)
                 if rows:
                     self.store.materialize(start_date=start, end_date=end, feature_views=[view.name])
-            except FeatureStoreError:
+            except (FeatureStoreError, ArtifactStoreError):  # the latter: its offline store on S3 not reached
                 raise
             except Exception as err:
                 if unreachable := self.online_store_unreachable(err):
@@ -682,6 +682,8 @@ class FeastHook(BaseHook):
                 entity_df=entity_df, features=service, full_feature_names=full_feature_names
             )
             return job.to_df()
+        except ArtifactStoreError:  # the offline store on an object store that cannot be reached
+            raise
         except Exception as err:
             raise FeatureStoreError(
                 f"building historical features of service {feature_service!r} from Feast repository "

@@ -293,3 +293,20 @@ def test_a_stopped_redis_online_store_is_named_with_its_connection_and_a_retry_m
         assert materialize()["rows"] == first["rows"]
         values = FeastHook().online_features(["carrier_daily:flights_7d"], rows)
     assert values["carrier_daily__flights_7d"][0] is not None
+
+
+def test_feasts_offline_store_on_a_stopped_object_store_is_named_not_left_to_duckdb(s3):
+    from feast import FileSource
+
+    from airflow_mlops.hooks.feast_offline import read_data_source
+
+    # what Feast's materialization and training sets read, on the project's offline store (no connection)
+    source = FileSource(
+        path=f"s3://{BUCKET}/offline/flights/date=*/part-0.parquet", timestamp_field="time_hour"
+    )
+    s3.stop()
+    with pytest.raises(ArtifactStoreError) as refused:
+        read_data_source(source, ".")
+    message = str(refused.value)
+    assert f"'s3://{BUCKET}/offline/flights' cannot be reached at {s3.url}" in message
+    assert "no connection: the AWS_* variables" in message and _retried(refused.value)
