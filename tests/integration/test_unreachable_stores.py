@@ -57,6 +57,7 @@ def s3(monkeypatch) -> Iterator[SimpleNamespace]:
         "AWS_SECRET_ACCESS_KEY": S3_SECRET,
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ENDPOINT_URL_S3": url,
+        "AWS_MAX_ATTEMPTS": "1",  # the SDK's retries of a refused connection change nothing here but time
     }.items():
         monkeypatch.setenv(key, value)
     stack = contextlib.ExitStack()
