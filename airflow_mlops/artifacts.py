@@ -261,10 +261,10 @@ def _publish_remote(local: Path, target: ObjectStoragePath) -> None:
             shutil.copyfileobj(src, dst, _CHUNK)
         target.fs.mv(staging.path, target.path)
     except Exception as err:
-        if is_unreachable(err):
-            raise unreachable_error(target, err) from err  # nothing to remove on a store not reached
         with contextlib.suppress(Exception):
             target.fs.rm(staging.path)
+        if is_unreachable(err):
+            raise unreachable_error(target, err) from err
         raise ArtifactStoreError(
             f"writing {str(target)!r} failed ({type(err).__name__}: {err}); its previous version, if any, "
             "is unchanged.",
