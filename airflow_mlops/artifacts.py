@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow_mlops.config import MLOpsSettings, check_settings, load_settings
-from airflow_mlops.exceptions import ArtifactStoreError, MLOpsInputError
+from airflow_mlops.exceptions import ArtifactStoreError, MLOpsError, MLOpsInputError
 
 if TYPE_CHECKING:
     from airflow.sdk import Context, ObjectStoragePath
@@ -62,7 +63,7 @@ class Artifact:
 def sha256_of(path: ObjectStoragePath | Path) -> str:
     """sha256 of a file on any file system, streamed."""
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    with reaching(path), path.open("rb") as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
@@ -123,7 +124,81 @@ class ArtifactStore:
         return self.write_bytes(target, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
     def read_json(self, uri: str) -> Any:
-        return json.loads(as_path(uri, conn_id=self.settings.artifact_conn_id).read_bytes())
+        path = as_path(uri, conn_id=self.settings.artifact_conn_id)
+        with reaching(path):
+            return json.loads(path.read_bytes())
+
+
+# ------------------------------------------------------------------ an object store that cannot be reached
+def is_unreachable(err: BaseException) -> bool:
+    """Whether ``err`` says a remote store could not be reached (refused, timed out, connection cut), as
+    opposed to a missing object or refused credentials: botocore's connection errors (S3, through s3fs)
+    and aiohttp's (GCS, through gcsfs). A library that was never imported raised none of its errors."""
+    kinds: list[type] = []
+    botocore = sys.modules.get("botocore.exceptions")
+    if botocore is not None:
+        kinds += [botocore.ConnectionError, botocore.HTTPClientError]
+    aiohttp = sys.modules.get("aiohttp")
+    if aiohttp is not None:
+        kinds.append(aiohttp.ClientConnectionError)
+    return bool(kinds) and isinstance(err, tuple(kinds))
+
+
+def _endpoint(path: ObjectStoragePath, err: BaseException) -> str:
+    """``scheme://host[:port]`` of the store that was tried, from the error or the filesystem."""
+    from urllib.parse import urlsplit
+
+    url = (getattr(err, "kwargs", None) or {}).get("endpoint_url")
+    if not url:
+        with contextlib.suppress(Exception):
+            fs = path.fs
+            url = getattr(fs, "endpoint_url", None) or (getattr(fs, "client_kwargs", None) or {}).get(
+                "endpoint_url"
+            )
+    if not url:
+        return "the provider's default endpoint"
+    parts = urlsplit(str(url))
+    return f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}"
+
+
+def unreachable_error(path: ObjectStoragePath | Path | str, err: BaseException) -> ArtifactStoreError:
+    """The error a task shows when the object store holding ``path`` cannot be reached: the location, the
+    endpoint, the connection (or where the credentials come from without one) and what to check."""
+    if not hasattr(path, "protocol"):
+        path = as_path(path)
+    conn_id = getattr(path, "conn_id", None)
+    location = f"{path.protocol}://{path.path}"
+    endpoint = _endpoint(path, err)
+    if conn_id:
+        via = f"connection {conn_id!r}"
+        check = f"connection {conn_id!r} (its extra endpoint_url and region_name, its login and password)"
+    elif path.protocol in ("s3", "s3a"):
+        via = "no connection: the AWS_* variables / boto's default chain"
+        check = "this worker's AWS_ENDPOINT_URL_S3 (or AWS_ENDPOINT_URL), AWS_DEFAULT_REGION and AWS keys"
+    else:
+        via = "no connection: the library's default credentials"
+        check = "this worker's settings for that store"
+    return ArtifactStoreError(
+        f"the object store holding {location!r} cannot be reached at {endpoint} ({via}): "
+        f"{type(err).__name__}: {err}",
+        fix=f"check that the store at {endpoint} runs and that this worker reaches it, and {check}; then "
+        "retry the task (nothing was half-written: an interrupted write leaves the previous version).",
+    )
+
+
+@contextmanager
+def reaching(path: ObjectStoragePath | Path | str) -> Iterator[None]:
+    """Run a block that reads or writes ``path``: a store that cannot be reached fails it with
+    :func:`unreachable_error` (an :class:`ArtifactStoreError`, so Airflow retries the task) instead of the
+    library's bare connection error; every other error passes unchanged."""
+    try:
+        yield
+    except MLOpsError:
+        raise
+    except Exception as err:
+        if is_unreachable(err):
+            raise unreachable_error(path, err) from err
+        raise
 
 
 @contextmanager
@@ -188,6 +263,8 @@ def _publish_remote(local: Path, target: ObjectStoragePath) -> None:
     except Exception as err:
         with contextlib.suppress(Exception):
             target.fs.rm(staging.path)
+        if is_unreachable(err):
+            raise unreachable_error(target, err) from err
         raise ArtifactStoreError(
             f"writing {str(target)!r} failed ({type(err).__name__}: {err}); its previous version, if any, "
             "is unchanged.",
@@ -210,7 +287,13 @@ def read_parquet_batch(source: ObjectStoragePath):
     """Read a parquet batch (one file, or a folder of ``*.parquet`` files) as a pyarrow Table.
 
     :raises MLOpsInputError: the batch is missing, empty or not readable parquet, naming the file.
+    :raises ArtifactStoreError: the store holding it cannot be reached (see :func:`unreachable_error`).
     """
+    with reaching(source):
+        return _read_parquet_batch(source)
+
+
+def _read_parquet_batch(source: ObjectStoragePath):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -234,6 +317,8 @@ def read_parquet_batch(source: ObjectStoragePath):
             with path.open("rb") as handle:
                 tables.append(pq.read_table(handle))
         except (pa.ArrowException, OSError) as err:
+            if is_unreachable(err):  # aiohttp's connection errors are OSErrors: not a bad file
+                raise
             raise MLOpsInputError(
                 f"landed file {str(path)!r} is not readable parquet ({err}).",
                 fix="re-land the file from its source; a truncated upload is the usual cause.",

@@ -19,9 +19,12 @@ SECRET_KEY = "mlops-tests"
 
 @contextlib.contextmanager
 def moto_s3(
-    buckets: Sequence[str] = (), host: str = "127.0.0.1", url_host: str | None = None
+    buckets: Sequence[str] = (), host: str = "127.0.0.1", url_host: str | None = None, port: int | None = None
 ) -> Iterator[str]:
-    """Run moto's S3 server with ``buckets`` created; yield ``http://<url_host or host>:<port>``."""
+    """Run moto's S3 server with ``buckets`` created; yield ``http://<url_host or host>:<port>``.
+
+    ``port`` (default a free one) lets a test start the server again where it was: moto keeps the buckets
+    and objects in this process, so a restarted server serves what the stopped one held."""
     import logging
 
     import boto3
@@ -29,7 +32,7 @@ def moto_s3(
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
 
-    port = free_port()
+    port = port or free_port()
     server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
     server.start()
     url = f"http://{url_host or host}:{port}"

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseHook
 
-from airflow_mlops.artifacts import ArtifactStore, as_path, sha256_of, staged
+from airflow_mlops.artifacts import ArtifactStore, as_path, reaching, sha256_of, staged
 from airflow_mlops.exceptions import MLOpsConfigError, MLOpsError, MLOpsInputError
 
 if TYPE_CHECKING:
@@ -473,7 +473,7 @@ class BentoMLHook(BaseHook):
                 ) from None
             with tempfile.TemporaryDirectory(prefix="mlops-import-") as tmp:
                 local = Path(tmp) / export.name
-                with export.open("rb") as src, local.open("wb") as dst:
+                with reaching(export), export.open("rb") as src, local.open("wb") as dst:
                     shutil.copyfileobj(src, dst)
                 model = bentoml.models.import_model(str(local), _model_store=self.model_store)
         folder = Path(model.path)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseHook
 
 from airflow_mlops.config import environ_set
-from airflow_mlops.exceptions import FeatureRepoError, FeatureStoreError
+from airflow_mlops.exceptions import ArtifactStoreError, FeatureRepoError, FeatureStoreError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -425,6 +425,34 @@ class FeastHook(BaseHook):
     def online_store_type(self) -> str:
         return str(self.repo_config.online_store.type)
 
+    def online_store_unreachable(self, err: BaseException) -> FeatureStoreError | None:
+        """The error a task shows when ``err`` says the Redis online store cannot be reached (or refused
+        the password): its address, the connection that configures it and what to check; ``None`` for any
+        other error. The password is never shown (it stays in the connection)."""
+        exceptions = sys.modules.get("redis.exceptions")
+        if exceptions is None or not isinstance(err, exceptions.ConnectionError | exceptions.TimeoutError):
+            return None
+        online = self.repo_config.online_store
+        address = (
+            str(getattr(online, "connection_string", "") or "").split(",")[0] or "its configured address"
+        )
+        if self.connection is not None:
+            via, check = (
+                f"connection {self.feast_conn_id!r}",
+                f"connection {self.feast_conn_id!r} (host, port, schema = Redis db, password)",
+            )
+        else:
+            yaml_path = self.repo_path / FEATURE_STORE_YAML
+            via, check = f"online_store of {yaml_path}", f"the online_store section of {yaml_path}"
+        refused = isinstance(err, exceptions.AuthenticationError | exceptions.AuthorizationError)
+        what = "refused the credentials of" if refused else "cannot be reached from"
+        return FeatureStoreError(
+            f"the {online.type} online store at {address} ({via}) {what} this worker: "
+            f"{_redact(f'{type(err).__name__}: {err}', self._secrets())}",
+            fix=f"check that Redis runs at {address} and that this worker reaches it, and {check}; then "
+            "retry the task (materializing again writes the same rows, never duplicates).",
+        )
+
     @cached_property
     def store(self) -> FeatureStore:
         """The ``FeatureStore``, built once per hook."""
@@ -507,9 +535,11 @@ class FeastHook(BaseHook):
                     store.project, store.registry, repo
                 )
                 store.apply(to_apply, objects_to_delete=to_delete, partial=False)
-        except FeatureStoreError:
+        except (FeatureStoreError, ArtifactStoreError):
             raise
         except Exception as err:
+            if unreachable := self.online_store_unreachable(err):  # apply updates the online store's tables
+                raise unreachable from err
             raise FeatureStoreError(
                 f"feast apply of repository {str(self.repo_path)!r} failed: "
                 f"{_redact(f'{type(err).__name__}: {err}', self._secrets())}",
@@ -619,9 +649,11 @@ class FeastHook(BaseHook):
                 rows = self.count_rows_to_write(view, start, end)
                 if rows:
                     self.store.materialize(start_date=start, end_date=end, feature_views=[view.name])
-            except FeatureStoreError:
+            except (FeatureStoreError, ArtifactStoreError):  # the latter: its offline store on S3 not reached
                 raise
             except Exception as err:
+                if unreachable := self.online_store_unreachable(err):
+                    raise unreachable from err
                 raise FeatureStoreError(
                     f"materializing feature view {view.name!r} of Feast repository {str(self.repo_path)!r} "
                     f"for {start.isoformat()} .. {end.isoformat()} failed: "
@@ -650,6 +682,8 @@ class FeastHook(BaseHook):
                 entity_df=entity_df, features=service, full_feature_names=full_feature_names
             )
             return job.to_df()
+        except ArtifactStoreError:  # the offline store on an object store that cannot be reached
+            raise
         except Exception as err:
             raise FeatureStoreError(
                 f"building historical features of service {feature_service!r} from Feast repository "
@@ -661,7 +695,10 @@ class FeastHook(BaseHook):
         self, features: Sequence[str] | str | FeatureService, entity_rows: list[dict[str, Any]]
     ) -> dict:
         """Online feature values for ``entity_rows``; ``features`` is a list of refs, a service name, or a
-        ``FeatureService`` (a name is looked up in the registry on every call: a server keeps the object)."""
+        ``FeatureService`` (a name is looked up in the registry on every call: a server keeps the object).
+
+        :raises FeatureStoreError: the online store cannot be reached (see :meth:`online_store_unreachable`).
+        """
         from feast import FeatureService
 
         refs: Any = features
@@ -669,9 +706,14 @@ class FeastHook(BaseHook):
             refs = self.feature_service(features)
         elif not isinstance(features, FeatureService):
             refs = list(features)
-        response = self.store.get_online_features(
-            features=refs, entity_rows=entity_rows, full_feature_names=True
-        )
+        try:
+            response = self.store.get_online_features(
+                features=refs, entity_rows=entity_rows, full_feature_names=True
+            )
+        except Exception as err:
+            if unreachable := self.online_store_unreachable(err):
+                raise unreachable from err
+            raise
         return response.to_dict()
 
     def test_connection(self) -> tuple[bool, str]:

@@ -93,8 +93,26 @@ def read_data_source(data_source: DataSource, repo_path: str) -> Any:
     # (not backend.sql(), whose schema query uses a DuckDB cursor method DuckDB 2 removed)
     name = f"mlops_fsspec_{uuid.uuid4().hex}"
     literal = "'" + path.replace("'", "''") + "'"
-    backend.con.execute(f'CREATE OR REPLACE TEMPORARY VIEW "{name}" AS SELECT * FROM read_parquet({literal})')
+    try:
+        backend.con.execute(
+            f'CREATE OR REPLACE TEMPORARY VIEW "{name}" AS SELECT * FROM read_parquet({literal})'
+        )
+    except Exception:
+        _raise_if_unreachable(path)
+        raise
     return backend.table(name)
+
+
+def _raise_if_unreachable(path: str) -> None:
+    """DuckDB reports a failure of the Python filesystem as an error of its own (the Python traceback as
+    text): ask the store once more from Python, so that a store that cannot be reached fails the task with
+    the project's error for it (:func:`airflow_mlops.artifacts.unreachable_error`: the location, the
+    endpoint, where the settings come from, what to check) rather than with DuckDB's."""
+    from airflow_mlops.artifacts import as_path, reaching
+
+    folder = as_path(path.split("*", 1)[0].rsplit("/", 1)[0])
+    with reaching(folder):
+        folder.exists()
 
 
 class FsspecDuckDBOfflineStoreConfig(feast_duckdb.DuckDBOfflineStoreConfig):

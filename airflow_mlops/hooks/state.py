@@ -423,11 +423,16 @@ def read_legacy_json(path: Any) -> Callable[[], dict[str, Any] | None]:
     ``path`` (a local path or an artifact-store path) a former release wrote, None when it does not exist."""
 
     def read() -> dict[str, Any] | None:
-        try:
-            if not path.exists():
+        from airflow_mlops.artifacts import is_unreachable, reaching
+
+        with reaching(path):  # a store that cannot be reached is not a file that does not exist
+            try:
+                if not path.exists():
+                    return None
+                return json.loads(path.read_text())
+            except (OSError, ValueError) as err:
+                if is_unreachable(err):
+                    raise
                 return None
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
 
     return read

@@ -75,10 +75,16 @@ class Source:
 
 def resolve_source(uri: str) -> Source:
     """A parquet file (or folder) as it is; a JSON manifest read and its ``data_uri`` resolved."""
-    from airflow_mlops.artifacts import as_path
-    from airflow_mlops.exceptions import MLOpsInputError
+    from airflow_mlops.artifacts import as_path, reaching
 
     path = as_path(uri)
+    with reaching(path):
+        return _resolve_source(uri, path)
+
+
+def _resolve_source(uri: str, path: Any) -> Source:
+    from airflow_mlops.exceptions import MLOpsInputError
+
     if not path.exists():
         raise MLOpsInputError(
             f"training data {uri!r} does not exist.",
@@ -110,12 +116,19 @@ def resolve_source(uri: str) -> Source:
 
 def read_frame(source: Source):
     """The rows as a pandas DataFrame; the manifest's sha256 is checked for a single file."""
-    import pyarrow.parquet as pq
-
-    from airflow_mlops.artifacts import as_path, read_parquet_batch, sha256_of
-    from airflow_mlops.exceptions import MLOpsInputError
+    from airflow_mlops.artifacts import as_path, reaching
 
     path = as_path(source.data_uri)
+    with reaching(path):
+        return _read_frame(source, path)
+
+
+def _read_frame(source: Source, path: Any):
+    import pyarrow.parquet as pq
+
+    from airflow_mlops.artifacts import is_unreachable, read_parquet_batch, sha256_of
+    from airflow_mlops.exceptions import MLOpsInputError
+
     if source.sha256 and path.exists() and path.is_file():
         actual = sha256_of(path)
         if actual != source.sha256:
@@ -130,6 +143,8 @@ def read_frame(source: Source):
             with path.open("rb") as handle:
                 return pq.read_table(handle).to_pandas()
         except Exception as err:
+            if is_unreachable(err):  # the store, not the file
+                raise
             raise MLOpsInputError(
                 f"training data {source.data_uri!r} is not readable parquet ({err})."
             ) from err

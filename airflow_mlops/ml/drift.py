@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from airflow_mlops.artifacts import ArtifactStore, as_path, staged
+from airflow_mlops.artifacts import ArtifactStore, as_path, reaching, staged
 from airflow_mlops.exceptions import MLOpsArgumentError, MLOpsInputError
 
 if TYPE_CHECKING:
@@ -137,7 +137,13 @@ def read_frame(
     :param aliases: ``{column: name in the file}`` for columns the file holds under another name
         (used only where ``column`` itself is absent; the frame carries ``column``).
     :raises MLOpsInputError: the data is missing or a requested column is absent.
+    :raises ArtifactStoreError: the store holding it cannot be reached.
     """
+    with reaching(uri):
+        return _read_frame(uri, columns, aliases)
+
+
+def _read_frame(uri: str, columns: Sequence[str] | None, aliases: Mapping[str, str] | None) -> pd.DataFrame:
     import pyarrow.parquet as pq
 
     path = as_path(uri)

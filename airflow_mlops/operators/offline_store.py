@@ -20,6 +20,7 @@ from airflow.sdk import BaseOperator
 from airflow_mlops.artifacts import (  # noqa: F401  (read_parquet_batch, resolve_uri: re-exported)
     ArtifactStore,
     as_path,
+    reaching,
     read_parquet_batch,
     resolve_uri,
     safe_segment,
@@ -162,7 +163,8 @@ class OfflinePartitionWriteOperator(BaseOperator):
         for name, part in parts.items():
             contributions = batches_root.joinpath(safe_segment(name))
             published = table_root.joinpath(safe_segment(name), PARTITION_FILE)
-            merged[name] = (contributions, self._merge(contributions, published, batch, part, keys))
+            with reaching(published):
+                merged[name] = (contributions, self._merge(contributions, published, batch, part, keys))
         written = []
         for name, part in parts.items():
             contributions, rows = merged[name]

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
-from airflow_mlops.artifacts import as_path, sha256_of
+from airflow_mlops.artifacts import as_path, reaching, sha256_of
 from airflow_mlops.exceptions import MLOpsArgumentError, MLOpsInputError
 from airflow_mlops.hooks.bentoml import BentoMLHook, ModelRegistryError
 from airflow_mlops.hooks.feast import FeastHook
@@ -148,20 +148,21 @@ class RegisterModelOperator(_RegistryOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         source = as_path(self.model_uri)
-        if source.is_file() or not source.exists():
-            source = source.parent
-        if not (source / "model.json").exists():
-            raise MLOpsInputError(
-                f"{self.model_uri!r} is not a model folder (no model.json beside the model file).",
-                fix="pass the model_uri returned by RayTuneOperator.",
-            )
-        try:
-            description = json.loads((source / "model.json").read_bytes())
-        except ValueError as err:
-            raise MLOpsInputError(
-                f"model.json beside {self.model_uri!r} is not JSON ({err}).",
-                fix="pass the model_uri returned by RayTuneOperator.",
-            ) from None
+        with reaching(source):
+            if source.is_file() or not source.exists():
+                source = source.parent
+            if not (source / "model.json").exists():
+                raise MLOpsInputError(
+                    f"{self.model_uri!r} is not a model folder (no model.json beside the model file).",
+                    fix="pass the model_uri returned by RayTuneOperator.",
+                )
+            try:
+                description = json.loads((source / "model.json").read_bytes())
+            except ValueError as err:
+                raise MLOpsInputError(
+                    f"model.json beside {self.model_uri!r} is not JSON ({err}).",
+                    fix="pass the model_uri returned by RayTuneOperator.",
+                ) from None
         metadata: dict[str, Any] = {
             **self._model_fields(description),
             "hyperparameters": self.hyperparameters or {},
@@ -171,7 +172,8 @@ class RegisterModelOperator(_RegistryOperator):
         }
         if self.training_manifest_uri:
             manifest_path = as_path(self.training_manifest_uri)
-            manifest = json.loads(manifest_path.read_bytes())
+            with reaching(manifest_path):
+                manifest = json.loads(manifest_path.read_bytes())
             metadata["training_manifest"] = {
                 "uri": self.training_manifest_uri,
                 "sha256": sha256_of(manifest_path),
@@ -181,10 +183,11 @@ class RegisterModelOperator(_RegistryOperator):
             }
         metadata["signature"] = self._signature(description, metadata)
         with tempfile.TemporaryDirectory(prefix="mlops-register-") as tmp:
-            for item in source.iterdir():
-                if item.is_file():
-                    with item.open("rb") as src, (Path(tmp) / item.name).open("wb") as dst:
-                        shutil.copyfileobj(src, dst)
+            with reaching(source):
+                for item in source.iterdir():
+                    if item.is_file():
+                        with item.open("rb") as src, (Path(tmp) / item.name).open("wb") as dst:
+                            shutil.copyfileobj(src, dst)
             record = self.hook.register(self.model_name, Path(tmp), metadata)
         self.log.info(
             "Registered %s (stage %s): %s model, %d request fields",

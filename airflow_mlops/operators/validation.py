@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator, BaseOperatorLink
 
-from airflow_mlops.artifacts import ArtifactStore, as_path, is_local, staged
+from airflow_mlops.artifacts import ArtifactStore, as_path, is_local, reaching, staged
 from airflow_mlops.exceptions import DataValidationError, MLOpsArgumentError, MLOpsInputError
 from airflow_mlops.operators.offline_store import read_parquet_batch, resolve_uri
 
@@ -337,7 +337,7 @@ def read_batch(
 
     options = {"sep": ",", **(csv_options or {})}
     try:
-        with path.open("rb") as handle:
+        with reaching(path), path.open("rb") as handle:  # a store not reached is not a bad file
             frame = pd.read_csv(handle, **options)
     except (
         ValueError,
@@ -553,7 +553,9 @@ class GXValidateOperator(BaseOperator):
         parameters = self.suite_parameters(spec, suite_file)
         quarantine_dir = self.quarantine_dir()
 
-        if not source.exists():
+        with reaching(source):
+            landed = source.exists()
+        if not landed:
             where = ""
             if quarantine_dir is not None and (quarantine_dir / source.name).exists():
                 where = f" A batch of that name is in quarantine at {str(quarantine_dir / source.name)!r}."

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.configuration import conf
 
-from airflow_mlops.artifacts import as_path
+from airflow_mlops.artifacts import as_path, reaching
 from airflow_mlops.config import load_settings
 from airflow_mlops.exceptions import MLOpsError
 from airflow_mlops.operators.offline_store import resolve_uri
@@ -51,7 +51,9 @@ class LandedBatchSensor(BaseSensorOperator):
 
     def poke(self, context: Context) -> PokeReturnValue:
         uri = self.resolved_uri()
-        found = as_path(uri, conn_id=self.conn_id).exists()
+        path = as_path(uri, conn_id=self.conn_id)
+        with reaching(path):
+            found = path.exists()
         self.log.info("Batch %s %s", uri, "has landed" if found else "has not landed yet")
         return PokeReturnValue(is_done=found, xcom_value=uri if found else None)
 

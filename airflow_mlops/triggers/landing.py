@@ -40,9 +40,11 @@ class LandedBatchTrigger(BaseTrigger):
         )
 
     def _exists(self) -> bool:
-        from airflow_mlops.artifacts import as_path
+        from airflow_mlops.artifacts import as_path, reaching
 
-        return as_path(self.uri, conn_id=self.conn_id).exists()
+        path = as_path(self.uri, conn_id=self.conn_id)
+        with reaching(path):
+            return path.exists()
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         checks = 0
