@@ -151,7 +151,9 @@ def _outcome(fault, airflow: Stack, dag_id: str, run_id: str, what: str) -> dict
     lost = 0 if run["state"] == "success" and len(tries) == 1 else 1
     fault(lost=lost, unit="runs", detail=f"run {run['state']}, {what}; work done by tries {tries}")
     assert run["state"] == "success", _task_logs(dag_id, run_id)
-    assert len(tries) == 1, f"the run's work was done {len(tries)} times: {tries}"
+    assert len(tries) == 1, f"the run's work was done {len(tries)} times: {tries}\n" + _task_logs(
+        dag_id, run_id
+    )
     return run
 
 
