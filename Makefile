@@ -14,11 +14,12 @@ export AIRFLOW__CORE__EXECUTOR := LocalExecutor
 export AIRFLOW__MLOPS__STATE_DIR := $(STATE)
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install system-packages demo test lint bench ui prepare down clean-state help
+.PHONY: install system-packages demo test test-unit lint bench ui prepare down clean-state help
 
 help:
 	@echo "make demo   - set up everything and run the demo on the embedded default"
 	@echo "make test   - set up everything and run the test suite"
+	@echo "make test-unit - the unit tests only (a few minutes; the fast loop)"
 	@echo "make ui     - Airflow UI (airflow standalone) on the demo's state"
 	@echo "make down   - stop the demo's PostgreSQL (make demo / make ui start it)"
 	@echo "make lint | make bench | make install | make clean-state"
@@ -47,7 +48,10 @@ system-packages:
 	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 iproute2)
 
 test: install system-packages
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n 2 --dist loadgroup tests
+
+test-unit: install
+	$(BIN)/python -m pytest -q tests/unit
 
 lint: install
 	$(BIN)/ruff check .

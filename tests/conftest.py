@@ -93,6 +93,22 @@ def postgres_url(postgres_server, request) -> str:
     return postgres_server.create_database(name, driver="postgresql")
 
 
+# `make test` runs two pytest workers (pytest-xdist, `-n 2 --dist loadgroup`): one runs the scaled topology
+# (tests/system/test_scaled_topology.py: minutes of waiting on heartbeats, Celery and Ray between bursts of
+# work) then the unit tests, the other everything else in file order. Each worker is a pytest session of its
+# own (its own state folder, PostgreSQL, Airflow and Ray), so the session-wide set-ups are paid once per
+# worker, and no module is split between the two.
+SIDE_GROUP = "scaled-topology-and-unit"
+MAIN_GROUP = "single-host"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        side = path == "tests/system/test_scaled_topology.py" or path.startswith("tests/unit/")
+        item.add_marker(pytest.mark.xdist_group(SIDE_GROUP if side else MAIN_GROUP))
+
+
 # Time per test module (set-up, calls and tear-down together), printed after pytest's slowest tests: where the
 # suite's 30-minute budget goes is a per-module question (a module's shared stack is paid in its first set-up).
 _MODULE_SECONDS: dict[str, float] = {}

@@ -95,13 +95,15 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    path = config.stash.get(_STASH, None)
-    if path is None or not path.exists():
+    # the rows of this process, or (under pytest-xdist) those of its workers, each in its own base folder
+    base = config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
+    paths = [p for p in [base / RESULTS_NAME, *sorted(base.glob(f"popen-gw*/{RESULTS_NAME}"))] if p.exists()]
+    if not paths:
         return
-    rows = json.loads(path.read_text())
+    rows = [row for path in paths for row in json.loads(path.read_text())]
     terminalreporter.write_sep("=", "fault-injection results")
     terminalreporter.write_line(format_table(rows))
-    terminalreporter.write_line(f"(rows as JSON in {path})")
+    terminalreporter.write_line(f"(rows as JSON in {', '.join(map(str, paths))})")
 
 
 # The Feast data and the flights training set of the integration suite (session fixtures there; imported,
