@@ -121,7 +121,11 @@ def _run_secrets_init(folder) -> dict[str, str]:
     assert command[:2] == ["python", "-c"]
     env = {**os.environ, **service["environment"], "SECRETS_DIR": str(folder)}
     subprocess.run([sys.executable, "-c", command[2]], env=env, check=True, timeout=60)
-    return {p.name: p.read_text() for p in folder.iterdir() if not p.name.startswith(".")}
+    return {
+        str(p.relative_to(folder)): p.read_text()
+        for p in folder.rglob("*")
+        if p.is_file() and not p.name.startswith(".")
+    }
 
 
 def test_secrets_are_generated_at_first_start_and_kept_on_the_next(tmp_path):
@@ -175,7 +179,13 @@ def test_every_secret_file_a_service_reads_is_generated(tmp_path):
         if "/run/secrets/mlops/" in json.dumps(service.get("environment", {})) + json.dumps(
             service.get("entrypoint", "")
         ):
-            assert any("secrets:/run/secrets/mlops" in v for v in service.get("volumes", [])), name
+            assert any(_mounts_secrets(v) for v in service.get("volumes", [])), name
+
+
+def _mounts_secrets(volume: str | dict) -> bool:
+    if isinstance(volume, dict):
+        return volume.get("source") == "secrets" and volume.get("target") == "/run/secrets/mlops"
+    return "secrets:/run/secrets/mlops" in volume
 
 
 def test_ray_nodes_run_the_project_image_that_the_tuning_job_imports():
@@ -203,3 +213,72 @@ def test_the_landing_zone_and_offline_store_on_s3_go_to_the_compose_object_store
     assert s3_roots
     minio = json.loads(env["AIRFLOW_CONN_MLOPS_S3"])["extra"]["endpoint_url"]
     assert env["AWS_ENDPOINT_URL_S3"] == minio
+
+
+def test_every_store_one_task_writes_for_another_is_on_the_object_store():
+    # landing zone, offline store, artifacts and quarantine: a worker's disk goes with its container
+    roots = {o for o in get_provider_info()["config"]["mlops"]["options"] if o.endswith("_root")}
+    env = _airflow_env()
+    assert {"landing_root", "offline_root", "artifact_root", "quarantine_root"} <= roots
+    for option in roots:
+        assert env.get(f"AIRFLOW__MLOPS__{option.upper()}", "").startswith("s3://mlops/"), option
+
+
+def test_feast_shares_one_registry_and_materializes_on_the_ray_cluster(tmp_path):
+    env = _airflow_env()
+    feast = json.loads(env["AIRFLOW_CONN_FEAST_DEFAULT"])
+    extra = feast["extra"]
+    assert (feast["host"], extra["online_store_type"]) == ("redis", "redis")
+    assert feast["schema"] != "0"  # db 0 is Celery's broker
+    # the registry: a generated connection (it holds the database password) to a database created at start
+    registry = json.loads(_run_secrets_init(tmp_path)["connections.json"])[extra["registry_conn_id"]]
+    assert registry["conn_type"] == "postgres" and registry["host"] == "postgres"
+    creates = " ".join(COMPOSE["services"]["mlops-db-init"]["entrypoint"])
+    assert f"for db in mlops {registry['schema']};" in creates
+    # materialization on the cluster the tuning uses
+    assert f"AIRFLOW_CONN_{extra['ray_conn_id'].upper()}" in env
+    assert extra["repo_path"] in {v.split(":")[1] for v in COMPOSE["x-airflow"]["volumes"]}
+
+
+def test_ray_nodes_reach_the_artifact_store_as_the_workers_do_and_get_no_database_password(tmp_path):
+    airflow = _airflow_env()
+    generated = _run_secrets_init(tmp_path)
+    for name in ("ray-head", "ray-worker"):
+        node = COMPOSE["services"][name]
+        env = node["environment"]
+        for key in (
+            "AIRFLOW__MLOPS__ARTIFACT_ROOT",
+            "AIRFLOW__MLOPS__ARTIFACT_CONN_ID",
+            "AIRFLOW__MLOPS__OFFLINE_ROOT",
+            "AIRFLOW_CONN_MLOPS_S3",
+            "AWS_ENDPOINT_URL_S3",
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "AIRFLOW__SECRETS__BACKEND",
+            "AIRFLOW__SECRETS__BACKEND_KWARGS",
+        ):
+            assert env[key] == airflow[key], (name, key)
+        [mount] = node["volumes"]
+        assert mount["volume"]["subpath"] == "ray" and mount["read_only"], name
+    # what the subpath holds: the S3 keys and the registry signing key of the workers, nothing else
+    assert generated["ray/aws-credentials"] == generated["aws-credentials"]
+    assert json.loads(generated["ray/connections.json"]) == {
+        "mlops_registry": json.loads(generated["connections.json"])["mlops_registry"]
+    }
+    assert not any(
+        generated["postgres-password"] in text for key, text in generated.items() if key.startswith("ray/")
+    )
+
+
+def test_a_serving_host_runs_the_serving_queue_and_its_router_is_reached_by_the_others():
+    service = COMPOSE["services"]["airflow-serving-worker"]
+    assert service["image"] == "airflow-mlops:local"
+    assert service["command"] == "celery worker --queues serving"
+    env = service["environment"]
+    assert env["AIRFLOW__MLOPS__SERVING_ROUTER_HOST"] == "0.0.0.0"
+    assert {k: v for k, v in env.items() if k != "AIRFLOW__MLOPS__SERVING_ROUTER_HOST"} == _airflow_env()
+    assert _ports(service) == []  # the compose network only
+
+
+def test_a_worker_that_dies_has_its_task_retried():
+    # the lifecycle factory's DAGs take Airflow's default retries (0 unless set)
+    assert int(_airflow_env()["AIRFLOW__CORE__DEFAULT_TASK_RETRIES"]) >= 1
