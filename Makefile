@@ -48,7 +48,7 @@ system-packages:
 	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 iproute2)
 
 test: install system-packages
-	$(BIN)/python -m pytest -n 2 --dist loadgroup tests
+	$(BIN)/python -m pytest -n 2 tests
 
 test-unit: install
 	$(BIN)/python -m pytest -q tests/unit
