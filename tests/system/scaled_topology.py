@@ -18,8 +18,11 @@ A task instance's ``hostname`` is its worker's address (``[core] hostname_callab
 ``airflow.utils.net.get_host_ip_address``, resolved through the namespace's ``/etc/netns/<ns>/hosts``),
 which is also where the api-server fetches its log from. The DAG processor reads a copy of ``dags/``
 whose flights spec runs the tuning on the Ray cluster and the serving tasks on the serving host
-(:func:`topology_dags`). Everything is removed when the block ends, on failure too: processes (also the
-model servers a deploy detached), namespaces, veths, the bridge.
+(:func:`topology_dags`). The connection ``ray_default`` names the head's Jobs API (the tuning's Ray Jobs)
+and its Ray Client port, through which ``feast_default`` (extra ``ray_conn_id``) materializes with Feast's
+Ray engine: a Celery worker runs no Ray node. Everything is removed when the block ends, on failure too:
+processes (also the model servers a deploy detached), namespaces, veths, the bridge; the workers, Airflow's
+components and the Ray nodes are stopped together.
 """
 
 from __future__ import annotations
@@ -286,6 +289,10 @@ def ray_cluster(
         "RAY_USAGE_STATS_ENABLED": "0",
         # a loaded 2-core machine can take over a minute to start a Python worker with the ML imports
         "RAY_worker_register_timeout_seconds": "300",
+        # the head's Ray Client proxy forks a session server per client while its gRPC threads run:
+        # grpc's fork handlers then crashed the child now and then before it ran (`epoll_wait error: Bad
+        # file descriptor`, "Starting Ray client server failed"; docs/scaling.md)
+        "GRPC_ENABLE_FORK_SUPPORT": "false",
     }
     common = ["--num-cpus=1", "--object-store-memory=300000000", "--disable-usage-stats", "--block"]
     processes: list[subprocess.Popen] = []
