@@ -190,8 +190,9 @@ def serving_env(
     worker's environment, the cloud variables of the artifact store's scheme (:data:`CLOUD_ENV_FOR_SCHEME`),
     the variables the served Feast repository names, BentoML home inside the state folder with usage
     tracking off, the ``[mlops]`` settings, the request limits, ``MLOPS_SERVE_<KEY>`` for each non-empty
-    ``serve`` entry, and each connection the server uses (``bentoml_conn_id``, ``feast_conn_id``, the
-    artifact store's, ``connections``, :meth:`BentoMLHook.server_environment`) as ``AIRFLOW_CONN_<ID>``, so
+    ``serve`` entry, and each connection the server uses (``bentoml_conn_id``, ``feast_conn_id`` and the
+    connections its extras ``registry_conn_id`` and ``ray_conn_id`` name, the artifact store's,
+    ``connections``, :meth:`BentoMLHook.server_environment`) as ``AIRFLOW_CONN_<ID>``, so
     the server reads them without access to Airflow's metadata database or secrets backend. With
     ``store_access=False`` (the router, which only forwards requests) neither connections nor cloud
     variables are passed.
@@ -228,9 +229,11 @@ def serving_env(
     conn_ids = {serve.get("bentoml_conn_id"), serve.get("feast_conn_id"), settings.artifact_conn_id}
     if not store_access:
         return env
-    if serve.get("feast_conn_id"):  # Feast's SQL registry, which the feast connection may name
+    if serve.get("feast_conn_id"):
+        # the connections the feast connection names: Feast's SQL registry, and the Ray cluster its batch
+        # engine materializes on (the server's Feast configuration is built with that engine section)
         extra = hook.get_connection(serve["feast_conn_id"]).extra_dejson or {}
-        conn_ids.add(extra.get("registry_conn_id"))
+        conn_ids |= {extra.get("registry_conn_id"), extra.get("ray_conn_id")}
     for conn_id in sorted(c for c in {*conn_ids, *connections} if c):
         env[f"AIRFLOW_CONN_{conn_id.upper()}"] = hook.get_connection(conn_id).as_json()
     env.update(hook.server_environment())

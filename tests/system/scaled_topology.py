@@ -18,8 +18,11 @@ A task instance's ``hostname`` is its worker's address (``[core] hostname_callab
 ``airflow.utils.net.get_host_ip_address``, resolved through the namespace's ``/etc/netns/<ns>/hosts``),
 which is also where the api-server fetches its log from. The DAG processor reads a copy of ``dags/``
 whose flights spec runs the tuning on the Ray cluster and the serving tasks on the serving host
-(:func:`topology_dags`). Everything is removed when the block ends, on failure too: processes (also the
-model servers a deploy detached), namespaces, veths, the bridge.
+(:func:`topology_dags`). The connection ``ray_default`` names the head's Jobs API (the tuning's Ray Jobs)
+and its Ray Client port, through which ``feast_default`` (extra ``ray_conn_id``) materializes with Feast's
+Ray engine: a Celery worker runs no Ray node. Everything is removed when the block ends, on failure too:
+processes (also the model servers a deploy detached), namespaces, veths, the bridge; the workers, Airflow's
+components and the Ray nodes are stopped together.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mlops_testing import ROOT
 
@@ -207,13 +211,16 @@ def _ray_node_ports() -> list[str]:
     ]
 
 
-def _stop_ray(process: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
+def _stop_ray(*processes: subprocess.Popen) -> None:
+    """SIGTERM the nodes together, SIGKILL what is left of their sessions after 15 s."""
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
     deadline = time.monotonic() + 15
-    while session_pids(process.pid) and time.monotonic() < deadline:
+    while any(session_pids(p.pid) for p in processes) and time.monotonic() < deadline:
         time.sleep(0.5)
-    kill_session(process)
+    for process in processes:
+        kill_session(process)
 
 
 @dataclass(frozen=True)
@@ -222,6 +229,16 @@ class RayCluster:
 
     gcs_address: str
     dashboard_url: str
+    #: the head's Ray Client server (``ray://<head>:<client_port>``): how a Celery worker, which runs no
+    #: Ray node, joins the cluster as a driver (Feast's Ray engine)
+    client_port: int
+    processes: list[subprocess.Popen] = field(default_factory=list, compare=False, repr=False)
+
+    def terminate(self) -> None:
+        """SIGTERM the nodes (the stop at the end waits for them)."""
+        for process in self.processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
 
     def alive_nodes(self) -> list[str]:
         """Addresses of the cluster's live nodes (Ray's state API)."""
@@ -233,6 +250,24 @@ class RayCluster:
         from ray.job_submission import JobSubmissionClient
 
         return JobSubmissionClient(self.dashboard_url).list_jobs()
+
+    def tasks(self, function: str) -> list[dict]:
+        """The cluster's tasks of ``function`` (Ray's state API, as the dashboard lists them), each with
+        the address of the node that ran it."""
+        from ray.util.state import list_nodes, list_tasks
+
+        nodes = {n.node_id: n.node_ip for n in list_nodes(address=self.dashboard_url)}
+        tasks = list_tasks(
+            address=self.dashboard_url,
+            filters=[("func_or_class_name", "=", function)],
+            detail=True,
+            limit=10000,
+            raise_on_missing_output=False,
+        )
+        return [
+            {"state": str(t.state), "node": nodes.get(t.node_id), "job_id": t.job_id, "name": t.name}
+            for t in tasks
+        ]
 
 
 @contextlib.contextmanager
@@ -247,13 +282,17 @@ def ray_cluster(
 
     folder.mkdir(parents=True, exist_ok=True)
     ray = str(Path(sys.executable).with_name("ray"))
-    ip, gcs_port, dashboard_port = network.main_ip, _port(), _port()
+    ip, gcs_port, dashboard_port, client_port = network.main_ip, _port(), _port(), _port()
     env = {
         **env,
         "RAY_AUTH_MODE": "disabled",
         "RAY_USAGE_STATS_ENABLED": "0",
         # a loaded 2-core machine can take over a minute to start a Python worker with the ML imports
         "RAY_worker_register_timeout_seconds": "300",
+        # the head's Ray Client proxy forks a session server per client while its gRPC threads run:
+        # grpc's fork handlers then crashed the child now and then before it ran (`epoll_wait error: Bad
+        # file descriptor`, "Starting Ray client server failed"; docs/scaling.md)
+        "GRPC_ENABLE_FORK_SUPPORT": "false",
     }
     common = ["--num-cpus=1", "--object-store-memory=300000000", "--disable-usage-stats", "--block"]
     processes: list[subprocess.Popen] = []
@@ -271,11 +310,16 @@ def ray_cluster(
         head = start(
             "head",
             [ray, "start", "--head", f"--port={gcs_port}", f"--node-ip-address={ip}",
-             f"--ray-client-server-port={_port()}", *_ray_node_ports(), "--include-dashboard=true",
+             f"--ray-client-server-port={client_port}", *_ray_node_ports(), "--include-dashboard=true",
              f"--dashboard-host={ip}", f"--dashboard-port={dashboard_port}",
              f"--temp-dir=/tmp/ray-topo-{os.getpid()}", *common],
         )  # fmt: skip
-        cluster = RayCluster(gcs_address=f"{ip}:{gcs_port}", dashboard_url=f"http://{ip}:{dashboard_port}")
+        cluster = RayCluster(
+            gcs_address=f"{ip}:{gcs_port}",
+            dashboard_url=f"http://{ip}:{dashboard_port}",
+            client_port=client_port,
+            processes=processes,
+        )
         deadline = time.monotonic() + 180
         while True:
             try:
@@ -302,8 +346,7 @@ def ray_cluster(
             time.sleep(2)
         yield cluster
     finally:
-        for process in reversed(processes):
-            _stop_ray(process)
+        _stop_ray(*reversed(processes))
         shutil.rmtree(f"/tmp/ray-topo-{os.getpid()}", ignore_errors=True)
 
 
@@ -324,6 +367,9 @@ class Topology:
     worker_hosts: tuple[str, ...] = ("w1", "w2")
     #: the host whose Celery worker takes only the queue SERVING_QUEUE (the spec's serving.queue)
     serving_host: str = "serve"
+    #: what the test module runs in the background (a thread publishing weeks, the probes of the hosts)
+    background: Any = None
+    probes: Any = None
 
     def worker_address(self, host: str) -> str:
         return self.network.address(host)
@@ -360,8 +406,9 @@ class Topology:
 def topology_dags(folder: Path) -> Path:
     """The project's ``dags/`` copied to ``folder`` with the flights spec set for this topology, as a
     deployment of it would: the tuning on the Ray cluster (``tuning.ray_conn_id``) and the serving tasks
-    on the serving host (``serving.queue``); the feature repo's path made absolute; two trials instead of
-    eight (the suite's time budget)."""
+    on the serving host (``serving.queue``); the feature repo's path made absolute; for the suite's time
+    budget, two trials instead of eight, and a drift-started retraining trains on the four weeks before a
+    one-week holdout (``train_days: 28``, ``holdout_days: 7``) instead of 90 + 14 days."""
     shutil.copytree(ROOT / "dags", folder, ignore=shutil.ignore_patterns("__pycache__"))
     spec = folder / "flights.yaml"
     text = spec.read_text()
@@ -371,6 +418,8 @@ def topology_dags(folder: Path) -> Path:
         ("serving:\n", f"serving:\n  queue: {SERVING_QUEUE}\n"),
         # two trials: the test proves where the search runs, not how good it gets (the suite's time budget)
         ("    num_samples: 8\n", "    num_samples: 2\n"),
+        # the drift period published is six weeks, not the months before it: the same retraining, less data
+        ("  train_days: 90\n  holdout_days: 14\n", "  train_days: 28\n  holdout_days: 7\n"),
     ):
         assert text.count(old) == 1, f"{old!r} in {spec}"
         text = text.replace(old, new)
@@ -438,6 +487,9 @@ def scaled_topology(pg, root: Path) -> Iterator[Topology]:
                         "repo_path": str(ROOT / "feature_repo"),
                         "online_store_type": "redis",
                         "registry_conn_id": "feast_registry",
+                        # materialization on the Ray cluster (docs/features.md, "Materializing on a Ray
+                        # cluster"): Feast's Ray engine, joined through Ray Client on the head
+                        "ray_conn_id": RAY_CONN,
                     },
                 }
             ),
@@ -473,7 +525,10 @@ def scaled_topology(pg, root: Path) -> Iterator[Topology]:
             # fails them after this many seconds and, with retries, runs them again on a live worker
             "AIRFLOW__CORE__DEFAULT_TASK_RETRIES": "2",
             "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": "5",
-            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "60",
+            # (a live task's supervisor heartbeats every 5 s, [workers] min_heartbeat_interval: 30 s is six
+            # missed heartbeats, and the scheduler looks every 5 s)
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "30",
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
             # a message a dead worker had reserved is redelivered only after Redis' visibility timeout
             # (6 h): the scheduler requeues a task instance queued longer than this
             "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "180",
@@ -484,6 +539,16 @@ def scaled_topology(pg, root: Path) -> Iterator[Topology]:
         common["AIRFLOW__CORE__DAGS_FOLDER"] = str(dags)
         ray_home = root / "ray"
         started = time.monotonic()
+        # the metadata database is migrated while the Ray nodes start (neither needs the other)
+        with open(logs / "db-migrate.log", "wb") as log:
+            migrate = subprocess.Popen(
+                [str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
+                env={**os.environ, **common, "AIRFLOW_HOME": str(home)},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        stack.callback(kill_session, migrate)  # nothing left of it when the Ray start fails
         ray = stack.enter_context(
             ray_cluster(
                 network,
@@ -499,19 +564,17 @@ def scaled_topology(pg, root: Path) -> Iterator[Topology]:
         print(
             f"Ray cluster (head + a node on {network.address('ray')}) up in {time.monotonic() - started:.0f} s"
         )
-        # the Ray connection of the spec's tuning (hooks/ray.py): the Jobs API on the bridge
+        # the Ray connection of the spec's tuning (hooks/ray.py): the Jobs API on the bridge; and of
+        # feast_default's Ray engine (hooks/feast.py): Ray Client on the head, ray://<host>:<client_port>
         host, port = ray.dashboard_url.removeprefix("http://").rsplit(":", 1)
-        common[f"AIRFLOW_CONN_{RAY_CONN.upper()}"] = json.dumps(
-            {"conn_type": "ray", "host": host, "port": int(port)}
+        ray_conn = json.dumps(
+            {"conn_type": "ray", "host": host, "port": int(port), "extra": {"client_port": ray.client_port}}
         )
-        migrate = subprocess.run(
-            [str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
-            env={**os.environ, **common, "AIRFLOW_HOME": str(home)},
-            capture_output=True,
-            text=True,
-            timeout=600,
+        common[f"AIRFLOW_CONN_{RAY_CONN.upper()}"] = settings_env[f"AIRFLOW_CONN_{RAY_CONN.upper()}"] = (
+            ray_conn
         )
-        assert migrate.returncode == 0, migrate.stdout[-3000:] + migrate.stderr[-3000:]
+        migrate.wait(timeout=600)
+        assert migrate.returncode == 0, (logs / "db-migrate.log").read_text()[-3000:]
         airflow = AirflowStack(
             home=home,
             logs=logs,
@@ -559,6 +622,16 @@ def scaled_topology(pg, root: Path) -> Iterator[Topology]:
                 kill_session(process)
 
         stack.callback(stop_workers)
+
+        def begin_stop() -> None:
+            """SIGTERM the workers, Airflow's components and the Ray nodes at once: the stops below then
+            wait for all of them together, not one after the other."""
+            for process in [*topology.workers.values(), *airflow.processes.values()]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)
+            ray.terminate()
+
+        stack.callback(begin_stop)
         for host in (*topology.worker_hosts, topology.serving_host):
             topology.start_worker(host)
         yield topology

@@ -44,3 +44,33 @@ def test_without_the_default_connection_the_server_uses_the_repository_as_is(mon
     env = serving_env(BentoMLHook(), model="m", feast_repo=str(tmp_path))
     assert "MLOPS_SERVE_FEAST_CONN_ID" not in env
     assert not [k for k in env if k.startswith("AIRFLOW_CONN_FEAST")]
+
+
+def test_the_ray_connection_the_feast_connection_names_reaches_the_server(monkeypatch, tmp_path):
+    """``feast_default`` materializing on a Ray cluster (extra ``ray_conn_id``, docs/features.md): the server
+    builds its Feast configuration from that connection, Ray engine included, so it needs the Ray
+    connection too. Found by the scaled topology: the server refused to serve (``Not serving model
+    flight_delay: Ray connection 'ray_default' does not exist``) and the deploy waited for a readiness that
+    never came."""
+    from pathlib import Path
+
+    from airflow_mlops.hooks.feast import FeastHook
+
+    repo = Path(__file__).resolve().parents[3] / "feature_repo"
+    feast = {**FEAST, "extra": {**FEAST["extra"], "repo_path": str(repo), "ray_conn_id": "ray_cluster"}}
+    monkeypatch.setenv("AIRFLOW__MLOPS__STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("AIRFLOW_CONN_FEAST_DEFAULT", json.dumps(feast))
+    monkeypatch.setenv("AIRFLOW_CONN_FEAST_REGISTRY", json.dumps(REGISTRY))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_RAY_CLUSTER", json.dumps({"conn_type": "ray", "host": "10.0.0.2", "port": 8265})
+    )
+    env = serving_env(BentoMLHook(), model="m", feast_repo=str(repo))
+
+    # the server's Feast hook, with the connections the server gets and no other
+    for name in [k for k in list(__import__("os").environ) if k.startswith("AIRFLOW_CONN_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        if name.startswith("AIRFLOW_CONN_"):
+            monkeypatch.setenv(name, value)
+    config = FeastHook(feast_conn_id=env["MLOPS_SERVE_FEAST_CONN_ID"], repo_path=str(repo)).repo_config
+    assert config.batch_engine.ray_address == "ray://10.0.0.2:10001"
