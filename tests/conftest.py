@@ -121,6 +121,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 
     return TwoGroupScheduling(config, log)
 
+
 # Time per test module (set-up, calls and tear-down together), printed after pytest's slowest tests: where the
 # suite's 30-minute budget goes is a per-module question (a module's shared stack is paid in its first set-up).
 _MODULE_SECONDS: dict[str, float] = {}
@@ -141,4 +142,3 @@ def pytest_terminal_summary(terminalreporter) -> None:
     if len(ranked) > 25:
         rest = sum(seconds for _, seconds in ranked[25:])
         terminalreporter.write_line(f"{rest:8.1f}s  {len(ranked) - 25} other modules")
-

@@ -257,6 +257,7 @@ def test_ray_nodes_reach_the_artifact_store_as_the_workers_do_and_get_no_databas
             "AIRFLOW__SECRETS__BACKEND_KWARGS",
         ):
             assert env[key] == airflow[key], (name, key)
+        assert env["GRPC_ENABLE_FORK_SUPPORT"] == "false", name  # the Ray Client proxy (docs/scaling.md)
         [mount] = node["volumes"]
         assert mount["volume"]["subpath"] == "ray" and mount["read_only"], name
     # what the subpath holds: the S3 keys and the registry signing key of the workers, nothing else
