@@ -425,10 +425,11 @@ class FeastHook(BaseHook):
     def online_store_type(self) -> str:
         return str(self.repo_config.online_store.type)
 
-    def online_store_unreachable(self, err: BaseException) -> FeatureStoreError | None:
+    def online_store_unreachable(self, err: BaseException, doing: str = "") -> FeatureStoreError | None:
         """The error a task shows when ``err`` says the Redis online store cannot be reached (or refused
-        the password): its address, the connection that configures it and what to check; ``None`` for any
-        other error. The password is never shown (it stays in the connection)."""
+        the password): what the task was doing (``doing``, e.g. the feature view it materialized), the
+        store's address, the connection that configures it and what to check; ``None`` for any other
+        error. The password is never shown (it stays in the connection)."""
         exceptions = sys.modules.get("redis.exceptions")
         if exceptions is None or not isinstance(err, exceptions.ConnectionError | exceptions.TimeoutError):
             return None
@@ -447,7 +448,7 @@ class FeastHook(BaseHook):
         refused = isinstance(err, exceptions.AuthenticationError | exceptions.AuthorizationError)
         what = "refused the credentials of" if refused else "cannot be reached from"
         return FeatureStoreError(
-            f"the {online.type} online store at {address} ({via}) {what} this worker: "
+            f"{doing}{': ' if doing else ''}the {online.type} online store at {address} ({via}) {what} this worker: "
             f"{_redact(f'{type(err).__name__}: {err}', self._secrets())}",
             fix=f"check that Redis runs at {address} and that this worker reaches it, and {check}; then "
             "retry the task (materializing again writes the same rows, never duplicates).",
@@ -652,7 +653,10 @@ class FeastHook(BaseHook):
             except (FeatureStoreError, ArtifactStoreError):  # the latter: its offline store on S3 not reached
                 raise
             except Exception as err:
-                if unreachable := self.online_store_unreachable(err):
+                doing = (
+                    f"materializing feature view {view.name!r} for {start.isoformat()} .. {end.isoformat()}"
+                )
+                if unreachable := self.online_store_unreachable(err, doing):
                     raise unreachable from err
                 raise FeatureStoreError(
                     f"materializing feature view {view.name!r} of Feast repository {str(self.repo_path)!r} "

@@ -128,6 +128,10 @@ def airflow(airflow_pg_db, tmp_path_factory) -> Iterator[Stack]:
         "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD": "10",
         # a new DAG file is found within 5 s
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+        # a task's calls to the Execution API wait out an API server's restart: Airflow's default of 5
+        # retries (backoff from 1 s) gives up after ~30 s, and a restart on a loaded 2-core machine took
+        # longer: the finished try's success was never recorded and a retry did the work again (docs/faults.md)
+        "AIRFLOW__WORKERS__EXECUTION_API_RETRIES": "10",
     }
     with airflow_components(
         airflow_pg_db, tmp_path_factory.mktemp("fault-airflow-logs"), DAG_IDS, dags_folder=dags, **env
