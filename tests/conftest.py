@@ -110,6 +110,14 @@ def _group(nodeid: str) -> str:
     return SIDE_GROUP if side else MAIN_GROUP
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The fault-injection cases (tests/faults) run last: they time kills against Airflow's heartbeats and
+    API calls, and run beside the scaled topology's busiest minutes they saw work done twice (a finished
+    try's success not recorded while the machine was saturated: docs/faults.md). At the end of the suite
+    the other worker has finished its group."""
+    items.sort(key=lambda item: item.nodeid.startswith("tests/faults/"))  # stable: file order otherwise
+
+
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     from xdist.scheduler import LoadScopeScheduling
 

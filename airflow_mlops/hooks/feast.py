@@ -106,6 +106,13 @@ def _is_material(object_diff: Any) -> bool:
     )
 
 
+def _lost_table_creation_race(err: BaseException) -> bool:
+    """Whether ``err`` is PostgreSQL refusing a ``CREATE TABLE`` another process just ran (Feast's SQL
+    registry creating its tables at first use)."""
+    text = f"{type(err).__name__} {type(getattr(err, 'orig', None)).__name__} {err}"
+    return ("UniqueViolation" in text and "pg_type" in text) or "DuplicateTable" in text
+
+
 class FeastHook(BaseHook):
     """Interact with a Feast feature store defined by a repository on the worker.
 
@@ -460,11 +467,28 @@ class FeastHook(BaseHook):
         from feast import FeatureStore
 
         config = self.repo_config
-        try:
+
+        def open_store() -> FeatureStore:
             store = FeatureStore(repo_path=str(self.repo_path), config=config)
             if getattr(config.registry, "registry_type", "file") == "sql":
                 store.registry  # noqa: B018 - opens the database now, so an unreachable one is named here
             return store
+
+        try:
+            # Feast's SQL registry creates its tables at first use (SQLAlchemy's create_all: check, then
+            # CREATE TABLE); workers opening a new registry at once race on it, and PostgreSQL refuses the
+            # losers' CREATE TABLE. Opening again finds the tables the winner made.
+            from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random
+
+            for attempt in Retrying(
+                retry=retry_if_exception(_lost_table_creation_race),
+                stop=stop_after_attempt(4),
+                wait=wait_random(0.2, 1.0),
+                reraise=True,
+            ):
+                with attempt:
+                    return open_store()
+            raise AssertionError("unreachable")  # pragma: no cover - Retrying returns or raises
         except Exception as err:
             registry = self._extra.get("registry_conn_id")
             where = f"the SQL registry of connection {registry!r}" if registry else "its registry"

@@ -97,3 +97,33 @@ def test_views_applied_on_one_worker_are_materialized_and_read_on_another(
     for worker in ("a", "b"):
         assert not (tmp_path / worker / "registry.db").exists(), "a file registry was written"
     assert postgres_server.password not in caplog.text
+
+
+def _open_registry(conn_id: str, start, errors) -> None:
+    start.wait()
+    try:
+        FeastHook(feast_conn_id=conn_id).store  # noqa: B018 - opens the SQL registry, creating its tables
+    except BaseException as err:
+        errors.put(f"{type(err).__name__}: {err}"[:2000])
+
+
+def test_workers_opening_a_new_registry_at_the_same_time_all_open_it(shared_feast, feast_env, tmp_path):
+    """Feast's SQL registry creates its tables at first use; several workers opening a new one at once (the
+    scaled topology's hosts did) raced on ``CREATE TABLE`` and one failed with PostgreSQL's
+    ``UniqueViolation``. Six processes (forked: Feast already imported) open it at once: each opens it."""
+    import multiprocessing
+
+    import feast  # noqa: F401 - imported before the fork, so the processes start at once
+
+    context = multiprocessing.get_context("fork")
+    start, errors = context.Barrier(6), context.Queue()
+    processes = [context.Process(target=_open_registry, args=(shared_feast, start, errors)) for _ in range(6)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=180)
+    found = []
+    while not errors.empty():
+        found.append(errors.get())
+    assert found == [] and [p.exitcode for p in processes] == [0] * 6, found
+    assert FeastHook(feast_conn_id=shared_feast).store.list_feature_views() == []
