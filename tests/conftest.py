@@ -140,7 +140,14 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     _MODULE_SECONDS[module] = _MODULE_SECONDS.get(module, 0.0) + report.duration
 
 
-def pytest_terminal_summary(terminalreporter) -> None:
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    from faults.conftest import fault_results, format_table
+
+    rows, paths = fault_results(config)
+    if rows:
+        terminalreporter.write_sep("=", "fault-injection results")
+        terminalreporter.write_line(format_table(rows))
+        terminalreporter.write_line(f"(rows as JSON in {', '.join(map(str, paths))})")
     if not _MODULE_SECONDS:
         return
     terminalreporter.section("slowest modules")

@@ -94,16 +94,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    # the rows of this process, or (under pytest-xdist) those of its workers, each in its own base folder
+def fault_results(config: pytest.Config) -> tuple[list[dict[str, Any]], list[Path]]:
+    """The rows of this process, or (under pytest-xdist) those of its workers, each in its own base folder.
+    Printed by ``pytest_terminal_summary`` in tests/conftest.py: the controller of a two-worker run loads
+    only that conftest (it collects nothing itself)."""
     base = config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
     paths = [p for p in [base / RESULTS_NAME, *sorted(base.glob(f"popen-gw*/{RESULTS_NAME}"))] if p.exists()]
-    if not paths:
-        return
-    rows = [row for path in paths for row in json.loads(path.read_text())]
-    terminalreporter.write_sep("=", "fault-injection results")
-    terminalreporter.write_line(format_table(rows))
-    terminalreporter.write_line(f"(rows as JSON in {', '.join(map(str, paths))})")
+    return [row for path in paths for row in json.loads(path.read_text())], paths
 
 
 # The Feast data and the flights training set of the integration suite (session fixtures there; imported,
