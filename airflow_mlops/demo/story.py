@@ -226,9 +226,9 @@ class Story:
                 f"      ! {run['dag_run_id']}: {api.failure_report(dags.ingest, run['dag_run_id'])[-600:]}"
             )
         t0 = time.monotonic()
-        # every published day is materialized by these runs, also when Airflow left the last events of
-        # the burst unqueued: each run takes the days not yet materialized, and one that sees days
-        # published while it ran queues a follow-up run (flights_features' follow_up task)
+        # every published day is materialized by these runs, also those whose events no run consumed:
+        # each run takes the days not yet materialized, and the events of days published while it ran
+        # queue the next one
         feature_runs = self._settle(dags.features, timeout=900)
         self.say(
             f"      {dags.features} caught up ({len(feature_runs)} runs so far) after {time.monotonic() - t0:.0f} s"

@@ -392,7 +392,8 @@ class FeaturePendingDaysOperator(BaseOperator):
 class FeatureDaysRecordOperator(BaseOperator):
     """Record the days a features run materialized, with their data version (the last task of the
     run: a failed run records nothing, so its days stay due). Returns ``recorded`` (days) and
-    ``published_meanwhile``: days published or changed while the run ran, for a follow-up run.
+    ``published_meanwhile``: days published or changed while the run ran (their events queue the next run,
+    which takes them).
 
     :param window: the XCom of :class:`FeaturePendingDaysOperator` (templated / an XComArg).
     :param table: the offline-store table (templated).

@@ -363,8 +363,6 @@ def test_the_features_dag_processes_the_days_named_by_the_asset_events():
         "materialize",
         "materialize_planes",
         "record_materialized",
-        "published_meanwhile",
-        "follow_up",
     }
     # the steps take their days from the run's first task, not from the events
     assert dag.task_dict["daily_stats"].start_day == "{{ ti.xcom_pull(task_ids='feature_window').first }}"

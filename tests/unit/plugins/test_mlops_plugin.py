@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from airflow.api_fastapi.core_api.security import get_user
 from fastapi.testclient import TestClient
@@ -29,8 +32,30 @@ def client():
 
 
 def test_the_plugin_registers_the_app_and_a_menu_entry():
-    assert MLOpsPlugin.fastapi_apps[0]["url_prefix"] == "/mlops"
+    plugin = MLOpsPlugin()
+    assert plugin.fastapi_apps[0]["url_prefix"] == "/mlops"
+    assert plugin.fastapi_apps[0]["app"] is MLOpsPlugin().fastapi_apps[0]["app"]  # one app, mounted once
     assert MLOpsPlugin.external_views[0]["href"] == "/mlops/artifacts/"
+
+
+def test_loading_the_plugins_as_a_task_process_does_not_build_the_api_server():
+    """Every task process loads the plugins for their listeners: the API server's modules (~1 s to
+    import) are loaded only where the plugin's app is asked for."""
+    script = (
+        "import sys\n"
+        "from airflow.listeners.listener import get_listener_manager\n"
+        "get_listener_manager()\n"
+        "from airflow import plugins_manager\n"
+        "assert 'airflow_mlops' in [p.name for p in plugins_manager._get_plugins()[0]], 'plugin not loaded'\n"
+        "print('RESULT', 'airflow.api_fastapi.app' in sys.modules)\n"
+        "apps, _ = plugins_manager.get_fastapi_plugins()\n"
+        "print('RESULT', [a['name'] for a in apps], 'airflow.api_fastapi.app' in sys.modules)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    out = [line.removeprefix("RESULT ") for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert out == ["False", "['MLOps artifacts'] True"]
 
 
 def test_without_login_nothing_is_served(artifacts):
