@@ -371,7 +371,8 @@ class Story:
             from airflow_mlops.operators.serving import LocalDeploymentTarget
 
             target = LocalDeploymentTarget(BentoMLHook())
-            if target.state_path(MODEL).exists():
+            state = target.read_state(MODEL)  # the state database's record (docs/scaling.md)
+            if state.get("router") or state.get("active"):
                 target.teardown(MODEL)
                 self.say(f"      stopped the model server of {MODEL} (`--keep-serving` leaves it running)")
         except Exception as err:  # stopping is best effort: say what to do instead

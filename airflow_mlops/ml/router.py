@@ -49,9 +49,10 @@ the last 50,000). The deployer's canary guardrails read them.
 "sender": {"mode": "process" or "inline", "pid": n or None}, "latency_ms": {...}},
 "canary": {"backend": ..., "version": ..., "weight": percent} or None, "split": {"generation": n,
 "since": ISO time, "backends": {backend: {"requests", "errors_5xx", "errors_connection", "fallbacks",
-"latency_ms"}}}}``
+"latency_ms"}}}, "pid": n}``
 (``latency_ms``: mean and p99 of the active's and of the shadow's answers to the mirrored requests, over the
-last 10,000 of them; the sender reports its figures to the router about every 0.2 s, so they may lag by that).
+last 10,000 of them; the sender reports its figures to the router about every 0.2 s, so they may lag by that;
+``pid``: the router's process id, which a deploy compares with the router it started).
 
 Run: ``python -m airflow_mlops.ml.router --port 3000 --routes /path/routes.json``.
 """

@@ -683,7 +683,12 @@ class LocalDeploymentTarget(DeploymentTarget):
             response = httpx.get(router["url"] + "/__router__", timeout=5)
         except httpx.HTTPError:
             return None
-        return response.json() if response.status_code == 200 else None
+        status = response.json() if response.status_code == 200 else None
+        if status is not None and status.get("pid") != router.get("pid"):
+            # another router answers at this address (another deployment's, or one left running by an
+            # earlier state folder): this router is not serving, whatever that one says
+            return None
+        return status
 
     def ensure_router(self, state: dict[str, Any], port: int) -> dict[str, Any]:
         if self.router_status(state.get("router")):
