@@ -56,7 +56,22 @@ MODULES = (
     # last: Airflow's own modules (skops scans what is imported before it)
     "airflow.sdk",
     "airflow_mlops.artifacts",
+    # what parsing a lifecycle DAG file imports (every task parses its DAG file first): the spec, the
+    # factory and the operators it builds DAGs from
+    "airflow_mlops.lifecycle",
+    "airflow.providers.standard.operators.python",
+    "airflow.providers.standard.sensors.date_time",
+    "airflow_mlops.sensors.landing",
+    "airflow_mlops.operators.validation",
     "airflow_mlops.operators.offline_store",
+    "airflow_mlops.operators.features",
+    "airflow_mlops.operators.drift",
+    "airflow_mlops.operators.registry",
+    "airflow_mlops.operators.tuning",
+    "airflow_mlops.operators.serving",
+    "airflow_mlops.operators.shadow",
+    "airflow_mlops.operators.multi_model",
+    "airflow_mlops.operators.batch_scoring",
 )
 
 #: modules this process failed to import (not installed): skipped

@@ -308,11 +308,12 @@ class Story:
             for run_id in failed:
                 self.say(f"      ! {run_id}: {api.failure_report(dags.monitor, run_id)[-600:]}")
             if flagged:  # each finding is an event on the drift Asset: wait for the runs they start
-                self._settle(dags.train, timeout=1500)
+                self._settle(dags.train, timeout=1500, held_back_done=True)
                 for run in api.runs(dags.train):
                     if run["dag_run_id"] not in seen_trainings:
                         seen_trainings.add(run["dag_run_id"])
                         self._report_retraining(run)
+        self._settle(dags.train, timeout=1500)  # the held-back runs have ended too
 
     def _report_retraining(self, run: dict) -> None:
         api, dags = self._api, self.dags
@@ -519,21 +520,31 @@ class Story:
             time.sleep(2)
         return sorted(mine(), key=lambda r: r["logical_date"])
 
-    def _settle(self, dag_id: str, timeout: float) -> list[dict]:
-        """Wait until no Asset event waits to start ``dag_id`` and none of its runs is queued or running."""
-        api = self._api
+    def _settle(self, dag_id: str, timeout: float, held_back_done: bool = False) -> list[dict]:
+        """Wait until no Asset event waits to start ``dag_id`` and none of its runs is queued or running.
+
+        :param held_back_done: count a train run the retraining gate held back (its gate task skipped) as
+            done while the scheduler still marks the rest of it skipped: it changes no model.
+        """
+        api, dags = self._api, self.dags
         quiet_since: float | None = None
         deadline = time.monotonic() + timeout
+
+        def changes_nothing(run: dict) -> bool:
+            return (
+                held_back_done and api.task_states(dag_id, run["dag_run_id"]).get(dags.gate_task) == "skipped"
+            )
+
         while True:
             busy = api.queued_asset_events(dag_id) or [
-                r for r in api.runs(dag_id) if r["state"] not in ("success", "failed")
+                r for r in api.runs(dag_id) if r["state"] not in FINISHED and not changes_nothing(r)
             ]
             now = time.monotonic()
             if busy:
                 quiet_since = None
             elif quiet_since is None:
                 quiet_since = now
-            elif now - quiet_since >= 3:  # twice quiet, a scheduler loop apart
+            elif now - quiet_since >= 2:  # quiet twice, a scheduler loop apart
                 runs = api.runs(dag_id)
                 failed = [r for r in runs if r["state"] == "failed"] if dag_id != self.dags.train else []
                 if failed:
@@ -545,7 +556,7 @@ class Story:
                 return runs
             if now > deadline:
                 raise DemoFailed(f"{dag_id} did not settle within {timeout:.0f} s.", fix="see state/logs.")
-            time.sleep(2)
+            time.sleep(1)
 
     def _wait_run(self, dag_id: str, run_id: str, timeout: float) -> dict:
         api = self._api
@@ -566,7 +577,7 @@ class Story:
                 raise DemoFailed(
                     f"{dag_id} run {run_id} did not finish in {timeout:.0f} s.", fix="see state/logs."
                 )
-            time.sleep(3)
+            time.sleep(1)
 
     def report_timings(self) -> None:
         self.say("\nwhat each phase cost (wall time):")
