@@ -516,8 +516,8 @@ def lifecycle(topology) -> dict[str, Any]:
         client.wait_run("flights_features", features, timeout=900)
         # an Asset-scheduled run the ingest runs queued may follow: it finds nothing due (skipped)
         _wait_features_settled(client)
-        # published once no features run is left (a run sees days published while it ran and queues a
-        # follow-up run of its own for them: here the drift period's features run is the test's)
+        # published once no features run is left, without an Asset event: the drift period's features
+        # run is the test's own
         _publish_directly(DRIFT_WEEKS)
         before = {r["dag_run_id"] for r in client.runs("flights_features")}
         client.trigger("flights_features", run_id="topology_features_drift")
