@@ -517,6 +517,9 @@ class AirflowClient:
     def unpause(self, dag_id: str) -> dict:
         return self.request("PATCH", f"/dags/{dag_id}", json={"is_paused": False})
 
+    def pause(self, dag_id: str) -> dict:
+        return self.request("PATCH", f"/dags/{dag_id}", json={"is_paused": True})
+
     def trigger(
         self,
         dag_id: str,

@@ -5,7 +5,8 @@
    and unpause the lifecycle DAGs;
 3. ingest January-March (a backfill of the ingest DAG); the features DAG follows on the offline Asset;
 4. train by hand: tune, register, gate, build, deploy; show what the live endpoint answers;
-5. the remaining months arrive (a backfill of the ingest DAG up to 31 December);
+5. the remaining months arrive (a backfill of the ingest DAG up to 31 December; the features DAG is paused
+   meanwhile and runs once after it, as one would for a backfill of history);
 6. the monitor checks them month by month (a run per week, triggered with its data interval); its drift
    events start the train DAG by itself, its gate holds repeats back inside the cooldown, the promotion gate decides;
 7. the live endpoint is asked again: which version answers now;
@@ -143,7 +144,7 @@ class Story:
                     first = self.train_by_hand()
                 with self.phase("remaining months arrive"):
                     later = plan.later_starts()
-                    self.ingest(later[0], plan.last_day, "5/8", "the remaining months")
+                    self.ingest(later[0], plan.last_day, "5/8", "the remaining months", features_after=True)
                 with self.phase("monitor, drift, retraining"):
                     self.monitor_months()
                 with self.phase("ask the live endpoint again"):
@@ -199,16 +200,31 @@ class Story:
             api.unpause(dag_id)
         self.say(f"      unpaused {', '.join(wanted)}")
 
-    def ingest(self, first: str, last: str, step: str, what: str) -> list[dict]:
-        """Backfill the ingest DAG over the batches holding [first, last]; wait for it and the features."""
+    def ingest(self, first: str, last: str, step: str, what: str, features_after: bool = False) -> list[dict]:
+        """Backfill the ingest DAG over the batches holding [first, last]; wait for it and the features.
+
+        :param features_after: pause the features DAG during the backfill and run it once afterwards (a
+            run per burst of offline-store events would redo the feature steps some ten times for a
+            backfill of many weeks; a paused DAG queues no events, so the run after is triggered).
+        """
         api, dags, plan = self._api, self.dags, self.plan
         starts = plan.batch_starts(first, last)
         self.say(
             f"[{step}] {what} ({first} .. {last}) arrive: backfill of {dags.ingest} over {len(starts)} {plan.cadence} batches "
-            f"({starts[0]} .. {starts[-1]}), {plan.parallel_runs} at a time ..."
+            f"({starts[0]} .. {starts[-1]}), {plan.parallel_runs} at a time"
+            + (f"; {dags.features} paused meanwhile, run once after it ..." if features_after else " ...")
         )
         t0 = time.monotonic()
-        runs = self._backfill(dags.ingest, starts, plan.parallel_runs)
+        if features_after:
+            self._settle(dags.features, timeout=900)
+            api.pause(dags.features)
+        try:
+            runs = self._backfill(dags.ingest, starts, plan.parallel_runs)
+        finally:
+            if features_after:
+                api.unpause(dags.features)
+        if features_after:
+            api.trigger(dags.features, run_id=f"after_backfill_{int(time.time())}")
         failed = [r for r in runs if r["state"] != "success"]
         rows = 0
         for run in runs:
