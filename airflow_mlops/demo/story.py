@@ -5,8 +5,8 @@
    and unpause the lifecycle DAGs;
 3. ingest January-March (a backfill of the ingest DAG); the features DAG follows on the offline Asset;
 4. train by hand: tune, register, gate, build, deploy; show what the live endpoint answers;
-5. the remaining months arrive (a backfill of the ingest DAG up to 31 December; the features DAG is paused
-   meanwhile and runs once after it, as one would for a backfill of history);
+5. meanwhile the remaining months arrive (a backfill of the ingest DAG up to 31 December; the features DAG
+   is paused meanwhile and runs once after it, as one would for a backfill of history);
 6. the monitor checks them month by month (a run per week, triggered with its data interval); its drift
    events start the train DAG by itself, its gate holds repeats back inside the cooldown, the promotion gate decides;
 7. the live endpoint is asked again: which version answers now;
@@ -140,11 +140,24 @@ class Story:
                     self.unpause()
                 with self.phase("ingest the first months"):
                     self.ingest(plan.first_day, plan.first_until, "3/8", "the first months")
+                # the rest of the year arrives while the first model trains (the training reads January-
+                # March only; the features DAG is paused until the backfill is done)
+                later = plan.later_starts()
+                arriving: list[dict[str, Any]] = []
                 with self.phase("first training, deploy"):
-                    first = self.train_by_hand()
+                    first = self.train_by_hand(
+                        meanwhile=lambda: arriving.append(
+                            self._start_ingest(
+                                later[0],
+                                plan.last_day,
+                                "5/8",
+                                "meanwhile the remaining months",
+                                features_after=True,
+                            )
+                        )
+                    )
                 with self.phase("remaining months arrive"):
-                    later = plan.later_starts()
-                    self.ingest(later[0], plan.last_day, "5/8", "the remaining months", features_after=True)
+                    self._finish_ingest(arriving[0])
                 with self.phase("monitor, drift, retraining"):
                     self.monitor_months()
                 with self.phase("ask the live endpoint again"):
@@ -201,7 +214,13 @@ class Story:
         self.say(f"      unpaused {', '.join(wanted)}")
 
     def ingest(self, first: str, last: str, step: str, what: str, features_after: bool = False) -> list[dict]:
-        """Backfill the ingest DAG over the batches holding [first, last]; wait for it and the features.
+        """Backfill the ingest DAG over the batches holding [first, last]; wait for it and the features."""
+        return self._finish_ingest(self._start_ingest(first, last, step, what, features_after))
+
+    def _start_ingest(
+        self, first: str, last: str, step: str, what: str, features_after: bool = False
+    ) -> dict[str, Any]:
+        """Start the backfill of the ingest DAG over the batches holding [first, last] (see :meth:`ingest`).
 
         :param features_after: pause the features DAG during the backfill and run it once afterwards (a
             run per burst of offline-store events would redo the feature steps some ten times for a
@@ -214,12 +233,28 @@ class Story:
             f"({starts[0]} .. {starts[-1]}), {plan.parallel_runs} at a time"
             + (f"; {dags.features} paused meanwhile, run once after it ..." if features_after else " ...")
         )
-        t0 = time.monotonic()
         if features_after:
             self._settle(dags.features, timeout=900)
             api.pause(dags.features)
         try:
-            runs = self._backfill(dags.ingest, starts, plan.parallel_runs)
+            backfill = self._create_backfill(dags.ingest, starts, plan.parallel_runs)
+        except BaseException:
+            if features_after:
+                api.unpause(dags.features)
+            raise
+        return {
+            "backfill": backfill,
+            "starts": starts,
+            "features_after": features_after,
+            "t0": time.monotonic(),
+        }
+
+    def _finish_ingest(self, started: dict[str, Any]) -> list[dict]:
+        """Wait for the backfill :meth:`_start_ingest` started, report it, wait for the features."""
+        api, dags = self._api, self.dags
+        t0, features_after = started["t0"], started["features_after"]
+        try:
+            runs = self._wait_backfill(dags.ingest, started["backfill"]["id"], set(started["starts"]))
         finally:
             if features_after:
                 api.unpause(dags.features)
@@ -250,8 +285,11 @@ class Story:
         )
         return runs
 
-    def train_by_hand(self) -> dict[str, Any]:
+    def train_by_hand(self, meanwhile: Callable[[], Any] | None = None) -> dict[str, Any]:
+        """Trigger the first training (or reuse / resume a previous demo's) and wait for it; ``meanwhile``
+        is called once the run is under way, before the wait."""
         api, dags, conf = self._api, self.dags, self.plan.train_conf
+        meanwhile = meanwhile or (lambda: None)
         self.say(
             f"[4/8] first training: {dags.train} triggered by hand (train from {conf['train_start']}, "
             f"holdout {conf['holdout_start']} .. {conf['holdout_end']}, end excluded) ..."
@@ -262,10 +300,12 @@ class Story:
         if done:  # the demo runs again on its state: the first training is there already
             run_id = done[0]["dag_run_id"]
             self.say(f"      (reusing {run_id}, which a previous demo ran)")
+            meanwhile()
         elif earlier and earlier[-1]["state"] == "failed":  # an earlier demo failed there: go on from it
             run_id = earlier[-1]["dag_run_id"]
             self.say(f"      ({run_id} of a previous demo failed: running its failed tasks again)")
             api.clear(dags.train, run_id)
+            meanwhile()
             self._wait_run(dags.train, run_id, timeout=1500)
         else:
             run_id = earlier[-1]["dag_run_id"] if earlier else None
@@ -273,6 +313,7 @@ class Story:
                 run_id = api.trigger(dags.train, run_id=f"first_training_{int(time.time())}", conf=conf)[
                     "dag_run_id"
                 ]
+            meanwhile()
             self._wait_run(dags.train, run_id, timeout=1500)
         promote = api.xcom(dags.train, run_id, dags.promote_task) or {}
         deploy = api.xcom(dags.train, run_id, dags.deploy_task) or {}
@@ -456,8 +497,8 @@ class Story:
                 f"{sum(on_time) / len(on_time):.2f} for the {len(on_time)} on time"
             )
 
-    def _backfill(self, dag_id: str, starts: list[str], parallel: int) -> list[dict]:
-        """Backfill ``dag_id`` over the batches starting on ``starts``; wait; its runs, oldest first.
+    def _create_backfill(self, dag_id: str, starts: list[str], parallel: int) -> dict:
+        """Have the scheduler backfill ``dag_id`` over the batches starting on ``starts``.
 
         Runs that already succeeded (a demo run again on its state) are kept, not rerun; a backfill an
         interrupted demo left running is waited for first (Airflow allows one per DAG).
@@ -466,8 +507,7 @@ class Story:
         for earlier in api.active_backfills(dag_id):
             self.say(f"      (waiting for the backfill {earlier['id']} an earlier demo left running)")
             self._wait_backfill(dag_id, earlier["id"], set())
-        backfill = api.backfill(dag_id, starts[0], starts[-1], max_active_runs=parallel)
-        return self._wait_backfill(dag_id, backfill["id"], set(starts))
+        return api.backfill(dag_id, starts[0], starts[-1], max_active_runs=parallel)
 
     def _check_weeks(self, dag_id: str, starts: list[str], days: int) -> list[dict]:
         """Run ``dag_id`` for the data intervals [start, start + ``days``), one run each; wait; oldest first.
