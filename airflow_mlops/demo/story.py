@@ -505,7 +505,9 @@ class Story:
         """
         api = self._api
         for earlier in api.active_backfills(dag_id):
-            self.say(f"      (waiting for the backfill {earlier['id']} an earlier demo left running)")
+            # Airflow runs one backfill per DAG at a time and marks one complete every 30 s: a backfill
+            # whose runs have all finished may not be marked yet; one an interrupted demo left is waited out
+            self.say(f"      (waiting for Airflow to mark backfill {earlier['id']} of {dag_id} complete)")
             self._wait_backfill(dag_id, earlier["id"], set())
         return api.backfill(dag_id, starts[0], starts[-1], max_active_runs=parallel)
 

@@ -418,6 +418,8 @@ window to the `train_days` before that; otherwise the params' days are used.
             cooldown_days=spec.monitoring.cooldown_days,
             # a run by hand trains up to its holdout's end: later drift events' cooldown counts from there
             data_time=window("holdout_end"),
+            # the Assets it reads the events of that Airflow gave to no run (RetrainingGateOperator)
+            inlets=list(schedule),
         )
         common = {
             "repo_path": repo,

@@ -917,6 +917,7 @@ class RetrainingGateOperator(BaseOperator):
             ) from None
         folder = Path(self.state_dir) if self.state_dir else ArtifactStore().settings.state_dir / "retraining"
         events = events_from_context(context.get("triggering_asset_events"))
+        events += self._left_to_no_run(context, events)
         logical = context.get("logical_date") or context.get("data_interval_end")
         if self.data_time:
             try:
@@ -949,3 +950,49 @@ class RetrainingGateOperator(BaseOperator):
         if not decision.proceed:
             raise AirflowSkipException(f"retraining of {self.model_name} skipped: {decision.reason}")
         return {"model": self.model_name, **decision.to_dict()}
+
+    #: at most this many later events of an Asset are read (a burst of drift events is a few weeks' checks)
+    LATER_EVENTS_LIMIT = 200
+
+    def _left_to_no_run(self, context: Context, triggering: list) -> list:
+        """Events of the triggering Assets that arrived after this run's own and that no run consumed.
+
+        Airflow 3.3 queues one entry per DAG and Asset while a run is active; events arriving while that
+        entry waits are not given to the run it starts, and wait for the next event (apache/airflow#56050):
+        the last drift events of a burst would start no retraining. The gate reads them through the task's
+        ``inlets`` (the train DAG's schedule; Airflow's ``inlet_events``) and decides over all of them:
+        events seen before (consumed by an earlier run) are skipped as duplicates, as usual.
+        """
+        from airflow_mlops.ml.retraining import event_info
+
+        inlet_events = context.get("inlet_events")
+        raw = context.get("triggering_asset_events") or {}
+        stamps = [getattr(e, "timestamp", None) for key in raw for e in raw[key]]
+        stamps = [t for t in stamps if t is not None]
+        if not triggering or not stamps or inlet_events is None:
+            return []
+        names = {e.asset for e in triggering}
+        since = min(stamps)  # when the first of this run's events arrived
+        known = {e.event_id for e in triggering}
+        later: list = []
+        for inlet in self.inlets or []:
+            name = getattr(inlet, "name", None)
+            if name not in names:
+                continue
+            try:
+                recent = inlet_events[inlet].after(since.isoformat()).ascending(False)
+                for event in recent.limit(self.LATER_EVENTS_LIMIT):
+                    info = event_info(name, event)
+                    if info.event_id not in known and getattr(event, "timestamp", since) >= since:
+                        known.add(info.event_id)
+                        later.append(info)
+            except Exception as err:  # reading more than the triggering events is a help, not a need
+                self.log.warning("Could not read the later events of %s: %s", name, err)
+        if later:
+            self.log.info(
+                "%d event(s) of %s no run consumed (Airflow gives them to no run until the next event): %s",
+                len(later),
+                ", ".join(sorted(names)),
+                ", ".join(f"{e.event_id} at {e.data_time.date()}" for e in later),
+            )
+        return later

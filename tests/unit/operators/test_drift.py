@@ -589,3 +589,81 @@ def test_a_prediction_drift_finding_is_a_different_event() -> None:
     plain = drift_event_id("m", window, summary)
     assert drift_event_id("m", window, summary, also=()) == plain  # ids of data drift alone are unchanged
     assert drift_event_id("m", window, summary, also=["prediction"]) != plain
+
+
+class _AssetEvents:
+    """The part of Airflow's ``inlet_events[asset]`` accessor the gate uses (after / ascending / limit)."""
+
+    def __init__(self, events: list[SimpleNamespace]) -> None:
+        self.events, self.query = events, {"ascending": True, "limit": None, "after": None}
+
+    def after(self, after: str) -> _AssetEvents:
+        self.query["after"] = datetime.fromisoformat(after)
+        return self
+
+    def ascending(self, ascending: bool = True) -> _AssetEvents:
+        self.query["ascending"] = ascending
+        return self
+
+    def limit(self, limit: int) -> _AssetEvents:
+        self.query["limit"] = limit
+        return self
+
+    def __iter__(self):
+        chosen = [e for e in self.events if self.query["after"] is None or e.timestamp >= self.query["after"]]
+        chosen.sort(key=lambda e: e.timestamp, reverse=not self.query["ascending"])
+        return iter(chosen[: self.query["limit"]])
+
+
+def test_events_airflow_gave_to_no_run_are_decided_by_the_next_run(tmp_path: Path) -> None:
+    """apache/airflow#56050: while a train run is active, the first drift event queues the next run and
+    the later ones (29 July, 5 August) are given to no run; the run that event starts decides over them,
+    so 5 August, outside the cooldown, retrains now instead of waiting for an event that may never come."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    def event(day: str, minute: int) -> SimpleNamespace:
+        return SimpleNamespace(
+            asset=DRIFT,
+            extra={"data_time": day, "event_id": f"drift-{day}", "auc": 0.65},
+            timestamp=datetime(2026, 11, 30, 15, minute, tzinfo=UTC),
+            source_dag_id="monitor",
+            source_run_id=f"check__{day}",
+            source_task_id="drift",
+            source_map_index=-1,
+        )
+
+    earlier = event("2013-07-01", 0)  # consumed by an earlier run, which retrained
+    queued, left = event("2013-07-15", 1), [event("2013-07-29", 2), event("2013-08-05", 3)]
+    gate = RetrainingGateOperator(
+        task_id="gate", model_name="flight_delay", cooldown_days=28, state_dir=str(tmp_path), inlets=[DRIFT]
+    )
+
+    def run(run_id: str, triggering: list[SimpleNamespace], every: list[SimpleNamespace]) -> dict | None:
+        context = {
+            "run_id": run_id,
+            "triggering_asset_events": {DRIFT: triggering},
+            "inlet_events": {DRIFT: _AssetEvents(every)},
+        }
+        try:
+            return gate.execute(context)
+        except AirflowSkipException:
+            return None
+
+    assert run("first", [earlier], [earlier])["cause"]["event_id"] == "drift-2013-07-01"
+    decided = run("second", [queued], [earlier, queued, *left])
+    assert decided is not None and decided["cause"]["event_id"] == "drift-2013-08-05"
+    state = RetrainingState(tmp_path, "flight_delay").read()
+    assert {"drift-2013-07-15", "drift-2013-07-29", "drift-2013-08-05"} <= set(state["seen"])
+    # the run a later event starts sees them as decided (no second retraining for 5 August)
+    later = event("2013-08-12", 4)
+    assert run("third", [later], [earlier, queued, *left, later]) is None
+    # without inlets (a hand-written DAG that declares none) the gate decides on its own events only
+    plain = RetrainingGateOperator(
+        task_id="gate", model_name="other_model", cooldown_days=28, state_dir=str(tmp_path / "other")
+    )
+    context = {
+        "run_id": "plain",
+        "triggering_asset_events": {DRIFT: [queued]},
+        "inlet_events": {DRIFT: _AssetEvents([queued, *left])},
+    }
+    assert plain.execute(context)["cause"]["event_id"] == "drift-2013-07-15"
