@@ -197,7 +197,8 @@ def decide(
     if not new:
         return Decision(
             False,
-            f"all {duplicates} triggering event(s) were seen before (duplicate delivery)",
+            f"all {duplicates} triggering event(s) were seen before (a duplicate delivery, or an earlier "
+            "run's gate decided them)",
             duplicates=duplicates,
             last_retraining=last,
         )

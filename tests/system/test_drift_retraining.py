@@ -254,5 +254,7 @@ def test_a_failed_retraining_holds_nothing_back_and_a_finished_one_holds_the_bur
     assert set(ids) <= set(record["seen"])
     reasons = [entry["reason"] for entry in record["suppressed"] if entry["run_id"] in runs]
     assert len(reasons) == 8
-    assert sum("duplicate delivery" in r for r in reasons) == 2  # the redeliveries of burst-1, burst-5
-    assert sum("inside the cooldown" in r for r in reasons) == 6
+    # the redeliveries of burst-1 and burst-5 were seen before; so is an event that arrived before the gate
+    # of the run before it decided (that gate reads the events no run was given yet, apache/airflow#56050)
+    seen_before = sum("were seen before" in r for r in reasons)
+    assert seen_before >= 2 and seen_before + sum("inside the cooldown" in r for r in reasons) == 8, reasons
