@@ -47,7 +47,9 @@ from airflow_mlops.lifecycle.spec import LifecycleSpec, LifecycleSpecError, Step
 #: Jinja for the features run's window (the XCom of its first task, ``feature_window``, which decides
 #: the days due); ``{{ window.first }}`` in a step's args becomes this
 FEATURE_WINDOW = "ti.xcom_pull(task_ids='feature_window')"
-TRAIN_WINDOW = "train_window(params, triggering_asset_events)"
+#: the training window of a train DAG run: from the retraining gate's decision once it has decided (its cause
+#: may be an event Airflow gave to no run, see RetrainingGateOperator), else from the triggering events
+TRAIN_WINDOW = "train_window(params, triggering_asset_events, ti.xcom_pull(task_ids='retraining_gate'))"
 #: the last day of the data interval (the interval's only day for a daily schedule)
 LAST_DAY = "{{ (data_interval_end - macros.timedelta(days=1)) | ds }}"
 FIRST_DAY = "{{ data_interval_start | ds }}"
@@ -113,18 +115,26 @@ def feature_window(
     )
 
 
-def train_window(params: Any, triggering_asset_events: Any) -> dict[str, str]:
+def train_window(params: Any, triggering_asset_events: Any, gate: Any = None) -> dict[str, str]:
     """ISO bounds (UTC midnight) of the training set and the holdout after it.
 
     A drift event moves the holdout to the ``holdout_days`` before its ``data_time`` and the training
-    window to the ``train_days`` before that; otherwise the params' fixed days are used.
+    window to the ``train_days`` before that; otherwise the params' fixed days are used. The event is the
+    cause the retraining gate decided on (``gate``: its XCom), which may be one Airflow gave to no run;
+    without a decision, the latest of the run's triggering events.
     """
     from airflow_mlops.ml.retraining import event_figures
 
-    figures = [
-        event_figures(event.extra) for events in (triggering_asset_events or {}).values() for event in events
-    ]
-    times = [str(f["data_time"])[:10] for f in figures if f.get("data_time")]
+    cause = (gate or {}).get("cause") if isinstance(gate, dict) else None
+    if cause and cause.get("event_id") and cause.get("data_time"):
+        times = [str(cause["data_time"])[:10]]
+    else:
+        figures = [
+            event_figures(event.extra)
+            for events in (triggering_asset_events or {}).values()
+            for event in events
+        ]
+        times = [str(f["data_time"])[:10] for f in figures if f.get("data_time")]
     if times:
         holdout_end = date.fromisoformat(max(times)) + timedelta(days=1)
         holdout_start = holdout_end - timedelta(days=int(params["holdout_days"]))

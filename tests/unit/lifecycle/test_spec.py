@@ -371,3 +371,34 @@ print("@@retries", sorted({t.retries for d in dags.values() for t in d.tasks}))
 """
     result = run_python(code, env={"AIRFLOW__CORE__DEFAULT_TASK_RETRIES": "2"})
     assert "@@retries [2]" in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]
+
+
+def test_the_training_window_follows_the_gates_cause_not_only_the_triggering_events():
+    """The gate may decide on an event Airflow gave to no run (apache/airflow#56050): the training set and
+    the holdout must be those of that event's data time, which the demo and the promotion report name."""
+    from types import SimpleNamespace
+
+    from airflow_mlops.lifecycle.factory import train_window
+
+    params = {
+        "train_start": "2013-01-01",
+        "holdout_start": "2013-03-18",
+        "holdout_end": "2013-04-01",
+        "train_days": 28,
+        "holdout_days": 7,
+    }
+    triggering = {"drift": [SimpleNamespace(extra={"data_time": "2013-07-29", "event_id": "a"})]}
+    by_events = train_window(params, triggering)
+    assert by_events["holdout_end"] == "2013-07-30T00:00:00+00:00"
+    decided = {"proceed": True, "cause": {"event_id": "b", "data_time": "2013-08-05T00:00:00+00:00"}}
+    window = train_window(params, triggering, decided)
+    assert window == {
+        "train_start": "2013-07-02T00:00:00+00:00",
+        "holdout_start": "2013-07-30T00:00:00+00:00",
+        "holdout_end": "2013-08-06T00:00:00+00:00",
+    }
+    # a run by hand: the gate's cause names no event, the params' fixed days apply
+    manual = {"proceed": True, "cause": {"event_id": None, "data_time": "2026-11-30T10:00:00+00:00"}}
+    assert train_window(params, {}, manual)["holdout_end"] == "2013-04-01T00:00:00+00:00"
+    # before the gate decided (its own template), the triggering events decide
+    assert train_window(params, triggering, None) == by_events
