@@ -1,4 +1,4 @@
-"""Scale-out figures from one run (``python benchmarks/bench_scale.py --parts materialize,tune``).
+"""Scale-out figures from one run (``python benchmarks/bench_scale.py --parts materialize,tune,ingest``).
 
 ``materialize``: a synthetic feature view (``--entities`` string keys, 3 versions each, 6 features) in a
 parquet offline store, materialized into Feast's SQLite online store, in online rows (one per entity key)
@@ -20,7 +20,22 @@ per second:
 ``--trials`` ASHA-free FIFO trials) on local Ray in the process (``[mlops] ray_num_cpus`` = ``--cpus``)
 and as a Ray Job on the 2-node cluster: wall times and their ratio.
 
-Everything lives in a temporary folder; the cluster is stopped at the end.
+``ingest`` (root: network namespaces): the scaled topology of the test suite (``tests/system/
+scaled_topology.py``, imported, not copied: PostgreSQL from ``tests/pg_server.py``, Redis, moto's S3,
+Airflow with the CeleryExecutor, Celery workers in network namespaces, concurrency 1 each), the reference
+``flights_ingest`` DAG (``dags/``, weekly batches: wait, Great Expectations validation, publish to the
+offline store on S3). Two backfills of ``--ingest-batches`` weekly batches (default 13), ``max_active_runs``
+= ``--ingest-runs`` (default 3, so that two workers have work at once), one with only worker ``w1``
+running (``w2`` killed before it; the serving host's worker takes only the ``serving`` queue), one with
+``w1`` and ``w2``. Each backfill runs on batches never ingested before: the first (``--ingest-order``,
+default one worker first) takes the weeks from 2013-01-01, the second the next as many weeks (13: 81,759
+vs 85,365 flights, so rows per second are printed beside the wall times). Both sets are landed on S3
+before either is timed. Timed: from the backfill's request until the API reports its last run finished
+(polled every second). Printed: batches, rows published (the publish tasks' XCom), wall time, the task
+instances by worker (their ``hostname``), retries, and the ratios two workers / one worker; also as a JSON
+line (and the whole run's figures in ``--json``'s file).
+
+Everything lives in a temporary folder; the clusters and the topology are stopped at the end.
 """
 
 from __future__ import annotations
@@ -337,22 +352,238 @@ def tune(data_path: Path, trials: int, ray_conn_id: str | None) -> dict:
     }
 
 
+# -------------------------------------------------------------------------------------------- ingest
+
+INGEST_DAG = "flights_ingest"
+PUBLISH_TASK = "publish_to_offline_store"
+#: the reference spec's ingest runs weekly batches counted from its start date (dags/flights.yaml)
+FIRST_WEEK = "2013-01-01"
+WORKER_HOSTS = {"one": ("w1",), "two": ("w1", "w2")}
+
+
+def _topology_modules() -> None:
+    """The test suite's helpers on sys.path, as its conftests put them: ``tests/`` (``mlops_testing``,
+    ``pg_server``, ``s3_server``) and ``tests/system`` (``scaled_topology``)."""
+    for folder in (ROOT / "tests", ROOT / "tests" / "system"):
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+
+
+def ingest_weeks(batches: int, offset: int = 0) -> list[str]:
+    """The starts of ``batches`` weekly batches, the first ``offset`` weeks after 2013-01-01."""
+    from datetime import date, timedelta
+
+    first = date.fromisoformat(FIRST_WEEK)
+    return [str(first + timedelta(weeks=offset + w)) for w in range(batches)]
+
+
+def _ready_lines(topology, host: str) -> int:
+    """How often the host's Celery worker logged ``<its hostname> ready.`` (once per start)."""
+    name = f"mlops-{host}@{topology.worker_address(host)} ready."
+    path = topology.logs / f"worker-{host}.log"
+    return path.read_text(errors="replace").count(name) if path.exists() else 0
+
+
+def _wait_ready(topology, host: str, starts: int, timeout: float = 300) -> None:
+    """Wait until the host's worker has consumed the broker ``starts`` times (Celery's ``ready.``)."""
+    topology.stack.client.wait(
+        f"the Celery worker of {host} to be ready",
+        lambda: _ready_lines(topology, host) >= starts,
+        timeout,
+        detail=lambda: topology.worker_log(host),
+    )
+
+
+def ingest_backfill(topology, weeks: list[str], parallel: int, timeout: float = 3600) -> dict:
+    """Backfill ``flights_ingest`` over the batches starting on ``weeks`` (``max_active_runs`` =
+    ``parallel``); the wall time from the backfill's request until its last run finished (the API
+    polled every second), the rows published and the task instances by worker."""
+    from collections import Counter
+    from datetime import datetime
+
+    client = topology.stack.client
+    wanted = set(weeks)
+    # one backfill per DAG at a time: the scheduler marks the previous one complete a few seconds late
+    client.wait("the previous backfill to complete", lambda: not client.active_backfills(INGEST_DAG), 180)
+
+    def mine() -> list[dict]:
+        return [
+            r
+            for r in client.runs(INGEST_DAG, run_type="backfill")
+            if (r.get("data_interval_start") or "")[:10] in wanted
+        ]
+
+    load = os.getloadavg()[0]
+    began = time.monotonic()
+    client.backfill(INGEST_DAG, weeks[0], weeks[-1], max_active_runs=parallel)
+    last_note = began
+    while True:
+        runs = mine()
+        done = [r for r in runs if r["state"] in ("success", "failed")]
+        if len(runs) == len(weeks) and len(done) == len(weeks):
+            break
+        now = time.monotonic()
+        if now - began > timeout:
+            raise RuntimeError(f"the backfill of {weeks[0]}..{weeks[-1]} did not finish in {timeout:.0f} s")
+        if now - last_note > 60:
+            print(f"    ... {len(done)}/{len(weeks)} runs finished ({now - began:.0f} s)", flush=True)
+            last_note = now
+        time.sleep(1)
+    wall = time.monotonic() - began
+    failed = [r["dag_run_id"] for r in runs if r["state"] != "success"]
+    if failed:
+        raise RuntimeError(
+            f"{len(failed)} ingest run(s) failed:\n"
+            + "\n".join(client.failure_report(INGEST_DAG, r)[-1500:] for r in failed)
+        )
+    hosts = {topology.worker_address(h): h for h in topology.worker_hosts}
+    tasks: Counter[str] = Counter()
+    tries = 0
+    for run in runs:
+        for ti in client.task_instances(INGEST_DAG, run["dag_run_id"]):
+            tasks[hosts.get(ti["hostname"], ti["hostname"] or "-")] += 1
+            tries += max(0, (ti.get("try_number") or 1) - 1)
+    rows = sum(int(client.xcom(INGEST_DAG, r["dag_run_id"], PUBLISH_TASK)["rows"]) for r in runs)
+    starts = [datetime.fromisoformat(r["start_date"]) for r in runs]
+    ends = [datetime.fromisoformat(r["end_date"]) for r in runs]
+    return {
+        "weeks": [weeks[0], weeks[-1]],
+        "batches": len(runs),
+        "rows": rows,
+        "seconds": wall,
+        # the runs' own times in the metadata database: the first run's start to the last one's end
+        "runs_span_seconds": (max(ends) - min(starts)).total_seconds(),
+        "tasks_by_worker": dict(sorted(tasks.items())),
+        "retries": tries,
+        "load_average": [load, os.getloadavg()[0]],
+    }
+
+
+def ingest(batches: int, parallel: int, order: list[str]) -> dict:
+    """The ingest part: the scaled topology of the test suite, the two backfills, one per worker set."""
+    import tempfile
+
+    _topology_modules()
+    from pg_server import PgServer
+    from scaled_topology import scaled_topology
+
+    saved = dict(os.environ)
+    # the topology's components inherit this process's environment: none of the other parts' settings
+    for key in (
+        "MLOPS_OFFLINE_ROOT",
+        "MLOPS_FEAST_DIR",
+        "AIRFLOW_CONN_FEAST_BENCH",
+        "AIRFLOW_CONN_BENCH_RAY",
+    ):
+        os.environ.pop(key, None)
+    # a folder of its own, not under WORK (mkdtemp's 0700): the server runs as the postgres account
+    pg_root = Path(tempfile.mkdtemp(prefix="bench-pg-"))
+    server = PgServer(pg_root)
+    out: dict = {"parallel_runs": parallel, "order": order}
+    try:
+        pg = server.start()
+        began = time.monotonic()
+        with scaled_topology(pg, WORK / "topology") as topology:
+            print(f"scaled topology up in {time.monotonic() - began:.0f} s", flush=True)
+            os.environ.update(topology.settings_env)  # this process lands the batches on moto's S3
+            from airflow_mlops.demo.data import land
+
+            sets = {name: ingest_weeks(batches, i * batches) for i, name in enumerate(order)}
+            for name, weeks in sets.items():
+                landed = land(start=weeks[0], end=str(_last_day(weeks[-1])), cadence="weekly")
+                print(
+                    f"landed {landed['flights_rows']} flights of {weeks[0]} .. {weeks[-1]} for {name} worker(s)"
+                )
+            client = topology.stack.client
+            client.wait(f"the DAG processor to serve {INGEST_DAG}", lambda: client.dag(INGEST_DAG), 300)
+            client.unpause(INGEST_DAG)
+            for name in order:
+                running = WORKER_HOSTS[name]
+                for host in topology.worker_hosts:
+                    if host in running and topology.workers[host].poll() is not None:
+                        starts = _ready_lines(topology, host) + 1
+                        topology.start_worker(host)
+                        _wait_ready(topology, host, starts)
+                    elif host in running:
+                        _wait_ready(topology, host, 1)
+                    elif topology.workers[host].poll() is None:
+                        topology.kill_worker(host)
+                print(
+                    f"backfill of {INGEST_DAG}, {batches} weekly batches from {sets[name][0]}, "
+                    f"{parallel} runs at a time, Celery workers on {', '.join(running)} ...",
+                    flush=True,
+                )
+                out[name] = ingest_backfill(topology, sets[name], parallel)
+                print(f"    {out[name]['seconds']:.0f} s", flush=True)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        server.stop()
+        shutil.rmtree(pg_root, ignore_errors=True)
+    one, two = out["one"], out["two"]
+    out["ratio_wall"] = two["seconds"] / one["seconds"]
+    out["ratio_rows_per_second"] = (two["rows"] / two["seconds"]) / (one["rows"] / one["seconds"])
+    return out
+
+
+def _last_day(week: str):
+    from datetime import date, timedelta
+
+    return date.fromisoformat(week) + timedelta(days=6)
+
+
+def print_ingest(figures: dict) -> None:
+    print(f"\ningest backfill of {INGEST_DAG}, {figures['parallel_runs']} runs at a time (max_active_runs)")
+    print(
+        f"  {'workers':<9}{'weeks':<25}{'batches':>8}{'rows':>8}{'wall s':>8}{'rows/s':>8}   tasks by worker"
+    )
+    for name in ("one", "two"):
+        r = figures[name]
+        hosts = ", ".join(f"{h} {n}" for h, n in r["tasks_by_worker"].items())
+        retried = f", {r['retries']} retries" if r["retries"] else ""
+        print(
+            f"  {name:<9}{' .. '.join(r['weeks']):<25}{r['batches']:>8}{r['rows']:>8}{r['seconds']:>8.1f}"
+            f"{r['rows'] / r['seconds']:>8.0f}   {hosts}{retried}"
+        )
+    print(f"  two workers / one worker, wall time: {figures['ratio_wall']:.2f}")
+    print(f"  two workers / one worker, rows per second: {figures['ratio_rows_per_second']:.2f}")
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="materialize,tune", help="comma-separated: materialize, tune")
+    parser.add_argument(
+        "--parts", default="materialize,tune", help="comma-separated: materialize, tune, ingest"
+    )
     parser.add_argument("--entities", type=int, default=50_000, help="entity keys of the synthetic view")
     parser.add_argument("--trials", type=int, default=6, help="trials of the tuning search")
     parser.add_argument("--tune-rows", type=int, default=20_000, help="flights in the tuning training set")
     parser.add_argument("--repeat", type=int, default=3, help="materializations per variant (median)")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray ([mlops] ray_num_cpus)")
+    parser.add_argument(
+        "--ingest-batches", type=int, default=13, help="weekly batches of each ingest backfill"
+    )
+    parser.add_argument("--ingest-runs", type=int, default=3, help="max_active_runs of the ingest backfills")
+    parser.add_argument(
+        "--ingest-order",
+        default="one,two",
+        help="which worker set backfills first (the earlier weeks): one,two or two,one",
+    )
+    parser.add_argument("--json", type=Path, help="also write the figures to this file as JSON")
     args = parser.parse_args()
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    unknown = parts - {"materialize", "tune"}
+    unknown = parts - {"materialize", "tune", "ingest"}
     if unknown:
-        parser.error(f"unknown part(s) {sorted(unknown)}; choose from materialize, tune")
+        parser.error(f"unknown part(s) {sorted(unknown)}; choose from materialize, tune, ingest")
+    order = [o.strip() for o in args.ingest_order.split(",")]
+    if sorted(order) != ["one", "two"]:
+        parser.error("--ingest-order: one,two or two,one")
+    if not 1 <= args.ingest_batches <= 26:
+        parser.error("--ingest-batches: 1 to 26 (two sets of weeks inside 2013)")
+    if "ingest" in parts and os.geteuid() != 0:
+        parser.error("the ingest part starts network namespaces: run it as root")
     os.environ["AIRFLOW__MLOPS__RAY_NUM_CPUS"] = str(args.cpus)
     _quiet()
     print(f"work folder {WORK}; {os.cpu_count()} cores on this machine", flush=True)
@@ -360,21 +591,24 @@ def main() -> int:
     runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     print(f"load average at start: {os.getloadavg()}", flush=True)
     try:
+        if "ingest" in parts:
+            results["ingest"] = ingest(args.ingest_batches, args.ingest_runs, order)
         if "tune" in parts:
             from bench_tuning import build_training_set
 
             data_path = build_training_set(WORK, args.tune_rows)
             results["tune local"] = tune(data_path, args.trials, None)
-        with ray_cluster() as cluster:
-            print(f"Ray cluster: {cluster['nodes']} nodes, GCS {cluster['gcs']}", flush=True)
-            os.environ["AIRFLOW_CONN_BENCH_RAY"] = json.dumps(
-                {
-                    "conn_type": "ray",
-                    "host": "127.0.0.1",
-                    "port": cluster["dashboard"],
-                    "extra": {"cluster_address": cluster["gcs"]},
-                }
-            )
+        with ray_cluster() if parts & {"materialize", "tune"} else contextlib.nullcontext() as cluster:
+            if cluster:
+                print(f"Ray cluster: {cluster['nodes']} nodes, GCS {cluster['gcs']}", flush=True)
+                os.environ["AIRFLOW_CONN_BENCH_RAY"] = json.dumps(
+                    {
+                        "conn_type": "ray",
+                        "host": "127.0.0.1",
+                        "port": cluster["dashboard"],
+                        "extra": {"cluster_address": cluster["gcs"]},
+                    }
+                )
             if "materialize" in parts:
                 written = write_items(args.entities)
                 print(
@@ -437,6 +671,12 @@ def main() -> int:
         print(f"  local Ray ({args.cpus} CPUs) {local['seconds']:.1f} s, best AUC {local['best_auc']:.4f}")
         print(f"  2-node cluster (3 CPUs) {cluster['seconds']:.1f} s, best AUC {cluster['best_auc']:.4f}")
         print(f"  cluster / local wall time: {cluster['seconds'] / local['seconds']:.2f}")
+    if "ingest" in parts:
+        print_ingest(results["ingest"])
+        print(json.dumps({"ingest": results["ingest"]}))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(f"figures written to {args.json}")
     return 0
 
 
