@@ -125,7 +125,7 @@ def train_window(params: Any, triggering_asset_events: Any, gate: Any = None) ->
     """
     from airflow_mlops.ml.retraining import event_figures
 
-    cause = (gate or {}).get("cause") if isinstance(gate, dict) else None
+    cause = gate.get("cause") if isinstance(gate, dict) else None
     if cause and cause.get("event_id") and cause.get("data_time"):
         times = [str(cause["data_time"])[:10]]
     else:
