@@ -374,6 +374,19 @@ def test_drift_per_column_and_quality_over_time_are_the_checks(written, client):
     assert tab["summary"]["drift_share"] == july["drift_share"]
 
 
+def test_a_rerun_check_replaces_its_point(written, client, tmp_path):
+    """Clearing a monitor task runs the check again: the history keeps one point per check, the last."""
+    from airflow_mlops.hooks.history import drift_checks, record_drift_check
+
+    before = client("viewer").get(f"/api/models/{MODEL}/drift").json()
+    july = written["checks"]["july"]
+    rerun = _context(MONITOR, "monitor_july", "drift", data_interval_start=None)
+    record_drift_check(july, rerun)
+    after = client("viewer").get(f"/api/models/{MODEL}/drift").json()
+    assert [len(c["points"]) for c in after["columns"]] == [len(c["points"]) for c in before["columns"]]
+    assert len(drift_checks(MODEL)) == 2
+
+
 def test_validation_per_batch_names_failed_expectations_and_the_quarantine(written, client):
     batches = client("viewer").get(f"/api/models/{MODEL}/validation").json()["batches"]
     bad_error = written["validated"]["bad"]
