@@ -143,3 +143,12 @@ def test_the_bundle_is_served_as_javascript_or_says_how_to_build_it(monkeypatch,
     assert served.headers["content-type"].startswith("text/javascript")
     assert served.headers["x-content-type-options"] == "nosniff"
     assert client.get("/ui/other.js").status_code == 404
+
+
+def test_an_unreachable_state_database_is_named_not_a_bare_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("AIRFLOW__MLOPS__STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("AIRFLOW_CONN_MLOPS_STATE", "postgresql://mlops:pw@127.0.0.1:9/mlops")
+    monkeypatch.setattr(api, "_auth_manager", SimpleAuthManager)
+    response = client_for("viewer").get("/api/models")
+    assert response.status_code == 503
+    assert "mlops_state" in response.json()["detail"] and response.json()["fix"]
