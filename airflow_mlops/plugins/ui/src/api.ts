@@ -17,12 +17,21 @@ export interface Serving {
   ready: boolean;
   version_answering: string | null;
 }
+export interface QualitySummary {
+  metric: string | null;
+  value: number | null;
+  holdout: number | null;
+  decay: number | null;
+  max_decay: number | null;
+}
 export interface DriftCheck {
   at: Iso;
   data_interval_start: Iso | null;
   drifted: boolean;
   drift_share: number | null;
-  quality: number | null;
+  quality: QualitySummary | null;
+  dag_id?: string | null;
+  run_id?: string | null;
 }
 export interface Retraining {
   dag_id: string;
@@ -30,6 +39,7 @@ export interface Retraining {
   at: Iso | null;
   decision: string | null;
   reason: string | null;
+  version?: string | null;
 }
 export interface ModelSummary {
   name: string;
@@ -49,11 +59,14 @@ export interface Version {
   dag_id: string | null;
   run_id: string | null;
   registered_at: Iso | null;
+  tag?: string | null;
 }
 export interface Decision {
   at: Iso | null;
   action: string;
   version: string | null;
+  previous_production?: string | null;
+  metric?: string | null;
   candidate_score: number | null;
   production_score: number | null;
   reason: string | null;
@@ -83,12 +96,15 @@ export interface Trial {
   params: Record<string, unknown>;
   score: number | null;
   status: string | null;
+  best?: boolean;
+  error?: string | null;
 }
 export interface Trials {
   dag_id: string | null;
   run_id: string | null;
   metric: string | null;
   mode: string | null;
+  best_trial_id?: string | null;
   trials: Trial[];
   plot_url: string | null;
 }
@@ -110,6 +126,7 @@ export interface QualityPoint {
   data_interval_start: Iso | null;
   metric: string | null;
   value: number | null;
+  holdout?: number | null;
   threshold: number | null;
 }
 export interface Drift {
@@ -126,6 +143,12 @@ export interface Batch {
   batch: string;
   dag_id: string | null;
   run_id: string | null;
+  task_id?: string | null;
+  at?: Iso | null;
+  data_interval_start?: Iso | null;
+  rows?: number | null;
+  evaluated?: number | null;
+  read_error?: string | null;
   passed: boolean;
   failed_expectations: FailedExpectation[];
   quarantined_uri: string | null;
@@ -134,6 +157,7 @@ export interface Batch {
 export interface RunInfo {
   model: string | null;
   version: string | null;
+  stage?: string | null;
   decision: Decision | null;
   pending_approval: PendingApproval | null;
 }

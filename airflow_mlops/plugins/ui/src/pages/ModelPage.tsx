@@ -48,7 +48,7 @@ const VersionsTable = ({ detail, actions, showActions }: { detail: ModelDetail; 
         <Table.Body>
           {detail.versions.map((v: Version) => (
             <Table.Row data-key={v.version} data-stage={v.stage} data-testid="versions-row" key={v.version} verticalAlign="top">
-              <Table.Cell data-testid="version-id" fontWeight={v.stage === "production" ? "bold" : undefined}>
+              <Table.Cell data-testid="version-id" data-value={v.version} fontWeight={v.stage === "production" ? "bold" : undefined} title={v.tag ?? undefined}>
                 {v.version}
               </Table.Cell>
               <Table.Cell>
@@ -102,7 +102,7 @@ const DecisionsTable = ({ decisions }: { decisions: Decision[] }) => (
     <Table.Root data-testid="decisions-table" size="sm" stickyHeader striped>
       <Table.Header>
         <Table.Row>
-          <Table.ColumnHeader>When</Table.ColumnHeader>
+          <Table.ColumnHeader>When (newest first)</Table.ColumnHeader>
           <Table.ColumnHeader>Decision</Table.ColumnHeader>
           <Table.ColumnHeader>Version</Table.ColumnHeader>
           <Table.ColumnHeader>Candidate score</Table.ColumnHeader>
@@ -121,8 +121,15 @@ const DecisionsTable = ({ decisions }: { decisions: Decision[] }) => (
             <Table.Cell>
               <DecisionBadge decision={d.action} testId="decision-action" />
             </Table.Cell>
-            <Table.Cell data-testid="decision-version" data-value={d.version ?? ""}>
-              {d.version ?? "—"}
+            <Table.Cell>
+              <span data-testid="decision-version" data-value={d.version ?? ""}>
+                {d.version ?? "—"}
+              </span>
+              {d.previous_production && d.previous_production !== d.version ? (
+                <Text color="fg.muted" data-testid="decision-previous" data-value={d.previous_production} fontSize="xs">
+                  was {d.previous_production}
+                </Text>
+              ) : undefined}
             </Table.Cell>
             <Table.Cell>
               <Score testId="decision-candidate-score" value={d.candidate_score} />
@@ -262,7 +269,11 @@ export const ModelPage = ({ name }: { name: string }) => {
             <Heading mb={2} size="md">
               Decisions
             </Heading>
-            {detail.decisions.length ? <DecisionsTable decisions={detail.decisions} /> : <Empty testId="decisions-empty">No decision recorded.</Empty>}
+            {detail.decisions.length ? (
+              <DecisionsTable decisions={[...detail.decisions].reverse()} />
+            ) : (
+              <Empty testId="decisions-empty">No decision recorded.</Empty>
+            )}
           </Box>
         </>
       ) : undefined}
