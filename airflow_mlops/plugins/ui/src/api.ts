@@ -78,7 +78,7 @@ export interface PendingApproval {
   version: string;
   dag_id: string;
   run_id: string;
-  task_id: string;
+  task_id: string | null;
   map_index: number | null;
 }
 export interface ModelDetail {
@@ -268,7 +268,7 @@ export const respondHitl = (pending: PendingApproval, option: string): Promise<u
   request(
     appUrl(
       `api/v2/dags/${seg(pending.dag_id)}/dagRuns/${seg(pending.run_id)}/taskInstances/` +
-        `${seg(pending.task_id)}/${pending.map_index ?? -1}/hitlDetails`,
+        `${seg(pending.task_id ?? "")}/${pending.map_index ?? -1}/hitlDetails`,
     ),
     { method: "PATCH", body: JSON.stringify({ chosen_options: [option], params_input: {} }) },
   );

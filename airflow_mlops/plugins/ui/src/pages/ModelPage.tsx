@@ -125,9 +125,9 @@ const DecisionsTable = ({ decisions }: { decisions: Decision[] }) => (
               <span data-testid="decision-version" data-value={d.version ?? ""}>
                 {d.version ?? "—"}
               </span>
-              {d.previous_production && d.previous_production !== d.version ? (
+              {d.previous_production && d.previous_production !== d.version && ["promote", "approve", "rollback"].includes(d.action) ? (
                 <Text color="fg.muted" data-testid="decision-previous" data-value={d.previous_production} fontSize="xs">
-                  was {d.previous_production}
+                  replaced {d.previous_production}
                 </Text>
               ) : undefined}
             </Table.Cell>
@@ -168,7 +168,12 @@ const PendingApprovals = ({ detail, actions, showActions }: { detail: ModelDetai
               Candidate <b data-testid="pending-version">{p.version}</b> from run{" "}
               <RunLink dagId={p.dag_id} runId={p.run_id} testId="pending-run-link" /> waits for a human decision.
             </Text>
-            {showActions ? (
+            {showActions && !p.task_id ? (
+              <Text color="fg.muted" fontSize="xs">
+                (its approval task is not known: answer it in Airflow's Required actions)
+              </Text>
+            ) : undefined}
+            {showActions && p.task_id ? (
               <>
                 <Button
                   colorPalette="green"

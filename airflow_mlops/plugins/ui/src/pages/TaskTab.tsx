@@ -49,7 +49,7 @@ const DriftSummary = ({ summary }: { summary: Row }) => {
     [
       "Window",
       <span key="w">
-        <Time iso={str(window.start)} testId="task-window-start" /> – <Time iso={str(window.end)} testId="task-window-end" />
+        <Time day iso={str(window.start)} testId="task-window-start" /> – <Time day iso={str(window.end)} testId="task-window-end" />
         {typeof window.rows === "number" ? ` (${window.rows} rows)` : ""}
       </span>,
     ],
