@@ -10,6 +10,10 @@ import { DriftSection } from "./DriftSection";
 import { TrialsSection } from "./TrialsSection";
 import { ValidationSection } from "./ValidationSection";
 
+/** Stages a person may put in production (the operate DAG refuses a rejected version, and a pending one is
+ * approved through its train run). */
+const PROMOTABLE = new Set(["candidate", "archived"]);
+
 const Metrics = ({ metrics, main }: { metrics: Record<string, unknown>; main: string }) => {
   const names = Object.keys(metrics ?? {}).sort((a, b) => (a === main ? -1 : b === main ? 1 : a.localeCompare(b)));
   if (names.length === 0) {
@@ -75,7 +79,7 @@ const VersionsTable = ({ detail, actions, showActions }: { detail: ModelDetail; 
               </Table.Cell>
               {showActions ? (
                 <Table.Cell>
-                  {operate && v.stage !== "production" && v.stage !== "pending_approval" ? (
+                  {operate && PROMOTABLE.has(v.stage) ? (
                     <Button
                       data-testid="action-promote"
                       data-version={v.version}
