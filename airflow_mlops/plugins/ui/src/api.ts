@@ -263,14 +263,32 @@ export const triggerDag = (dagId: string, conf: Record<string, unknown>): Promis
 export const getDagRun = (dagId: string, runId: string): Promise<DagRun> =>
   request<DagRun>(appUrl(`api/v2/dags/${seg(dagId)}/dagRuns/${seg(runId)}`));
 
-/** Answer a human-in-the-loop task (PATCH .../taskInstances/<task>/<map_index>/hitlDetails). */
-export const respondHitl = (pending: PendingApproval, option: string): Promise<unknown> =>
-  request(
-    appUrl(
-      `api/v2/dags/${seg(pending.dag_id)}/dagRuns/${seg(pending.run_id)}/taskInstances/` +
-        `${seg(pending.task_id ?? "")}/${pending.map_index ?? -1}/hitlDetails`,
-    ),
+interface HitlDetails {
+  hitl_details: { options: string[]; task_instance: { task_id: string; map_index: number | null } }[];
+}
+
+/** The approval task waiting in the run of `pending`: the one the registry names, else the run's
+ * human-in-the-loop task that has no answer yet (GET .../dagRuns/<run>/hitlDetails). */
+const waitingTask = async (pending: PendingApproval): Promise<{ taskId: string; mapIndex: number }> => {
+  if (pending.task_id) {
+    return { mapIndex: pending.map_index ?? -1, taskId: pending.task_id };
+  }
+  const url = appUrl(`api/v2/dags/${seg(pending.dag_id)}/dagRuns/${seg(pending.run_id)}/hitlDetails?response_received=false`);
+  const found = (await request<HitlDetails>(url)).hitl_details.find((d) => d.options.includes("Approve"));
+  if (!found) {
+    throw new HttpError(404, `no approval task waits for an answer in run ${pending.run_id} of ${pending.dag_id}`, url);
+  }
+  return { mapIndex: found.task_instance.map_index ?? -1, taskId: found.task_instance.task_id };
+};
+
+/** Answer the approval task of a pending candidate (PATCH .../taskInstances/<task>/<map_index>/hitlDetails)
+ * with `option` ("Approve" or "Reject"). */
+export const respondHitl = async (pending: PendingApproval, option: string): Promise<unknown> => {
+  const { taskId, mapIndex } = await waitingTask(pending);
+  return request(
+    appUrl(`api/v2/dags/${seg(pending.dag_id)}/dagRuns/${seg(pending.run_id)}/taskInstances/${seg(taskId)}/${mapIndex}/hitlDetails`),
     { method: "PATCH", body: JSON.stringify({ chosen_options: [option], params_input: {} }) },
   );
+};
 
 export const TERMINAL_RUN_STATES = new Set(["success", "failed"]);

@@ -172,12 +172,7 @@ const PendingApprovals = ({ detail, actions, showActions }: { detail: ModelDetai
               Candidate <b data-testid="pending-version">{p.version}</b> from run{" "}
               <RunLink dagId={p.dag_id} runId={p.run_id} testId="pending-run-link" /> waits for a human decision.
             </Text>
-            {showActions && !p.task_id ? (
-              <Text color="fg.muted" fontSize="xs">
-                (its approval task is not known: answer it in Airflow's Required actions)
-              </Text>
-            ) : undefined}
-            {showActions && p.task_id ? (
+            {showActions ? (
               <>
                 <Button
                   colorPalette="green"
