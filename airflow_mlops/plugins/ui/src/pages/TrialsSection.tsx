@@ -13,15 +13,16 @@ const keyId = (key: Key): string => (key.kind === "param" ? `param:${key.name}` 
 
 const valueOf = (trial: Trial, key: Key): unknown => (key.kind === "param" ? trial.params?.[key.name] : trial[key.kind]);
 
-const compare = (a: unknown, b: unknown): number => {
-  const missing = (v: unknown) => v === null || v === undefined;
+const missing = (v: unknown) => v === null || v === undefined || v === "";
+
+/** Order of two cell values: numbers by value, text naturally; `descending` reverses that order, but
+ * missing values (a failed trial's score) stay last either way. */
+const compare = (a: unknown, b: unknown, descending: boolean): number => {
   if (missing(a) || missing(b)) {
-    return missing(a) === missing(b) ? 0 : missing(a) ? 1 : -1; // missing values last
+    return missing(a) === missing(b) ? 0 : missing(a) ? 1 : -1;
   }
-  if (typeof a === "number" && typeof b === "number") {
-    return a - b;
-  }
-  return String(a).localeCompare(String(b), undefined, { numeric: true });
+  const order = typeof a === "number" && typeof b === "number" ? a - b : String(a).localeCompare(String(b), undefined, { numeric: true });
+  return descending ? -order : order;
 };
 
 const show = (value: unknown): string =>
@@ -42,8 +43,7 @@ export const TrialsSection = ({ model }: { model: string }) => {
     if (!sort) {
       return trials;
     }
-    const sorted = [...trials].sort((a, b) => compare(valueOf(a, sort.key), valueOf(b, sort.key)));
-    return sort.descending ? sorted.reverse() : sorted;
+    return [...trials].sort((a, b) => compare(valueOf(a, sort.key), valueOf(b, sort.key), sort.descending));
   }, [trials, sort]);
   const notFound = error instanceof HttpError && error.status === 404; // no tuning run recorded
   const scored = trials.map((t, i) => ({ i, t })).filter(({ t }) => typeof t.score === "number");
@@ -103,6 +103,13 @@ export const TrialsSection = ({ model }: { model: string }) => {
                         data-testid={`trials-header-${keyId(key)}`}
                         key={keyId(key)}
                         onClick={() => setSort({ descending: active ? !sort.descending : false, key })}
+                        onKeyDown={(event) => {
+                          if (event.key === "Enter" || event.key === " ") {
+                            event.preventDefault();
+                            setSort({ descending: active ? !sort.descending : false, key });
+                          }
+                        }}
+                        tabIndex={0}
                         title="Sort by this column"
                         userSelect="none"
                       >
