@@ -26,6 +26,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from airflow_mlops.artifacts import ArtifactStore, is_local
+from airflow_mlops.exceptions import MLOpsError
 from airflow_mlops.plugins.views import DagLister, ModelViews
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,12 @@ def create_app(dag_lister: DagLister | None = None) -> FastAPI:
     app = FastAPI(title="airflow-mlops", docs_url=None, redoc_url=None, openapi_url=None)
     lister = dag_lister or existing_dags
     user_dep = Depends(get_user)
+
+    @app.exception_handler(MLOpsError)
+    def _unavailable(_request: Any, err: MLOpsError) -> JSONResponse:
+        # the state database or the artifact store cannot be read: say which and what to do, not a bare 500
+        log.warning("MLOps UI API: %s", err)
+        return JSONResponse(status_code=503, content={"detail": err.problem, "fix": err.fix})
 
     def views() -> ModelViews:
         return ModelViews(dag_lister=lister)

@@ -23,6 +23,12 @@ log = logging.getLogger(__name__)
 
 #: the stages of a lifecycle's DAGs, ``<dag_prefix>_<stage>`` (airflow_mlops.lifecycle.factory)
 LIFECYCLE_STAGES = ("ingest", "features", "train", "monitor", "batch_scoring", "operate")
+#: stage and history action of a candidate awaiting a person's approval (ModelApprovalOperator)
+PENDING_APPROVAL = "pending_approval"
+#: the task of the lifecycle's train DAG that asks for that approval
+APPROVAL_TASK = "approval"
+#: history actions that end (or suspend) a retraining
+RETRAINING_ACTIONS = ("promote", "reject", PENDING_APPROVAL, "approve")
 #: folder of the tuning operator's outputs under its task's artifact folder
 TUNING_FOLDER = "tuning"
 
@@ -160,30 +166,19 @@ class ModelViews:
         return {"url": router["url"], "ready": ready, "version_answering": answering}
 
     def _last_retraining(self, index: dict[str, Any], dag_ids: dict[str, str]) -> dict[str, Any] | None:
-        decisions = [d for d in self._decisions(index) if d["action"] in ("promote", "reject")]
-        pending = [r for r in index.get("versions", {}).values() if r.get("stage") == "pending_approval"]
-        last = decisions[-1] if decisions else None
-        newest_pending = max(pending, key=lambda r: r.get("registered_at") or "", default=None)
-        if newest_pending and (
-            last is None or (newest_pending.get("registered_at") or "") > (last["at"] or "")
-        ):
-            return {
-                "dag_id": newest_pending.get("dag_id") or dag_ids.get("train"),
-                "run_id": newest_pending.get("dag_run_id"),
-                "at": newest_pending.get("registered_at"),
-                "decision": "pending",
-                "reason": "waits for a human approval",
-                "version": newest_pending.get("version"),
-            }
-        if last is None:
+        """The last gate decision of a train run (``pending`` while a candidate awaits approval)."""
+        decisions = [d for d in self._decisions(index) if d["action"] in RETRAINING_ACTIONS]
+        if not decisions:
             return None
+        last = decisions[-1]
         return {
             "dag_id": last["dag_id"] or dag_ids.get("train"),
             "run_id": last["run_id"],
             "at": last["at"],
-            "decision": last["action"],
+            "decision": "pending" if last["action"] == PENDING_APPROVAL else last["action"],
             "reason": last["reason"],
             "version": last["version"],
+            "user": last["user"],
         }
 
     @staticmethod
@@ -240,17 +235,31 @@ class ModelViews:
                     "tag": record.get("tag"),
                 }
             )
-        pending = [
-            {
-                "version": r.get("version"),
-                "dag_id": (r.get("approval") or {}).get("dag_id") or r.get("dag_id"),
-                "run_id": (r.get("approval") or {}).get("run_id") or r.get("dag_run_id"),
-                "task_id": (r.get("approval") or {}).get("task_id"),
-                "map_index": (r.get("approval") or {}).get("map_index", -1),
-            }
-            for r in index.get("versions", {}).values()
-            if r.get("stage") == "pending_approval"
-        ]
+        pending = []
+        for record in index.get("versions", {}).values():
+            if record.get("stage") != PENDING_APPROVAL:
+                continue
+            asked = next(
+                (
+                    h
+                    for h in reversed(index.get("history", []))
+                    if h.get("action") == PENDING_APPROVAL and h.get("version") == record.get("version")
+                ),
+                {},
+            )
+            pending.append(
+                {
+                    "version": record.get("version"),
+                    "dag_id": asked.get("dag_id") or record.get("dag_id"),
+                    "run_id": asked.get("dag_run_id") or record.get("dag_run_id"),
+                    # the lifecycle's train DAG asks in its task "approval" (Airflow HITL), unmapped
+                    "task_id": asked.get("approval_task_id") or APPROVAL_TASK,
+                    "map_index": asked.get("approval_map_index", -1),
+                    "at": asked.get("at"),
+                    "candidate_score": asked.get("candidate_score"),
+                    "production_score": asked.get("production_score"),
+                }
+            )
         return {
             "name": name,
             "metric": self._metric(index),
