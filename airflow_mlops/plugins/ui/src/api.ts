@@ -40,6 +40,7 @@ export interface Retraining {
   decision: string | null;
   reason: string | null;
   version?: string | null;
+  user?: string | null;
 }
 export interface ModelSummary {
   name: string;
@@ -80,6 +81,9 @@ export interface PendingApproval {
   run_id: string;
   task_id: string | null;
   map_index: number | null;
+  at?: Iso | null;
+  candidate_score?: number | null;
+  production_score?: number | null;
 }
 export interface ModelDetail {
   name: string;

@@ -106,6 +106,7 @@ const DECISION_COLORS: Record<string, string> = {
   rollback: "purple",
   reject: "red",
   pending: "orange",
+  pending_approval: "orange",
 };
 
 export const StageBadge = ({ stage, testId }: { stage: string | null | undefined; testId?: string }) => (

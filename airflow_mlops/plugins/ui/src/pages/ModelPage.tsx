@@ -170,7 +170,21 @@ const PendingApprovals = ({ detail, actions, showActions }: { detail: ModelDetai
           <HStack borderColor="orange.emphasized" borderWidth="1px" data-key={p.version} data-testid="pending-row" key={`${p.run_id}/${p.task_id}`} p={2} rounded="md">
             <Text>
               Candidate <b data-testid="pending-version">{p.version}</b> from run{" "}
-              <RunLink dagId={p.dag_id} runId={p.run_id} testId="pending-run-link" /> waits for a human decision.
+              <RunLink dagId={p.dag_id} runId={p.run_id} testId="pending-run-link" /> waits for a human decision
+              {typeof p.candidate_score === "number" ? (
+                <>
+                  {" "}
+                  (scored <Score testId="pending-candidate-score" value={p.candidate_score} />
+                  {typeof p.production_score === "number" ? (
+                    <>
+                      {" "}
+                      against production's <Score testId="pending-production-score" value={p.production_score} />
+                    </>
+                  ) : undefined}
+                  )
+                </>
+              ) : undefined}
+              .
             </Text>
             {showActions ? (
               <>

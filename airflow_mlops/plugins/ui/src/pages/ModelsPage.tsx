@@ -82,6 +82,11 @@ const Retraining = ({ last }: { last: ModelSummary["last_retraining"] }) =>
           run
         </RunLink>
       </Box>
+      {last.user ? (
+        <Text data-testid="model-retraining-user" data-value={last.user} fontSize="xs">
+          by {last.user}
+        </Text>
+      ) : undefined}
       {last.reason ? (
         <Text data-testid="model-retraining-reason" fontSize="xs" maxW="sm">
           {last.reason}
