@@ -296,7 +296,12 @@ export const ModelPage = ({ name }: { name: string }) => {
         </>
       ) : undefined}
       {/* These load in parallel with the model (their own endpoints) so a slow one does not hold the rest. */}
-      <TrialsSection model={name} />
+      <TrialsSection
+        model={name}
+        runs={(detail?.versions ?? [])
+          .filter((v, i, all) => v.dag_id && v.run_id && all.findIndex((w) => w.run_id === v.run_id) === i)
+          .map((v) => ({ dagId: v.dag_id as string, runId: v.run_id as string, version: v.version }))}
+      />
       <DriftSection model={name} />
       <ValidationSection model={name} />
     </Box>

@@ -1,11 +1,11 @@
 /* The tuning run's trials: a table sortable by clicking its headers, and the score of each trial. */
-import { Box, Heading, Link, Table, Text } from "@chakra-ui/react";
+import { Box, Heading, HStack, Link, NativeSelect, Table, Text } from "@chakra-ui/react";
 import { useMemo, useState } from "react";
 
 import { apiUrl, appUrl, HttpError, seg, type Trial, type Trials, useJson } from "../api";
 import { LineChart } from "../components/LineChart";
 import { Empty, ErrorBox, Loading } from "../components/status";
-import { RunLink, Score } from "../components/values";
+import { RunLink, Score, shortRun } from "../components/values";
 
 type Key = { kind: "trial_id" | "status" | "score" } | { kind: "param"; name: string };
 
@@ -28,8 +28,16 @@ const compare = (a: unknown, b: unknown, descending: boolean): number => {
 const show = (value: unknown): string =>
   value === null || value === undefined ? "—" : typeof value === "object" ? JSON.stringify(value) : String(value);
 
-export const TrialsSection = ({ model }: { model: string }) => {
-  const { data, error, loading } = useJson<Trials>(apiUrl(`models/${seg(model)}/trials`));
+/** The train runs that registered a version (newest first): the runs whose tuning can be shown. */
+export interface TrainRun {
+  dagId: string;
+  runId: string;
+  version: string;
+}
+
+export const TrialsSection = ({ model, runs = [] }: { model: string; runs?: TrainRun[] }) => {
+  const [chosen, setChosen] = useState<string>(""); // "" = the last tuning run
+  const { data, error, loading } = useJson<Trials>(apiUrl(`models/${seg(model)}/trials${chosen ? `?run_id=${seg(chosen)}` : ""}`));
   const [sort, setSort] = useState<{ key: Key; descending: boolean } | undefined>();
   const trials = data?.trials ?? [];
   const paramNames = useMemo(() => [...new Set(trials.flatMap((t) => Object.keys(t.params ?? {})))].sort(), [trials]);
@@ -56,12 +64,33 @@ export const TrialsSection = ({ model }: { model: string }) => {
 
   return (
     <Box as="section" data-testid="trials-section" mb={6}>
-      <Heading mb={2} size="md">
-        Tuning trials
-      </Heading>
+      <HStack justify="space-between" mb={2} wrap="wrap">
+        <Heading size="md">Tuning trials</Heading>
+        {runs.length > 1 ? (
+          <NativeSelect.Root maxW="md" size="sm">
+            <NativeSelect.Field
+              aria-label="Tuning run"
+              data-testid="trials-run-select"
+              onChange={(event) => {
+                setChosen(event.currentTarget.value);
+                setSort(undefined);
+              }}
+              value={chosen}
+            >
+              <option value="">the last tuning run</option>
+              {runs.map((run) => (
+                <option key={`${run.dagId}/${run.runId}`} value={run.runId}>
+                  {`${shortRun(run.runId)} (${run.version})`}
+                </option>
+              ))}
+            </NativeSelect.Field>
+            <NativeSelect.Indicator />
+          </NativeSelect.Root>
+        ) : undefined}
+      </HStack>
       {error && !notFound ? <ErrorBox error={error} testId="trials-error" /> : undefined}
       {loading && !data ? <Loading /> : undefined}
-      {notFound || (data && trials.length === 0) ? <Empty testId="trials-empty">No tuning run recorded for this model.</Empty> : undefined}
+      {notFound || (data && trials.length === 0) ? <Empty testId="trials-empty">{chosen ? "No tuning result in this run." : "No tuning run recorded for this model."}</Empty> : undefined}
       {data && trials.length > 0 ? (
         <>
           <Text color="fg.muted" fontSize="sm" mb={2}>
