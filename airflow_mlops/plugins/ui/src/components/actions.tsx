@@ -161,6 +161,7 @@ export const ActionStatus = ({ actions }: { actions: ReturnType<typeof useAction
               {run.state}
             </Text>
             {phase === "waiting" ? " (following it…)" : ""}
+            {phase === "waiting" && run.state === "queued" ? " Airflow starts it when the DAG is not paused and a slot is free." : ""}
             {phase === "done" && run.state === "failed" ? " — the run failed: its task log says why." : ""}
           </Alert.Description>
         ) : undefined}
