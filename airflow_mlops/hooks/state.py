@@ -35,6 +35,7 @@ are never written again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import threading
@@ -285,17 +286,7 @@ class MLOpsStateHook(BaseHook):
 
     # ------------------------------------------------------------------ documents
     def _table(self) -> Any:
-        from sqlalchemy import Column, Integer, MetaData, String, Table, Text
-
-        return Table(
-            TABLE,
-            MetaData(),
-            Column("namespace", String(64), primary_key=True),
-            Column("key", String(255), primary_key=True),
-            Column("body", Text),
-            Column("revision", Integer, nullable=False),
-            Column("updated_at", String(40)),
-        )
+        return _documents_table()
 
     def get(
         self, namespace: str, key: str, legacy: Callable[[], dict[str, Any] | None] | None = None
@@ -432,6 +423,24 @@ class MLOpsStateHook(BaseHook):
                 updated_at=_now().isoformat(),
             )
         )
+
+
+@functools.cache
+def _documents_table() -> Any:
+    """The table of documents, one object per process: SQLAlchemy caches the compiled statements per
+    table, so a new ``Table`` per call compiled every query again (tens of ms each on a loaded machine,
+    for every read of the UI's pages)."""
+    from sqlalchemy import Column, Integer, MetaData, String, Table, Text
+
+    return Table(
+        TABLE,
+        MetaData(),
+        Column("namespace", String(64), primary_key=True),
+        Column("key", String(255), primary_key=True),
+        Column("body", Text),
+        Column("revision", Integer, nullable=False),
+        Column("updated_at", String(40)),
+    )
 
 
 def read_legacy_json(path: Any) -> Callable[[], dict[str, Any] | None]:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from airflow_mlops.artifacts import ArtifactStore, safe_segment
-from airflow_mlops.hooks.bentoml import BentoMLHook
+from airflow_mlops.hooks.bentoml import BentoMLHook, ModelRegistryError
 from airflow_mlops.hooks.history import DRIFT_CHECKS, drift_checks, task_record, validations
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,14 @@ class ModelViews:
         return self.hook.model_names()
 
     def index(self, name: str) -> dict[str, Any] | None:
-        if name not in self.model_names():
+        """The registry index of ``name``; None when the registry has no such model."""
+        try:
+            index = self.hook.read_index(name)
+        except ModelRegistryError:  # not a model name at all
             return None
-        return self.hook.read_index(name)
+        if not index.get("versions") and name not in self.model_names():
+            return None
+        return index
 
     def dag_ids(
         self, name: str, index: dict[str, Any], checks: list[dict[str, Any]] | None = None
