@@ -9,6 +9,7 @@
  */
 import { useLocation } from "react-router-dom";
 
+import { apiUrl, prefetch, seg } from "./api";
 import { ModelPage } from "./pages/ModelPage";
 import { ModelsPage } from "./pages/ModelsPage";
 import { RunTab } from "./pages/RunTab";
@@ -49,6 +50,31 @@ const AirflowMLOpsPlugin = (props: PluginProps) => {
   }
   return <ModelsApp />;
 };
+
+/** The Models pages' data, requested as soon as the bundle runs (Airflow's UI renders the component a
+ * little later): the list, or a model's four parts. */
+const prefetchModelsPage = () => {
+  const base = new URL(document.baseURI).pathname;
+  const path = window.location.pathname.startsWith(base) ? window.location.pathname.slice(base.length) : "";
+  const match = new RegExp(`^plugin/${MODELS_ROUTE}(?:/([^/]+))?/?$`).exec(path);
+  if (!match) {
+    return;
+  }
+  if (!match[1]) {
+    prefetch(apiUrl("models"));
+    return;
+  }
+  const model = seg(decodeURIComponent(match[1]));
+  for (const part of ["", "/trials", "/drift", "/validation"]) {
+    prefetch(apiUrl(`models/${model}${part}`));
+  }
+};
+
+try {
+  prefetchModelsPage();
+} catch {
+  // only an optimisation: the page fetches what it needs anyway
+}
 
 const registry = globalThis as unknown as Record<string, unknown>;
 registry[APP_NAMES.models] = ModelsApp;
