@@ -560,11 +560,13 @@ window to the `train_days` before that; otherwise the params' days are used.
 
 def approval_doc(spec: LifecycleSpec) -> str:
     """The train DAG's documentation of ``promotion.approval`` (empty when automatic)."""
+    from airflow_mlops.operators.registry import TIMEOUT_ANSWERS
+
     promotion = spec.promotion
     if promotion.approval != "manual":
         return ""
     timeout = (
-        f"without an answer within {promotion.approval_timeout_hours:g} h it is {promotion.on_timeout}ed"
+        f"without an answer within {promotion.approval_timeout_hours:g} h it is {TIMEOUT_ANSWERS[promotion.on_timeout]}"
         if promotion.approval_timeout_hours
         else "it waits until someone answers"
     )

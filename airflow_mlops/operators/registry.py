@@ -48,6 +48,8 @@ DEFAULT_FLOOR: dict[str, float] = {"auc": 0.5}
 APPROVALS = ("automatic", "manual")
 #: the stage (and history action) of a candidate that passed the gate and awaits a person's approval
 PENDING_APPROVAL = "pending_approval"
+#: what ``ModelApprovalOperator(on_timeout=...)`` does to a candidate nobody answered for, as the docs say it
+TIMEOUT_ANSWERS = {"reject": "rejected", "approve": "approved"}
 #: the history actions that put a version in production (a rollback goes back to their previous_production)
 PROMOTING_ACTIONS = ("promote", "approve")
 
@@ -752,7 +754,7 @@ class ModelApprovalOperator(ApprovalOperator):
         bentoml_conn_id: str | None = None,
         **kwargs: Any,
     ) -> None:
-        if on_timeout not in ("reject", "approve"):
+        if on_timeout not in TIMEOUT_ANSWERS:
             raise MLOpsArgumentError(
                 f"on_timeout must be 'reject' or 'approve', got {on_timeout!r}.",
                 fix="leave it out to reject a candidate nobody answered for.",
@@ -811,7 +813,9 @@ class ModelApprovalOperator(ApprovalOperator):
             "deploys nothing.",
         ]
         if self.response_timeout:
-            lines.append(f"Without an answer within {self.response_timeout}, it is {self.on_timeout}ed.")
+            lines.append(
+                f"Without an answer within {self.response_timeout}, it is {TIMEOUT_ANSWERS[self.on_timeout]}."
+            )
         lines.append(f"\n[Model page]({model_page_url(self.model_name)})")
         return "\n".join(lines)
 
@@ -835,7 +839,9 @@ class ModelApprovalOperator(ApprovalOperator):
         version = str(promotion["version"])
         who = f"by {user}" if user else "by nobody"
         if timed_out:
-            reason = f"no answer within {self.response_timeout}: {self.on_timeout}ed by default"
+            reason = (
+                f"no answer within {self.response_timeout}: {TIMEOUT_ANSWERS[self.on_timeout]} by default"
+            )
         else:
             reason = ("approved " if approve else "rejected ") + who
         with self.hook.locked(self.model_name) as index:

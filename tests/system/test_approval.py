@@ -37,8 +37,8 @@ USER = "alice"
 
 
 def _write_models(state: Path) -> dict[str, str]:
-    """Three binary delay models trained on a sample of January-March 2013 (10, 60 and 150 boosting
-    rounds: each better on April than the one before), their training manifest and an April holdout."""
+    """Four binary delay models trained on a sample of January-March 2013 (10, 60, 150 and 30 boosting
+    rounds; the first is the weakest on April), their training manifest and an April holdout."""
     import json
 
     sys.path.insert(0, str(ROOT / "tests" / "integration"))  # the serving tests' model writer
@@ -67,7 +67,7 @@ def _write_models(state: Path) -> dict[str, str]:
             )
         )
         paths[name] = f"file://{manifest}"
-    for name, rounds in (("weak", 10), ("good", 60), ("best", 150)):
+    for name, rounds in (("weak", 10), ("good", 60), ("best", 150), ("fair", 30)):
         paths[name] = str(write_model(state / "models" / name, train, max_iter=rounds))
     return paths
 
@@ -90,30 +90,30 @@ class Airflow(AirflowComponents):
     paths: dict[str, str]
     alice: AirflowClient
 
-    def train(self, run_id: str, model: str) -> None:
+    def train(self, run_id: str, model: str, dag_id: str = "approval_train") -> None:
         conf = {
             "model_uri": self.paths[model],
             "train_manifest": self.paths["train"],
             "holdout": self.paths["holdout"],
         }
-        self.alice.trigger("approval_train", run_id=run_id, conf=conf)
+        self.alice.trigger(dag_id, run_id=run_id, conf=conf)
 
     def state(self, dag_id: str, run_id: str, task_id: str) -> str | None:
         return self.task_states(dag_id, run_id).get(task_id)
 
-    def awaiting(self, run_id: str) -> dict:
+    def awaiting(self, run_id: str, dag_id: str = "approval_train") -> dict:
         """The approval task once it waits for an answer, with its human-in-the-loop request."""
 
         def parked() -> bool:
-            state = self.state("approval_train", run_id, "approval")
+            state = self.state(dag_id, run_id, "approval")
             if state in ("failed", "upstream_failed", "skipped", "success"):
                 pytest.fail(
-                    f"approval ended {state} before any answer\n{self.client.failure_report('approval_train', run_id)}"
+                    f"approval ended {state} before any answer\n{self.client.failure_report(dag_id, run_id)}"
                 )
             return state == "awaiting_input"
 
         self.wait(f"{run_id}: the approval task to wait for an answer", parked, 300, self.log_tails)
-        return self.alice.get(f"/dags/approval_train/dagRuns/{run_id}/taskInstances/approval/-1/hitlDetails")
+        return self.alice.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/approval/-1/hitlDetails")
 
     def answer(self, run_id: str, option: str) -> dict:
         return self.alice.request(
@@ -142,7 +142,7 @@ def airflow(airflow_pg_db, tmp_path_factory) -> Iterator[Airflow]:
         airflow_components(
             airflow_pg_db,
             tmp_path_factory.mktemp("approval-airflow-logs"),
-            ("approval_train", "approval_operate"),
+            ("approval_train", "approval_train_timeout", "approval_operate"),
             dags_folder=HERE / "approval_dags",
             AIRFLOW__MLOPS__STATE_DIR=str(state),
             AIRFLOW__MLOPS__ARTIFACT_ROOT=f"file://{state}/artifacts",
@@ -227,3 +227,25 @@ def test_approve_then_reject_then_roll_back_each_named_after_the_user(airflow: A
     decision = index["history"][-1]
     assert (decision["action"], decision["version"], decision["user"]) == ("rollback", version, USER)
     assert (decision["dag_id"], decision["dag_run_id"]) == ("approval_operate", "rollback-1")
+
+
+def test_no_answer_within_the_timeout_rejects_the_candidate_and_says_so(airflow: Airflow) -> None:
+    before = airflow.index()["production"]
+    airflow.train("unanswered", "fair", dag_id="approval_train_timeout")
+    detail = airflow.awaiting("unanswered", dag_id="approval_train_timeout")
+    assert detail["defaults"] == ["Reject"]  # shown in Required actions: what happens without an answer
+    version = airflow.xcom("approval_train_timeout", "unanswered", "register")["version"]
+    # Airflow's scheduler answers with the default once the 20 s have passed (it checks every 15 s)
+    run = airflow.finished_run("approval_train_timeout", "unanswered", timeout=240)
+    assert run["state"] == "success", airflow.client.failure_report("approval_train_timeout", "unanswered")
+    assert airflow.state("approval_train_timeout", "unanswered", "deploy") == "skipped"
+    index = airflow.index()
+    assert index["production"] == before and index["versions"][version]["stage"] == "rejected"
+    decision = index["history"][-1]
+    assert (decision["action"], decision["version"], decision["user"], decision["timed_out"]) == (
+        "reject",
+        version,
+        None,
+        True,
+    )
+    assert decision["reason"] == "no answer within 0:00:20: rejected by default"

@@ -48,6 +48,10 @@ def test_manual_approval_without_timeout_waits_for_an_answer(tmp_path):
     path = write_spec(tmp_path, lambda c: _manual(c, on_timeout="approve"))
     approval = lifecycle_dags(path)["flights_train"].task_dict["approval"]
     assert approval.response_timeout is None and approval.defaults is None
+    path = write_spec(tmp_path, lambda c: _manual(c, approval_timeout_hours=2, on_timeout="approve"))
+    train = lifecycle_dags(path)["flights_train"]
+    assert train.task_dict["approval"].defaults == ["Approve"]
+    assert "without an answer within 2 h it is approved" in train.doc_md
 
 
 def test_a_timeout_without_manual_approval_is_a_spec_error(tmp_path):
