@@ -146,6 +146,9 @@ def airflow(airflow_pg_db, tmp_path_factory) -> Iterator[Airflow]:
             dags_folder=HERE / "approval_dags",
             AIRFLOW__MLOPS__STATE_DIR=str(state),
             AIRFLOW__MLOPS__ARTIFACT_ROOT=f"file://{state}/artifacts",
+            # on a loaded machine a task's first Execution API call (marking it running) took 44 s: with
+            # Airflow's 5 s timeout the task retried it, got 400 (already running) and died before its work
+            AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT="90",
         ) as components,
     ):
         mp.setenv("AIRFLOW__MLOPS__STATE_DIR", str(state))  # the test reads the registry the tasks write
