@@ -731,8 +731,9 @@ class ModelApprovalOperator(ApprovalOperator):
     - no answer within ``response_timeout``: ``on_timeout``'s answer is taken and recorded with
       ``user`` None and ``timed_out`` True.
 
-    When the gate refused the candidate (or it was already production) nothing waits: the task returns
-    at once and the run goes on as with automatic promotion.
+    While it waits, the version's registry record carries ``approval_request`` (``dag_id``, ``run_id``,
+    ``task_id``, ``map_index``: where to answer). When the gate refused the candidate (or it was already
+    production) nothing waits: the task returns at once and the run goes on as with automatic promotion.
 
     :param model_name: registry name (templated).
     :param promotion: the promote task's result (``promote.output``; templated).
@@ -793,6 +794,17 @@ class ModelApprovalOperator(ApprovalOperator):
             return {"approved": None, "version": version, "reason": "nothing awaits approval"}
         self.subject = f"Put {self.model_name} {version} in production?"
         self.body = self._body(promotion)
+        ti = context["ti"]
+        with self.hook.locked(self.model_name) as index:
+            record = self.hook.version_record(index, str(version))
+            if record.get("stage") == PENDING_APPROVAL:
+                # where the question waits: the model page answers it through Airflow's REST API
+                record["approval_request"] = {
+                    "dag_id": ti.dag_id,
+                    "run_id": context["run_id"],
+                    "task_id": ti.task_id,
+                    "map_index": getattr(ti, "map_index", -1),
+                }
         self.log.info("Candidate %s %s awaits approval: %s", self.model_name, version, self.subject)
         return super().execute(context)
 
@@ -853,6 +865,7 @@ class ModelApprovalOperator(ApprovalOperator):
                     fix="look at the model's history; promote or roll back with the operate DAG.",
                 )
             current = self.hook.production_version(self.model_name, index)
+            record.pop("approval_request", None)
             if approve:
                 self.hook.model_dir(self.model_name, version, record)  # refuse a tampered version first
                 self.hook.put_in_production(index, version)

@@ -184,6 +184,15 @@ def test_a_pending_candidate_is_asked_about_with_its_scores(
     assert asked["options"] == ["Approve", "Reject"] and asked["subject"] == f"Put {model} v3 in production?"
     assert "0.751" in asked["body"] and "0.721" in asked["body"] and model_page_url(model) in asked["body"]
     assert "rejected" in asked["body"]  # what the timeout does
+    # the registry says where the question waits (the model page answers it there)
+    assert _index(model)["versions"]["v3"]["approval_request"] == {
+        "dag_id": "m_train",
+        "run_id": "run-1",
+        "task_id": "approval",
+        "map_index": -1,
+    }
+    _approval(model).execute_complete(_context("m_train", "approval"), _answer("Approve", "alice"))
+    assert "approval_request" not in _index(model)["versions"]["v3"]
 
 
 def test_an_answer_for_a_version_no_longer_pending_changes_nothing(model: str) -> None:
