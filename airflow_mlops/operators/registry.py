@@ -506,14 +506,11 @@ class PromoteModelOperator(_RegistryOperator):
 
 
 def model_page_url(model_name: str) -> str:
-    """The model's page in Airflow's UI (the plugin's ``mlops-models`` page): ``<[api] base_url>/plugin/
-    mlops-models/<model>``, a path from ``/`` when ``base_url`` is not set."""
-    from urllib.parse import quote
+    """The model's page in Airflow's UI (the plugin's ``mlops-models`` page), under ``[api] base_url``:
+    the plugin's :func:`~airflow_mlops.plugins.mlops_plugin.model_page_url`."""
+    from airflow_mlops.plugins.mlops_plugin import model_page_url as page
 
-    from airflow.configuration import conf
-
-    base = (conf.get("api", "base_url", fallback="") or "").rstrip("/")
-    return f"{base}/plugin/mlops-models/{quote(model_name, safe='')}"
+    return page(model_name)
 
 
 def previous_production(index: dict[str, Any], current: str | None) -> str | None:
