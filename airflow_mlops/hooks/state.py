@@ -343,6 +343,22 @@ class MLOpsStateHook(BaseHook):
             )
             return [row.key for row in rows]
 
+    def documents(self, namespace: str, prefix: str = "") -> dict[str, dict[str, Any]]:
+        """Every document of ``namespace`` whose key starts with ``prefix``, by key, in one query (the UI
+        reads a year of drift checks at once)."""
+        from sqlalchemy import select
+
+        table = self._table()
+        query = select(table.c.key, table.c.body).where(
+            table.c.namespace == namespace, table.c.body.is_not(None)
+        )
+        if prefix:
+            escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            query = query.where(table.c.key.like(f"{escaped}%", escape="\\"))
+        with self._reached() as conn:
+            rows = conn.execute(query.order_by(table.c.key)).all()
+        return {row.key: json.loads(row.body) for row in rows}
+
     def delete(self, namespace: str, key: str) -> None:
         """Remove the document ``namespace/key`` (nothing when there is none)."""
         table = self._table()

@@ -549,6 +549,9 @@ class EvidentlyDriftOperator(BaseOperator):
         )
         summary_artifact = self.store.write_json(self.store.for_task(context, "drift_summary.json"), result)
         result["summary_uri"] = summary_artifact.uri
+        from airflow_mlops.hooks.history import record_drift_check
+
+        record_drift_check(result, context)  # the UI's drift history (docs/ui.md)
 
         from airflow_mlops.plugins.mlops_plugin import artifact_url
 
