@@ -14,7 +14,7 @@ export AIRFLOW__CORE__EXECUTOR := LocalExecutor
 export AIRFLOW__MLOPS__STATE_DIR := $(STATE)
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install system-packages demo test test-unit lint bench ui prepare down clean-state help
+.PHONY: install ui-bundle system-packages demo test test-unit lint bench ui prepare down clean-state help
 
 help:
 	@echo "make demo   - set up everything and run the demo on the embedded default"
@@ -22,6 +22,7 @@ help:
 	@echo "make test-unit - the unit tests only (a few minutes; the fast loop)"
 	@echo "make ui     - Airflow UI (airflow standalone) on the demo's state"
 	@echo "make down   - stop the demo's PostgreSQL (make demo / make ui start it)"
+	@echo "make ui-bundle - build the React pages (airflow_mlops/plugins/ui/dist/main.js) with npm"
 	@echo "make lint | make bench | make install | make clean-state"
 
 # Installed when the lock or the project metadata changes; uv installs exactly what the lock says.
@@ -32,7 +33,24 @@ $(BIN)/.installed: requirements.lock pyproject.toml
 	$(BIN)/uv pip install --python $(BIN)/python --no-deps -e .
 	touch $@
 
-install: $(BIN)/.installed
+# The pages inside Airflow's UI: a React bundle (airflow_mlops/plugins/ui/dist/main.js, not committed) built
+# with npm from its lock (npm ci, when the lock changed) and Vite (when a source changed). Needs Node >= 20.19.
+UI_DIR := airflow_mlops/plugins/ui
+UI_BUNDLE := $(UI_DIR)/dist/main.js
+UI_SOURCES := $(UI_DIR)/package.json $(UI_DIR)/vite.config.ts $(UI_DIR)/tsconfig.json $(wildcard $(UI_DIR)/src/*.ts* $(UI_DIR)/src/*/*.ts*)
+
+$(UI_DIR)/node_modules/.installed: $(UI_DIR)/package-lock.json
+	@node -e 'const [a,b]=process.versions.node.split(".").map(Number); process.exit(a>20||(a==20&&b>=19)?0:1)' \
+	  || (echo "the UI bundle needs Node.js >= 20.19 and npm (found: $$(node --version 2>&1))" >&2; exit 1)
+	cd $(UI_DIR) && npm ci --no-audit --no-fund
+	touch $@
+
+$(UI_BUNDLE): $(UI_DIR)/node_modules/.installed $(UI_SOURCES)
+	cd $(UI_DIR) && npm run build
+
+ui-bundle: $(UI_BUNDLE)
+
+install: $(BIN)/.installed $(UI_BUNDLE)
 
 prepare: $(BIN)/.installed
 	$(BIN)/python -m airflow_mlops.demo prepare --cadence weekly
@@ -58,11 +76,12 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check airflow_mlops dags tests benchmarks
 	$(BIN)/lint-imports
+	cd $(UI_DIR) && npm run typecheck
 
 bench: install
 	$(BIN)/python benchmarks/bench_dag_parse.py
 
-ui: prepare system-packages
+ui: prepare system-packages $(UI_BUNDLE)
 	@echo "Airflow UI: http://localhost:8080  (user 'admin'; password in $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated)"
 	$(BIN)/python -m airflow_mlops.demo ui
 

@@ -1,0 +1,252 @@
+/*
+ * Data access: the plugin's JSON API (mlops/api/...) and Airflow's public REST API (api/v2/...).
+ *
+ * Every URL is built from document.baseURI, never from a leading "/", so the pages work under any
+ * [api] base_url. Requests carry the session cookie Airflow's UI logged in with (same origin).
+ */
+import { useCallback, useEffect, useState } from "react";
+
+export type Iso = string;
+
+export interface Production {
+  version: string;
+  score: number | null;
+}
+export interface Serving {
+  url: string | null;
+  ready: boolean;
+  version_answering: string | null;
+}
+export interface DriftCheck {
+  at: Iso;
+  data_interval_start: Iso | null;
+  drifted: boolean;
+  drift_share: number | null;
+  quality: number | null;
+}
+export interface Retraining {
+  dag_id: string;
+  run_id: string;
+  at: Iso | null;
+  decision: string | null;
+  reason: string | null;
+}
+export interface ModelSummary {
+  name: string;
+  metric: string;
+  dag_ids: Record<string, string>;
+  production: Production | null;
+  serving: Serving | null;
+  last_drift_check: DriftCheck | null;
+  last_retraining: Retraining | null;
+  can_edit: boolean;
+}
+export interface Version {
+  version: string;
+  stage: string;
+  metrics: Record<string, unknown>;
+  training_window: { start: Iso | null; end: Iso | null } | null;
+  dag_id: string | null;
+  run_id: string | null;
+  registered_at: Iso | null;
+}
+export interface Decision {
+  at: Iso | null;
+  action: string;
+  version: string | null;
+  candidate_score: number | null;
+  production_score: number | null;
+  reason: string | null;
+  user: string | null;
+  dag_id: string | null;
+  run_id: string | null;
+}
+export interface PendingApproval {
+  version: string;
+  dag_id: string;
+  run_id: string;
+  task_id: string;
+  map_index: number | null;
+}
+export interface ModelDetail {
+  name: string;
+  metric: string;
+  dag_ids: Record<string, string>;
+  can_edit: boolean;
+  production_version: string | null;
+  versions: Version[];
+  decisions: Decision[];
+  pending_approvals: PendingApproval[];
+}
+export interface Trial {
+  trial_id: string;
+  params: Record<string, unknown>;
+  score: number | null;
+  status: string | null;
+}
+export interface Trials {
+  dag_id: string | null;
+  run_id: string | null;
+  metric: string | null;
+  mode: string | null;
+  trials: Trial[];
+  plot_url: string | null;
+}
+export interface DriftPoint {
+  at: Iso;
+  data_interval_start: Iso | null;
+  score: number | null;
+  drifted: boolean;
+  run_id: string | null;
+  report_url: string | null;
+}
+export interface DriftColumn {
+  column: string;
+  threshold: number | null;
+  points: DriftPoint[];
+}
+export interface QualityPoint {
+  at: Iso;
+  data_interval_start: Iso | null;
+  metric: string | null;
+  value: number | null;
+  threshold: number | null;
+}
+export interface Drift {
+  threshold_share: number | null;
+  columns: DriftColumn[];
+  quality: QualityPoint[];
+}
+export interface FailedExpectation {
+  expectation: string;
+  column: string | null;
+  details: unknown;
+}
+export interface Batch {
+  batch: string;
+  dag_id: string | null;
+  run_id: string | null;
+  passed: boolean;
+  failed_expectations: FailedExpectation[];
+  quarantined_uri: string | null;
+  report_url: string | null;
+}
+export interface RunInfo {
+  model: string | null;
+  version: string | null;
+  decision: Decision | null;
+  pending_approval: PendingApproval | null;
+}
+export interface TaskInfo {
+  kind: "drift" | "validation" | null;
+  summary: Record<string, unknown> | null;
+  report_url: string | null;
+}
+
+/** An absolute URL for a path relative to Airflow's base URL (document.baseURI). */
+export const appUrl = (path: string): string => new URL(path, document.baseURI).href;
+
+/** A path segment, escaped. */
+export const seg = (value: string): string => encodeURIComponent(value);
+
+/** The plugin API's URL for `path` (relative to mlops/api/). */
+export const apiUrl = (path: string): string => appUrl(`mlops/api/${path}`);
+
+/** A failed HTTP request: the status and what the server said. */
+export class HttpError extends Error {
+  constructor(
+    public readonly status: number,
+    public readonly detail: string,
+    public readonly url: string,
+  ) {
+    super(`${status}: ${detail}`);
+  }
+}
+
+const detailOf = async (response: Response): Promise<string> => {
+  const text = await response.text();
+  try {
+    const body = JSON.parse(text) as { detail?: unknown };
+    if (body.detail !== undefined) {
+      return typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+    }
+  } catch {
+    // not JSON: keep the text
+  }
+  return text.slice(0, 500) || response.statusText;
+};
+
+/** A JSON request with the session cookie; throws HttpError on a non-2xx answer. */
+export const request = async <T>(url: string, init: RequestInit = {}): Promise<T> => {
+  const response = await fetch(url, {
+    credentials: "same-origin",
+    ...init,
+    headers: { Accept: "application/json", ...(init.body ? { "Content-Type": "application/json" } : {}), ...init.headers },
+  });
+  if (!response.ok) {
+    throw new HttpError(response.status, await detailOf(response), url);
+  }
+  return (await response.json()) as T;
+};
+
+export interface Loaded<T> {
+  data: T | undefined;
+  error: HttpError | Error | undefined;
+  loading: boolean;
+  reload: () => void;
+}
+
+/** GET `url` (null: nothing to load) and re-render with its JSON; `reload` fetches again. */
+export const useJson = <T>(url: string | null): Loaded<T> => {
+  const [state, setState] = useState<{ data?: T; error?: Error; loading: boolean }>({ loading: url !== null });
+  const [generation, setGeneration] = useState(0);
+  useEffect(() => {
+    if (url === null) {
+      setState({ loading: false });
+      return;
+    }
+    let live = true;
+    setState((previous) => ({ ...previous, loading: true }));
+    request<T>(url).then(
+      (data) => live && setState({ data, loading: false }),
+      (error: Error) => live && setState({ error, loading: false }),
+    );
+    return () => {
+      live = false;
+    };
+  }, [url, generation]);
+  const reload = useCallback(() => setGeneration((g) => g + 1), []);
+  return { data: state.data, error: state.error, loading: state.loading, reload };
+};
+
+// ---- Airflow's public REST API (the actions) ----
+
+export interface DagRun {
+  dag_id: string;
+  dag_run_id: string;
+  state: string;
+}
+
+/** Trigger a run of `dagId` with `conf` (POST api/v2/dags/<dag>/dagRuns). Airflow answers 403 to users
+ * its auth manager does not let edit (trigger) that DAG. */
+export const triggerDag = (dagId: string, conf: Record<string, unknown>): Promise<DagRun> =>
+  request<DagRun>(appUrl(`api/v2/dags/${seg(dagId)}/dagRuns`), {
+    method: "POST",
+    body: JSON.stringify({ logical_date: null, conf }),
+  });
+
+/** A DAG run's current state. */
+export const getDagRun = (dagId: string, runId: string): Promise<DagRun> =>
+  request<DagRun>(appUrl(`api/v2/dags/${seg(dagId)}/dagRuns/${seg(runId)}`));
+
+/** Answer a human-in-the-loop task (PATCH .../taskInstances/<task>/<map_index>/hitlDetails). */
+export const respondHitl = (pending: PendingApproval, option: string): Promise<unknown> =>
+  request(
+    appUrl(
+      `api/v2/dags/${seg(pending.dag_id)}/dagRuns/${seg(pending.run_id)}/taskInstances/` +
+        `${seg(pending.task_id)}/${pending.map_index ?? -1}/hitlDetails`,
+    ),
+    { method: "PATCH", body: JSON.stringify({ chosen_options: [option], params_input: {} }) },
+  );
+
+export const TERMINAL_RUN_STATES = new Set(["success", "failed"]);

@@ -1,0 +1,137 @@
+/* The tuning run's trials: a table sortable by clicking its headers, and the score of each trial. */
+import { Box, Heading, Link, Table, Text } from "@chakra-ui/react";
+import { useMemo, useState } from "react";
+
+import { apiUrl, appUrl, seg, type Trial, type Trials, useJson } from "../api";
+import { LineChart } from "../components/LineChart";
+import { Empty, ErrorBox, Loading } from "../components/status";
+import { RunLink, Score } from "../components/values";
+
+type Key = { kind: "trial_id" | "status" | "score" } | { kind: "param"; name: string };
+
+const keyId = (key: Key): string => (key.kind === "param" ? `param:${key.name}` : key.kind);
+
+const valueOf = (trial: Trial, key: Key): unknown => (key.kind === "param" ? trial.params?.[key.name] : trial[key.kind]);
+
+const compare = (a: unknown, b: unknown): number => {
+  const missing = (v: unknown) => v === null || v === undefined;
+  if (missing(a) || missing(b)) {
+    return missing(a) === missing(b) ? 0 : missing(a) ? 1 : -1; // missing values last
+  }
+  if (typeof a === "number" && typeof b === "number") {
+    return a - b;
+  }
+  return String(a).localeCompare(String(b), undefined, { numeric: true });
+};
+
+const show = (value: unknown): string =>
+  value === null || value === undefined ? "—" : typeof value === "object" ? JSON.stringify(value) : String(value);
+
+export const TrialsSection = ({ model }: { model: string }) => {
+  const { data, error, loading } = useJson<Trials>(apiUrl(`models/${seg(model)}/trials`));
+  const [sort, setSort] = useState<{ key: Key; descending: boolean } | undefined>();
+  const trials = data?.trials ?? [];
+  const paramNames = useMemo(() => [...new Set(trials.flatMap((t) => Object.keys(t.params ?? {})))].sort(), [trials]);
+  const columns: { key: Key; title: string }[] = [
+    { key: { kind: "trial_id" }, title: "Trial" },
+    { key: { kind: "status" }, title: "Status" },
+    { key: { kind: "score" }, title: data?.metric ? `Score (${data.metric})` : "Score" },
+    ...paramNames.map((name) => ({ key: { kind: "param", name } as Key, title: name })),
+  ];
+  const rows = useMemo(() => {
+    if (!sort) {
+      return trials;
+    }
+    const sorted = [...trials].sort((a, b) => compare(valueOf(a, sort.key), valueOf(b, sort.key)));
+    return sort.descending ? sorted.reverse() : sorted;
+  }, [trials, sort]);
+  const scored = trials.map((t, i) => ({ i, t })).filter(({ t }) => typeof t.score === "number");
+  const best = scored.length
+    ? scored.reduce((a, b) => ((data?.mode === "min" ? (b.t.score as number) < (a.t.score as number) : (b.t.score as number) > (a.t.score as number)) ? b : a))
+    : undefined;
+
+  return (
+    <Box as="section" data-testid="trials-section" mb={6}>
+      <Heading mb={2} size="md">
+        Tuning trials
+      </Heading>
+      {error ? <ErrorBox error={error} testId="trials-error" /> : undefined}
+      {loading && !data ? <Loading /> : undefined}
+      {data && trials.length === 0 ? <Empty testId="trials-empty">No tuning run recorded for this model.</Empty> : undefined}
+      {data && trials.length > 0 ? (
+        <>
+          <Text color="fg.muted" fontSize="sm" mb={2}>
+            Run <RunLink dagId={data.dag_id} runId={data.run_id} testId="trials-run-link" />, {trials.length} trials,{" "}
+            {data.mode === "min" ? "lower" : "higher"} is better
+            {best ? (
+              <>
+                ; best <span data-testid="trials-best" data-value={best.t.trial_id}>{best.t.trial_id}</span> (
+                <Score value={best.t.score} />)
+              </>
+            ) : undefined}
+            {data.plot_url ? (
+              <>
+                {" · "}
+                <Link color="fg.info" data-testid="trials-plot-link" href={appUrl(data.plot_url)} rel="noopener noreferrer" target="_blank">
+                  tuning plot
+                </Link>
+              </>
+            ) : undefined}
+          </Text>
+          <LineChart
+            ariaLabel="score per trial"
+            lines={false}
+            points={scored.map(({ i, t }) => ({ flagged: t === best?.t, label: `${t.trial_id}: ${t.score}`, x: i + 1, y: t.score as number }))}
+            testId="trials-plot"
+            width={480}
+            xLabel={(x) => `trial ${x}`}
+          />
+          <Table.ScrollArea borderWidth="1px" maxH="420px" mt={2} rounded="md">
+            <Table.Root data-testid="trials-table" size="sm" stickyHeader striped>
+              <Table.Header>
+                <Table.Row>
+                  {columns.map(({ key, title }) => {
+                    const active = sort && keyId(sort.key) === keyId(key);
+                    return (
+                      <Table.ColumnHeader
+                        aria-sort={active ? (sort.descending ? "descending" : "ascending") : "none"}
+                        cursor="pointer"
+                        data-testid={`trials-header-${keyId(key)}`}
+                        key={keyId(key)}
+                        onClick={() => setSort({ descending: active ? !sort.descending : false, key })}
+                        title="Sort by this column"
+                        userSelect="none"
+                      >
+                        {title} {active ? (sort.descending ? "▼" : "▲") : ""}
+                      </Table.ColumnHeader>
+                    );
+                  })}
+                </Table.Row>
+              </Table.Header>
+              <Table.Body>
+                {rows.map((trial) => (
+                  <Table.Row data-key={trial.trial_id} data-testid="trials-row" key={trial.trial_id}>
+                    <Table.Cell data-testid="trial-id">{trial.trial_id}</Table.Cell>
+                    <Table.Cell data-testid="trial-status">{trial.status ?? "—"}</Table.Cell>
+                    <Table.Cell>
+                      <Score testId="trial-score" value={trial.score} />
+                    </Table.Cell>
+                    {paramNames.map((name) => (
+                      <Table.Cell data-param={name} data-testid="trial-param" data-value={show(trial.params?.[name])} key={name}>
+                        {typeof trial.params?.[name] === "number" && !Number.isInteger(trial.params[name]) ? (
+                          <Score value={trial.params[name]} />
+                        ) : (
+                          show(trial.params?.[name])
+                        )}
+                      </Table.Cell>
+                    ))}
+                  </Table.Row>
+                ))}
+              </Table.Body>
+            </Table.Root>
+          </Table.ScrollArea>
+        </>
+      ) : undefined}
+    </Box>
+  );
+};
