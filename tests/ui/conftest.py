@@ -49,22 +49,22 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 USERS = {"admin": "admin", "viewer": "viewer"}  # user -> role of Airflow's simple auth manager
-#: the first training sees two weeks, the second (tests/ui/test_operate.py) the spec's 25 days: a better model
-#: (the validation set, the last 20 % of the training days, must hold rainy and dry days: 1-4 February were dry)
+#: the first training sees two weeks, the second (tests/ui/test_operate.py) the spec's 26 days: a better model
+#: (the validation set, the last 20 % of the training days, must hold rainy and dry days: the last days of January were rainy, 1-4 February dry)
 FIRST_TRAINING = {
     "train_start": "2012-01-18",
-    "holdout_start": "2012-02-02",
+    "holdout_start": "2012-02-03",
     "holdout_end": BAD_WEEK.isoformat(),
 }
 SECOND_TRAINING = {
     "train_start": "2012-01-08",
-    "holdout_start": "2012-02-02",
+    "holdout_start": "2012-02-03",
     "holdout_end": BAD_WEEK.isoformat(),
 }
 
 
 def spec_overrides(port: int) -> dict[str, Any]:
-    """The Seattle rain spec made small: 25 days of training, 24 of holdout, 2 trials, drift checks of two
+    """The Seattle rain spec made small: 26 days of training, 23 of holdout, 2 trials, drift checks of two
     weeks with thresholds a change from January to February crosses; the train DAG starts by hand only."""
     from airflow_mlops.lifecycle.spec import Promotion
 
@@ -74,12 +74,12 @@ def spec_overrides(port: int) -> dict[str, Any]:
     return {
         "train": {
             "train_start": "2012-01-08",
-            "holdout_start": "2012-02-02",
+            "holdout_start": "2012-02-03",
             "holdout_end": BAD_WEEK.isoformat(),
-            "train_days": 25,
-            "holdout_days": 24,
+            "train_days": 26,
+            "holdout_days": 23,
             "retrain_on": [],
-            "tuning": {"num_samples": 2, "max_concurrent_trials": 1, "time_budget_s": 120},
+            "tuning": {"num_samples": 2, "max_concurrent_trials": 1, "time_budget_s": 120, "validation_fraction": 0.3},
         },
         "promotion": promotion,
         "serving": {"port": port, "sample_rows": 5},
