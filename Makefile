@@ -20,7 +20,7 @@ help:
 	@echo "make demo   - set up everything and run the demo on the embedded default"
 	@echo "make test   - set up everything and run the test suite"
 	@echo "make test-unit - the unit tests only (a few minutes; the fast loop)"
-	@echo "make ui     - Airflow UI (airflow standalone) on the demo's state"
+	@echo "make ui     - Airflow UI (airflow standalone) on the demo's state, with the MLOps Models pages"
 	@echo "make down   - stop the demo's PostgreSQL (make demo / make ui start it)"
 	@echo "make ui-bundle - build the React pages (airflow_mlops/plugins/ui/dist/main.js) with npm"
 	@echo "make lint | make bench | make install | make clean-state"
@@ -83,6 +83,7 @@ bench: install
 
 ui: prepare system-packages $(UI_BUNDLE)
 	@echo "Airflow UI: http://localhost:8080  (user 'admin'; password in $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated)"
+	@echo "The models, their versions, drift and validation: http://localhost:8080/plugin/mlops-models (MLOps Models in the navigation)"
 	$(BIN)/python -m airflow_mlops.demo ui
 
 down:

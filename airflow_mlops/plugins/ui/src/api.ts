@@ -17,12 +17,21 @@ export interface Serving {
   ready: boolean;
   version_answering: string | null;
 }
+export interface QualitySummary {
+  metric: string | null;
+  value: number | null;
+  holdout: number | null;
+  decay: number | null;
+  max_decay: number | null;
+}
 export interface DriftCheck {
   at: Iso;
   data_interval_start: Iso | null;
   drifted: boolean;
   drift_share: number | null;
-  quality: number | null;
+  quality: QualitySummary | null;
+  dag_id?: string | null;
+  run_id?: string | null;
 }
 export interface Retraining {
   dag_id: string;
@@ -30,6 +39,7 @@ export interface Retraining {
   at: Iso | null;
   decision: string | null;
   reason: string | null;
+  version?: string | null;
 }
 export interface ModelSummary {
   name: string;
@@ -49,11 +59,14 @@ export interface Version {
   dag_id: string | null;
   run_id: string | null;
   registered_at: Iso | null;
+  tag?: string | null;
 }
 export interface Decision {
   at: Iso | null;
   action: string;
   version: string | null;
+  previous_production?: string | null;
+  metric?: string | null;
   candidate_score: number | null;
   production_score: number | null;
   reason: string | null;
@@ -65,7 +78,7 @@ export interface PendingApproval {
   version: string;
   dag_id: string;
   run_id: string;
-  task_id: string;
+  task_id: string | null;
   map_index: number | null;
 }
 export interface ModelDetail {
@@ -83,12 +96,15 @@ export interface Trial {
   params: Record<string, unknown>;
   score: number | null;
   status: string | null;
+  best?: boolean;
+  error?: string | null;
 }
 export interface Trials {
   dag_id: string | null;
   run_id: string | null;
   metric: string | null;
   mode: string | null;
+  best_trial_id?: string | null;
   trials: Trial[];
   plot_url: string | null;
 }
@@ -110,6 +126,7 @@ export interface QualityPoint {
   data_interval_start: Iso | null;
   metric: string | null;
   value: number | null;
+  holdout?: number | null;
   threshold: number | null;
 }
 export interface Drift {
@@ -126,6 +143,12 @@ export interface Batch {
   batch: string;
   dag_id: string | null;
   run_id: string | null;
+  task_id?: string | null;
+  at?: Iso | null;
+  data_interval_start?: Iso | null;
+  rows?: number | null;
+  evaluated?: number | null;
+  read_error?: string | null;
   passed: boolean;
   failed_expectations: FailedExpectation[];
   quarantined_uri: string | null;
@@ -134,6 +157,7 @@ export interface Batch {
 export interface RunInfo {
   model: string | null;
   version: string | null;
+  stage?: string | null;
   decision: Decision | null;
   pending_approval: PendingApproval | null;
 }
@@ -239,14 +263,32 @@ export const triggerDag = (dagId: string, conf: Record<string, unknown>): Promis
 export const getDagRun = (dagId: string, runId: string): Promise<DagRun> =>
   request<DagRun>(appUrl(`api/v2/dags/${seg(dagId)}/dagRuns/${seg(runId)}`));
 
-/** Answer a human-in-the-loop task (PATCH .../taskInstances/<task>/<map_index>/hitlDetails). */
-export const respondHitl = (pending: PendingApproval, option: string): Promise<unknown> =>
-  request(
-    appUrl(
-      `api/v2/dags/${seg(pending.dag_id)}/dagRuns/${seg(pending.run_id)}/taskInstances/` +
-        `${seg(pending.task_id)}/${pending.map_index ?? -1}/hitlDetails`,
-    ),
+interface HitlDetails {
+  hitl_details: { options: string[]; task_instance: { task_id: string; map_index: number | null } }[];
+}
+
+/** The approval task waiting in the run of `pending`: the one the registry names, else the run's
+ * human-in-the-loop task that has no answer yet (GET .../dagRuns/<run>/hitlDetails). */
+const waitingTask = async (pending: PendingApproval): Promise<{ taskId: string; mapIndex: number }> => {
+  if (pending.task_id) {
+    return { mapIndex: pending.map_index ?? -1, taskId: pending.task_id };
+  }
+  const url = appUrl(`api/v2/dags/${seg(pending.dag_id)}/dagRuns/${seg(pending.run_id)}/hitlDetails?response_received=false`);
+  const found = (await request<HitlDetails>(url)).hitl_details.find((d) => d.options.includes("Approve"));
+  if (!found) {
+    throw new HttpError(404, `no approval task waits for an answer in run ${pending.run_id} of ${pending.dag_id}`, url);
+  }
+  return { mapIndex: found.task_instance.map_index ?? -1, taskId: found.task_instance.task_id };
+};
+
+/** Answer the approval task of a pending candidate (PATCH .../taskInstances/<task>/<map_index>/hitlDetails)
+ * with `option` ("Approve" or "Reject"). */
+export const respondHitl = async (pending: PendingApproval, option: string): Promise<unknown> => {
+  const { taskId, mapIndex } = await waitingTask(pending);
+  return request(
+    appUrl(`api/v2/dags/${seg(pending.dag_id)}/dagRuns/${seg(pending.run_id)}/taskInstances/${seg(taskId)}/${mapIndex}/hitlDetails`),
     { method: "PATCH", body: JSON.stringify({ chosen_options: [option], params_input: {} }) },
   );
+};
 
 export const TERMINAL_RUN_STATES = new Set(["success", "failed"]);

@@ -25,12 +25,14 @@ interface Props {
   yMin?: number;
 }
 
-const PAD = { bottom: 20, left: 44, right: 8, top: 8 };
+const PAD = { bottom: 20, left: 48, right: 8, top: 8 };
 
 const tick = (value: number): string => {
   const magnitude = Math.abs(value);
-  return magnitude !== 0 && (magnitude < 0.01 || magnitude >= 1e4) ? value.toExponential(1) : value.toFixed(magnitude < 1 ? 3 : 2);
+  return magnitude !== 0 && (magnitude < 0.001 || magnitude >= 1e5) ? value.toExponential(1) : value.toFixed(magnitude < 10 ? 3 : 1);
 };
+
+const LABEL = { fontSize: "10px" };
 
 export const LineChart = ({ points, threshold, testId, width = 360, height = 150, xLabel, ariaLabel, lines = true, yMin }: Props) => {
   const xs = points.map((p) => p.x);
@@ -61,18 +63,18 @@ export const LineChart = ({ points, threshold, testId, width = 360, height = 150
       <svg aria-label={ariaLabel} height={height} role="img" viewBox={`0 0 ${width} ${height}`} width={width}>
         <line stroke={axis} x1={PAD.left} x2={PAD.left} y1={PAD.top} y2={height - PAD.bottom} />
         <line stroke={axis} x1={PAD.left} x2={width - PAD.right} y1={height - PAD.bottom} y2={height - PAD.bottom} />
-        <text fill={text} fontSize="10" textAnchor="end" x={PAD.left - 4} y={sy(y1 - margin) + 4}>
+        <text fill={text} style={LABEL} textAnchor="end" x={PAD.left - 4} y={sy(y1 - margin) + 4}>
           {tick(y1 - margin)}
         </text>
-        <text fill={text} fontSize="10" textAnchor="end" x={PAD.left - 4} y={sy(y0 + margin) + 4}>
+        <text fill={text} style={LABEL} textAnchor="end" x={PAD.left - 4} y={sy(y0 + margin) + 4}>
           {tick(y0 + margin)}
         </text>
         {xLabel && points.length > 0 ? (
           <>
-            <text fill={text} fontSize="10" x={PAD.left} y={height - 6}>
+            <text fill={text} style={LABEL} x={PAD.left} y={height - 6}>
               {xLabel(x0)}
             </text>
-            <text fill={text} fontSize="10" textAnchor="end" x={width - PAD.right} y={height - 6}>
+            <text fill={text} style={LABEL} textAnchor="end" x={width - PAD.right} y={height - 6}>
               {xLabel(x1)}
             </text>
           </>

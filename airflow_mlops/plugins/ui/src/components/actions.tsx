@@ -161,6 +161,7 @@ export const ActionStatus = ({ actions }: { actions: ReturnType<typeof useAction
               {run.state}
             </Text>
             {phase === "waiting" ? " (following it…)" : ""}
+            {phase === "done" && run.state === "failed" ? " — the run failed: its task log says why." : ""}
           </Alert.Description>
         ) : undefined}
       </Alert.Content>

@@ -16,7 +16,7 @@ export const describeError = (error: Error): string => {
       return "Not logged in (401): log in to Airflow again.";
     }
     if (error.status === 403) {
-      return `Airflow refused (403 Forbidden): ${error.detail}`;
+      return `Airflow refused (403 Forbidden)${error.detail && error.detail !== "Forbidden" ? `: ${error.detail}` : ""}.`;
     }
     if (error.status === 404) {
       return `Not found (404): ${error.detail}`;

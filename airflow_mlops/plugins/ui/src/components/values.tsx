@@ -58,12 +58,19 @@ export const RouteLink = ({ to, children, testId }: { to: string; children: Reac
   </Link>
 );
 
-/** Link to a DAG run's page in Airflow's UI. */
+/** A run id in short: "manual__2025-03-02T00:00:00+00:00" -> "manual 2025-03-02 00:00". */
+export const shortRun = (runId: string): string => {
+  const match = /^([a-z_]+?)__(\d{4}-\d\d-\d\dT\d\d:\d\d)/.exec(runId);
+  return match ? `${match[1].replace(/_/g, " ")} ${match[2].replace("T", " ")}` : runId;
+};
+
+/** Link to a DAG run's page in Airflow's UI (the run id, shortened, unless children are given; the full
+ * id in title and data-value). */
 export const RunLink = ({ dagId, runId, testId, children }: { dagId: string | null | undefined; runId: string | null | undefined; testId?: string; children?: ReactNode }) =>
   dagId && runId ? (
-    <RouteLink testId={testId} to={`/dags/${seg(dagId)}/runs/${seg(runId)}`}>
-      {children ?? runId}
-    </RouteLink>
+    <Link asChild color="fg.info" data-testid={testId} data-value={runId} title={`${dagId} / ${runId}`} whiteSpace="nowrap">
+      <RouterLink to={`/dags/${seg(dagId)}/runs/${seg(runId)}`}>{children ?? shortRun(runId)}</RouterLink>
+    </Link>
   ) : (
     <Text as="span" color="fg.muted" data-testid={testId}>
       {DASH}

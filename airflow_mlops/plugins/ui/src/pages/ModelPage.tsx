@@ -10,6 +10,10 @@ import { DriftSection } from "./DriftSection";
 import { TrialsSection } from "./TrialsSection";
 import { ValidationSection } from "./ValidationSection";
 
+/** Stages a person may put in production (the operate DAG refuses a rejected version, and a pending one is
+ * approved through its train run). */
+const PROMOTABLE = new Set(["candidate", "archived"]);
+
 const Metrics = ({ metrics, main }: { metrics: Record<string, unknown>; main: string }) => {
   const names = Object.keys(metrics ?? {}).sort((a, b) => (a === main ? -1 : b === main ? 1 : a.localeCompare(b)));
   if (names.length === 0) {
@@ -48,7 +52,7 @@ const VersionsTable = ({ detail, actions, showActions }: { detail: ModelDetail; 
         <Table.Body>
           {detail.versions.map((v: Version) => (
             <Table.Row data-key={v.version} data-stage={v.stage} data-testid="versions-row" key={v.version} verticalAlign="top">
-              <Table.Cell data-testid="version-id" fontWeight={v.stage === "production" ? "bold" : undefined}>
+              <Table.Cell data-testid="version-id" data-value={v.version} fontWeight={v.stage === "production" ? "bold" : undefined} title={v.tag ?? undefined}>
                 {v.version}
               </Table.Cell>
               <Table.Cell>
@@ -75,7 +79,7 @@ const VersionsTable = ({ detail, actions, showActions }: { detail: ModelDetail; 
               </Table.Cell>
               {showActions ? (
                 <Table.Cell>
-                  {operate && v.stage !== "production" && v.stage !== "pending_approval" ? (
+                  {operate && PROMOTABLE.has(v.stage) ? (
                     <Button
                       data-testid="action-promote"
                       data-version={v.version}
@@ -102,7 +106,7 @@ const DecisionsTable = ({ decisions }: { decisions: Decision[] }) => (
     <Table.Root data-testid="decisions-table" size="sm" stickyHeader striped>
       <Table.Header>
         <Table.Row>
-          <Table.ColumnHeader>When</Table.ColumnHeader>
+          <Table.ColumnHeader>When (newest first)</Table.ColumnHeader>
           <Table.ColumnHeader>Decision</Table.ColumnHeader>
           <Table.ColumnHeader>Version</Table.ColumnHeader>
           <Table.ColumnHeader>Candidate score</Table.ColumnHeader>
@@ -121,8 +125,15 @@ const DecisionsTable = ({ decisions }: { decisions: Decision[] }) => (
             <Table.Cell>
               <DecisionBadge decision={d.action} testId="decision-action" />
             </Table.Cell>
-            <Table.Cell data-testid="decision-version" data-value={d.version ?? ""}>
-              {d.version ?? "—"}
+            <Table.Cell>
+              <span data-testid="decision-version" data-value={d.version ?? ""}>
+                {d.version ?? "—"}
+              </span>
+              {d.previous_production && d.previous_production !== d.version && ["promote", "approve", "rollback"].includes(d.action) ? (
+                <Text color="fg.muted" data-testid="decision-previous" data-value={d.previous_production} fontSize="xs">
+                  replaced {d.previous_production}
+                </Text>
+              ) : undefined}
             </Table.Cell>
             <Table.Cell>
               <Score testId="decision-candidate-score" value={d.candidate_score} />
@@ -262,7 +273,11 @@ export const ModelPage = ({ name }: { name: string }) => {
             <Heading mb={2} size="md">
               Decisions
             </Heading>
-            {detail.decisions.length ? <DecisionsTable decisions={detail.decisions} /> : <Empty testId="decisions-empty">No decision recorded.</Empty>}
+            {detail.decisions.length ? (
+              <DecisionsTable decisions={[...detail.decisions].reverse()} />
+            ) : (
+              <Empty testId="decisions-empty">No decision recorded.</Empty>
+            )}
           </Box>
         </>
       ) : undefined}

@@ -38,10 +38,22 @@ const Drift = ({ check }: { check: ModelSummary["last_drift_check"] }) =>
         </Text>
       </Box>
       <Text fontSize="sm">
-        quality <Score testId="model-drift-quality" value={check.quality} />
+        {check.quality?.metric ?? "quality"} <Score testId="model-drift-quality" value={check.quality?.value} />
+        {typeof check.quality?.holdout === "number" ? (
+          <Text as="span" color="fg.muted" fontSize="xs">
+            {" "}
+            (holdout <Score testId="model-drift-holdout" value={check.quality.holdout} />)
+          </Text>
+        ) : undefined}
       </Text>
       <Text color="fg.muted" fontSize="xs">
-        <Time iso={check.at} testId="model-drift-at" />
+        {check.dag_id && check.run_id ? (
+          <RunLink dagId={check.dag_id} runId={check.run_id} testId="model-drift-run">
+            <Time iso={check.at} testId="model-drift-at" />
+          </RunLink>
+        ) : (
+          <Time iso={check.at} testId="model-drift-at" />
+        )}
         {check.data_interval_start ? (
           <>
             {" "}
@@ -61,6 +73,11 @@ const Retraining = ({ last }: { last: ModelSummary["last_retraining"] }) =>
     <Stack gap={0}>
       <Box>
         <DecisionBadge decision={last.decision} testId="model-retraining-decision" />{" "}
+        {last.version ? (
+          <Text as="span" data-testid="model-retraining-version" data-value={last.version} fontSize="sm">
+            {last.version}{" "}
+          </Text>
+        ) : undefined}
         <RunLink dagId={last.dag_id} runId={last.run_id} testId="model-retraining-run">
           run
         </RunLink>

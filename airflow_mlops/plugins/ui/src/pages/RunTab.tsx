@@ -3,7 +3,7 @@ import { Box, Heading, Stack, Table, Text } from "@chakra-ui/react";
 
 import { apiUrl, HttpError, type RunInfo, seg, useJson } from "../api";
 import { Empty, ErrorBox, Loading } from "../components/status";
-import { DecisionBadge, modelPath, RouteLink, RunLink, Score, Time } from "../components/values";
+import { DecisionBadge, modelPath, RouteLink, RunLink, Score, StageBadge, Time } from "../components/values";
 
 export const RunTab = ({ dagId, runId }: { dagId?: string; runId?: string }) => {
   const url = dagId && runId ? apiUrl(`runs/${seg(dagId)}/${seg(runId)}`) : null;
@@ -24,7 +24,8 @@ export const RunTab = ({ dagId, runId }: { dagId?: string; runId?: string }) => 
                 {", version "}
                 <span data-testid="run-version" data-value={data.version}>
                   {data.version}
-                </span>
+                </span>{" "}
+                {data.stage ? <StageBadge stage={data.stage} testId="run-stage" /> : undefined}
               </>
             ) : undefined}
           </Heading>

@@ -2,7 +2,7 @@
 import { Box, Heading, Link, Table, Text } from "@chakra-ui/react";
 import { useMemo, useState } from "react";
 
-import { apiUrl, appUrl, seg, type Trial, type Trials, useJson } from "../api";
+import { apiUrl, appUrl, HttpError, seg, type Trial, type Trials, useJson } from "../api";
 import { LineChart } from "../components/LineChart";
 import { Empty, ErrorBox, Loading } from "../components/status";
 import { RunLink, Score } from "../components/values";
@@ -45,19 +45,23 @@ export const TrialsSection = ({ model }: { model: string }) => {
     const sorted = [...trials].sort((a, b) => compare(valueOf(a, sort.key), valueOf(b, sort.key)));
     return sort.descending ? sorted.reverse() : sorted;
   }, [trials, sort]);
+  const notFound = error instanceof HttpError && error.status === 404; // no tuning run recorded
   const scored = trials.map((t, i) => ({ i, t })).filter(({ t }) => typeof t.score === "number");
-  const best = scored.length
-    ? scored.reduce((a, b) => ((data?.mode === "min" ? (b.t.score as number) < (a.t.score as number) : (b.t.score as number) > (a.t.score as number)) ? b : a))
-    : undefined;
+  const bestId = data?.best_trial_id ?? trials.find((t) => t.best)?.trial_id;
+  const best =
+    scored.find(({ t }) => bestId !== undefined && t.trial_id === bestId) ??
+    (scored.length
+      ? scored.reduce((a, b) => ((data?.mode === "min" ? (b.t.score as number) < (a.t.score as number) : (b.t.score as number) > (a.t.score as number)) ? b : a))
+      : undefined);
 
   return (
     <Box as="section" data-testid="trials-section" mb={6}>
       <Heading mb={2} size="md">
         Tuning trials
       </Heading>
-      {error ? <ErrorBox error={error} testId="trials-error" /> : undefined}
+      {error && !notFound ? <ErrorBox error={error} testId="trials-error" /> : undefined}
       {loading && !data ? <Loading /> : undefined}
-      {data && trials.length === 0 ? <Empty testId="trials-empty">No tuning run recorded for this model.</Empty> : undefined}
+      {notFound || (data && trials.length === 0) ? <Empty testId="trials-empty">No tuning run recorded for this model.</Empty> : undefined}
       {data && trials.length > 0 ? (
         <>
           <Text color="fg.muted" fontSize="sm" mb={2}>
@@ -110,9 +114,11 @@ export const TrialsSection = ({ model }: { model: string }) => {
               </Table.Header>
               <Table.Body>
                 {rows.map((trial) => (
-                  <Table.Row data-key={trial.trial_id} data-testid="trials-row" key={trial.trial_id}>
+                  <Table.Row data-best={trial.trial_id === best?.t.trial_id ? "true" : "false"} data-key={trial.trial_id} data-testid="trials-row" fontWeight={trial.trial_id === best?.t.trial_id ? "bold" : undefined} key={trial.trial_id}>
                     <Table.Cell data-testid="trial-id">{trial.trial_id}</Table.Cell>
-                    <Table.Cell data-testid="trial-status">{trial.status ?? "—"}</Table.Cell>
+                    <Table.Cell data-testid="trial-status" title={trial.error ?? undefined}>
+                      {trial.status ?? "—"}
+                    </Table.Cell>
                     <Table.Cell>
                       <Score testId="trial-score" value={trial.score} />
                     </Table.Cell>

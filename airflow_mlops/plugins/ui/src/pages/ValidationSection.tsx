@@ -3,7 +3,7 @@ import { Box, Code, Heading, List, Table, Text } from "@chakra-ui/react";
 
 import { apiUrl, type Batch, seg, useJson } from "../api";
 import { Empty, ErrorBox, Loading } from "../components/status";
-import { ReportLink, RunLink, YesNo } from "../components/values";
+import { ReportLink, RunLink, Time, YesNo } from "../components/values";
 
 const details = (value: unknown): string => (value === null || value === undefined ? "" : typeof value === "string" ? value : JSON.stringify(value));
 
@@ -33,6 +33,7 @@ export const ValidationSection = ({ model }: { model: string }) => {
               <Table.Header>
                 <Table.Row>
                   <Table.ColumnHeader>Batch</Table.ColumnHeader>
+                  <Table.ColumnHeader>Validated</Table.ColumnHeader>
                   <Table.ColumnHeader>Result</Table.ColumnHeader>
                   <Table.ColumnHeader>Failed expectations</Table.ColumnHeader>
                   <Table.ColumnHeader>Quarantined at</Table.ColumnHeader>
@@ -42,12 +43,27 @@ export const ValidationSection = ({ model }: { model: string }) => {
               </Table.Header>
               <Table.Body>
                 {batches.map((batch) => (
-                  <Table.Row data-key={batch.batch} data-testid="validation-row" key={`${batch.batch}/${batch.run_id}`} verticalAlign="top">
-                    <Table.Cell data-testid="validation-batch">{batch.batch}</Table.Cell>
+                  <Table.Row data-key={batch.batch} data-testid="validation-row" key={`${batch.batch}/${batch.run_id}/${batch.task_id ?? ""}`} verticalAlign="top">
+                    <Table.Cell data-testid="validation-batch" wordBreak="break-all">
+                      {batch.batch}
+                      {typeof batch.rows === "number" ? (
+                        <Text color="fg.muted" data-testid="validation-rows" data-value={batch.rows} fontSize="xs">
+                          {batch.rows} rows
+                        </Text>
+                      ) : undefined}
+                    </Table.Cell>
+                    <Table.Cell fontSize="xs">
+                      <Time iso={batch.at} testId="validation-at" />
+                    </Table.Cell>
                     <Table.Cell>
                       <YesNo no="failed" testId="validation-passed" value={batch.passed} yes="passed" />
                     </Table.Cell>
                     <Table.Cell data-testid="validation-failed" data-value={batch.failed_expectations.length}>
+                      {batch.read_error ? (
+                        <Text color="fg.error" data-testid="validation-read-error" fontSize="xs">
+                          {batch.read_error}
+                        </Text>
+                      ) : undefined}
                       {batch.failed_expectations.length ? (
                         <List.Root fontSize="xs" ps={3}>
                           {batch.failed_expectations.map((f, i) => (
@@ -58,7 +74,7 @@ export const ValidationSection = ({ model }: { model: string }) => {
                             </List.Item>
                           ))}
                         </List.Root>
-                      ) : (
+                      ) : batch.read_error ? undefined : (
                         <Text color="fg.muted">none</Text>
                       )}
                     </Table.Cell>
