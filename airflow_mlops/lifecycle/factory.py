@@ -58,6 +58,31 @@ TRAIN_WINDOW = "train_window(params, triggering_asset_events, ti.xcom_pull(task_
 #: the last day of the data interval (the interval's only day for a daily schedule)
 LAST_DAY = "{{ (data_interval_end - macros.timedelta(days=1)) | ds }}"
 FIRST_DAY = "{{ data_interval_start | ds }}"
+#: the operate DAG's request (its run's conf, through its params) and the user the decision names: the one
+#: who triggered the run (Airflow 3.1+ records it on the run)
+OPERATE_REQUEST = {
+    "action": "{{ params.action or '' }}",
+    "version": "{{ params.version or '' }}",
+    "user": "{{ dag_run.triggering_user_name or '' }}",
+}
+
+
+def operate_params() -> dict[str, Param]:
+    """The operate DAG's params: its trigger form, and the conf keys a REST trigger gives."""
+    return {
+        "action": Param(
+            None,
+            type=["null", "string"],
+            enum=[None, "promote", "rollback"],
+            description="promote: put `version` in production; rollback: go back to the version that "
+            "was in production before the current one.",
+        ),
+        "version": Param(
+            None,
+            type=["null", "string"],
+            description="The version to promote (e.g. v1a2b3c4d5e6f7a8b); leave empty to roll back.",
+        ),
+    }
 
 
 def _utc(day: date) -> datetime:
@@ -746,20 +771,7 @@ def operate_dag(spec: LifecycleSpec) -> DAG:
         catchup=False,
         # one change at a time: two runs would race on what production is
         max_active_runs=1,
-        params={
-            "action": Param(
-                None,
-                type=["null", "string"],
-                enum=[None, "promote", "rollback"],
-                description="promote: put `version` in production; rollback: go back to the version that "
-                "was in production before the current one.",
-            ),
-            "version": Param(
-                None,
-                type=["null", "string"],
-                description="The version to promote (e.g. v1a2b3c4d5e6f7a8b); leave empty to roll back.",
-            ),
-        },
+        params=operate_params(),
         default_args=_default_args(spec),
         auto_register=False,
         tags=["mlops", *spec.tags, "operate"],
@@ -776,13 +788,7 @@ the run's triggering user. `drift_baseline` makes its training snapshot the moni
         }.
 """,
     ) as dag:
-        action = ModelActionOperator(
-            task_id="operate",
-            model_name=spec.model,
-            action="{{ params.action or '' }}",
-            version="{{ params.version or '' }}",
-            user="{{ dag_run.triggering_user_name or '' }}",
-        )
+        action = ModelActionOperator(task_id="operate", model_name=spec.model, **OPERATE_REQUEST)
         baseline = DriftBaselineOperator(
             task_id="drift_baseline",
             model_name=spec.model,
