@@ -79,7 +79,12 @@ def spec_overrides(port: int) -> dict[str, Any]:
             "train_days": 26,
             "holdout_days": 23,
             "retrain_on": [],
-            "tuning": {"num_samples": 2, "max_concurrent_trials": 1, "time_budget_s": 120, "validation_fraction": 0.3},
+            "tuning": {
+                "num_samples": 2,
+                "max_concurrent_trials": 1,
+                "time_budget_s": 120,
+                "validation_fraction": 0.3,
+            },
         },
         "promotion": promotion,
         "serving": {"port": port, "sample_rows": 5},

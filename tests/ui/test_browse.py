@@ -9,8 +9,6 @@ own hooks read from the registry and the state database, through the exact value
 
 from __future__ import annotations
 
-import math
-
 import pytest
 from conftest import BAD_WEEK, GOOD_WEEKS, MODEL, UIAirflow
 
@@ -52,7 +50,7 @@ def open_model(page, ui: UIAirflow, query: str = ""):
         "[data-testid=validation-row], [data-testid=validation-empty], [data-testid=validation-error]"
     ).first.wait_for()
     page.locator(
-        "[data-testid=trials-section] table, [data-testid=trials-empty], [data-testid=trials-error]"
+        "[data-testid=trials-row], [data-testid=trials-empty], [data-testid=trials-error]"
     ).first.wait_for()
 
 
@@ -118,12 +116,14 @@ def test_the_model_page_shows_versions_decisions_trials_drift_and_validation(log
             for i in range(metrics.count())
         }
         assert {k: float(v) for k, v in exact.items()} == pytest.approx(record["metrics"], abs=0)
-        assert row.locator("[data-testid=version-run-link]").inner_text() == record["dag_run_id"]
+        assert values(row, "[data-testid=version-run-link]") == [record["dag_run_id"]]
 
-    # decisions: one row per entry of the registry's history, with both scores, the reason and the user
+    # decisions (newest first): one row per decision of the registry's history, with both scores, the
+    # reason and the user
+    history = [e for e in index["history"] if e["action"] != "register"][::-1]
     decisions = page.locator("[data-testid=decisions-row]")
-    assert decisions.count() == len(index["history"])
-    for i, entry in enumerate(index["history"]):
+    assert decisions.count() == len(history)
+    for i, entry in enumerate(history):
         row = decisions.nth(i)
         assert values(row, "[data-testid=decision-version]") == [entry["version"]]
         candidate = number(values(row, "[data-testid=decision-candidate-score]")[0])
@@ -139,8 +139,7 @@ def test_the_model_page_shows_versions_decisions_trials_drift_and_validation(log
     assert sorted(page.locator("[data-testid=pending-version]").all_inner_texts()) == sorted(pending)
 
     # trials of the tuning run (the spec asks for 2)
-    trial_rows = page.locator("[data-testid=trials-section] tbody tr")
-    assert trial_rows.count() == 2
+    assert page.locator("[data-testid=trials-row]").count() == 2
 
     # drift per monitored column: one point per recorded check, the threshold of the spec
     checks = drift_checks(MODEL)
@@ -202,8 +201,9 @@ def test_the_monitor_task_tab_shows_its_drift_report(login, ui_airflow, shot):
     page.wait_for_timeout(1500)  # Evidently draws its plots with its own scripts
     shot(page, "monitor-task-tab")
     [check] = [c for c in drift_checks(MODEL) if c["run_id"] == run_id]
-    shown = values(page, "[data-testid=task-summary-drift_share]")
-    assert shown and math.isclose(float(shown[0]), check["drift_share"], abs_tol=0)
+    [shown] = values(page, "[data-testid=task-drift-share]")
+    assert float(shown) == check["drift_share"]
+    assert values(page, "[data-testid=task-drifted]") == [str(check["drift_detected"]).lower()]
 
 
 def test_the_validate_task_tab_of_the_quarantined_week_names_the_failed_expectation(login, ui_airflow, shot):
@@ -215,6 +215,7 @@ def test_the_validate_task_tab_of_the_quarantined_week_names_the_failed_expectat
     page.locator("[data-testid=mlops-task-tab][data-kind=validation]").wait_for()
     page.locator("[data-testid=task-summary]").wait_for()
     shot(page, "validate-task-tab")
-    summary = page.locator("[data-testid=task-summary]").inner_text()
-    assert "expect_column_pair_values_a_to_be_greater_than_b" in summary
-    assert values(page, "[data-testid=task-summary-passed]") == ["false"]
+    failed = page.locator("[data-testid=task-failed-expectation]").all_inner_texts()
+    assert len(failed) == 1 and "expect_column_pair_values_a_to_be_greater_than_b" in failed[0], failed
+    assert values(page, "[data-testid=task-passed]") == ["false"]
+    assert values(page, "[data-testid=task-quarantined]")[0].endswith("weather.parquet")

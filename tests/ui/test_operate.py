@@ -172,6 +172,6 @@ def test_an_admin_approves_a_second_version_then_rolls_back_then_promotes_it(
     open_model(page, ui_airflow)
     page.locator(f"[data-testid=model-production-version][data-value={second}]").wait_for()
     users = page.locator("[data-testid=decision-user]").evaluate_all("ns => ns.map(n => n.dataset.value)")
-    assert users[-3:] == ["admin", "admin", "admin"]
+    assert users[:3] == ["admin", "admin", "admin"]  # newest first: promote, rollback, approve
     shot(page, "promoted")
     assert_models_page(page, ui_airflow, second, shot, "models-after-promote")
