@@ -1,4 +1,6 @@
-"""Set-up of the UI tests: one real Airflow and one headless Chromium for the whole session.
+"""Set-up of the UI tests: one real Airflow and one headless Chromium for the folder's tests (fixtures of
+``package`` scope: both stop when the last test of ``tests/ui`` has run, before another module of the
+session starts an Airflow of its own on the session's database).
 
 - :func:`ui_airflow`: the four Airflow components (:func:`system.airflow_procs.airflow_components`, on the
   session's PostgreSQL) with Airflow's own login: the simple auth manager's users ``admin`` (role admin)
@@ -48,6 +50,8 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+#: the states of a human-in-the-loop task waiting for its answer (Airflow 3.3: awaiting_input)
+WAITING = {"awaiting_input", "deferred"}
 USERS = {"admin": "admin", "viewer": "viewer"}  # user -> role of Airflow's simple auth manager
 #: the first training sees one week (a weak model: the spec's floor is 0, so the gate lets it through to the
 #: approval), the second (tests/ui/test_operate.py) the spec's 26 days: a better one. The validation set (the
@@ -163,13 +167,13 @@ class UIAirflow:
         return self.client.wait_run(dag_id, run_id, timeout, check=False)
 
     def waiting_or_finished(self, dag_id: str, run_id: str, timeout: float = 600) -> dict:
-        """Wait until the run has finished or one of its tasks waits for a human (deferred HITL task)."""
+        """Wait until the run has finished or one of its tasks waits for a person (a HITL task awaiting input)."""
 
         def probe() -> dict | None:
             run = self.client.run(dag_id, run_id)
             if run["state"] in ("success", "failed"):
                 return run
-            if "deferred" in self.client.task_states(dag_id, run_id).values():
+            if WAITING & set(self.client.task_states(dag_id, run_id).values()):
                 return run
             return None
 
@@ -226,7 +230,7 @@ def _run_lifecycle(ui: UIAirflow, weather) -> None:
         ui.runs[f"monitor-{len([k for k in ui.runs if k.startswith('monitor')]) + 1}"] = run_id
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ui_airflow(airflow_pg_db, tmp_path_factory) -> Iterator[UIAirflow]:
     from system.airflow_procs import airflow_components
 
@@ -291,7 +295,7 @@ def ui_airflow(airflow_pg_db, tmp_path_factory) -> Iterator[UIAirflow]:
 
 
 # ------------------------------------------------------------------------------------------ browser
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser():
     """Debian's chromium, headless, driven by Playwright; Playwright never downloads a browser here."""
     os.environ["PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD"] = "1"
