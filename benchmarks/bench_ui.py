@@ -51,22 +51,37 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-#: hides airflow-mlops' ``airflow.plugins`` entry point from every Python process that has it on its path
-HIDE_PLUGIN = """
+#: what both kinds of start import first (a ``sitecustomize`` on ``PYTHONPATH``), so they differ by the plugin only
+SITE = """
 import importlib.metadata as _md
 
-_entry_points = _md.Distribution.entry_points
-
-
-def _without_mlops_plugin(self):
-    found = _entry_points.fget(self)
-    if (self.metadata["Name"] or "").lower().replace("_", "-") != "airflow-mlops":
-        return found
-    return _md.EntryPoints([e for e in found if e.group != "airflow.plugins"])
-
-
-_md.Distribution.entry_points = property(_without_mlops_plugin)
+try:  # what Airflow reads entry points with on Python < 3.12
+    import importlib_metadata as _imd
+except ImportError:
+    _imd = None
 """
+#: ... and, without the plugin, hides airflow-mlops' ``airflow.plugins`` entry point from Airflow
+HIDE_PLUGIN = (
+    SITE
+    + """
+
+def _hide(module):
+    entry_points = module.Distribution.entry_points
+
+    def without_mlops_plugin(self):
+        found = entry_points.fget(self)
+        if (self.metadata["Name"] or "").lower().replace("_", "-") != "airflow-mlops":
+            return found
+        return module.EntryPoints([e for e in found if e.group != "airflow.plugins"])
+
+    module.Distribution.entry_points = property(without_mlops_plugin)
+
+
+for _module in (_md, _imd):
+    if _module is not None:
+        _hide(_module)
+"""
+)
 
 
 def free_port() -> int:
@@ -189,12 +204,10 @@ def write_year(env: dict[str, str]) -> None:
 def api_server(env: dict[str, str], logs: Path, *, plugin: bool):
     """``airflow api-server`` (one worker) on a free port; yields (url, seconds until it answered)."""
     port = free_port()
-    run_env = dict(env)
-    if not plugin:
-        hide = logs / "hide-plugin"
-        hide.mkdir(exist_ok=True)
-        (hide / "sitecustomize.py").write_text(HIDE_PLUGIN)
-        run_env["PYTHONPATH"] = os.pathsep.join([str(hide), env["PYTHONPATH"]])
+    site = logs / ("site-with" if plugin else "site-without")
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(SITE if plugin else HIDE_PLUGIN)
+    run_env = {**env, "PYTHONPATH": os.pathsep.join([str(site), env["PYTHONPATH"]])}
     airflow = str(Path(sys.executable).with_name("airflow"))
     with open(logs / f"api-server-{'with' if plugin else 'without'}.log", "ab") as log:
         started = time.perf_counter()
