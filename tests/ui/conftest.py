@@ -322,6 +322,8 @@ def _artifacts() -> Path:
 
 
 _SHOTS: list[Path] = []
+#: pixels of a screenshot's height
+SHOT_HEIGHT = 2400
 
 
 @pytest.fixture
@@ -331,7 +333,12 @@ def shot(request) -> Callable[[Any, str], Path]:
     def take(page, name: str) -> Path:
         test = request.node.name.replace("[", "-").replace("]", "")
         path = ARTIFACTS / f"{test}--{name}.png"
+        # Airflow's UI scrolls inside its own container: a tall viewport shows the whole page
+        size = page.viewport_size
+        page.set_viewport_size({"width": size["width"], "height": SHOT_HEIGHT})
+        page.wait_for_timeout(300)
         page.screenshot(path=str(path), full_page=True)
+        page.set_viewport_size(size)
         _SHOTS.append(path)
         return path
 
