@@ -151,14 +151,14 @@ class UIAirflow:
         return LocalDeploymentTarget(BentoMLHook()).read_state(MODEL)
 
     def version_answering(self) -> str | None:
-        """The model version the live endpoint says it serves (``/readyz`` through the router)."""
+        """The model version the live endpoint says it serves (its ``/ready`` answer, through the router)."""
         import httpx
 
         url = (self.deployment().get("router") or {}).get("url")
         if not url:
             return None
         try:
-            return httpx.get(f"{url}/readyz", timeout=10).json().get("version")
+            return httpx.get(f"{url}/ready", timeout=10).json().get("version")
         except (httpx.HTTPError, ValueError):
             return None
 

@@ -4,7 +4,7 @@ In this order, on the state of ``conftest.py`` (version 1 waiting for approval i
 viewer's approve and promote are refused by Airflow and change nothing; an admin approves version 1 (the
 train run deploys it); a second training (four weeks instead of two) registers version 2, which the admin
 approves too; the admin rolls back (version 1 serves again), then promotes version 2. After each action
-the registry (read with the project's hook) and the live endpoint (the version ``/readyz`` names) follow,
+the registry (read with the project's hook) and the live endpoint (the version its ``/ready`` names) follow,
 and the decision names the user who clicked.
 """
 
