@@ -126,10 +126,7 @@ def two_versions(ui_airflow) -> tuple[str, str]:
     """A second training, on four weeks: version 2, waiting for approval."""
     first = ui_airflow.index()["production"]
     assert first, "version 1 was not approved (test_an_admin_approves_... failed)"
-    train = ui_airflow.dag("train")
-    ui_airflow.client.trigger(train, run_id="train-2", conf=SECOND_TRAINING)
-    run = ui_airflow.waiting_or_finished(train, "train-2")
-    assert run["state"] != "failed", ui_airflow.failure(train, "train-2")
+    ui_airflow.train("train-2", SECOND_TRAINING)
     return first, pending_version(ui_airflow, "train-2")
 
 
