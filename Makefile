@@ -60,10 +60,11 @@ demo: $(BIN)/.installed system-packages
 	$(BIN)/python -m airflow_mlops.demo run
 
 # Debian packages besides Python's: PostgreSQL 15 (the demo's Airflow database; the shared-state and
-# scaled-topology tests) and iproute2 (the scaled topology's network namespaces); installed only when missing
+# scaled-topology tests), iproute2 (the scaled topology's network namespaces) and chromium (the headless
+# browser the UI tests and benchmark drive through Playwright); installed only when missing
 system-packages:
-	@test -x /usr/lib/postgresql/15/bin/initdb && command -v ip > /dev/null \
-	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 iproute2)
+	@test -x /usr/lib/postgresql/15/bin/initdb && command -v ip > /dev/null && command -v chromium > /dev/null \
+	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 iproute2 chromium)
 
 test: install system-packages
 	$(BIN)/python -m pytest -n 2 tests
