@@ -70,6 +70,7 @@ SECOND_TRAININGS = [
     {"train_start": "2012-01-27", "holdout_start": "2012-02-15", "holdout_end": BAD_WEEK.isoformat()},
     {"train_start": "2012-02-01", "holdout_start": "2012-02-15", "holdout_end": BAD_WEEK.isoformat()},
     {"train_start": "2012-01-20", "holdout_start": "2012-02-16", "holdout_end": BAD_WEEK.isoformat()},
+    {"train_start": "2012-01-27", "holdout_start": "2012-02-17", "holdout_end": BAD_WEEK.isoformat()},
 ]
 
 

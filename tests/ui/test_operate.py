@@ -130,7 +130,11 @@ def two_versions(ui_airflow) -> tuple[str, str]:
     gate = []
     for attempt, conf in enumerate(SECOND_TRAININGS, start=2):
         run_id = f"train-{attempt}"
-        ui_airflow.train(run_id, conf)
+        try:
+            ui_airflow.train(run_id, conf)
+        except AssertionError as failed:  # e.g. validation days of one class only: the next window
+            gate.append((run_id, str(failed).splitlines()[-3:]))
+            continue
         index = ui_airflow.index()
         [version] = [v for v, r in index["versions"].items() if r["dag_run_id"] == run_id]
         if index["versions"][version]["stage"] == "pending_approval":
