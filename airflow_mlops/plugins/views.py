@@ -138,8 +138,10 @@ class ModelViews:
             return None
         record = index.get("versions", {}).get(version) or {}
         score = None
+        # the holdout score the gate measured (its promote/reject/pending/approve entries); decisions by hand
+        # (operate DAG, rollback) carry the registered validation scores, marked scores_from=registration
         for decision in reversed(record.get("decisions") or []):
-            if decision.get("action") == "promote" and decision.get("candidate_score") is not None:
+            if decision.get("candidate_score") is not None and decision.get("scores_from") != "registration":
                 score = decision["candidate_score"]
                 break
         if score is None and metric:
