@@ -10,7 +10,8 @@ own hooks read from the registry and the state database, through the exact value
 from __future__ import annotations
 
 import pytest
-from conftest import BAD_WEEK, GOOD_WEEKS, MODEL, UIAirflow
+
+from .conftest import BAD_WEEK, GOOD_WEEKS, MODEL, UIAirflow
 
 pytestmark = [pytest.mark.ui, pytest.mark.system]
 

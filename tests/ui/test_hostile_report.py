@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import MODEL
+
+from .conftest import MODEL
 
 pytestmark = [pytest.mark.ui, pytest.mark.system]
 

@@ -11,7 +11,8 @@ and the decision names the user who clicked.
 from __future__ import annotations
 
 import pytest
-from conftest import MODEL, SECOND_TRAININGS, WAITING, UIAirflow
+
+from .conftest import MODEL, SECOND_TRAININGS, WAITING, UIAirflow
 
 pytestmark = [pytest.mark.ui, pytest.mark.system]
 
