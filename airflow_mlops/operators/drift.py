@@ -846,6 +846,9 @@ def event_extra(result: Mapping[str, Any]) -> dict[str, Any]:
 class DriftBaselineOperator(BaseOperator):
     """(Re)compute the cached drift reference of the model in production; run it after promotion.
 
+    With no version in production (the model's first candidate was refused) the task is skipped, and with
+    it the tasks after it that serve production.
+
     Pass the monitor's ``columns`` and ``reference_columns``: the cache is keyed by them, so the
     monitor's next check finds the reference prepared.
 
@@ -874,9 +877,17 @@ class DriftBaselineOperator(BaseOperator):
         self.bentoml_conn_id = bentoml_conn_id
 
     def execute(self, context: Context) -> dict[str, Any]:
+        from airflow.sdk.exceptions import AirflowSkipException
+
         from airflow_mlops.hooks.bentoml import BentoMLHook
 
-        production = production_reference(self.model_name, BentoMLHook(bentoml_conn_id=self.bentoml_conn_id))
+        hook = BentoMLHook(bentoml_conn_id=self.bentoml_conn_id)
+        if production_model(self.model_name, hook) is None:
+            # the gate (or a person) refused the model's first candidate: nothing to monitor or serve yet
+            raise AirflowSkipException(
+                f"{self.model_name} has no production version: no drift reference to prepare, nothing to serve"
+            )
+        production = production_reference(self.model_name, hook)
         aliases = dict(self.reference_columns or {})
         specs = specs_for(self.columns, production["reference_uri"], aliases)
         reference = prepare_reference(production["reference_uri"], specs, refresh=True, aliases=aliases)

@@ -304,3 +304,27 @@ def test_a_multiclass_model_records_its_signature_and_is_gated_on_macro_f1(
             holdout_uri=str(holdout),
             metric="auc",
         ).execute(_context())
+
+
+def test_a_refused_first_model_skips_the_drift_baseline_and_serving_then_a_promoted_one_gets_it(
+    registry_state, models
+):
+    """The train DAG's ``drift_baseline`` after a gate that refused the model's first candidate: nothing is
+    in production, so the task skips (and the serving tasks after it), the run does not fail; once a model is
+    promoted the task prepares that version's reference."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from airflow_mlops.operators.drift import DriftBaselineOperator
+
+    baseline = DriftBaselineOperator(task_id="drift_baseline", model_name="flight_delay", columns=FEATURES[:2])
+    noise = _register(models, "noise")["version"]
+    refused = _promote(models, noise, floor=0.9)
+    assert not refused["promoted"] and BentoMLHook().read_index("flight_delay")["production"] is None
+    with pytest.raises(AirflowSkipException, match="flight_delay has no production version"):
+        baseline.execute(_context())
+
+    good = _register(models, "good")["version"]
+    assert _promote(models, good)["promoted"]
+    reference = baseline.execute(_context())
+    training = pd.read_parquet(models["train_manifest"].removeprefix("file://").replace(".json", ".parquet"))
+    assert (reference["version"], reference["rows"]) == (good, len(training))

@@ -53,25 +53,24 @@ CHROMIUM_ARGS = [
 #: the states of a human-in-the-loop task waiting for its answer (Airflow 3.3: awaiting_input)
 WAITING = {"awaiting_input", "deferred"}
 USERS = {"admin": "admin", "viewer": "viewer"}  # user -> role of Airflow's simple auth manager
-#: the first training sees one week (a weak model: the spec's floor is 0, so the gate lets it through to the
-#: approval), the second (tests/ui/test_operate.py) more, and more recent, days. The validation set (the
-#: last 30 % of the training days) must hold rainy and dry days: the last days of January rained, 1-4 February
-#: were dry.
+#: the two trainings of the tests, chosen so that the second beats the first at the gate by a wide margin.
+#: Rain on a winter day in Seattle is hard to tell from the day before: on holdouts of a few weeks a model's
+#: AUC swings between 0.2 and 0.8 with the window it was trained on (a later, longer training was often the
+#: worse one). Training is deterministic (seeded search, the same days), so the outcome of a pair is fixed;
+#: this pair was picked from the days landed here by refitting the spec's logistic regression offline for C
+#: from 0.003 to 0.3: version 1 (14 days, 12-25 January) scores 0.15-0.23 on the second training's holdout
+#: (8-25 February), version 2 (14 January - 7 February) 0.68-0.80. Each training's validation days (its last
+#: 30 %) and holdout hold rainy and dry days. The gate's floor is 0, so version 1 passes to the approval.
 FIRST_TRAINING = {
-    "train_start": "2012-01-27",
-    "holdout_start": "2012-02-03",
+    "train_start": "2012-01-12",
+    "holdout_start": "2012-01-26",
     "holdout_end": BAD_WEEK.isoformat(),
 }
-#: the later trainings tried, in order, until the gate lets one through to the approval (it must beat version 1
-#: on its holdout; with a few weeks of winter days that is not known in advance: a first attempt, 26 days
-#: up to 3 February, scored below the one-week model): each also sees the first two weeks of February, and its
-#: validation days (the last 30 %) hold rainy and dry days
-SECOND_TRAININGS = [
-    {"train_start": "2012-01-27", "holdout_start": "2012-02-15", "holdout_end": BAD_WEEK.isoformat()},
-    {"train_start": "2012-02-01", "holdout_start": "2012-02-15", "holdout_end": BAD_WEEK.isoformat()},
-    {"train_start": "2012-01-20", "holdout_start": "2012-02-16", "holdout_end": BAD_WEEK.isoformat()},
-    {"train_start": "2012-01-27", "holdout_start": "2012-02-17", "holdout_end": BAD_WEEK.isoformat()},
-]
+SECOND_TRAINING = {
+    "train_start": "2012-01-14",
+    "holdout_start": "2012-02-08",
+    "holdout_end": BAD_WEEK.isoformat(),
+}
 
 
 def spec_overrides(port: int) -> dict[str, Any]:
@@ -185,18 +184,10 @@ class UIAirflow:
         return self.client.wait(f"{dag_id} {run_id} to finish or wait for approval", probe, timeout)
 
     def train(self, run_id: str, conf: dict[str, Any]) -> dict:
-        """Trigger a train run and wait until it finished or waits for approval. A local Ray that did not
-        start (``The current node timed out during startup``: the loaded CI machine) fails ``tune``: it
-        is cleared once and runs again, as a retry would (the spec's tasks have none)."""
+        """Trigger a train run and wait until it finished or waits for approval; it must not fail."""
         train = self.dag("train")
         self.client.trigger(train, run_id=run_id, conf=conf)
         run = self.waiting_or_finished(train, run_id)
-        if run["state"] == "failed" and "timed out during startup" in self.failure(train, run_id):
-            self.client.clear_failed(train, run_id)
-            self.client.wait(
-                f"{run_id} to run again", lambda: self.client.run(train, run_id)["state"] != "failed", 60
-            )
-            run = self.waiting_or_finished(train, run_id)
         assert run["state"] != "failed", self.failure(train, run_id)
         return run
 
