@@ -316,7 +316,9 @@ def test_a_refused_first_model_skips_the_drift_baseline_and_serving_then_a_promo
 
     from airflow_mlops.operators.drift import DriftBaselineOperator
 
-    baseline = DriftBaselineOperator(task_id="drift_baseline", model_name="flight_delay", columns=FEATURES[:2])
+    baseline = DriftBaselineOperator(
+        task_id="drift_baseline", model_name="flight_delay", columns=FEATURES[:2]
+    )
     noise = _register(models, "noise")["version"]
     refused = _promote(models, noise, floor=0.9)
     assert not refused["promoted"] and BentoMLHook().read_index("flight_delay")["production"] is None
