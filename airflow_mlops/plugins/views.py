@@ -112,6 +112,10 @@ class ModelViews:
                     "metric": entry.get("metric"),
                     "candidate_score": entry.get("candidate_score"),
                     "production_score": entry.get("production_score"),
+                    # "gate": scored on the gate's holdout; "registration": a hand decision, which scores
+                    # nothing new and carries the versions' registered (validation) scores
+                    "scores_from": entry.get("scores_from")
+                    or ("gate" if entry.get("candidate_score") is not None else None),
                     "reason": entry.get("reason"),
                     "user": entry.get("user"),
                     "dag_id": entry.get("dag_id")

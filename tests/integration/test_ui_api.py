@@ -322,8 +322,11 @@ def test_a_model_page_lists_versions_stages_and_every_decision_with_both_scores(
         assert d["candidate_score"] == runs[which]["decision"]["candidate_score"]
         assert d["production_score"] == runs[which]["decision"]["production_score"]
         assert d["reason"] == runs[which]["decision"]["reason"] and d["dag_id"] == TRAIN
+        assert d["scores_from"] == "gate"
     if runs["better"]["decision"]["promoted"]:
         assert page["decisions"][-1]["action"] == "rollback"
+        # a hand decision scores nothing new: the page says its scores are the registered validation ones
+        assert page["decisions"][-1]["scores_from"] == "registration"
         assert page["production_version"] == runs["good"]["version"]
     assert page["pending_approvals"] == [] and page["can_edit"] is False
 

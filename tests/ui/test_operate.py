@@ -172,6 +172,11 @@ def test_an_admin_approves_a_second_version_then_rolls_back_then_promotes_it(
     page.locator(f"[data-testid=model-production-version][data-value={second}]").wait_for()
     users = page.locator("[data-testid=decision-user]").evaluate_all("ns => ns.map(n => n.dataset.value)")
     assert users[:3] == ["admin", "admin", "admin"]  # newest first: promote, rollback, approve
+    # the hand decisions' scores are labelled as the versions' validation scores (a hand decision scores
+    # nothing new), the approval's are the gate's
+    rows = page.locator("[data-testid=decisions-row]")
+    labels = [rows.nth(i).locator("[data-testid=decision-scores-from]").count() for i in range(3)]
+    assert labels == [2, 2, 0], labels
     shot(page, "promoted")
 
 

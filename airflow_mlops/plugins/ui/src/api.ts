@@ -70,6 +70,8 @@ export interface Decision {
   metric?: string | null;
   candidate_score: number | null;
   production_score: number | null;
+  /** "gate": scored on the gate's holdout; "registration": a hand decision, the registered validation scores */
+  scores_from?: "gate" | "registration" | null;
   reason: string | null;
   user: string | null;
   dag_id: string | null;

@@ -14,6 +14,20 @@ import { ValidationSection } from "./ValidationSection";
  * approved through its train run). */
 const PROMOTABLE = new Set(["candidate", "archived"]);
 
+/** Under a hand decision's scores: they are the versions' validation scores from training, not a holdout's. */
+const ScoresFrom = ({ from }: { from?: string | null }) =>
+  from === "registration" ? (
+    <Text
+      color="fg.muted"
+      data-testid="decision-scores-from"
+      data-value={from}
+      fontSize="xs"
+      title="A decision by hand scores nothing new: these are the versions' validation scores from their tuning run, not scores on a holdout."
+    >
+      validation
+    </Text>
+  ) : undefined;
+
 const Metrics = ({ metrics, main }: { metrics: Record<string, unknown>; main: string }) => {
   const names = Object.keys(metrics ?? {}).sort((a, b) => (a === main ? -1 : b === main ? 1 : a.localeCompare(b)));
   if (names.length === 0) {
@@ -137,9 +151,11 @@ const DecisionsTable = ({ decisions }: { decisions: Decision[] }) => (
             </Table.Cell>
             <Table.Cell>
               <Score testId="decision-candidate-score" value={d.candidate_score} />
+              <ScoresFrom from={d.scores_from} />
             </Table.Cell>
             <Table.Cell>
               <Score testId="decision-production-score" value={d.production_score} />
+              <ScoresFrom from={d.scores_from} />
             </Table.Cell>
             <Table.Cell data-testid="decision-reason" fontSize="xs" maxW="md">
               {d.reason ?? "—"}
