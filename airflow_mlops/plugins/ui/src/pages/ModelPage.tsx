@@ -157,7 +157,7 @@ const DecisionsTable = ({ decisions }: { decisions: Decision[] }) => (
               <Score testId="decision-production-score" value={d.production_score} />
               <ScoresFrom from={d.scores_from} />
             </Table.Cell>
-            <Table.Cell data-testid="decision-reason" fontSize="xs" maxW="md">
+            <Table.Cell data-testid="decision-reason" fontSize="xs" maxW="md" overflowWrap="anywhere">
               {d.reason ?? "—"}
             </Table.Cell>
             <Table.Cell data-testid="decision-user" data-value={d.user ?? ""}>
