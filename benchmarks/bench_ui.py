@@ -3,9 +3,10 @@
 1. the model page of a model with 20 versions and a year of weekly drift checks (52, five columns each),
    loaded in headless Chromium (Debian's ``chromium`` through Playwright): the time from navigation start
    until the versions table shows its 20 rows, and until the drift charts show their 260 points, read in
-   the browser (``performance.now()`` polled on each animation frame); median of ``--loads`` loads in a
-   fresh browser context (nothing cached) and of as many reloads in one context (Airflow's UI and our
-   bundle cached). Target: under 1 s.
+   the browser (``performance.now()`` polled on each animation frame); median of ``--loads`` first loads
+   of the page in a new browser context (after its login, which loads Airflow's own UI once) and of as
+   many reloads in one context (our bundle cached too). Also printed: when Airflow's UI asked for the
+   plugin's bundle, the part of the time before the plugin's code runs at all. Target: under 1 s.
 2. the API server's start (``airflow api-server``, one worker) with and without the plugin: the time from
    the process start until ``/api/v2/monitor/health`` answers, median of ``--starts`` alternated starts.
    Without the plugin = the same command with the ``airflow.plugins`` entry point of airflow-mlops hidden
@@ -244,7 +245,9 @@ def api_server(env: dict[str, str], logs: Path, *, plugin: bool):
 def plugin_mounted(url: str) -> bool:
     import httpx
 
-    return httpx.get(f"{url}/mlops/api/models", timeout=30).status_code != 404
+    # without the plugin Airflow's UI answers an unknown path with its own HTML page (200), not a 404
+    answer = httpx.get(f"{url}/mlops/api/models", timeout=30)
+    return answer.headers.get("content-type", "").startswith("application/json")
 
 
 # ------------------------------------------------------------------------------------------ the page
@@ -254,17 +257,22 @@ ROWS = (
 POINTS = "() => document.querySelectorAll('[data-testid=drift-column] [data-testid=chart-point]').length >= %d ? performance.now() : false"
 
 
-def page_load(page, url: str) -> tuple[float, float]:
-    """Milliseconds from navigation start to the 20 version rows, and to the 260 drift points."""
+#: when Airflow's UI asked for the plugin's bundle (its own start before that: the part the plugin cannot change)
+BUNDLE = "() => (performance.getEntriesByType('resource').find(e => e.name.includes('/mlops/ui/main.js')) || {}).startTime ?? null"
+
+
+def page_load(page, url: str) -> tuple[float, float, float]:
+    """Milliseconds from navigation start to the 20 version rows, to the 260 drift points, and to the
+    request of the plugin's bundle by Airflow's UI."""
     page.goto(f"{url}/plugin/mlops-models/{MODEL}", wait_until="commit")
     rows = page.wait_for_function(ROWS % VERSIONS, polling="raf", timeout=120_000).json_value()
     points = page.wait_for_function(
         POINTS % (CHECKS * len(COLUMNS)), polling="raf", timeout=120_000
     ).json_value()
-    return float(rows), float(points)
+    return float(rows), float(points), float(page.evaluate(BUNDLE) or "nan")
 
 
-def measure_page(url: str, loads: int, shots: Path) -> dict[str, list[tuple[float, float]]]:
+def measure_page(url: str, loads: int, shots: Path) -> dict[str, list[tuple[float, float, float]]]:
     from playwright.sync_api import sync_playwright
 
     os.environ["PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD"] = "1"
@@ -324,19 +332,21 @@ def main() -> int:
         print(
             f"model page of {MODEL}: {VERSIONS} versions, {CHECKS} weekly drift checks x {len(COLUMNS)} columns"
         )
-        for kind, label in (("cold", "fresh context (nothing cached)"), ("warm", "reload (cached)")):
-            rows = statistics.median(r for r, _ in page[kind])
-            points = statistics.median(p for _, p in page[kind])
+        for kind, label in (("cold", "new browser context"), ("warm", "reload in one context")):
+            rows = statistics.median(r for r, _, _ in page[kind])
+            points = statistics.median(p for _, p, _ in page[kind])
+            bundle = statistics.median(b for _, _, b in page[kind])
             print(
-                f"  {label:<32} versions table {rows:7.0f} ms   drift charts {points:7.0f} ms   "
-                f"(median of {len(page[kind])}; target < 1000 ms: {'met' if rows < 1000 else 'NOT met'})"
+                f"  {label:<22} versions table {rows:5.0f} ms   drift charts {points:5.0f} ms   "
+                f"(Airflow's UI asked for the plugin's bundle at {bundle:4.0f} ms; median of {len(page[kind])}; "
+                f"target < 1000 ms: {'met' if rows < 1000 else 'NOT met'})"
             )
         with_plugin, without = statistics.median(starts[True]), statistics.median(starts[False])
         ratio = with_plugin / without
         print(
             f"API server start until /api/v2/monitor/health answers: with the plugin {with_plugin:.2f} s, "
             f"without {without:.2f} s (medians of {args.starts}); ratio {ratio:.3f} "
-            f"(+{(ratio - 1) * 100:.1f} %; target < +10 %: {'met' if ratio < 1.10 else 'NOT met'})"
+            f"({(ratio - 1) * 100:+.1f} %; target < +10 %: {'met' if ratio < 1.10 else 'NOT met'})"
         )
         print(json.dumps({"page_ms": page, "start_s": {"with": starts[True], "without": starts[False]}}))
         if args.keep:
