@@ -24,7 +24,7 @@ from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
 from airflow.api_fastapi.core_api.security import get_user
 from fastapi.testclient import TestClient
 from mlops_testing import ROOT
-from serving.models import FEATURES, LABEL, training_frame, write_model
+from serving.models import LABEL, training_frame, write_manifest, write_model
 
 from airflow_mlops.config import load_settings
 from airflow_mlops.hooks.bentoml import BentoMLHook
@@ -53,23 +53,6 @@ def _context(dag_id: str, run_id: str, task_id: str, **more: Any) -> dict[str, A
     return {"run_id": run_id, "ti": TI(dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=-1), **more}
 
 
-def _manifest(tmp: Path, name: str, frame: Any) -> str:
-    data = tmp / f"{name}.parquet"
-    frame.assign(event_timestamp=frame["time_hour"])[FEATURES + [LABEL, "event_timestamp"]].to_parquet(data)
-    manifest = tmp / f"{name}.json"
-    manifest.write_text(
-        json.dumps(
-            {
-                "data_uri": f"file://{data}",
-                "label": LABEL,
-                "rows": len(frame),
-                "time_range": {"start": str(frame["time_hour"].min()), "end": str(frame["time_hour"].max())},
-            }
-        )
-    )
-    return f"file://{manifest}"
-
-
 def _train_and_gate(tmp: Path) -> dict[str, Any]:
     """Three train runs: a good model (promoted), one that learned nothing (rejected), a better one
     (promoted when it beats the good one), then a rollback when it was."""
@@ -87,8 +70,8 @@ def _train_and_gate(tmp: Path) -> dict[str, Any]:
         "better": write_model(tmp / "better", train, max_iter=120),
     }
     manifest, holdout = (
-        _manifest(tmp, "train", train),
-        _manifest(tmp, "holdout", flights[flights["month"] == 4]),
+        write_manifest(tmp, "train", train),
+        write_manifest(tmp, "holdout", flights[flights["month"] == 4]),
     )
     runs = {}
     for i, which in enumerate(("good", "noise", "better"), start=1):

@@ -66,6 +66,22 @@ class AirflowComponents:
     def run(self, dag_id: str, run_id: str) -> dict:
         return self.client.run(dag_id, run_id)
 
+    def wait_parked(self, dag_id: str, run_id: str, task_id: str, timeout: float = 120) -> None:
+        """Wait until the scheduler has received the executor's event of the process that parked the task
+        (a human-in-the-loop task in ``awaiting_input``). Airflow 3.3.2 fails the task when that event
+        arrives after the answer has already requeued it (docs/lifecycle-spec.md, "Human approval"); on a
+        loaded machine the parking process took 5 s to end after the task showed ``awaiting_input``."""
+        log = self.stack.logs / "scheduler.log"
+        event = (
+            "Received executor event with state success for task instance "
+            f"TaskInstanceKey(dag_id='{dag_id}', task_id='{task_id}', run_id='{run_id}',"
+        )
+        self.wait(
+            f"the scheduler to receive the end of {dag_id} {run_id} {task_id}'s parking process",
+            lambda: log.exists() and event in log.read_text(errors="replace"),
+            timeout,
+        )
+
     def finished_run(self, dag_id: str, run_id: str, timeout: float = 180) -> dict:
         """The run once it has finished, ``success`` or ``failed``."""
         return self.client.wait_run(dag_id, run_id, timeout, check=False)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,34 +39,16 @@ USER = "alice"
 def _write_models(state: Path) -> dict[str, str]:
     """Four binary delay models trained on a sample of January-March 2013 (10, 60, 150 and 30 boosting
     rounds; the first is the weakest on April), their training manifest and an April holdout."""
-    import json
 
     sys.path.insert(0, str(ROOT / "tests" / "integration"))  # the serving tests' model writer
-    from serving.models import FEATURES, LABEL, training_frame, write_model
+    from serving.models import training_frame, write_manifest, write_model
 
     flights = training_frame(months=(1, 2, 3, 4))
     train = flights[flights["month"] <= 3].sample(20_000, random_state=0)
     holdout = flights[flights["month"] == 4].sample(8_000, random_state=0)
     paths: dict[str, str] = {}
     for name, frame in (("train", train), ("holdout", holdout)):
-        data = state / f"{name}.parquet"
-        frame.assign(event_timestamp=frame["time_hour"])[FEATURES + [LABEL, "event_timestamp"]].to_parquet(
-            data
-        )
-        manifest = state / f"{name}.json"
-        span = {"start": str(frame["time_hour"].min()), "end": str(frame["time_hour"].max())}
-        manifest.write_text(
-            json.dumps(
-                {
-                    "data_uri": f"file://{data}",
-                    "label": LABEL,
-                    "event_timestamp_column": "event_timestamp",
-                    "rows": len(frame),
-                    "time_range": span,
-                }
-            )
-        )
-        paths[name] = f"file://{manifest}"
+        paths[name] = write_manifest(state, name, frame)
     for name, rounds in (("weak", 10), ("good", 60), ("best", 150), ("fair", 30)):
         paths[name] = str(write_model(state / "models" / name, train, max_iter=rounds))
     return paths
@@ -114,10 +95,10 @@ class Airflow(AirflowComponents):
             return state == "awaiting_input"
 
         self.wait(f"{run_id}: the approval task to wait for an answer", parked, 300, self.log_tails)
-        # A person reads the question first. Answered within ~0.5 s of the park, the scheduler of Airflow
-        # 3.3.2 may take the parking task's late executor event ("success") for the resumed try and fail it
-        # (docs/lifecycle-spec.md, "Human approval"): seen once here, with the answer 0.5 s after the park.
-        time.sleep(5)
+        # A person reads the question first: answered before the parking process's end reached the
+        # scheduler, Airflow 3.3.2 takes that late event for the resumed try and fails it (seen in CI with
+        # an answer 5 s after the task showed awaiting_input: the parking process took 5 s to end)
+        self.wait_parked(dag_id, run_id, "approval")
         return self.alice.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/approval/-1/hitlDetails")
 
     def answer(self, run_id: str, option: str) -> dict:

@@ -181,7 +181,12 @@ class UIAirflow:
                 return run
             return None
 
-        return self.client.wait(f"{dag_id} {run_id} to finish or wait for approval", probe, timeout)
+        run = self.client.wait(f"{dag_id} {run_id} to finish or wait for approval", probe, timeout)
+        states = self.client.task_states(dag_id, run_id)
+        for task_id in (t for t, state in states.items() if state in WAITING):
+            # an answer before the parking process's end reached the scheduler is lost (Airflow 3.3.2)
+            self.components.wait_parked(dag_id, run_id, task_id)
+        return run
 
     def train(self, run_id: str, conf: dict[str, Any]) -> dict:
         """Trigger a train run and wait until it finished or waits for approval; it must not fail."""
