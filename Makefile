@@ -31,6 +31,11 @@ $(BIN)/.installed: requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv==0.13.9"
 	$(BIN)/uv pip sync --compile-bytecode --python $(BIN)/python requirements.lock
 	$(BIN)/uv pip install --python $(BIN)/python --no-deps -e .
+	@# the editable build leaves setuptools' airflow_mlops.egg-info here: with the clone on sys.path (`python -m`
+	@# or `python -c` run from it) it is a second airflow-mlops distribution, and Airflow loads the UI plugin's
+	@# entry point twice ("Plugin 'airflow_mlops' already registered", a plugin import error); the installed
+	@# metadata is the dist-info in the venv
+	rm -rf airflow_mlops.egg-info
 	touch $@
 
 # The pages inside Airflow's UI: a React bundle (airflow_mlops/plugins/ui/dist/main.js, not committed) built

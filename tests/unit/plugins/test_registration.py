@@ -21,7 +21,9 @@ SCRIPT = (
 def test_airflow_loads_the_plugin_once_without_an_import_error(lazy):
     """With providers discovered eagerly, Airflow used to load the plugin from the provider info as well
     as from the entry point: "Plugin 'airflow_mlops' already registered" and a plugin import error shown
-    on the UI's "Plugins" page."""
+    on the UI's "Plugins" page. Run from the clone, as here, it also finds a second airflow-mlops
+    distribution when the editable install's ``airflow_mlops.egg-info`` is left in the clone (``make install``
+    removes it)."""
     env = {**os.environ, "AIRFLOW__CORE__LAZY_DISCOVER_PROVIDERS": lazy}
     run = subprocess.run(
         [sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True, timeout=120, env=env
