@@ -5,8 +5,10 @@
    until the versions table shows its 20 rows, and until the drift charts show their 260 points, read in
    the browser (``performance.now()`` polled on each animation frame); median of ``--loads`` first loads
    of the page in a new browser context (after its login, which loads Airflow's own UI once) and of as
-   many reloads in one context (our bundle cached too). Also printed: when Airflow's UI asked for the
-   plugin's bundle, the part of the time before the plugin's code runs at all. Target: under 1 s.
+   many reloads in one context (our bundle cached too), and of as many clicks on the model's link on the
+   Models page (a route inside Airflow's UI, which is not loaded again: how users reach the page), timed
+   from the click. Also printed: when Airflow's UI asked for the plugin's bundle, the part of a page load
+   spent before the plugin's code runs at all. Target: under 1 s.
 2. the API server's start (``airflow api-server``, one worker) with and without the plugin: the time from
    the process start until ``/api/v2/monitor/health`` answers, median of ``--starts`` alternated starts.
    Without the plugin = the same command with the ``airflow.plugins`` entry point of airflow-mlops hidden
@@ -272,6 +274,27 @@ def page_load(page, url: str) -> tuple[float, float, float]:
     return float(rows), float(points), float(page.evaluate(BUNDLE) or "nan")
 
 
+#: on the Models page: click the model's link (a route inside Airflow's UI: no page load), from that moment
+CLICK = (
+    "() => { window.__clicked = performance.now(); document.querySelector("
+    "'[data-testid=models-row][data-key=%s] [data-testid=model-link]').click(); }"
+)
+
+
+def navigation(page, url: str) -> tuple[float, float, float]:
+    """Milliseconds from the click on the model's link on the Models page (how a user reaches the model
+    page inside Airflow's UI, which is not loaded again) to the 20 version rows and the 260 drift points."""
+    page.goto(f"{url}/plugin/mlops-models")
+    page.locator(f"[data-testid=models-row][data-key={MODEL}]").wait_for(timeout=120_000)
+    page.evaluate(CLICK % MODEL)
+    rows = page.wait_for_function(ROWS % VERSIONS, polling="raf", timeout=120_000).json_value()
+    points = page.wait_for_function(
+        POINTS % (CHECKS * len(COLUMNS)), polling="raf", timeout=120_000
+    ).json_value()
+    clicked = float(page.evaluate("() => window.__clicked"))
+    return float(rows) - clicked, float(points) - clicked, 0.0
+
+
 def measure_page(url: str, loads: int, shots: Path) -> dict[str, list[tuple[float, float, float]]]:
     from playwright.sync_api import sync_playwright
 
@@ -297,10 +320,11 @@ def measure_page(url: str, loads: int, shots: Path) -> dict[str, list[tuple[floa
             page_load(page, url)
             for _ in range(loads):
                 warm.append(page_load(page, url))
+            clicks = [navigation(page, url) for _ in range(loads)]
             context.close()
         finally:
             browser.close()
-    return {"cold": cold, "warm": warm}
+    return {"cold": cold, "warm": warm, "click": clicks}
 
 
 def main() -> int:
@@ -332,14 +356,22 @@ def main() -> int:
         print(
             f"model page of {MODEL}: {VERSIONS} versions, {CHECKS} weekly drift checks x {len(COLUMNS)} columns"
         )
-        for kind, label in (("cold", "new browser context"), ("warm", "reload in one context")):
+        for kind, label in (
+            ("cold", "new browser context"),
+            ("warm", "reload in one context"),
+            ("click", "link on the Models page"),
+        ):
             rows = statistics.median(r for r, _, _ in page[kind])
             points = statistics.median(p for _, p, _ in page[kind])
             bundle = statistics.median(b for _, _, b in page[kind])
+            loaded = (
+                "Airflow's UI already running"
+                if kind == "click"
+                else f"Airflow's UI asked for the plugin's bundle at {bundle:4.0f} ms"
+            )
             print(
-                f"  {label:<22} versions table {rows:5.0f} ms   drift charts {points:5.0f} ms   "
-                f"(Airflow's UI asked for the plugin's bundle at {bundle:4.0f} ms; median of {len(page[kind])}; "
-                f"target < 1000 ms: {'met' if rows < 1000 else 'NOT met'})"
+                f"  {label:<23} versions table {rows:5.0f} ms   drift charts {points:5.0f} ms   "
+                f"({loaded}; median of {len(page[kind])}; target < 1000 ms: {'met' if rows < 1000 else 'NOT met'})"
             )
         with_plugin, without = statistics.median(starts[True]), statistics.median(starts[False])
         ratio = with_plugin / without
