@@ -139,9 +139,9 @@ def get_provider_info() -> dict[str, Any]:
             "airflow_mlops.operators.validation.ValidationReportLink",
             "airflow_mlops.operators.drift.DriftReportLink",
         ],
-        "plugins": [
-            {"name": "airflow_mlops", "plugin-class": "airflow_mlops.plugins.mlops_plugin.MLOpsPlugin"},
-        ],
+        # no "plugins": the plugin is registered by the airflow.plugins entry point, which Airflow always
+        # loads; listing it here too made Airflow register it twice when [core] lazy_discover_providers
+        # is off ("Plugin 'airflow_mlops' already registered", a plugin import error)
         "config": {
             "mlops": {
                 "description": "Settings of the airflow-mlops provider (also as AIRFLOW__MLOPS__<OPTION>).",

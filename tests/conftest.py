@@ -95,18 +95,21 @@ def postgres_url(postgres_server, request) -> str:
 
 # `make test` runs two pytest workers (pytest-xdist, `-n 2`): one runs the scaled topology
 # (tests/system/test_scaled_topology.py: minutes of waiting on heartbeats, Celery and Ray between bursts of
-# work) then the unit tests, the other everything else in file order. Each worker is a pytest session of its
+# work), the approval flow, the UI's browser tests and the unit tests, the other everything else, each in file
+# order (the two groups take about as long). Each worker is a pytest session of its
 # own (its own state folder, PostgreSQL, Airflow and Ray), so the session-wide set-ups are paid once per
 # worker, and no module is split between the two. The split is a scheduler of xdist's own kind (its
 # documented hook): `--dist loadgroup` cannot do it here, since pytest 9 ignores the group suffix it writes
 # into the node ids.
-SIDE_GROUP = "scaled-topology-and-unit"
+SIDE_GROUP = "scaled-topology-approval-ui-and-unit"
+#: the modules of the side group besides tests/unit/
+SIDE_MODULES = ("tests/system/test_scaled_topology.py", "tests/system/test_approval.py", "tests/ui/")
 MAIN_GROUP = "single-host"
 
 
 def _group(nodeid: str) -> str:
     path = nodeid.split("::", 1)[0]
-    side = path == "tests/system/test_scaled_topology.py" or path.startswith("tests/unit/")
+    side = path.startswith(("tests/unit/", *SIDE_MODULES))
     return SIDE_GROUP if side else MAIN_GROUP
 
 

@@ -35,6 +35,7 @@ are never written again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import threading
@@ -285,17 +286,7 @@ class MLOpsStateHook(BaseHook):
 
     # ------------------------------------------------------------------ documents
     def _table(self) -> Any:
-        from sqlalchemy import Column, Integer, MetaData, String, Table, Text
-
-        return Table(
-            TABLE,
-            MetaData(),
-            Column("namespace", String(64), primary_key=True),
-            Column("key", String(255), primary_key=True),
-            Column("body", Text),
-            Column("revision", Integer, nullable=False),
-            Column("updated_at", String(40)),
-        )
+        return _documents_table()
 
     def get(
         self, namespace: str, key: str, legacy: Callable[[], dict[str, Any] | None] | None = None
@@ -342,6 +333,22 @@ class MLOpsStateHook(BaseHook):
                 .order_by(table.c.key)
             )
             return [row.key for row in rows]
+
+    def documents(self, namespace: str, prefix: str = "") -> dict[str, dict[str, Any]]:
+        """Every document of ``namespace`` whose key starts with ``prefix``, by key, in one query (the UI
+        reads a year of drift checks at once)."""
+        from sqlalchemy import select
+
+        table = self._table()
+        query = select(table.c.key, table.c.body).where(
+            table.c.namespace == namespace, table.c.body.is_not(None)
+        )
+        if prefix:
+            escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            query = query.where(table.c.key.like(f"{escaped}%", escape="\\"))
+        with self._reached() as conn:
+            rows = conn.execute(query.order_by(table.c.key)).all()
+        return {row.key: json.loads(row.body) for row in rows}
 
     def delete(self, namespace: str, key: str) -> None:
         """Remove the document ``namespace/key`` (nothing when there is none)."""
@@ -416,6 +423,24 @@ class MLOpsStateHook(BaseHook):
                 updated_at=_now().isoformat(),
             )
         )
+
+
+@functools.cache
+def _documents_table() -> Any:
+    """The table of documents, one object per process: SQLAlchemy caches the compiled statements per
+    table, so a new ``Table`` per call compiled every query again (tens of ms each on a loaded machine,
+    for every read of the UI's pages)."""
+    from sqlalchemy import Column, Integer, MetaData, String, Table, Text
+
+    return Table(
+        TABLE,
+        MetaData(),
+        Column("namespace", String(64), primary_key=True),
+        Column("key", String(255), primary_key=True),
+        Column("body", Text),
+        Column("revision", Integer, nullable=False),
+        Column("updated_at", String(40)),
+    )
 
 
 def read_legacy_json(path: Any) -> Callable[[], dict[str, Any] | None]:

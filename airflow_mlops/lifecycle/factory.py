@@ -1,4 +1,4 @@
-"""The lifecycle factory: a validated spec in, the model's four DAGs out.
+"""The lifecycle factory: a validated spec in, the model's DAGs out.
 
 ``lifecycle_dags(spec_path)`` returns ``{dag_id: DAG}`` for
 
@@ -11,7 +11,12 @@
   -> gated promotion -> drift baseline -> Bento build -> blue/green deploy -> sample predictions;
 - ``<prefix>_monitor``: every day or week of data time, an Evidently drift check (and the model's
   quality decay, by the spec's metrics, where labels have arrived) of the last ``window_days`` against
-  the production model's training snapshot; drift emits the event that starts ``<prefix>_train``.
+  the production model's training snapshot; drift emits the event that starts ``<prefix>_train``;
+- ``<prefix>_operate``: by hand only (conf ``{"action": "promote"|"rollback", "version": ...}``): put a
+  version in production or roll back, recorded with the triggering user, then deploy as ``_train`` does.
+
+With ``promotion.approval: manual`` the train DAG's ``approval`` task waits (no worker slot held) for a
+person to approve or reject the candidate that passed the gate before anything is deployed.
 
 The spec's ``task`` (binary, multiclass or regression) reaches every stage: the training sets check
 their labels against it, tuning, registration and promotion use the spec's metrics (the task's default
@@ -53,6 +58,31 @@ TRAIN_WINDOW = "train_window(params, triggering_asset_events, ti.xcom_pull(task_
 #: the last day of the data interval (the interval's only day for a daily schedule)
 LAST_DAY = "{{ (data_interval_end - macros.timedelta(days=1)) | ds }}"
 FIRST_DAY = "{{ data_interval_start | ds }}"
+#: the operate DAG's request (its run's conf, through its params) and the user the decision names: the one
+#: who triggered the run (Airflow 3.1+ records it on the run)
+OPERATE_REQUEST = {
+    "action": "{{ params.action or '' }}",
+    "version": "{{ params.version or '' }}",
+    "user": "{{ dag_run.triggering_user_name or '' }}",
+}
+
+
+def operate_params() -> dict[str, Param]:
+    """The operate DAG's params: its trigger form, and the conf keys a REST trigger gives."""
+    return {
+        "action": Param(
+            None,
+            type=["null", "string"],
+            enum=[None, "promote", "rollback"],
+            description="promote: put `version` in production; rollback: go back to the version that "
+            "was in production before the current one.",
+        ),
+        "version": Param(
+            None,
+            type=["null", "string"],
+            description="The version to promote (e.g. v1a2b3c4d5e6f7a8b); leave empty to roll back.",
+        ),
+    }
 
 
 def _utc(day: date) -> datetime:
@@ -415,7 +445,7 @@ come from the Feast feature service `{features.feature_service}` (label `{featur
 Ray Tune ({tuning.num_samples} trials, {tuning.metric} {"maximized" if tuning.mode == "max" else "minimized"});
 `register` adds the best model as a candidate with its signature; `promote` makes it production only if it
 beats production on the holdout by {promotion.min_improvement} {promotion.metric} ({floor});
-`drift_baseline` makes its training snapshot the monitor's reference; `build` / `deploy` serve it
+{approval_doc(spec)}`drift_baseline` makes its training snapshot the monitor's reference; `build` / `deploy` serve it
 ({spec.serving.target}) and `sample_predictions` sends real holdout rows to the live endpoint.
 
 A drift event moves the holdout to the `holdout_days` before the event's data time and the training
@@ -490,6 +520,7 @@ window to the `train_days` before that; otherwise the params' days are used.
             min_improvement=promotion.min_improvement,
             # None: no floor (the spec gives none for metrics without a natural one, e.g. rmse)
             floor=promotion.floor,
+            approval=promotion.approval,
         )
         baseline = DriftBaselineOperator(
             task_id="drift_baseline",
@@ -498,36 +529,14 @@ window to the `train_days` before that; otherwise the params' days are used.
             reference_columns=dict(spec.monitoring.reference_columns) or None,
         )
         gate >> [training_set, holdout_set]
-        tune >> register >> promote >> baseline
+        tune >> register >> promote
+        if promotion.approval == "manual":
+            promote >> _approval_task(spec, promote) >> baseline
+        else:
+            promote >> baseline
         if spec.serving.target == "local":
-            # serving.queue: the serving tasks run on the hosts whose Celery workers listen on it
             on_host = _serving_queue(spec)
-            if spec.serving.endpoint:
-                deploy = _deploy_onto_endpoint(spec, repo)
-                baseline >> deploy
-            else:
-                from airflow_mlops.operators.serving import BentoBuildOperator, BentoDeployOperator
-
-                build = BentoBuildOperator(task_id="build", model_name=spec.model, **on_host)
-                rollout = spec.serving.rollout
-                deploy = BentoDeployOperator(
-                    task_id="deploy",
-                    multiple_outputs=True,
-                    model_name=spec.model,
-                    port=spec.serving.port,
-                    feast_repo_path=repo,
-                    strategy=rollout.strategy,
-                    canary_steps=rollout.steps,
-                    step_minutes=rollout.step_minutes,
-                    guardrails=rollout.guardrails.model_dump(),
-                    **on_host,
-                )
-                if rollout.shadow_minutes:
-                    first, last = _shadow_period(spec, repo)
-                    baseline >> build >> first
-                    last >> deploy
-                else:
-                    baseline >> build >> deploy
+            deploy = _serving_tasks(spec, repo, baseline, shadow=True)
             if spec.serving.sample_rows:
                 sample = PythonOperator(
                     task_id="sample_predictions",
@@ -547,6 +556,77 @@ window to the `train_days` before that; otherwise the params' days are used.
                 )
                 [deploy, holdout_set] >> sample
     return dag
+
+
+def approval_doc(spec: LifecycleSpec) -> str:
+    """The train DAG's documentation of ``promotion.approval`` (empty when automatic)."""
+    from airflow_mlops.operators.registry import TIMEOUT_ANSWERS
+
+    promotion = spec.promotion
+    if promotion.approval != "manual":
+        return ""
+    timeout = (
+        f"without an answer within {promotion.approval_timeout_hours:g} h it is {TIMEOUT_ANSWERS[promotion.on_timeout]}"
+        if promotion.approval_timeout_hours
+        else "it waits until someone answers"
+    )
+    return (
+        "A candidate that passes becomes `pending_approval`: `approval` waits (awaiting input, no worker "
+        "slot) for a person to answer in Required actions or on the model page; Approve puts it in production "
+        f"and the run deploys it, Reject marks it `rejected` and deploys nothing; {timeout}. "
+    )
+
+
+def _approval_task(spec: LifecycleSpec, promote: Any) -> Any:
+    """``promotion.approval: manual``: the ``approval`` task, a person's answer in Airflow's
+    human-in-the-loop before the candidate that passed the gate reaches production."""
+    from airflow_mlops.operators.registry import ModelApprovalOperator
+
+    hours = spec.promotion.approval_timeout_hours
+    return ModelApprovalOperator(
+        task_id="approval",
+        model_name=spec.model,
+        promotion=promote.output,
+        response_timeout=timedelta(hours=hours) if hours else None,
+        on_timeout=spec.promotion.on_timeout,
+    )
+
+
+def _serving_tasks(spec: LifecycleSpec, repo: str, upstream: Any, *, shadow: bool) -> Any:
+    """The tasks that serve the production version after ``upstream`` (``serving.target: local``): build
+    and deploy (or the deploy onto the spec's multi-model endpoint); returns the ``deploy`` task.
+
+    :param shadow: put ``serving.rollout.shadow_minutes``' shadow period before the deploy.
+    """
+    # serving.queue: the serving tasks run on the hosts whose Celery workers listen on it
+    on_host = _serving_queue(spec)
+    if spec.serving.endpoint:
+        deploy = _deploy_onto_endpoint(spec, repo)
+        upstream >> deploy
+        return deploy
+    from airflow_mlops.operators.serving import BentoBuildOperator, BentoDeployOperator
+
+    build = BentoBuildOperator(task_id="build", model_name=spec.model, **on_host)
+    rollout = spec.serving.rollout
+    deploy = BentoDeployOperator(
+        task_id="deploy",
+        multiple_outputs=True,
+        model_name=spec.model,
+        port=spec.serving.port,
+        feast_repo_path=repo,
+        strategy=rollout.strategy,
+        canary_steps=rollout.steps,
+        step_minutes=rollout.step_minutes,
+        guardrails=rollout.guardrails.model_dump(),
+        **on_host,
+    )
+    if shadow and rollout.shadow_minutes:
+        first, last = _shadow_period(spec, repo)
+        upstream >> build >> first
+        last >> deploy
+    else:
+        upstream >> build >> deploy
+    return deploy
 
 
 def _serving_queue(spec: LifecycleSpec) -> dict[str, Any]:
@@ -679,6 +759,51 @@ store and, only on drift or decay, emits an event on `{spec.drift_asset_name}`, 
     return dag
 
 
+def operate_dag(spec: LifecycleSpec) -> DAG:
+    from airflow_mlops.operators.drift import DriftBaselineOperator
+    from airflow_mlops.operators.registry import ModelActionOperator
+
+    repo = str(spec.resolve(spec.features.repo))
+    serves = spec.serving.target == "local"
+    with DAG(
+        dag_id=spec.dag_id("operate"),
+        description=f"Promote a version of {spec.model} or roll back, by hand; the live endpoint follows.",
+        schedule=None,
+        start_date=_utc(spec.start_date),
+        catchup=False,
+        # one change at a time: two runs would race on what production is
+        max_active_runs=1,
+        params=operate_params(),
+        default_args=_default_args(spec),
+        auto_register=False,
+        tags=["mlops", *spec.tags, "operate"],
+        doc_md=f"""Operate model **{spec.model}** by hand (spec `{spec.source}`).
+
+Trigger with conf `{{"action": "promote", "version": "<version>"}}` or `{{"action": "rollback",
+"version": null}}`. `operate` checks the request before changing anything (an unknown action or version,
+a `rejected` version, one `pending_approval` in a train run, no previous version to roll back to: the run
+fails naming the problem), puts the version in production in the registry and records the decision with
+the run's triggering user. `drift_baseline` makes its training snapshot the monitor's reference{
+            ", then `build` / `deploy` serve it as the train DAG does, so the live endpoint follows"
+            if serves
+            else ""
+        }.
+""",
+    ) as dag:
+        action = ModelActionOperator(task_id="operate", model_name=spec.model, **OPERATE_REQUEST)
+        baseline = DriftBaselineOperator(
+            task_id="drift_baseline",
+            model_name=spec.model,
+            columns=spec.monitoring.columns,
+            reference_columns=dict(spec.monitoring.reference_columns) or None,
+        )
+        action >> baseline
+        if serves:
+            # a person chose this version: no shadow period before it serves
+            _serving_tasks(spec, repo, baseline, shadow=False)
+    return dag
+
+
 def batch_scoring_dag(spec: LifecycleSpec) -> DAG:
     from airflow_mlops.operators.batch_scoring import BatchScoringOperator
 
@@ -732,8 +857,8 @@ last day from the offline table `{table}`, answers every row with the production
 
 
 def lifecycle_dags(spec_path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, DAG]:
-    """The ingest, features, train and monitor DAGs of the lifecycle spec at ``spec_path``, and its batch
-    scoring DAG when the spec has a ``batch_scoring`` section.
+    """The ingest, features, train, monitor and operate DAGs of the lifecycle spec at ``spec_path``, and
+    its batch scoring DAG when the spec has a ``batch_scoring`` section.
 
     :param overrides: nested mapping merged over the spec (tests use it to switch cadence or ports).
     :return: ``{dag_id: DAG}``; put it in the DAG file's globals for Airflow to find the DAGs. Only the
@@ -742,7 +867,7 @@ def lifecycle_dags(spec_path: str | Path, overrides: dict[str, Any] | None = Non
     :raises LifecycleSpecError: the spec is invalid; the message names the file, each field and the fix.
     """
     spec = load_spec(spec_path, overrides)
-    dags = [ingest_dag(spec), features_dag(spec), train_dag(spec), monitor_dag(spec)]
+    dags = [ingest_dag(spec), features_dag(spec), train_dag(spec), monitor_dag(spec), operate_dag(spec)]
     if spec.batch_scoring is not None:
         dags.append(batch_scoring_dag(spec))
     return {dag.dag_id: dag for dag in dags}

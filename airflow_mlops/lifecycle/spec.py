@@ -172,6 +172,27 @@ class Promotion(_Section):
         description="score the candidate must reach (at most, for a metric where lower is better); "
         "default 0.5 for auc, 0 for r2, none for the other metrics",
     )
+    approval: Literal["automatic", "manual"] = Field(
+        default="automatic",
+        description="manual: a candidate that passed the gate waits (stage pending_approval) for a human "
+        "to approve or reject it in Airflow (human-in-the-loop) before it is put in production and deployed",
+    )
+    approval_timeout_hours: float | None = Field(
+        default=None,
+        gt=0,
+        description="manual approval: hours to wait for an answer; then on_timeout decides (default: wait "
+        "for ever)",
+    )
+    on_timeout: Literal["reject", "approve"] = Field(
+        default="reject",
+        description="manual approval: the answer taken when approval_timeout_hours pass without one",
+    )
+
+    @model_validator(mode="after")
+    def _timeout_needs_manual(self) -> Promotion:
+        if self.approval == "automatic" and self.approval_timeout_hours is not None:
+            raise ValueError("approval_timeout_hours is set but approval is automatic (nothing waits)")
+        return self
 
 
 class CanaryGuardrails(_Section):

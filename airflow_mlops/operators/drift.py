@@ -11,11 +11,15 @@ reference reads that small file. The current window is read from the offline sto
 (:mod:`airflow_mlops.ml.prediction_log`). The computation itself lives in :mod:`airflow_mlops.ml.drift`
 (re-exported here).
 
-Emitting the drift event: in Airflow 3.3's Task SDK every concrete ``Asset`` in ``outlets`` gets an
-event whenever the task succeeds, whatever the task does. The operator therefore puts an
-``AssetAlias`` in its outlets and attaches an event for the model's drift ``Asset`` to that alias only
-when drift, prediction drift or decay was found; a calm run adds nothing to the alias and no event is
-created. DAGs scheduled on the drift ``Asset`` itself are triggered by the alias events.
+Emitting the drift event: the model's drift ``Asset`` is a declared outlet of the operator, so Airflow's
+Assets page names the monitor task that produces it. In Airflow 3.3's Task SDK every concrete ``Asset``
+in a task's ``outlets`` gets an event when the task succeeds, whatever the task does: the worker sends
+the task's ``outlets`` as they are when it finishes (``ti.task.outlets``) and the API server records one
+event per Asset among them, with the ``extra`` set through ``outlet_events[asset].extra``. The operator
+therefore sets the event's ``extra`` (the figures and ``model_page``, the model's page in Airflow's UI)
+only when drift, prediction drift or decay was found, and on a calm run drops the drift Asset from the
+outlets of the running task: no event is created. (An earlier release emitted through an
+``AssetAlias``, which kept the producing task off the Assets page.)
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ __all__ = [
     "column_statistics",
     "drift_alias",
     "drift_event_id",
+    "emitted_drift_events",
     "event_extra",
     "normalize_columns",
     "prepare_reference",
@@ -224,8 +229,17 @@ class DriftReportLink(BaseOperatorLink):
         return XCom.get_value(ti_key=ti_key, key=self.xcom_key) or ""
 
 
+def emitted_drift_events(task: EvidentlyDriftOperator, outlet_events: Any) -> list[Any]:
+    """The drift Asset events a finished ``task`` reports, as the worker sends them when it succeeds: the
+    ``outlet_events`` accessor (``.key``, ``.extra``) of each drift Asset still among its ``outlets``;
+    empty for a calm run. For tests and callers that run :meth:`EvidentlyDriftOperator.execute` directly."""
+    asset = task.drift_asset
+    return [outlet_events[asset]] if asset is not None and asset in task.outlets else []
+
+
 def drift_alias(asset: Asset | str) -> AssetAlias:
-    """The ``AssetAlias`` through which drift events for ``asset`` are emitted."""
+    """The ``AssetAlias`` through which an earlier release emitted drift events for ``asset`` (kept for
+    DAGs that name it; :class:`EvidentlyDriftOperator` now declares the Asset itself as its outlet)."""
     name = asset.name if isinstance(asset, Asset) else str(asset)
     return AssetAlias(name=f"{name}.events")
 
@@ -246,8 +260,8 @@ class EvidentlyDriftOperator(BaseOperator):
     Returns ``drift_detected`` (data drift), ``drift_share``, ``drifted_columns`` (column: score),
     ``columns``, ``quality``, ``decay_detected``, ``prediction_drift``, ``window``, ``reference``,
     ``event_id``, ``report_uri``, ``summary_uri``. When data drift, prediction drift or decay is found and
-    ``drift_asset`` is set, one event for ``drift_asset`` with these figures in ``extra`` is attached to
-    the operator's ``AssetAlias`` outlet (see the module docstring); otherwise no event is emitted.
+    ``drift_asset`` is set, ``drift_asset`` (a declared outlet) gets one event with these figures and
+    ``model_page`` in ``extra``; otherwise no event is emitted (see the module docstring).
 
     :param model_name: registry name of the monitored model; its production version gives the
         reference and the model scored for decay and prediction drift (templated).
@@ -301,7 +315,8 @@ class EvidentlyDriftOperator(BaseOperator):
         ``prediction_drift`` = ``{"rows", "score", "method", "threshold", "drift_detected"}``, or
         ``{"rows": 0, "reason"}`` when nothing was served. A drifted prediction distribution emits the
         drift event (templated).
-    :param drift_asset: the model's drift Asset (or its name); events go through ``drift_alias(asset)``.
+    :param drift_asset: the model's drift Asset (or its name), added to the task's outlets; it gets an
+        event only on drift or decay.
     """
 
     template_fields: Sequence[str] = (
@@ -356,7 +371,8 @@ class EvidentlyDriftOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         if drift_asset is not None:
-            kwargs["outlets"] = [*(kwargs.get("outlets") or []), drift_alias(drift_asset)]
+            asset = Asset(name=drift_asset) if isinstance(drift_asset, str) else drift_asset
+            kwargs["outlets"] = [*(kwargs.get("outlets") or []), asset]
         super().__init__(**kwargs)
         if source not in ("offline_store", "prediction_log"):
             raise MLOpsArgumentError(
@@ -549,6 +565,9 @@ class EvidentlyDriftOperator(BaseOperator):
         )
         summary_artifact = self.store.write_json(self.store.for_task(context, "drift_summary.json"), result)
         result["summary_uri"] = summary_artifact.uri
+        from airflow_mlops.hooks.history import record_drift_check
+
+        record_drift_check(result, context)  # the UI's drift history (docs/ui.md)
 
         from airflow_mlops.plugins.mlops_plugin import artifact_url
 
@@ -567,11 +586,22 @@ class EvidentlyDriftOperator(BaseOperator):
             quality.get("max_decay"),
             (predictions or {}).get("score") if predictions else "not checked",
         )
-        if (summary["drift_detected"] or decay or predictions_drifted) and self.drift_asset is not None:
-            context["outlet_events"][drift_alias(self.drift_asset)].add(
-                self.drift_asset, extra=event_extra(result)
+        if self.drift_asset is not None:
+            self._emit_drift_event(
+                context, result, bool(summary["drift_detected"] or decay or predictions_drifted)
             )
         return result
+
+    def _emit_drift_event(self, context: Context, result: Mapping[str, Any], drifted: bool) -> None:
+        """An event on the drift Asset (a declared outlet) when ``drifted``, with the figures in ``extra``;
+        none otherwise: the Asset leaves this run's outlets (see the module docstring)."""
+        from airflow_mlops.operators.registry import model_page_url
+
+        if drifted:
+            extra = {**event_extra(result), "model_page": model_page_url(self.model_name)}
+            context["outlet_events"][self.drift_asset].extra.update(extra)
+        else:
+            self.outlets = [o for o in self.outlets if o != self.drift_asset]
 
     def _labelled_rows(
         self, current: pd.DataFrame, offline_root: str, dates: Sequence[str]
@@ -816,6 +846,9 @@ def event_extra(result: Mapping[str, Any]) -> dict[str, Any]:
 class DriftBaselineOperator(BaseOperator):
     """(Re)compute the cached drift reference of the model in production; run it after promotion.
 
+    With no version in production (the model's first candidate was refused) the task is skipped, and with
+    it the tasks after it that serve production.
+
     Pass the monitor's ``columns`` and ``reference_columns``: the cache is keyed by them, so the
     monitor's next check finds the reference prepared.
 
@@ -844,9 +877,17 @@ class DriftBaselineOperator(BaseOperator):
         self.bentoml_conn_id = bentoml_conn_id
 
     def execute(self, context: Context) -> dict[str, Any]:
+        from airflow.sdk.exceptions import AirflowSkipException
+
         from airflow_mlops.hooks.bentoml import BentoMLHook
 
-        production = production_reference(self.model_name, BentoMLHook(bentoml_conn_id=self.bentoml_conn_id))
+        hook = BentoMLHook(bentoml_conn_id=self.bentoml_conn_id)
+        if production_model(self.model_name, hook) is None:
+            # the gate (or a person) refused the model's first candidate: nothing to monitor or serve yet
+            raise AirflowSkipException(
+                f"{self.model_name} has no production version: no drift reference to prepare, nothing to serve"
+            )
+        production = production_reference(self.model_name, hook)
         aliases = dict(self.reference_columns or {})
         specs = specs_for(self.columns, production["reference_uri"], aliases)
         reference = prepare_reference(production["reference_uri"], specs, refresh=True, aliases=aliases)

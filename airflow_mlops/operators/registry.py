@@ -8,6 +8,12 @@ the feature service) so the model-agnostic service can describe its requests. Pr
 worse model in front of users: the candidate and the current production model are scored with the task's
 metric (:mod:`airflow_mlops.ml.metrics`) on the same holdout, later in time than either model's training
 data, and the decision with both scores is recorded in the registry.
+
+With human approval (:class:`ModelApprovalOperator`) a candidate that passed the gate waits with stage
+``pending_approval`` until someone approves it (production) or rejects it (``rejected``) in Airflow's
+human-in-the-loop "Required actions". :class:`ModelActionOperator` promotes a named version or rolls back
+by hand (the lifecycle's operate DAG). Every decision is appended to the registry history; those taken by
+a person carry their name as ``user`` (None for the gate's own decisions).
 """
 
 from __future__ import annotations
@@ -16,11 +22,12 @@ import json
 import shutil
 import tempfile
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import BaseOperator
 
 from airflow_mlops.artifacts import as_path, reaching, sha256_of
@@ -37,6 +44,14 @@ if TYPE_CHECKING:
 HIGHER_IS_BETTER = {name: metric.higher_is_better for name, metric in METRICS.items()}
 #: the floor a candidate must clear when ``floor`` is not given: chance level where the metric has one
 DEFAULT_FLOOR: dict[str, float] = {"auc": 0.5}
+#: how a candidate that passed the gate reaches production: at once, or after a person approves it
+APPROVALS = ("automatic", "manual")
+#: the stage (and history action) of a candidate that passed the gate and awaits a person's approval
+PENDING_APPROVAL = "pending_approval"
+#: what ``ModelApprovalOperator(on_timeout=...)`` does to a candidate nobody answered for, as the docs say it
+TIMEOUT_ANSWERS = {"reject": "rejected", "approve": "approved"}
+#: the history actions that put a version in production (a rollback goes back to their previous_production)
+PROMOTING_ACTIONS = ("promote", "approve")
 
 
 def _read_manifest_or_parquet(uri: str) -> tuple[dict[str, Any], Any]:
@@ -306,6 +321,10 @@ class PromoteModelOperator(_RegistryOperator):
     :param min_improvement: required margin over production (>= 0), in the metric's units.
     :param floor: score the candidate must reach (at least for higher-is-better metrics, at most for
         losses); default 0.5 for ``auc`` (chance), none for the others.
+    :param approval: ``automatic`` (default): a candidate that passes goes to production at once;
+        ``manual``: it gets stage ``pending_approval`` and the decision is recorded as
+        ``pending_approval``, production is left as it is until :class:`ModelApprovalOperator` records a
+        person's answer. The return value's ``pending_approval`` says which happened.
     """
 
     template_fields: Sequence[str] = ("model_name", "candidate_version", "holdout_uri")
@@ -318,9 +337,15 @@ class PromoteModelOperator(_RegistryOperator):
         metric: str | None = None,
         min_improvement: float = 0.0,
         floor: float | None = None,
+        approval: str = "automatic",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if approval not in APPROVALS:
+            raise MLOpsArgumentError(
+                f"approval must be one of {', '.join(APPROVALS)}, got {approval!r}.",
+                fix="write approval='manual' to have a person approve each promotion, else leave it out.",
+            )
         if metric is not None and metric not in METRICS:
             raise MLOpsArgumentError(
                 f"metric {metric!r} is not a known metric.",
@@ -336,6 +361,7 @@ class PromoteModelOperator(_RegistryOperator):
         self.metric = metric
         self.min_improvement = min_improvement
         self.floor = floor
+        self.approval = approval
 
     def _score(self, version: str, frame: Any, label: str, metric: str) -> float:
         from airflow_mlops.ml.metrics import encode_labels, scores
@@ -403,13 +429,19 @@ class PromoteModelOperator(_RegistryOperator):
                 higher_is_better=spec.higher_is_better,
             )
             now = datetime.now(UTC).isoformat()
-            if decision.promote:
+            pending = decision.promote and self.approval == "manual"
+            if pending:
+                candidate["stage"] = PENDING_APPROVAL
+                action = PENDING_APPROVAL
+            elif decision.promote:
                 self.hook.put_in_production(index, self.candidate_version)
+                action = "promote"
             else:
                 candidate["stage"] = "rejected"
+                action = "reject"
             entry = {
                 "at": now,
-                "action": "promote" if decision.promote else "reject",
+                "action": action,
                 "version": self.candidate_version,
                 "previous_production": production_version,
                 "metric": metric,
@@ -417,24 +449,32 @@ class PromoteModelOperator(_RegistryOperator):
                 "task": task,
                 "holdout_uri": self.holdout_uri,
                 "holdout_rows": len(frame),
+                "dag_id": context["ti"].dag_id,
                 "dag_run_id": context["run_id"],
+                "user": None,
                 **decision.to_dict(),
             }
             index["history"].append(entry)
             candidate.setdefault("decisions", []).append(entry)
         self.log.info(
             "%s %s on %s (%s): %s",
-            "Promoted" if decision.promote else "Rejected",
+            "Passed the gate, awaiting approval:"
+            if pending
+            else "Promoted"
+            if decision.promote
+            else "Rejected",
             candidate["tag"],
             metric,
             spec.mode,
             decision.reason,
         )
+        promoted = decision.promote and not pending
         return {
-            "promoted": decision.promote,
+            "promoted": promoted,
+            "pending_approval": pending,
             "reason": decision.reason,
             "version": self.candidate_version,
-            "production_version": self.candidate_version if decision.promote else production_version,
+            "production_version": self.candidate_version if promoted else production_version,
             "candidate_score": candidate_score,
             "production_score": production_score,
             "metric": metric,
@@ -465,40 +505,388 @@ class PromoteModelOperator(_RegistryOperator):
                 )
 
 
+def model_page_url(model_name: str) -> str:
+    """The model's page in Airflow's UI (the plugin's ``mlops-models`` page), under ``[api] base_url``:
+    the plugin's :func:`~airflow_mlops.plugins.mlops_plugin.model_page_url`."""
+    from airflow_mlops.plugins.mlops_plugin import model_page_url as page
+
+    return page(model_name)
+
+
+def previous_production(index: dict[str, Any], current: str | None) -> str | None:
+    """The version that was in production before ``current`` (None when the history names none)."""
+    return next(
+        (
+            h["previous_production"]
+            for h in reversed(index["history"])
+            if h.get("action") in PROMOTING_ACTIONS
+            and h.get("version") == current
+            and h.get("previous_production")
+        ),
+        None,
+    )
+
+
+def _metric_of(record: dict[str, Any] | None, metric: str | None) -> float | None:
+    """The score ``record`` registered for ``metric`` (its validation score at tuning time), or None."""
+    value = ((record or {}).get("metrics") or {}).get(metric) if metric else None
+    return float(value) if isinstance(value, int | float) else None
+
+
 class RollbackModelOperator(_RegistryOperator):
     """Put the previous production version back; the current one becomes ``archived``.
 
     :param model_name: registry name (templated).
+    :param user: who asked for it, recorded as the decision's ``user`` (templated; e.g.
+        ``{{ dag_run.triggering_user_name }}``); default none.
     """
 
-    template_fields: Sequence[str] = ("model_name",)
+    template_fields: Sequence[str] = ("model_name", "user")
+
+    def __init__(self, *, user: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.user = user
 
     def execute(self, context: Context) -> dict[str, Any]:
         with self.hook.locked(self.model_name) as index:
-            current = self.hook.production_version(self.model_name, index)
-            previous = next(
-                (
-                    h["previous_production"]
-                    for h in reversed(index["history"])
-                    if h["action"] == "promote" and h["version"] == current and h["previous_production"]
-                ),
-                None,
-            )
-            if not current or not previous:
-                raise ModelRegistryError(
-                    f"model {self.model_name!r} has no previous production version to roll back to.",
-                    fix="promote a second version before rolling back.",
-                )
-            self.hook.model_dir(self.model_name, previous)  # refuse a tampered version before switching
-            self.hook.put_in_production(index, previous)
-            index["history"].append(
-                {
-                    "at": datetime.now(UTC).isoformat(),
-                    "action": "rollback",
-                    "version": previous,
-                    "previous_production": current,
-                    "dag_run_id": context["run_id"],
-                }
-            )
+            current, previous = self._check_rollback(index)
+            self._switch(index, previous, "rollback", context)
         self.log.info("Rolled %s back from %s to %s", self.model_name, current, previous)
         return {"production_version": previous, "rolled_back_from": current}
+
+    def _check_rollback(self, index: dict[str, Any]) -> tuple[str, str]:
+        """(current, previous) production versions; raises before anything changes when there is none."""
+        current = self.hook.production_version(self.model_name, index)
+        previous = previous_production(index, current)
+        if not current or not previous:
+            raise ModelRegistryError(
+                f"model {self.model_name!r} has no previous production version to roll back to"
+                + (
+                    f" (the history names none before {current})." if current else " (none is in production)."
+                ),
+                fix="promote a second version before rolling back, or promote a named version instead.",
+            )
+        return current, previous
+
+    def _switch(self, index: dict[str, Any], version: str, action: str, context: Context) -> dict[str, Any]:
+        """Put ``version`` in production in ``index`` and record the decision with the user's name."""
+        # refuse a tampered version before switching
+        self.hook.model_dir(self.model_name, version, index["versions"][version])
+        current = self.hook.production_version(self.model_name, index)
+        records = index["versions"]
+        metric = records[version].get("metric")
+        self.hook.put_in_production(index, version)
+        entry = {
+            "at": datetime.now(UTC).isoformat(),
+            "action": action,
+            "version": version,
+            "previous_production": current,
+            "metric": metric,
+            # hand decisions score nothing new: the versions' registered (validation) scores
+            "candidate_score": _metric_of(records[version], metric),
+            "production_score": _metric_of(records.get(current) if current else None, metric),
+            "scores_from": "registration",
+            "reason": f"{action} by hand" + (f" ({self.user})" if self.user else ""),
+            "user": str(self.user) if self.user else None,
+            "dag_id": context["ti"].dag_id,
+            "dag_run_id": context["run_id"],
+        }
+        index["history"].append(entry)
+        records[version].setdefault("decisions", []).append(entry)
+        return entry
+
+
+class ModelActionOperator(RollbackModelOperator):
+    """Promote a named version, or roll back, by hand (the lifecycle's ``<prefix>_operate`` DAG).
+
+    ``promote`` puts ``version`` in production (the one it replaces becomes ``archived``); ``rollback``
+    puts the previous production version back (``version``, when given, must be the current production
+    version). The decision is recorded with ``user``. Every check happens before anything changes: an
+    unknown action or version, a ``rejected`` version, one ``pending_approval`` (answer its approval task
+    instead), no previous version to roll back to. Promoting the version already in production changes
+    nothing (a rerun after a failed deploy only deploys again).
+
+    :param model_name: registry name (templated).
+    :param action: ``promote`` or ``rollback`` (templated).
+    :param version: the version to promote; empty for a rollback (templated).
+    :param user: who asked for it, recorded as the decision's ``user`` (templated).
+    """
+
+    template_fields: Sequence[str] = ("model_name", "action", "version", "user")
+
+    def __init__(self, *, action: str, version: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.action = action
+        self.version = version
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        action = str(self.action or "").strip()
+        version = str(self.version or "").strip() or None
+        if version in ("None", "null"):
+            version = None
+        if action not in ("promote", "rollback"):
+            raise MLOpsArgumentError(
+                f"action {action!r} is not one this DAG knows.",
+                fix='trigger it with conf {"action": "promote", "version": "<version>"} or '
+                '{"action": "rollback", "version": null}.',
+            )
+        with self.hook.locked(self.model_name) as index:
+            current = self.hook.production_version(self.model_name, index)
+            if action == "rollback":
+                if version and version != current:
+                    raise MLOpsArgumentError(
+                        f"rollback of {self.model_name!r} names version {version!r}, which is not the "
+                        f"production version ({current or 'none'}); a rollback goes back to the version "
+                        "before production.",
+                        fix='to put that version in production use {"action": "promote", "version": '
+                        f'"{version}"}}, or leave version null.',
+                    )
+                _, target = self._check_rollback(index)
+            else:
+                target = self._check_promotable(index, version, current)
+            if target == current:
+                self.log.info("%s %s is already in production; nothing to change", self.model_name, target)
+                return {
+                    "action": action,
+                    "production_version": current,
+                    "previous_production": current,
+                    "changed": False,
+                }
+            entry = self._switch(index, target, action, context)
+        self.log.info(
+            "%s: %s put %s in production (was %s), by %s",
+            self.model_name,
+            action,
+            target,
+            current,
+            entry["user"] or "an unnamed user",
+        )
+        return {
+            "action": action,
+            "production_version": target,
+            "previous_production": current,
+            "changed": True,
+        }
+
+    def _check_promotable(self, index: dict[str, Any], version: str | None, current: str | None) -> str:
+        if not version:
+            raise MLOpsArgumentError(
+                f"promote of {self.model_name!r} names no version.",
+                fix='trigger it with conf {"action": "promote", "version": "<version>"} (the model page lists '
+                "the versions).",
+            )
+        if version not in index["versions"]:
+            known = ", ".join(sorted(index["versions"])) or "none"
+            raise MLOpsArgumentError(
+                f"model {self.model_name!r} has no version {version!r} (known: {known}).",
+                fix="name a registered version.",
+            )
+        stage = index["versions"][version].get("stage")
+        if stage == "rejected":
+            raise MLOpsArgumentError(
+                f"version {version!r} of {self.model_name!r} was rejected "
+                f"({self._last_reason(index, version)}); it is not put in production by hand.",
+                fix="retrain to get a better candidate, or promote another version.",
+            )
+        if stage == PENDING_APPROVAL:
+            raise MLOpsArgumentError(
+                f"version {version!r} of {self.model_name!r} awaits approval in its train run "
+                f"({self._last_run(index, version)}).",
+                fix="approve or reject it there (Airflow's Required actions, or the model page).",
+            )
+        return version
+
+    @staticmethod
+    def _last_reason(index: dict[str, Any], version: str) -> str:
+        for entry in reversed(index["history"]):
+            if entry.get("version") == version and entry.get("action") == "reject":
+                return ("by " + entry["user"] + ": " if entry.get("user") else "") + str(entry.get("reason"))
+        return "no reason recorded"
+
+    @staticmethod
+    def _last_run(index: dict[str, Any], version: str) -> str:
+        for entry in reversed(index["history"]):
+            if entry.get("version") == version and entry.get("action") == PENDING_APPROVAL:
+                return f"{entry.get('dag_id')} / {entry.get('dag_run_id')}"
+        return "run unknown"
+
+
+class ModelApprovalOperator(ApprovalOperator):
+    """Wait for a person to approve or reject the candidate that passed the promotion gate.
+
+    Place it after ``PromoteModelOperator(approval="manual")``, before the tasks that serve production.
+    When the gate left a candidate ``pending_approval``, the task asks in Airflow's human-in-the-loop
+    ("Required actions", or ``PATCH api/v2/dags/<dag>/dagRuns/<run>/taskInstances/<task>/-1/hitlDetails``
+    with ``{"chosen_options": ["Approve"]}``) and waits in Airflow 3.3's ``awaiting_input`` state: no
+    worker slot and no triggerer are held. The answer is recorded in the registry with the responder's name
+    (``user``) and the gate's scores:
+
+    - ``Approve``: the candidate goes to production (the one it replaces becomes ``archived``); the
+      downstream tasks (drift baseline, build, deploy) run.
+    - ``Reject``: the candidate becomes ``rejected`` (it will not be put in production by hand either);
+      the downstream tasks are skipped, so nothing is deployed.
+    - no answer within ``response_timeout``: ``on_timeout``'s answer is taken and recorded with
+      ``user`` None and ``timed_out`` True.
+
+    While it waits, the version's registry record carries ``approval_request`` (``dag_id``, ``run_id``,
+    ``task_id``, ``map_index``: where to answer). When the gate refused the candidate (or it was already
+    production) nothing waits: the task returns at once and the run goes on as with automatic promotion.
+
+    :param model_name: registry name (templated).
+    :param promotion: the promote task's result (``promote.output``; templated).
+    :param response_timeout: how long to wait for an answer; default for ever.
+    :param on_timeout: ``reject`` (default) or ``approve``: the answer taken when the timeout passes.
+    :param bentoml_conn_id: ``bentoml`` connection of the registry (optional for the default id).
+    """
+
+    template_fields: Sequence[str] = ("subject", "body", "model_name", "promotion")
+    ui_color = "#f0e4d8"
+
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        promotion: Any,
+        response_timeout: timedelta | None = None,
+        on_timeout: str = "reject",
+        bentoml_conn_id: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if on_timeout not in TIMEOUT_ANSWERS:
+            raise MLOpsArgumentError(
+                f"on_timeout must be 'reject' or 'approve', got {on_timeout!r}.",
+                fix="leave it out to reject a candidate nobody answered for.",
+            )
+        kwargs.setdefault("subject", f"Put a new {model_name} version in production?")
+        super().__init__(
+            response_timeout=response_timeout,
+            defaults=[on_timeout.capitalize()] if response_timeout else None,
+            **kwargs,
+        )
+        self.model_name = model_name
+        self.promotion = promotion
+        self.on_timeout = on_timeout
+        self.bentoml_conn_id = bentoml_conn_id
+
+    @cached_property
+    def hook(self) -> BentoMLHook:
+        return BentoMLHook(bentoml_conn_id=self.bentoml_conn_id)
+
+    def _promotion(self) -> dict[str, Any]:
+        promotion = self.promotion
+        if isinstance(promotion, str):
+            promotion = json.loads(promotion) if promotion.strip() else {}
+        return dict(promotion or {})
+
+    def execute(self, context: Context) -> Any:
+        promotion = self._promotion()
+        version = promotion.get("version")
+        if not promotion.get("pending_approval"):
+            self.log.info(
+                "Nothing awaits approval (%s %s: %s); going on without asking",
+                self.model_name,
+                version,
+                promotion.get("reason"),
+            )
+            return {"approved": None, "version": version, "reason": "nothing awaits approval"}
+        self.subject = f"Put {self.model_name} {version} in production?"
+        self.body = self._body(promotion)
+        ti = context["ti"]
+        with self.hook.locked(self.model_name) as index:
+            record = self.hook.version_record(index, str(version))
+            if record.get("stage") == PENDING_APPROVAL:
+                # where the question waits: the model page answers it through Airflow's REST API
+                record["approval_request"] = {
+                    "dag_id": ti.dag_id,
+                    "run_id": context["run_id"],
+                    "task_id": ti.task_id,
+                    "map_index": getattr(ti, "map_index", -1),
+                }
+        self.log.info("Candidate %s %s awaits approval: %s", self.model_name, version, self.subject)
+        return super().execute(context)
+
+    def _body(self, promotion: dict[str, Any]) -> str:
+        metric = promotion.get("metric")
+        production = promotion.get("production_version")
+        score = promotion.get("production_score")
+        lines = [
+            f"The candidate **{promotion.get('version')}** of **{self.model_name}** passed the promotion gate "
+            f"on the holdout: {promotion.get('reason')}.",
+            "",
+            "| | version | " + str(metric) + " |",
+            "|---|---|---|",
+            f"| candidate | {promotion.get('version')} | {promotion.get('candidate_score')} |",
+            f"| production | {production or 'none'} | {score if score is not None else ''} |",
+            "",
+            "**Approve** puts it in production and deploys it; **Reject** archives it as `rejected` and "
+            "deploys nothing.",
+        ]
+        if self.response_timeout:
+            lines.append(
+                f"Without an answer within {self.response_timeout}, it is {TIMEOUT_ANSWERS[self.on_timeout]}."
+            )
+        lines.append(f"\n[Model page]({model_page_url(self.model_name)})")
+        return "\n".join(lines)
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
+        if "error" in event:
+            return super().execute_complete(context=context, event=event)  # raises HITLTimeoutError etc.
+        chosen = (event.get("chosen_options") or [None])[0]
+        self.validate_chosen_options([chosen] if chosen else [])
+        responder = event.get("responded_by_user") or {}
+        user = responder.get("name") if isinstance(responder, dict) else getattr(responder, "name", None)
+        timed_out = bool(event.get("timedout"))
+        entry = self._record(context, approve=chosen == self.APPROVE, user=user, timed_out=timed_out)
+        result = super().execute_complete(context=context, event=event)
+        return {**dict(result or {}), "approved": chosen == self.APPROVE, "decision": entry}
+
+    def _record(
+        self, context: Context, *, approve: bool, user: str | None, timed_out: bool
+    ) -> dict[str, Any]:
+        """Record the answer in the registry (production on approve, ``rejected`` on reject)."""
+        promotion = self._promotion()
+        version = str(promotion["version"])
+        who = f"by {user}" if user else "by nobody"
+        if timed_out:
+            reason = (
+                f"no answer within {self.response_timeout}: {TIMEOUT_ANSWERS[self.on_timeout]} by default"
+            )
+        else:
+            reason = ("approved " if approve else "rejected ") + who
+        with self.hook.locked(self.model_name) as index:
+            record = self.hook.version_record(index, version)
+            if record.get("stage") != PENDING_APPROVAL:
+                raise ModelRegistryError(
+                    f"{self.model_name} {version} no longer awaits approval (stage {record.get('stage')!r}); "
+                    "its stage changed while this task waited.",
+                    fix="look at the model's history; promote or roll back with the operate DAG.",
+                )
+            current = self.hook.production_version(self.model_name, index)
+            record.pop("approval_request", None)
+            if approve:
+                self.hook.model_dir(self.model_name, version, record)  # refuse a tampered version first
+                self.hook.put_in_production(index, version)
+            else:
+                record["stage"] = "rejected"
+            entry = {
+                "at": datetime.now(UTC).isoformat(),
+                "action": "approve" if approve else "reject",
+                "version": version,
+                "previous_production": current,
+                "metric": promotion.get("metric"),
+                "mode": promotion.get("mode"),
+                "candidate_score": promotion.get("candidate_score"),
+                "production_score": promotion.get("production_score"),
+                # the production the gate compared with (production may have changed while waiting)
+                "gate_production_version": promotion.get("production_version"),
+                "reason": reason,
+                "user": user,
+                "timed_out": timed_out,
+                "dag_id": context["ti"].dag_id,
+                "dag_run_id": context["run_id"],
+                "task_id": context["ti"].task_id,
+            }
+            index["history"].append(entry)
+            record.setdefault("decisions", []).append(entry)
+        self.log.info("%s %s: %s", self.model_name, version, reason)
+        return entry

@@ -262,7 +262,13 @@ class RayTuneOperator(BaseOperator):
         extra = _package_dir(fn.__module__)
         if extra and extra not in modules:
             modules.append(extra)
-        env: dict[str, Any] = {"py_modules": modules, "env_vars": {"PYTHONUNBUFFERED": "1"}}
+        env: dict[str, Any] = {
+            "py_modules": modules,
+            # the UI plugin's npm tree (airflow_mlops/plugins/ui/node_modules, ~100 MB in a source checkout) is
+            # no task code: uploaded with the package it exceeded the Ray Jobs API's 100 MiB request limit (413)
+            "excludes": ["node_modules/"],
+            "env_vars": {"PYTHONUNBUFFERED": "1"},
+        }
         if state_key:  # scoped to this search's state: it can forge nothing else
             from airflow_mlops.ml.search import STATE_KEY_ENV
 

@@ -677,4 +677,7 @@ class GXValidateOperator(BaseOperator):
                 source, quarantine_dir, {**outcome, "result": result_json}
             )
             self.log.warning("Moved failed batch %s to quarantine %s", source, outcome["quarantine_uri"])
+        from airflow_mlops.hooks.history import record_validation
+
+        record_validation({**outcome, "read_error": result_json.get("read_error")}, context)  # docs/ui.md
         return outcome

@@ -1,30 +1,58 @@
-"""The airflow-mlops UI plugin: an artifact browser served by the Airflow API server.
+"""The airflow-mlops UI plugin: model pages inside Airflow's UI, their JSON API and the reports of tasks.
 
-``/mlops/artifacts/`` lists and serves what runs wrote to the artifact store (validation reports, drift
-reports, trial tables, plots), so extra links on task instances can open them in the browser. It is
-read-only, requires a logged-in Airflow user, and never serves anything outside ``[mlops] artifact_root``.
+Registered through the ``airflow.plugins`` entry point only (not also in ``get_provider_info``: Airflow
+loads provider plugins as well when ``[core] lazy_discover_providers`` is off, and then skipped the second
+registration with a plugin import error). It adds:
+
+- the FastAPI app at ``<base_url>mlops/`` (:mod:`airflow_mlops.plugins.api`): ``api/...`` (JSON),
+  ``reports/<path>`` (task reports, sandboxed, authorized per DAG) and ``ui/main.js`` (the React bundle);
+- three React apps (``react_apps``) of that bundle: "MLOps Models" in the navigation, "MLOps Model" on DAG
+  runs and "MLOps Report" on task instances.
+
+This module stays light: every task process loads the plugins (for their listeners), so the app and
+Airflow's API server modules are imported only when the API server asks for ``fastapi_apps``.
+See ``docs/ui.md``.
 """
 
 from __future__ import annotations
 
 import functools
-import html
-import mimetypes
 from typing import Any
+from urllib.parse import quote
 
 from airflow.plugins_manager import AirflowPlugin
 
 URL_PREFIX = "/mlops"
+#: the React bundle, relative to the UI's base URI
+BUNDLE_URL = "mlops/ui/main.js"
+#: browser path of the Models page (``plugin/<url_route>``)
+MODELS_ROUTE = "mlops-models"
+
+
+def base_url() -> str:
+    """Airflow's ``[api] base_url`` ending with ``/`` (``/`` when it is not set)."""
+    from airflow.configuration import conf
+
+    value = (conf.get("api", "base_url", fallback="") or "").strip()
+    if not value:
+        return "/"
+    return value.rstrip("/") + "/"
 
 
 def artifact_url(uri: str) -> str | None:
-    """The browser URL under which the plugin serves artifact ``uri`` (None when outside the root)."""
+    """The browser URL of artifact ``uri`` served by the plugin (``<base_url>mlops/reports/<path>``),
+    for extra links; None when it is outside the artifact root."""
     from airflow_mlops.config import load_settings
 
     root = load_settings().artifact_root.rstrip("/") + "/"
     if not uri.startswith(root):
         return None
-    return f"{URL_PREFIX}/artifacts/{uri[len(root) :]}"
+    return f"{base_url()}mlops/reports/{uri[len(root) :]}"
+
+
+def model_page_url(model: str) -> str:
+    """The browser URL of a model's page: ``<base_url>plugin/mlops-models/<model>``."""
+    return f"{base_url()}plugin/{MODELS_ROUTE}/{quote(model, safe='')}"
 
 
 @functools.cache
@@ -38,59 +66,45 @@ def served_app() -> Any:
     return create_app()
 
 
-def create_app() -> Any:
-    """A new FastAPI app of the artifact browser."""
-    from airflow.api_fastapi.core_api.security import get_user
-    from fastapi import Depends, FastAPI, HTTPException
-    from fastapi.responses import HTMLResponse, Response
+def create_app(**kwargs: Any) -> Any:
+    """A new FastAPI app of the plugin (:func:`airflow_mlops.plugins.api.create_app`)."""
+    from airflow_mlops.plugins.api import create_app as build
 
-    from airflow_mlops.artifacts import ArtifactStore
-
-    app = FastAPI(title="airflow-mlops artifacts", dependencies=[Depends(get_user)])
-
-    def _resolve(relative: str):
-        parts = [p for p in relative.split("/") if p]
-        if any(p in (".", "..") for p in parts):
-            raise HTTPException(status_code=400, detail="'.' and '..' are not allowed in artifact paths")
-        store = ArtifactStore()
-        return store.root.joinpath(*parts) if parts else store.root
-
-    @app.get("/artifacts/{relative:path}")
-    def serve(relative: str = ""):
-        path = _resolve(relative)
-        if path.is_dir():
-            entries = sorted(path.iterdir(), key=lambda p: p.name)
-            base = f"{URL_PREFIX}/artifacts/{relative.strip('/')}".rstrip("/")
-            items = "".join(
-                f'<li><a href="{html.escape(base)}/{html.escape(p.name)}{"/" if p.is_dir() else ""}">'
-                f"{html.escape(p.name)}{'/' if p.is_dir() else ''}</a></li>"
-                for p in entries
-                if not p.name.startswith(".")
-            )
-            return HTMLResponse(f"<h1>Artifacts: /{html.escape(relative)}</h1><ul>{items}</ul>")
-        if not path.exists():
-            raise HTTPException(status_code=404, detail=f"no artifact at {relative!r}")
-        media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        return Response(content=path.read_bytes(), media_type=media_type)
-
-    return app
+    return build(**kwargs)
 
 
 class MLOpsPlugin(AirflowPlugin):
-    """Registers the artifact browser app and a menu entry for it."""
+    """Registers the plugin's app and its React pages."""
 
     name = "airflow_mlops"
 
     @property
     def fastapi_apps(self) -> list[dict[str, Any]]:  # type: ignore[override]
         # a property: only the API server reads it (airflow.plugins_manager.get_fastapi_plugins)
-        return [{"app": served_app(), "url_prefix": URL_PREFIX, "name": "MLOps artifacts"}]
+        return [{"app": served_app(), "url_prefix": URL_PREFIX, "name": "MLOps"}]
 
-    external_views = [
+    # One bundle, three apps. The Airflow UI imports ``bundle_url`` and reads ``globalThis.AirflowPlugin``
+    # after resetting it; a module imported once is not run again, so each app gets its own URL (a query
+    # string) and the bundle runs once per app. The component tells them apart by its props (dagId, runId,
+    # taskId) and the location.
+    react_apps = [
         {
-            "name": "MLOps artifacts",
-            "href": f"{URL_PREFIX}/artifacts/",
+            "name": "MLOps Models",
+            "bundle_url": BUNDLE_URL,
             "destination": "nav",
-            "category": "browse",
-        }
+            "url_route": MODELS_ROUTE,
+            "nav_top_level": True,
+        },
+        {
+            "name": "MLOps Model",
+            "bundle_url": f"{BUNDLE_URL}?app=run",
+            "destination": "dag_run",
+            "url_route": "mlops-run",
+        },
+        {
+            "name": "MLOps Report",
+            "bundle_url": f"{BUNDLE_URL}?app=task",
+            "destination": "task_instance",
+            "url_route": "mlops-task",
+        },
     ]

@@ -23,7 +23,7 @@ from seattle_models import (
     seattle,
 )
 
-from airflow_mlops.operators.drift import EvidentlyDriftOperator, drift_alias
+from airflow_mlops.operators.drift import EvidentlyDriftOperator, emitted_drift_events
 
 pytestmark = pytest.mark.integration
 
@@ -144,7 +144,7 @@ def _check(
     monkeypatch.setattr(BentoMLHook, "load", lambda self, name, version: model)
     asset = Asset(name=f"{name}_drift")
     events = OutletEventAccessors()
-    result = EvidentlyDriftOperator(
+    op = EvidentlyDriftOperator(
         task_id="drift",
         model_name=name,
         table="seattle",
@@ -155,8 +155,9 @@ def _check(
         prediction_drift=True,
         drift_asset=asset,
         **kwargs,
-    ).execute({"ti": FakeTI(f"{name}-{end}"), "outlet_events": events, "run_id": f"{name}-{end}"})
-    return result, events[drift_alias(asset)].asset_alias_events
+    )
+    result = op.execute({"ti": FakeTI(f"{name}-{end}"), "outlet_events": events, "run_id": f"{name}-{end}"})
+    return result, emitted_drift_events(op, events)
 
 
 def test_regression_model_in_a_hot_summer(weather: Any, state: Path, monkeypatch: pytest.MonkeyPatch) -> None:

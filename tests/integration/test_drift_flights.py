@@ -18,7 +18,7 @@ from mlops_testing import ROOT
 from airflow_mlops.artifacts import ArtifactStore, as_path
 from airflow_mlops.exceptions import MLOpsInputError
 from airflow_mlops.lifecycle.spec import load_spec
-from airflow_mlops.operators.drift import EvidentlyDriftOperator, drift_alias
+from airflow_mlops.operators.drift import EvidentlyDriftOperator, emitted_drift_events
 
 #: the flights spec's monitoring settings (dags/flights.yaml): drift columns with their methods and
 #: thresholds, the drifted share, and the training snapshot's names of the weather and hour columns
@@ -92,7 +92,7 @@ def run_check(store: dict[str, str], window_end: str, run_id: str, **kwargs: Any
     ti = FakeTI(run_id)
     events = OutletEventAccessors()
     result = op.execute({"ti": ti, "outlet_events": events, "run_id": run_id})
-    return result, events[drift_alias(asset)], ti
+    return result, emitted_drift_events(op, events), ti
 
 
 def _normed_wasserstein(store: dict[str, str], window: tuple[str, str], column: str) -> float:
@@ -130,7 +130,7 @@ def test_spring_week_is_calm_and_emits_nothing(flights_store: dict[str, str]) ->
     shift = _normed_wasserstein(flights_store, SPRING, "temp")
     assert result["columns"]["temp"]["score"] == pytest.approx(shift, rel=1e-3)
     assert shift < FLIGHTS_DRIFT_COLUMNS["temp"]["threshold"]
-    assert alias_events.asset_alias_events == []
+    assert alias_events == []
     assert Path(as_path(result["report_uri"]).path).stat().st_size > 10_000
     assert ti.xcom["_link_DriftReportLink"].endswith("drift_report.html")
 
@@ -151,8 +151,9 @@ def test_july_week_drifts_writes_report_and_emits_event_with_figures(flights_sto
     summary = json.loads(Path(as_path(result["summary_uri"]).path).read_text())
     assert summary["drifted_columns"] == result["drifted_columns"]
 
-    [event] = alias_events.asset_alias_events
-    assert event.dest_asset_key.name == "flight_delay_drift"
+    [event] = alias_events
+    assert event.key.name == "flight_delay_drift"
+    assert event.extra["model_page"].endswith("/plugin/mlops-models/flight_delay")
     assert event.extra["drift_share"] == result["drift_share"]
     assert event.extra["drifted_columns"] == result["drifted_columns"]
     assert event.extra["window_end"] == JULY[1] and event.extra["data_time"] == JULY[1]
@@ -305,7 +306,7 @@ def test_auc_decay_of_the_production_model_on_a_calm_week(
     assert (quality["metric"], quality["max_decay"]) == ("auc", 0.03)
     assert quality["score"] == quality["auc"] and quality["holdout_score"] == quality["holdout_auc"]
     assert quality["decay"] == pytest.approx(quality["auc_decay"])
-    alias_events = events[drift_alias(asset)].asset_alias_events
+    alias_events = emitted_drift_events(op, events)
     if model == "delay_april":  # an honest holdout: the model is as good on May as on April
         assert quality["auc_decay"] < 0.03 and result["decay_detected"] is False
         assert alias_events == []

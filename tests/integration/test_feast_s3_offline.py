@@ -95,7 +95,9 @@ def _online_rows(db: Path) -> dict[str, list[tuple]]:
 
 def _features_run(settings: MLOpsSettings, monkeypatch) -> SimpleNamespace:
     """apply, materialize and build the training set from ``settings``' offline store, as the DAGs do."""
-    from conftest import FEATURE_REPO
+    from mlops_testing import ROOT
+
+    FEATURE_REPO = ROOT / "feature_repo"
 
     from airflow_mlops.operators.features import (
         FeastApplyOperator,
@@ -171,7 +173,9 @@ def _materialized(settings: MLOpsSettings, feast_dir: Path, extra: dict, monkeyp
     """apply and materialize ``settings``' offline store through a ``feast`` connection with ``extra``."""
     import json
 
-    from conftest import FEATURE_REPO
+    from mlops_testing import ROOT
+
+    FEATURE_REPO = ROOT / "feature_repo"
 
     from airflow_mlops.operators.features import FeastApplyOperator, FeastMaterializeOperator
 

@@ -42,7 +42,9 @@ DAG_IDS = {
         "example_seattle_rain_train",
     ],
     "example_operations.py": [
+        "example_seattle_rain_approval",
         "example_seattle_rain_batch_scoring",
+        "example_seattle_rain_operate",
         "example_seattle_rain_rollback",
         "example_seattle_rain_serve",
         "example_seattle_rain_shadow",

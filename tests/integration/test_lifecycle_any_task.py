@@ -68,7 +68,7 @@ DAG_FILE = """from airflow_mlops.lifecycle import lifecycle_dags
 
 globals().update(lifecycle_dags({rain!r}))
 for spec in ({sky!r}, {temp!r}):
-    globals().update({{k: v for k, v in lifecycle_dags(spec).items() if k.endswith(("_train", "_monitor"))}})
+    globals().update({{k: v for k, v in lifecycle_dags(spec).items() if k.endswith(("_train", "_monitor", "_operate"))}})
 """
 
 
@@ -560,9 +560,12 @@ def test_three_specs_share_one_ingest_in_a_dag_folder_without_import_errors(dags
         "seattle_features",
         "seattle_ingest",
         "seattle_monitor",
+        "seattle_operate",
         "seattle_sky_monitor",
+        "seattle_sky_operate",
         "seattle_sky_train",
         "seattle_temp_monitor",
+        "seattle_temp_operate",
         "seattle_temp_train",
         "seattle_train",
     ]

@@ -4,14 +4,13 @@ the features of a real Feast feature service."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
-from serving.models import FEATURES, LABEL, training_frame, write_model
+from serving.models import FEATURES, training_frame, write_manifest, write_model
 
 from airflow_mlops.exceptions import MLOpsArgumentError
 from airflow_mlops.hooks.bentoml import BentoMLHook, ModelIntegrityError, ModelRegistryError
@@ -20,24 +19,6 @@ from airflow_mlops.operators.registry import (
     RegisterModelOperator,
     RollbackModelOperator,
 )
-
-
-def _manifest(tmp: Path, name: str, frame: pd.DataFrame) -> str:
-    data = tmp / f"{name}.parquet"
-    frame.assign(event_timestamp=frame["time_hour"])[FEATURES + [LABEL, "event_timestamp"]].to_parquet(data)
-    manifest = tmp / f"{name}.json"
-    manifest.write_text(
-        json.dumps(
-            {
-                "data_uri": f"file://{data}",
-                "label": LABEL,
-                "event_timestamp_column": "event_timestamp",
-                "rows": len(frame),
-                "time_range": {"start": str(frame["time_hour"].min()), "end": str(frame["time_hour"].max())},
-            }
-        )
-    )
-    return f"file://{manifest}"
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +34,9 @@ def models(tmp_path_factory, flights):
         "good": write_model(tmp / "good", train, max_iter=60),
         "noise": write_model(tmp / "noise", train, max_iter=10, shuffle_labels=True),
         "better": write_model(tmp / "better", train, max_iter=150),
-        "train_manifest": _manifest(tmp, "train", train),
-        "holdout": _manifest(tmp, "holdout", flights[flights["month"] == 4]),
-        "early_holdout": _manifest(tmp, "early", flights[flights["month"] == 2]),
+        "train_manifest": write_manifest(tmp, "train", train),
+        "holdout": write_manifest(tmp, "holdout", flights[flights["month"] == 4]),
+        "early_holdout": write_manifest(tmp, "early", flights[flights["month"] == 2]),
     }
 
 
@@ -304,3 +285,29 @@ def test_a_multiclass_model_records_its_signature_and_is_gated_on_macro_f1(
             holdout_uri=str(holdout),
             metric="auc",
         ).execute(_context())
+
+
+def test_a_refused_first_model_skips_the_drift_baseline_and_serving_then_a_promoted_one_gets_it(
+    registry_state, models
+):
+    """The train DAG's ``drift_baseline`` after a gate that refused the model's first candidate: nothing is
+    in production, so the task skips (and the serving tasks after it), the run does not fail; once a model is
+    promoted the task prepares that version's reference."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from airflow_mlops.operators.drift import DriftBaselineOperator
+
+    baseline = DriftBaselineOperator(
+        task_id="drift_baseline", model_name="flight_delay", columns=FEATURES[:2]
+    )
+    noise = _register(models, "noise")["version"]
+    refused = _promote(models, noise, floor=0.9)
+    assert not refused["promoted"] and BentoMLHook().read_index("flight_delay")["production"] is None
+    with pytest.raises(AirflowSkipException, match="flight_delay has no production version"):
+        baseline.execute(_context())
+
+    good = _register(models, "good")["version"]
+    assert _promote(models, good)["promoted"]
+    reference = baseline.execute(_context())
+    training = pd.read_parquet(models["train_manifest"].removeprefix("file://").replace(".json", ".parquet"))
+    assert (reference["version"], reference["rows"]) == (good, len(training))

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 from mlops_testing import run_python
-from serving.models import training_frame, write_model
+from serving.models import training_frame, write_manifest, write_model
 from state_workers import race
 
 from airflow_mlops.hooks.bentoml import BentoMLHook
@@ -43,27 +43,6 @@ def test_two_processes_incrementing_one_key_lose_no_update(shared) -> None:
     assert not (shared.worker_a / "mlops-state.db").exists(), "nothing in the worker's state folder"
 
 
-def _manifest(tmp: Path, name: str, frame) -> str:
-    from serving.models import FEATURES, LABEL
-
-    data = tmp / f"{name}.parquet"
-    frame.assign(event_timestamp=frame["time_hour"])[FEATURES + [LABEL, "event_timestamp"]].to_parquet(data)
-    manifest = tmp / f"{name}.json"
-    span = {"start": str(frame["time_hour"].min()), "end": str(frame["time_hour"].max())}
-    manifest.write_text(
-        json.dumps(
-            {
-                "data_uri": f"file://{data}",
-                "label": LABEL,
-                "event_timestamp_column": "event_timestamp",
-                "rows": len(frame),
-                "time_range": span,
-            }
-        )
-    )
-    return f"file://{manifest}"
-
-
 def test_a_promotion_on_one_worker_is_what_another_worker_serves(shared, tmp_path: Path) -> None:
     flights = training_frame(months=(1, 2, 3, 4))
     train = flights[flights["month"] <= 3]
@@ -77,10 +56,10 @@ def test_a_promotion_on_one_worker_is_what_another_worker_serves(shared, tmp_pat
                 task_id="register",
                 model_name="flight_delay",
                 model_uri=str(folder),
-                training_manifest_uri=_manifest(models, "train", train),
+                training_manifest_uri=write_manifest(models, "train", train),
             ).execute(context)["version"]
         )
-    holdout = _manifest(models, "holdout", flights[flights["month"] == 4])
+    holdout = write_manifest(models, "holdout", flights[flights["month"] == 4])
     for version in versions:
         PromoteModelOperator(
             task_id="promote",

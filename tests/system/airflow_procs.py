@@ -66,6 +66,22 @@ class AirflowComponents:
     def run(self, dag_id: str, run_id: str) -> dict:
         return self.client.run(dag_id, run_id)
 
+    def wait_parked(self, dag_id: str, run_id: str, task_id: str, timeout: float = 120) -> None:
+        """Wait until the scheduler has received the executor's event of the process that parked the task
+        (a human-in-the-loop task in ``awaiting_input``). Airflow 3.3.2 fails the task when that event
+        arrives after the answer has already requeued it (docs/lifecycle-spec.md, "Human approval"); on a
+        loaded machine the parking process took 5 s to end after the task showed ``awaiting_input``."""
+        log = self.stack.logs / "scheduler.log"
+        event = (
+            "Received executor event with state success for task instance "
+            f"TaskInstanceKey(dag_id='{dag_id}', task_id='{task_id}', run_id='{run_id}',"
+        )
+        self.wait(
+            f"the scheduler to receive the end of {dag_id} {run_id} {task_id}'s parking process",
+            lambda: log.exists() and event in log.read_text(errors="replace"),
+            timeout,
+        )
+
     def finished_run(self, dag_id: str, run_id: str, timeout: float = 180) -> dict:
         """The run once it has finished, ``success`` or ``failed``."""
         return self.client.wait_run(dag_id, run_id, timeout, check=False)
@@ -113,6 +129,17 @@ class AirflowComponents:
         return runs
 
 
+def _token(url: str, username: str, password: str) -> str:
+    """A JWT of the user from the API server's ``POST /auth/token`` (Airflow's simple auth manager)."""
+    import httpx
+
+    response = httpx.post(f"{url}/auth/token", json={"username": username, "password": password}, timeout=60)
+    assert response.status_code == 201, (
+        f"login of {username!r} answered {response.status_code}: {response.text}"
+    )
+    return response.json()["access_token"]
+
+
 @contextlib.contextmanager
 def airflow_components(
     db: str,
@@ -123,6 +150,7 @@ def airflow_components(
     unpause: bool = True,
     timeout: float = 150,
     preload: bool = False,
+    login: tuple[str, str] | None = None,
     **env: str,
 ) -> Iterator[AirflowComponents]:
     """Start the four components, wait until the API serves every DAG of ``dag_ids`` (and unpause
@@ -134,6 +162,9 @@ def airflow_components(
     :param dags_folder: the DAG files to parse; default ``[core] dags_folder`` from the environment.
     :param timeout: seconds the DAGs may take to be served once the components report healthy.
     :param preload: the scheduler's fork server imports the task libraries once (:mod:`airflow_mlops.preload`).
+    :param login: ``(username, password)`` of a user of Airflow's auth manager, for components that run
+        with Airflow's login (``env`` sets ``AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=False``, as the
+        UI tests do): the REST client then sends that user's token.
     :param env: environment variables over :meth:`AirflowStack.environment`'s (e.g. ``AIRFLOW__MLOPS__*``).
     """
     stack = AirflowStack(
@@ -147,6 +178,9 @@ def airflow_components(
     )
     try:
         with stack as client:
+            if login is not None:
+                client.token = _token(stack.url, *login)
+                client.close()  # the next request opens a client that sends the token
 
             def served() -> bool:
                 for name, process in stack.processes.items():

@@ -143,6 +143,10 @@ def test_spring_is_calm_and_july_drift_makes_the_scheduler_start_retraining(airf
     [event] = airflow.drift_events()
     assert (event["source_dag_id"], event["source_run_id"]) == ("flights_monitor", "july")
     assert event["extra"]["event_id"] == drifted["event_id"]
+    # the event links to the model's page, and Airflow's Assets page names the task producing the Asset
+    assert event["extra"]["model_page"] == f"{airflow.stack.url}/plugin/mlops-models/{MODEL}"
+    asset = airflow.get(f"/assets/{airflow.drift_asset_id()}")
+    assert [(t["dag_id"], t["task_id"]) for t in asset["producing_tasks"]] == [("flights_monitor", "drift")]
 
     # The scheduler itself starts flights_train on that event; its gate lets the first retraining through
     # and records the event that caused it.

@@ -15,6 +15,9 @@ def test_a_free_port_is_outside_the_ephemeral_range_and_a_server_can_listen_on_i
         port = net.free_port()
         assert net.SERVER_PORTS[0] <= port < low
         with socket.socket() as server:
+            # as the servers do (uvicorn, BentoML): a port whose last connections are in TIME_WAIT, left by a
+            # server another test stopped, is free to them; a bind without it fails (CI of h-stage)
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             server.bind(("127.0.0.1", port))
             server.listen()
 

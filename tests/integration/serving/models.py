@@ -24,6 +24,28 @@ def training_frame(months: tuple[int, ...] = (1, 2, 3)) -> Any:
     return frame
 
 
+def write_manifest(folder: Path, name: str, frame: Any) -> str:
+    """``frame`` (flights of :func:`training_frame`) as a training snapshot, the way the feature step writes
+    one: ``<name>.parquet`` with the model's features, label and ``event_timestamp``, and ``<name>.json``
+    its manifest; returns the manifest's ``file://`` URI."""
+    data = folder / f"{name}.parquet"
+    frame.assign(event_timestamp=frame["time_hour"])[FEATURES + [LABEL, "event_timestamp"]].to_parquet(data)
+    manifest = folder / f"{name}.json"
+    span = {"start": str(frame["time_hour"].min()), "end": str(frame["time_hour"].max())}
+    manifest.write_text(
+        json.dumps(
+            {
+                "data_uri": f"file://{data}",
+                "label": LABEL,
+                "event_timestamp_column": "event_timestamp",
+                "rows": len(frame),
+                "time_range": span,
+            }
+        )
+    )
+    return f"file://{manifest}"
+
+
 def write_model(
     folder: Path,
     train: Any,

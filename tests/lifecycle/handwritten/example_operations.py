@@ -8,6 +8,10 @@
   labelled days as a predictions table of the offline store;
 - ``example_seattle_rain_rollback``: by hand, when the new model misbehaves: the registry's previous
   production version comes back, and the deployment switches back to the version it served before.
+- ``example_seattle_rain_approval``: by hand, a candidate version is gated on a holdout and, if it passes,
+  waits for a person to approve it (Airflow's Required actions) before it is put in production and served.
+- ``example_seattle_rain_operate``: by hand, promote a named version or roll back (conf ``action``,
+  ``version``), recorded with the user who triggered the run, then served.
 - ``example_seattle_rain_shadow``: by hand, a candidate version answers a copy of the live traffic beside
   production for a day (never answering a client), then its agreement with production is reported and
   checked before anyone promotes it.
@@ -31,7 +35,12 @@ from airflow.sdk import DAG
 from airflow_mlops.operators.batch_scoring import BatchScoringOperator
 from airflow_mlops.operators.features import FeatureSourceSnapshotOperator
 from airflow_mlops.operators.multi_model import MultiModelDeployOperator
-from airflow_mlops.operators.registry import RollbackModelOperator
+from airflow_mlops.operators.registry import (
+    ModelActionOperator,
+    ModelApprovalOperator,
+    PromoteModelOperator,
+    RollbackModelOperator,
+)
 from airflow_mlops.operators.serving import BentoBuildOperator, BentoDeployOperator, BentoRollbackOperator
 from airflow_mlops.operators.shadow import ShadowReportOperator
 from airflow_mlops.sensors.serving import BentoEndpointSensor
@@ -129,6 +138,64 @@ with DAG(
     # [END howto_operator_bento_rollback]
 
     rollback_model >> rollback_endpoint
+
+# ------------------------------------------------------------------------------------------ approval
+with DAG(
+    dag_id="example_seattle_rain_approval",
+    description="By hand: a seattle_rain candidate gated on a holdout, then approved by a person, then served.",
+    schedule=None,
+    start_date=START_DATE,
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    params={"version": "", "holdout_uri": ""},
+    tags=["example", "seattle", "serving"],
+) as approval_dag:
+    gate = PromoteModelOperator(
+        task_id="promote",
+        model_name=MODEL,
+        candidate_version="{{ params.version }}",
+        holdout_uri="{{ params.holdout_uri }}",
+        approval="manual",
+    )
+    # [START howto_operator_model_approval]
+    approval = ModelApprovalOperator(
+        task_id="approval",
+        model_name=MODEL,
+        promotion=gate.output,  # the gate's verdict: nothing is asked when it refused the candidate
+        response_timeout=timedelta(days=2),
+        on_timeout="reject",
+    )
+    # [END howto_operator_model_approval]
+    approved_deploy = BentoDeployOperator(
+        task_id="deploy", model_name=MODEL, port=PORT, feast_repo_path=FEATURE_REPO
+    )
+    gate >> approval >> approved_deploy  # a Reject skips the deploy
+
+# ------------------------------------------------------------------------------------------ operate
+with DAG(
+    dag_id="example_seattle_rain_operate",
+    description="By hand: promote a seattle_rain version or roll back, then serve production.",
+    schedule=None,
+    start_date=START_DATE,
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    params={"action": "rollback", "version": ""},
+    tags=["example", "seattle", "serving"],
+) as operate_dag:
+    # [START howto_operator_model_action]
+    operate = ModelActionOperator(
+        task_id="operate",
+        model_name=MODEL,
+        action="{{ params.action }}",  # promote | rollback
+        version="{{ params.version }}",  # the version to promote; empty for a rollback
+        user="{{ dag_run.triggering_user_name or '' }}",  # recorded with the decision
+    )
+    # [END howto_operator_model_action]
+    operate >> BentoDeployOperator(
+        task_id="deploy", model_name=MODEL, port=PORT, feast_repo_path=FEATURE_REPO
+    )
 
 # ------------------------------------------------------------------------------------------ shadow
 with DAG(

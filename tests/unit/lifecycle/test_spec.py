@@ -26,7 +26,13 @@ def write_spec(tmp_path: Path, change) -> Path:
 
 def test_the_reference_spec_builds_four_wired_dags():
     dags = lifecycle_dags(FLIGHTS_SPEC)
-    assert sorted(dags) == ["flights_features", "flights_ingest", "flights_monitor", "flights_train"]
+    assert sorted(dags) == [
+        "flights_features",
+        "flights_ingest",
+        "flights_monitor",
+        "flights_operate",
+        "flights_train",
+    ]
     ingest, features, train, monitor = (
         dags[f"flights_{s}"] for s in ("ingest", "features", "train", "monitor")
     )
@@ -92,7 +98,7 @@ def test_a_batch_scoring_section_adds_its_own_dag(tmp_path):
     path = write_spec(tmp_path, lambda c: c.update(batch_scoring=section))
     dags = lifecycle_dags(path)
     assert sorted(dags) == [
-        f"flights_{s}" for s in ("batch_scoring", "features", "ingest", "monitor", "train")
+        f"flights_{s}" for s in ("batch_scoring", "features", "ingest", "monitor", "operate", "train")
     ]
     scoring = dags["flights_batch_scoring"]
     score = scoring.task_dict["score"]

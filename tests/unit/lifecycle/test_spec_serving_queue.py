@@ -35,8 +35,11 @@ def test_the_serving_tasks_and_only_they_go_to_the_serving_queue(tmp_path):
     assert {t for t, q in queues.items() if q == "serving"} == SERVING_TASKS
     default = conf.get("operators", "default_queue")
     assert {q for t, q in queues.items() if t not in SERVING_TASKS} == {default}
+    # the operate DAG deploys as the train DAG does (no shadow period: a person chose the version)
+    operate = _queues(dags["flights_operate"])
+    assert {t for t, q in operate.items() if q == "serving"} == {"build", "deploy"}
     for dag_id, dag in dags.items():
-        if dag_id != "flights_train":
+        if dag_id not in ("flights_train", "flights_operate"):
             assert set(_queues(dag).values()) == {default}, dag_id
 
 

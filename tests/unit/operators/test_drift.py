@@ -12,7 +12,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from airflow.sdk import Asset, AssetAlias
+from airflow.sdk import Asset
 
 from airflow_mlops.exceptions import MLOpsArgumentError, MLOpsInputError
 from airflow_mlops.ml.retraining import RetrainingState, decide, event_figures, event_info
@@ -20,7 +20,6 @@ from airflow_mlops.operators.drift import (
     DriftReportLink,
     EvidentlyDriftOperator,
     RetrainingGateOperator,
-    drift_alias,
     normalize_columns,
     production_reference,
     summarize_snapshot,
@@ -30,7 +29,7 @@ from airflow_mlops.operators.drift import (
 DRIFT = Asset(name="flight_delay_drift", uri="mlops://models/flight_delay/drift")
 
 
-def test_template_fields_link_and_alias_outlet() -> None:
+def test_template_fields_link_and_asset_outlet() -> None:
     op = EvidentlyDriftOperator(
         task_id="drift",
         model_name="m",
@@ -48,8 +47,11 @@ def test_template_fields_link_and_alias_outlet() -> None:
     assert op.prediction_drift == "{{ params.predictions }}"
     assert [link.name for link in op.operator_extra_links] == ["Drift report"]
     assert DriftReportLink().xcom_key == "_link_DriftReportLink"
-    # the drift Asset itself is not an outlet (it would get an event on every success); its alias is
-    assert op.outlets == [AssetAlias(name="flight_delay_drift.events")] == [drift_alias(DRIFT)]
+    # the drift Asset itself is a declared outlet (the Assets page names this task as its producer)
+    assert op.outlets == [DRIFT]
+    assert EvidentlyDriftOperator(task_id="d", model_name="m", table="t", drift_asset="x_drift").outlets == [
+        Asset(name="x_drift")
+    ]
 
 
 @pytest.mark.parametrize(

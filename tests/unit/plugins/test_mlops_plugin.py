@@ -1,41 +1,28 @@
-"""The artifact browser served by the API server: login required, read-only, never outside the root."""
+"""The plugin's registration: its app (built only in the API server) and its React pages."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-import pytest
-from airflow.api_fastapi.core_api.security import get_user
-from fastapi.testclient import TestClient
-
-from airflow_mlops.artifacts import ArtifactStore
-from airflow_mlops.plugins.mlops_plugin import MLOpsPlugin, artifact_url, create_app
+from airflow_mlops.plugins.mlops_plugin import MLOpsPlugin
 
 
-@pytest.fixture
-def artifacts(monkeypatch, tmp_path):
-    monkeypatch.setenv("AIRFLOW__MLOPS__STATE_DIR", str(tmp_path))
-    store = ArtifactStore()
-    written = store.write_bytes(
-        store.run_path("flights_ingest", "run 1", "validate", "report.html"), b"<h1>ok</h1>"
-    )
-    (tmp_path / "secret.txt").write_text("outside the artifact root")
-    return written
-
-
-@pytest.fixture
-def client():
-    app = create_app()
-    app.dependency_overrides[get_user] = lambda: object()
-    return TestClient(app)
-
-
-def test_the_plugin_registers_the_app_and_a_menu_entry():
+def test_the_plugin_registers_the_app_and_its_react_pages():
     plugin = MLOpsPlugin()
     assert plugin.fastapi_apps[0]["url_prefix"] == "/mlops"
     assert plugin.fastapi_apps[0]["app"] is MLOpsPlugin().fastapi_apps[0]["app"]  # one app, mounted once
-    assert MLOpsPlugin.external_views[0]["href"] == "/mlops/artifacts/"
+    apps = {a["name"]: a for a in MLOpsPlugin.react_apps}
+    assert {n: (a["destination"], a["url_route"]) for n, a in apps.items()} == {
+        "MLOps Models": ("nav", "mlops-models"),
+        "MLOps Model": ("dag_run", "mlops-run"),
+        "MLOps Report": ("task_instance", "mlops-task"),
+    }
+    # relative to the UI's base URI, and one URL per app: the UI imports each app's bundle_url once and
+    # reads the global the bundle sets, so the same URL for two apps would give the second nothing
+    urls = [a["bundle_url"] for a in apps.values()]
+    assert all(u.startswith("mlops/ui/main.js") for u in urls) and len(set(urls)) == 3
+    assert MLOpsPlugin.external_views == []  # the former "MLOps artifacts" menu entry: replaced by the pages
 
 
 def test_loading_the_plugins_as_a_task_process_does_not_build_the_api_server():
@@ -55,34 +42,4 @@ def test_loading_the_plugins_as_a_task_process_does_not_build_the_api_server():
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
     )
     out = [line.removeprefix("RESULT ") for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-    assert out == ["False", "['MLOps artifacts'] True"]
-
-
-def test_without_login_nothing_is_served(artifacts):
-    response = TestClient(create_app()).get("/artifacts/")
-    assert response.status_code == 401
-
-
-def test_serves_an_artifact_at_the_url_the_extra_links_use(artifacts, client):
-    url = artifact_url(artifacts.uri)
-    assert url == "/mlops/artifacts/flights_ingest/run-1/validate/report.html"
-    response = client.get(url.removeprefix("/mlops"))
-    assert response.status_code == 200
-    assert response.text == "<h1>ok</h1>"
-    assert response.headers["content-type"].startswith("text/html")
-
-
-def test_lists_folders(artifacts, client):
-    response = client.get("/artifacts/flights_ingest/run-1/")
-    assert response.status_code == 200
-    assert 'href="/mlops/artifacts/flights_ingest/run-1/validate/"' in response.text
-
-
-def test_refuses_paths_outside_the_root_and_reports_missing_ones(artifacts, client):
-    assert client.get("/artifacts/..%2fsecret.txt").status_code == 400
-    escaped = client.get("/artifacts/flights_ingest/../../secret.txt")
-    assert escaped.status_code in (400, 404)
-    assert "outside the artifact root" not in escaped.text
-    missing = client.get("/artifacts/flights_ingest/nope.html")
-    assert missing.status_code == 404
-    assert artifact_url("file:///somewhere/else.html") is None
+    assert out == ["False", "['MLOps'] True"]
